@@ -1,0 +1,84 @@
+"""What a dataset loader returns: splits, modality names, task and the default model."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import DatasetFormatError
+
+
+@dataclass
+class TensorSplit:
+    """An in-memory split: one tensor per modality plus labels, indexed directly (no DataLoader)."""
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        n = len(self.labels)
+        for m, x in self.inputs.items():
+            if len(x) != n:
+                raise DatasetFormatError(f"modality {m!r} has {len(x)} rows but there are {n} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {m: x[idx] for m, x in self.inputs.items()}
+        out["label"] = self.labels[idx]
+        out["idx"] = idx
+        return out
+
+    def subset(self, idx: torch.Tensor) -> TensorSplit:
+        return TensorSplit({m: x[idx] for m, x in self.inputs.items()}, self.labels[idx])
+
+    def stratify_keys(self) -> torch.Tensor:
+        return self.labels
+
+
+@dataclass
+class ModelSpec:
+    """Name of a registered model builder and its keyword arguments."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    modalities: list[str] | None = None  # None = all of the dataset's modalities
+
+
+@dataclass
+class MultimodalData:
+    """A loaded dataset preset.
+
+    ``train``/``val``/``test`` are :class:`TensorSplit` (in-memory features) or any map-style
+    ``torch.utils.data.Dataset`` returning dict samples (images/volumes; DataLoader path).
+    ``train_defaults`` are the dataset-level training settings (:class:`TrainConfig` keys);
+    ``method_defaults`` maps a method name to dataset-specific hyperparameter defaults
+    (e.g. CGGM's ρ, λ from the paper's Table 7).
+    """
+
+    modalities: list[str]
+    task: str
+    task_kwargs: dict[str, Any]
+    train: TensorSplit | Dataset
+    val: TensorSplit | Dataset
+    test: TensorSplit | Dataset
+    input_shapes: dict[str, tuple[int, ...]]
+    out_dim: int
+    model: ModelSpec
+    train_defaults: dict[str, Any] = field(default_factory=dict)
+    method_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+    synthetic: bool = False
+
+    def __post_init__(self) -> None:
+        for split_name in ("train", "val", "test"):
+            if len(getattr(self, split_name)) == 0:
+                raise DatasetFormatError(f"dataset {self.name or '?'}: the {split_name} split is empty")
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self.train, TensorSplit)

@@ -1,0 +1,534 @@
+"""The one training loop (DESIGN.md §1), built on ``accelerate.Accelerator``.
+
+Per step: ``method.training_step`` → ``accelerator.backward`` → ``unscale_gradients`` (fp16) →
+``method.after_backward`` → clip (main model) → lr = scheduled × ``lr_mult`` → optimizer steps →
+zero grads → ``method.after_step``. Per epoch: ``on_epoch_start`` → steps → ``on_epoch_end`` →
+validation (+ per-modality validation) → selection → checkpoint. At the end: load the best
+checkpoint and evaluate the test split once.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import runfiles
+from .config import RunConfig, TrainConfig, config_hash, to_jsonable
+from .data import TensorBatcher, TensorSplit, carve_heldout, eval_index_shards, make_loader
+from .data.splits import quantile_bins
+from .errors import ConfigError, NonFiniteLossError
+from .interface import BalancingMethod, Phase, StepContext
+from .registry import create_model
+from .tasks import Task, create_task
+
+
+def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    """The dataset's optimizer type over ``groups`` (each keeps ``base_lr`` and ``lr_mult``)."""
+    lr = cfg.lr if lr is None else lr
+    for g in groups:
+        g.setdefault("lr", lr)
+        g["base_lr"] = g["lr"]
+        g.setdefault("lr_mult", 1.0)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class LRSchedule:
+    """Learning-rate factor (scheduled lr / base lr): step, cosine with linear warm-up, or plateau."""
+
+    cfg: TrainConfig
+    epochs: int
+    steps_per_epoch: int
+    plateau_factor: float = 1.0
+    plateau_best: float = math.inf
+    plateau_bad: int = 0
+
+    def factor(self, epoch: int, step: int) -> float:
+        c = self.cfg
+        if c.scheduler == "step":
+            return c.gamma ** (epoch // max(1, c.step_size))
+        if c.scheduler == "plateau":
+            return self.plateau_factor
+        if c.scheduler == "cosine":
+            t = epoch * self.steps_per_epoch + step
+            warm = c.warmup_epochs * self.steps_per_epoch
+            total = max(1, self.epochs * self.steps_per_epoch)
+            if t < warm:
+                return (t + 1) / warm
+            progress = (t - warm) / max(1, total - warm)
+            floor = c.min_lr / c.lr
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    def observe_val_loss(self, loss: float) -> None:
+        """ReduceLROnPlateau (mode min, threshold 0) on the validation loss."""
+        if self.cfg.scheduler != "plateau":
+            return
+        if loss < self.plateau_best:
+            self.plateau_best, self.plateau_bad = loss, 0
+        else:
+            self.plateau_bad += 1
+            if self.plateau_bad > self.cfg.plateau_patience:
+                self.plateau_factor *= self.cfg.plateau_factor
+                self.plateau_bad = 0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"plateau_factor": self.plateau_factor, "plateau_best": self.plateau_best,
+                "plateau_bad": self.plateau_bad}
+
+    def load_state_dict(self, s: dict[str, float]) -> None:
+        self.plateau_factor, self.plateau_best, self.plateau_bad = s["plateau_factor"], s["plateau_best"], int(s["plateau_bad"])
+
+
+@dataclass
+class Position:
+    phase_index: int = 0
+    epoch: int = 0  # next epoch to run in the phase
+    global_step: int = 0
+    best: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+def make_accelerator(mixed_precision: str, find_unused_parameters: bool):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    kwargs = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
+    try:
+        acc = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[kwargs])
+    except ValueError as exc:
+        raise ConfigError(f"mixed_precision={mixed_precision!r} is not available here ({exc}); "
+                          "use 'bf16' on CPU or 'no'") from None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if acc.num_processes != world:
+        raise RuntimeError(f"accelerate started {acc.num_processes} process(es) but WORLD_SIZE={world}")
+    return acc
+
+
+class Trainer:
+    """Runs one method on one dataset with one seed and writes the three run files to ``run_dir``."""
+
+    def __init__(self, config: RunConfig, train_cfg: TrainConfig, data, method: BalancingMethod,
+                 run_dir: Path, *, resume: bool = False, accelerator=None, quiet: bool = False) -> None:
+        self.config = config
+        self.cfg = train_cfg
+        self.data = data
+        self.method = method
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.quiet = quiet
+        self.task: Task = create_task(data.task, **data.task_kwargs)
+        self.accelerator = accelerator or make_accelerator(train_cfg.mixed_precision, method.find_unused_parameters)
+        self.hash = config_hash(to_jsonable(config))
+        self._build()
+
+    # ------------------------------------------------------------------ construction
+    def _model_spec(self):
+        spec = self.method.configure_model(self.data.model, self.data)
+        overrides = dict(self.config.model)
+        name = overrides.pop("name", spec.name)
+        kwargs = {**spec.kwargs, **overrides}
+        modalities = list(spec.modalities or self.data.modalities)
+        return name, kwargs, modalities
+
+    def _build(self) -> None:
+        from accelerate.utils import set_seed
+
+        seed = self.config.seed
+        acc = self.accelerator
+        name, kwargs, modalities = self._model_spec()
+        self.method.check_applicable(self.data, modalities)
+        set_seed(seed)
+        try:
+            model = create_model(name, modalities=modalities, input_shapes=self.data.input_shapes,
+                                 out_dim=self.data.out_dim, **kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"model {name!r}: bad option ({exc}); check the 'model.*' settings") from None
+        self.model_description = {"name": name, "kwargs": kwargs, "modalities": modalities}
+        ctx = StepContext(accelerator=acc, model=model, data=self.data, task=self.task, config=self.config, seed=seed)
+        self.ctx = ctx
+        self.train_split = self.data.train
+        if self.method.needs_heldout:
+            self.train_split, ctx.heldout = self._carve_heldout(self.data.train)
+        ctx.train_batches = self._train_batch_iterator
+        # Method-owned modules come from their own seed stream so the main model's initial weights are
+        # identical across methods for a given seed.
+        torch.manual_seed(seed + 1_000_003)
+        self.method.setup(ctx)
+        groups = self.method.param_groups(model)
+        if groups is None:
+            groups = [{"params": [p for p in model.parameters() if p.requires_grad], "name": "model"}]
+        for ex_name, ex in ctx.extra.items():
+            if ex.trainable and not getattr(ex, "own_optimizer", True):
+                groups.append({"params": list(ex.module.parameters()), "name": ex_name})
+        optimizer = build_optimizer(groups, self.cfg)
+        model, optimizer = acc.prepare(model, optimizer)
+        ctx.model, ctx.optimizer = model, optimizer
+        for ex_name, ex in ctx.extra.items():
+            if not ex.trainable:
+                ex.module.to(acc.device).eval().requires_grad_(False)
+                continue
+            ex.module = acc.prepare(ex.module)
+            ctx.modules[ex_name] = ex.module
+            if getattr(ex, "own_optimizer", True):
+                opt = build_optimizer([{"params": list(ex.module.parameters())}], self.cfg, ex.lr)
+                ex.optimizer = acc.prepare(opt)
+        self.loader_train = self._make_train_iterable(self.train_split, self.cfg.batch_size)
+        torch.manual_seed(seed + 2)  # the training RNG stream (dropout) is the same for every method
+
+    def _carve_heldout(self, split):
+        if not isinstance(split, TensorSplit):
+            n = len(split)
+            g = np.random.RandomState(self.config.dataset_options.get("split_seed", 0) + 12345)
+            perm = g.permutation(n)
+            k = max(1, int(round(self.method.heldout_fraction * n)))
+            from torch.utils.data import Subset
+
+            return Subset(split, sorted(perm[k:].tolist())), Subset(split, sorted(perm[:k].tolist()))
+        labels = split.labels.numpy()
+        keys = labels if self.data.task == "classification" else quantile_bins(labels)
+        rest, held = carve_heldout(keys, self.method.heldout_fraction, int(self.data.info.get("split_seed", 0)))
+        return split.subset(torch.as_tensor(rest)), split.subset(torch.as_tensor(held))
+
+    def _make_train_iterable(self, split, batch_size: int, shuffle: bool = True, seed: int | None = None):
+        acc = self.accelerator
+        seed = self.config.seed if seed is None else seed
+        if isinstance(split, TensorSplit):
+            return TensorBatcher(split, batch_size, shuffle=shuffle, seed=seed, rank=acc.process_index,
+                                 world_size=acc.num_processes, device=acc.device)
+        return acc.prepare_data_loader(make_loader(split, batch_size, shuffle=shuffle, seed=seed,
+                                                   num_workers=self.cfg.num_workers))
+
+    def _train_batch_iterator(self, split: str = "train", batch_size: int | None = None, shuffle: bool = False,
+                              key: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """Extra passes over TRAIN (or the train-carved held-out) for methods (PMR prototypes,
+        G-Blending estimates). Validation and test are not reachable from here."""
+        if split not in {"train", "heldout"}:
+            raise ValueError(f"methods may only iterate 'train' or 'heldout', not {split!r}")
+        data = self.train_split if split == "train" else self.ctx.heldout
+        if data is None:
+            raise ValueError("this method did not declare needs_heldout, so there is no held-out split")
+        it = self._make_train_iterable(data, batch_size or self.cfg.batch_size, shuffle, self.config.seed + 7)
+        if isinstance(it, TensorBatcher):
+            it.set_epoch(key)
+        return iter(it)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, split, absent: tuple[str, ...] = ()) -> dict[str, float]:
+        """Evaluate every sample of ``split`` once (fixed order, nothing dropped, gathered across ranks)."""
+        acc, ctx = self.accelerator, self.ctx
+        ctx.model.eval()
+        for ex in ctx.extra.values():
+            ex.module.eval()
+        meter = self.task.new_meter()
+        if isinstance(split, TensorSplit):
+            n, seen = len(split), 0
+            dev_split = split if acc.device.type == "cpu" else TensorSplit(
+                {m: x.to(acc.device) for m, x in split.inputs.items()}, split.labels.to(acc.device))
+            for idx in eval_index_shards(n, self.cfg.eval_batch_size, acc.process_index, acc.num_processes):
+                batch = dev_split.batch(idx.to(acc.device))
+                preds = self.method.predict(ctx, batch, absent)
+                preds, labels = acc.gather((preds.contiguous(), batch["label"].contiguous()))
+                keep = min(len(labels), n - seen)
+                if keep > 0:
+                    meter.update(preds[:keep].float(), labels[:keep])
+                seen += keep
+        else:
+            loader = acc.prepare_data_loader(make_loader(split, self.cfg.eval_batch_size, shuffle=False, seed=0,
+                                                         num_workers=self.cfg.num_workers))
+            for batch in loader:
+                preds = self.method.predict(ctx, batch, absent)
+                preds, labels = acc.gather_for_metrics((preds.contiguous(), batch["label"].contiguous()))
+                meter.update(preds.float(), labels)
+        ctx.model.train()
+        for ex in ctx.extra.values():
+            if ex.trainable:
+                ex.module.train()
+        return meter.compute()
+
+    def evaluate_per_modality(self, split) -> dict[str, dict[str, float]]:
+        """Each modality alone: the model evaluated with every other modality ``absent``."""
+        mods = self.ctx.modalities
+        if len(mods) < 2:
+            return {}
+        return {m: self.evaluate(split, tuple(o for o in mods if o != m)) for m in mods}
+
+    def _is_better(self, val: dict[str, float], best: dict[str, Any] | None) -> bool:
+        if best is None:
+            return True
+        key = self.task.primary_metric
+        cmp = self.task.compare(val[key], best["val"][key])
+        if cmp != 0:
+            return cmp > 0
+        return val.get("loss", math.inf) < best["val"].get("loss", math.inf)
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / runfiles.CHECKPOINT_DIR
+
+    def _weights(self) -> dict[str, Any]:
+        acc = self.accelerator
+        return {"model": acc.unwrap_model(self.ctx.model).state_dict(),
+                "extra": {k: acc.unwrap_model(ex.module).state_dict() for k, ex in self.ctx.extra.items()},
+                "method": self.method.state_dict()}
+
+    def _load_weights(self, w: dict[str, Any]) -> None:
+        acc = self.accelerator
+        acc.unwrap_model(self.ctx.model).load_state_dict(w["model"])
+        for k, ex in self.ctx.extra.items():
+            acc.unwrap_model(ex.module).load_state_dict(w["extra"][k])
+        self.method.load_state_dict(w["method"])
+
+    def _save(self, name: str, payload: dict[str, Any]) -> None:
+        if self.accelerator.is_main_process:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.ckpt_dir / f".{name}.tmp"
+            torch.save(payload, tmp)
+            os.replace(tmp, self.ckpt_dir / name)
+        self.accelerator.wait_for_everyone()
+
+    def _save_last(self, pos: Position, schedule: LRSchedule) -> None:
+        ctx = self.ctx
+        payload = {
+            "weights": self._weights(),
+            "optimizer": ctx.optimizer.state_dict(),
+            "extra_optimizers": {k: ex.optimizer.state_dict() for k, ex in ctx.extra.items() if ex.optimizer},
+            "param_group_lr_mult": [g.get("lr_mult", 1.0) for g in ctx.optimizer.param_groups],
+            "schedule": schedule.state_dict(),
+            "position": pos.__dict__,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "method": ctx.generator.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "config_hash": self.hash,
+        }
+        self._save("last.pt", payload)
+
+    def _load_last(self, schedule: LRSchedule) -> Position | None:
+        path = self.ckpt_dir / "last.pt"
+        if not path.is_file():
+            return None
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        if payload.get("config_hash") != self.hash:
+            raise ConfigError(f"--resume: checkpoint {path} was written for another configuration "
+                              f"(hash {payload.get('config_hash')} != {self.hash}); use another --output-dir")
+        ctx = self.ctx
+        self._load_weights(payload["weights"])
+        ctx.optimizer.load_state_dict(payload["optimizer"])
+        for k, st in payload["extra_optimizers"].items():
+            ctx.extra[k].optimizer.load_state_dict(st)
+        for g, mult in zip(ctx.optimizer.param_groups, payload["param_group_lr_mult"]):
+            g["lr_mult"] = mult
+        schedule.load_state_dict(payload["schedule"])
+        rng = payload["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        ctx.generator.set_state(rng["method"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        return Position(**payload["position"])
+
+    # ------------------------------------------------------------------ the loop
+    def _write_metrics(self, pos: Position) -> None:
+        if self.accelerator.is_main_process:
+            runfiles.write_metrics_lines(self.run_dir / runfiles.METRICS_FILE, pos.history)
+
+    def _fail(self, pos: Position, message: str) -> None:
+        if self.accelerator.is_main_process:
+            self._write_metrics(pos)
+            runfiles.atomic_write_json(self.run_dir / runfiles.RESULT_FILE, {
+                "status": "failed", "error": message, "method": self.config.method, "dataset": self.config.dataset,
+                "seed": self.config.seed, "config_hash": self.hash, "versions": runfiles.package_versions()})
+        raise NonFiniteLossError(message)
+
+    def _set_lrs(self, factor: float) -> None:
+        for g in self.ctx.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * factor * g.get("lr_mult", 1.0)
+
+    def _train_epoch(self, pos: Position, phase: Phase, schedule: LRSchedule) -> dict[str, float]:
+        acc, ctx, method, cfg = self.accelerator, self.ctx, self.method, self.cfg
+        model = ctx.model
+        model.train()
+        loader = self.loader_train
+        if isinstance(loader, TensorBatcher):
+            loader.set_epoch(pos.phase_index * 100_003 + pos.epoch)
+        elif hasattr(loader, "set_epoch"):
+            loader.set_epoch(pos.phase_index * 100_003 + pos.epoch)
+        method.on_epoch_start(ctx)
+        extra_opts = [ex.optimizer for ex in ctx.extra.values() if ex.optimizer is not None]
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        n_steps = 0
+        params = [p for p in model.parameters()]
+        for step, batch in enumerate(loader):
+            if cfg.max_steps_per_epoch is not None and step >= cfg.max_steps_per_epoch:
+                break
+            ctx.step = step
+            out = method.training_step(ctx, batch)
+            loss = out.loss
+            bad = ~torch.isfinite(loss.detach())
+            if acc.num_processes > 1:
+                bad = acc.reduce(bad.float().reshape(1), reduction="sum") > 0
+            if bool(bad):
+                self._fail(pos, f"non-finite training loss ({float(loss.detach())}) at phase {phase.name!r}, epoch "
+                                f"{pos.epoch}, step {step}; the run is marked failed (try a lower lr or "
+                                "mixed_precision=no)")
+            acc.backward(loss)
+            if acc.scaler is not None:
+                acc.unscale_gradients()
+            method.after_backward(ctx)
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            self._set_lrs(schedule.factor(pos.epoch, step))
+            ctx.optimizer.step()
+            for opt in extra_opts:
+                opt.step()
+            ctx.optimizer.zero_grad(set_to_none=True)
+            for opt in extra_opts:
+                opt.zero_grad(set_to_none=True)
+            method.after_step(ctx)
+            loss_sum += loss.detach().double().cpu()
+            for k, v in out.logs.items():
+                ctx.log(k, v)
+            n_steps += 1
+            pos.global_step += 1
+            ctx.global_step = pos.global_step
+        method.on_epoch_end(ctx)
+        logs = {"train_loss": float(loss_sum) / max(1, n_steps)}
+        logs.update(ctx.pop_logs())
+        return logs
+
+    def fit(self) -> dict[str, Any]:
+        acc, ctx, method = self.accelerator, self.ctx, self.method
+        phases = method.phases()
+        steps_per_epoch = len(self.loader_train) if hasattr(self.loader_train, "__len__") else 1
+        if self.cfg.max_steps_per_epoch is not None:
+            steps_per_epoch = min(steps_per_epoch, self.cfg.max_steps_per_epoch)
+        ctx.steps_per_epoch = steps_per_epoch
+        pos: Position | None = None
+        schedule = LRSchedule(self.cfg, self._phase_epochs(phases[0]), steps_per_epoch)
+        if self.resume:
+            pos = self._load_last(schedule)
+        if pos is None:
+            pos = Position()
+            self._clear_previous()
+        self._write_config()
+        t_start = time.perf_counter()
+        progress = self._progress(phases, pos)
+        phase_started = False
+        while pos.phase_index < len(phases):
+            phase = phases[pos.phase_index]
+            n_epochs = self._phase_epochs(phase)
+            schedule.epochs = n_epochs
+            ctx.phase, ctx.phase_index, ctx.epochs_in_phase = phase.name, pos.phase_index, n_epochs
+            if not phase_started or pos.epoch == 0:
+                ctx.epoch = pos.epoch
+                method.on_phase_start(ctx)
+                phase_started = True
+            while pos.epoch < n_epochs:
+                ctx.epoch = pos.epoch
+                t0 = time.perf_counter()
+                logs = self._train_epoch(pos, phase, schedule)
+                epoch_seconds = time.perf_counter() - t0
+                pos.train_seconds += epoch_seconds
+                row: dict[str, Any] = {"phase": phase.name, "epoch": pos.epoch, "global_step": pos.global_step,
+                                       "epoch_seconds": epoch_seconds, **logs}
+                row["lr"] = ctx.optimizer.param_groups[0]["lr"]
+                row.update({f"method/{k}": v for k, v in method.metrics().items()})
+                if phase.evaluate:
+                    val = self.evaluate(self.data.val)
+                    row["val"] = val
+                    if self.cfg.modality_eval == "epoch":
+                        row["val_per_modality"] = self.evaluate_per_modality(self.data.val)
+                    schedule.observe_val_loss(val.get("loss", math.inf))
+                    if self._is_better(val, pos.best):
+                        pos.best = {"phase": phase.name, "phase_index": pos.phase_index, "epoch": pos.epoch, "val": val}
+                        self._save("best.pt", self._weights())
+                pos.history.append(row)
+                pos.epoch += 1
+                self._save_last(pos, schedule)
+                self._write_metrics(pos)
+                if progress is not None:
+                    progress.update(1)
+                    if "val" in row:
+                        progress.set_postfix({self.task.primary_metric: f"{row['val'][self.task.primary_metric]:.4f}"})
+            method.on_phase_end(ctx)
+            pos.phase_index += 1
+            pos.epoch = 0
+            phase_started = False
+        if progress is not None:
+            progress.close()
+        return self._finish(pos, time.perf_counter() - t_start)
+
+    def _phase_epochs(self, phase: Phase) -> int:
+        return phase.epochs if phase.epochs is not None else self.cfg.epochs
+
+    def _progress(self, phases: list[Phase], pos: Position):
+        if self.quiet or not self.accelerator.is_local_main_process or os.environ.get("MMBALANCE_NO_PROGRESS"):
+            return None
+        from tqdm.auto import tqdm
+
+        total = sum(self._phase_epochs(p) for p in phases)
+        done = sum(self._phase_epochs(p) for p in phases[:pos.phase_index]) + pos.epoch
+        return tqdm(total=total, initial=done, desc=f"{self.config.method} on {self.config.dataset}", unit="epoch",
+                    file=sys.stderr, dynamic_ncols=True)
+
+    def _clear_previous(self) -> None:
+        if self.accelerator.is_main_process:
+            for name in (runfiles.RESULT_FILE, runfiles.METRICS_FILE):
+                (self.run_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def _write_config(self) -> None:
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            payload = {**to_jsonable(self.config), "train": to_jsonable(self.cfg),
+                       "method_hparams": to_jsonable(self.method.hp), "model_resolved": self.model_description,
+                       "dataset_info": to_jsonable(self.data.info), "synthetic": self.data.synthetic,
+                       "config_hash": self.hash, "world_size": self.accelerator.num_processes}
+            runfiles.atomic_write_json(self.run_dir / runfiles.CONFIG_FILE, payload)
+
+    def _finish(self, pos: Position, wall: float) -> dict[str, Any]:
+        if pos.best is None:
+            raise RuntimeError("no phase evaluated on validation; nothing to select")
+        best = torch.load(self.ckpt_dir / "best.pt", map_location="cpu", weights_only=False)
+        self._load_weights(best)
+        test = self.evaluate(self.data.test)
+        test_pm = self.evaluate_per_modality(self.data.test) if self.cfg.modality_eval != "none" else {}
+        val_pm = self.evaluate_per_modality(self.data.val) if self.cfg.modality_eval != "none" else {}
+        n_epochs = max(1, len(pos.history))
+        result = {
+            "status": "ok", "method": self.config.method, "dataset": self.config.dataset, "seed": self.config.seed,
+            "config_hash": self.hash, "task": self.task.name, "primary_metric": self.task.primary_metric,
+            "higher_is_better": self.task.higher_is_better, "modalities": self.ctx.modalities,
+            "selected": {k: pos.best[k] for k in ("phase", "epoch")},
+            "val": pos.best["val"], "test": test, "val_per_modality": val_pm, "test_per_modality": test_pm,
+            "method_metrics": self.method.metrics(), "synthetic": self.data.synthetic,
+            "timings": {"train_seconds": pos.train_seconds, "seconds_per_epoch": pos.train_seconds / n_epochs,
+                        "wall_seconds_this_process": wall, "epochs": len(pos.history)},
+            "num_train_samples": len(self.train_split), "world_size": self.accelerator.num_processes,
+            "peak_memory_mb": runfiles.peak_memory_mb(), "versions": runfiles.package_versions(),
+            "hardware": runfiles.hardware_summary(),
+        }
+        if self.accelerator.is_main_process:
+            runfiles.atomic_write_json(self.run_dir / runfiles.RESULT_FILE, result)
+        self.accelerator.wait_for_everyone()
+        return result

@@ -1,0 +1,256 @@
+"""The method interface (DESIGN.md §3): :class:`BalancingMethod` and what the engine hands it.
+
+A method never writes a training loop. Per step the engine calls, in order:
+``training_step`` → ``accelerator.backward`` → unscale (fp16) → ``after_backward`` (gradient edits)
+→ clip → optimizer steps → scheduler → ``after_step``. Per epoch: ``on_epoch_start`` → steps →
+``on_epoch_end`` → validation (``predict``) → checkpoint selection. ``phases()`` lists the training
+phases (one ``joint`` phase by default).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from .errors import MethodNotApplicable
+from .models.base import ModelOutput
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from .data import MultimodalData, ModelSpec
+    from .tasks import Task
+
+__all__ = ["BalancingMethod", "StepContext", "StepOutput", "ModelOutput", "Phase", "NoHParams",
+           "MethodNotApplicable", "ALL_TASKS"]
+
+ALL_TASKS = frozenset({"classification", "regression", "segmentation"})
+
+
+@dataclass
+class NoHParams:
+    """Methods without hyperparameters."""
+
+
+@dataclass
+class StepOutput:
+    """What ``training_step`` returns: the loss to backpropagate, the model output (for methods that
+    read it in ``after_backward``) and scalar components to log (aggregated per epoch)."""
+
+    loss: torch.Tensor
+    output: ModelOutput | None = None
+    logs: dict[str, float | torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Phase:
+    """One training phase. ``epochs=None`` means the run's ``epochs``. ``evaluate``: validate after each
+    epoch and let this phase's checkpoints compete in model selection."""
+
+    name: str = "joint"
+    epochs: int | None = None
+    evaluate: bool = True
+
+
+@dataclass
+class ExtraModule:
+    """A method-owned module registered through :meth:`StepContext.add_module`."""
+
+    module: nn.Module
+    trainable: bool = True
+    lr: float | None = None
+    optimizer: torch.optim.Optimizer | None = None
+
+
+class StepContext:
+    """Everything a method may use. Built by the engine; attributes are updated as training goes on.
+
+    - ``accelerator``, ``model`` (prepared, possibly DDP-wrapped), ``raw_model`` (unwrapped),
+      ``modules`` (method-owned, prepared), ``optimizer`` (main), ``extra_optimizers``;
+    - ``data`` (:class:`MultimodalData`; methods must only read ``train`` and ``heldout``),
+      ``heldout`` (the train-carved split when the method declares ``needs_heldout``), ``task``;
+    - ``phase``, ``epoch`` (0-based within the phase), ``step`` (within the epoch), ``global_step``;
+    - ``generator``: a torch.Generator seeded identically on every rank (method randomness);
+    - ``reduce_mean`` / ``reduce_sum``: cross-process reductions for statistics that set coefficients.
+    """
+
+    def __init__(self, *, accelerator: Accelerator, model: nn.Module, data: MultimodalData, task: Task,
+                 config: Any, seed: int) -> None:
+        self.accelerator = accelerator
+        self.model = model
+        self.data = data
+        self.task = task
+        self.config = config
+        self.seed = seed
+        self.modules: dict[str, nn.Module] = {}
+        self.extra: dict[str, ExtraModule] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.heldout: Any = None
+        self.phase: str = "joint"
+        self.phase_index = 0
+        self.epoch = 0
+        self.epochs_in_phase = 0
+        self.step = 0
+        self.global_step = 0
+        self.steps_per_epoch = 0
+        self.generator = torch.Generator().manual_seed(seed * 7919 + 17)
+        self.train_batches: Callable[..., Iterator[dict[str, torch.Tensor]]] | None = None
+        self.lr_mult: dict[str, float] = {}
+        self._logs: dict[str, list[float]] = {}
+
+    # ---------------------------------------------------------------- conveniences
+    @property
+    def raw_model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.raw_model.modalities)
+
+    def inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {m: batch[m] for m in self.raw_model.modalities}
+
+    def forward(self, batch: dict[str, torch.Tensor], absent: tuple[str, ...] | set[str] = ()) -> ModelOutput:
+        return self.model(self.inputs(batch), absent=tuple(absent))
+
+    def add_module(self, name: str, module: nn.Module, *, trainable: bool = True, lr: float | None = None,
+                   own_optimizer: bool = True) -> nn.Module:
+        """Register a method-owned module (heads, classifiers, teachers). Call in ``setup``.
+
+        ``trainable=False``: frozen (eval mode, no gradients, not DDP-wrapped, not optimised, e.g. teachers).
+        ``own_optimizer=True``: optimised by its own optimizer (main optimizer type, ``lr`` or the main lr;
+        no scheduler, no clipping). ``own_optimizer=False``: its parameters join the main optimizer.
+        """
+        if name in self.extra:
+            raise ValueError(f"module {name!r} is already registered")
+        self.extra[name] = ExtraModule(module, trainable, lr, None)
+        self.extra[name].own_optimizer = own_optimizer  # type: ignore[attr-defined]
+        self.modules[name] = module
+        return module
+
+    def reduce_sum(self, x: torch.Tensor | float) -> torch.Tensor:
+        t = torch.as_tensor(x, dtype=torch.float64, device=self.device).clone()
+        if self.world_size > 1:
+            t = self.accelerator.reduce(t, reduction="sum")
+        return t
+
+    def reduce_mean(self, x: torch.Tensor | float) -> torch.Tensor:
+        """Mean over processes of a per-process statistic (equal weights). For ratios, reduce the
+        numerator and denominator with ``reduce_sum`` before dividing (README distributed rule 1)."""
+        return self.reduce_sum(x) / self.world_size
+
+    def log(self, key: str, value: float | torch.Tensor) -> None:
+        """Record a scalar; the engine logs its per-epoch mean to ``metrics.jsonl``."""
+        self._logs.setdefault(key, []).append(float(value))
+
+    def pop_logs(self) -> dict[str, float]:
+        out = {k: sum(v) / len(v) for k, v in self._logs.items() if v}
+        self._logs = {}
+        return out
+
+
+class BalancingMethod:
+    """Base class of every method. All hooks default to plain joint training (the baseline).
+
+    Class attributes:
+      ``hparams_cls``: dataclass of hyperparameters (defaults with a cited source);
+      ``supported_tasks``, ``min_modalities``, ``max_modalities``: enforced by the engine;
+      ``needs_heldout``: the engine carves ``heldout_fraction`` of TRAIN into ``ctx.heldout``
+      (excluded from training); ``find_unused_parameters``: some parameters get no gradient in some
+      steps (DDP must know).
+    """
+
+    name: ClassVar[str] = "baseline"
+    hparams_cls: ClassVar[type] = NoHParams
+    supported_tasks: ClassVar[frozenset[str]] = ALL_TASKS
+    unsupported_reason: ClassVar[dict[str, str]] = {}
+    min_modalities: ClassVar[int] = 1
+    max_modalities: ClassVar[int | None] = None
+    needs_heldout: ClassVar[bool] = False
+    heldout_fraction: ClassVar[float] = 0.08
+    find_unused_parameters: ClassVar[bool] = False
+    accepts_name_argument: ClassVar[bool] = False
+    name_argument: ClassVar[str] = ""
+
+    def __init__(self, hparams: Any = None) -> None:
+        self.hp = hparams if hparams is not None else self.hparams_cls()
+
+    # ---------------------------------------------------------------- applicability and model
+    def check_applicable(self, data: MultimodalData, modalities: list[str]) -> None:
+        """Raise :class:`MethodNotApplicable` with the reason when this method cannot run."""
+        label = getattr(self, "registered_name", self.name)
+        if data.task not in self.supported_tasks:
+            reason = self.unsupported_reason.get(data.task, "")
+            raise MethodNotApplicable(
+                f"method {label!r} does not support {data.task} (dataset {data.name!r}); supported tasks: "
+                f"{', '.join(sorted(self.supported_tasks))}" + (f". Reason: {reason}" if reason else ""))
+        n = len(modalities)
+        if n < self.min_modalities:
+            raise MethodNotApplicable(f"method {label!r} needs at least {self.min_modalities} modalities; "
+                                      f"dataset {data.name!r} gives {n} ({', '.join(modalities)})")
+        if self.max_modalities is not None and n > self.max_modalities:
+            raise MethodNotApplicable(f"method {label!r} supports at most {self.max_modalities} modalities; "
+                                      f"dataset {data.name!r} gives {n}")
+
+    def configure_model(self, spec: ModelSpec, data: MultimodalData) -> ModelSpec:
+        """Change the model spec before it is built (modality subset, model variant)."""
+        return spec
+
+    # ---------------------------------------------------------------- set-up
+    def setup(self, ctx: StepContext) -> None:
+        """Create method-owned modules (``ctx.add_module``), state, and check the model's capabilities."""
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]] | None:
+        """Parameter groups for the main optimizer (each may carry ``name`` and ``lr_mult``); None = one
+        group with every model parameter."""
+        return None
+
+    def phases(self) -> list[Phase]:
+        return [Phase("joint")]
+
+    # ---------------------------------------------------------------- training hooks
+    def on_phase_start(self, ctx: StepContext) -> None: ...
+
+    def on_phase_end(self, ctx: StepContext) -> None: ...
+
+    def on_epoch_start(self, ctx: StepContext) -> None: ...
+
+    def on_epoch_end(self, ctx: StepContext) -> None: ...
+
+    def training_step(self, ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutput:
+        """Forward + loss. Default: the task loss on the fused output."""
+        out = ctx.forward(batch)
+        return StepOutput(ctx.task.loss(out.logits, batch["label"]), out)
+
+    def after_backward(self, ctx: StepContext) -> None:
+        """Gradient edits on unscaled, all-reduced gradients (before clipping)."""
+
+    def after_step(self, ctx: StepContext) -> None: ...
+
+    # ---------------------------------------------------------------- inference and state
+    @torch.no_grad()
+    def predict(self, ctx: StepContext, batch: dict[str, torch.Tensor],
+                absent: tuple[str, ...] = ()) -> torch.Tensor:
+        """Model output used for evaluation (default: fused logits). ``absent`` is used for the
+        per-modality evaluation (the other modalities replaced by their neutral input)."""
+        return ctx.forward(batch, absent).logits
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def metrics(self) -> dict[str, float]:
+        """Per-epoch coefficients to log (e.g. B_i, ε_i)."""
+        return {}

@@ -1,0 +1,136 @@
+"""Command line: ``python -m mmbalance.run`` / ``accelerate launch -m mmbalance.run``.
+
+Configuration precedence: dataset preset ◄ method (preset) defaults ◄ ``--config`` file ◄ CLI flags
+(``--set`` included). Exit codes: 0 ok, 2 bad input (nothing written), 3 run failed (non-finite loss;
+``result.json`` says ``failed``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig, TrainConfig, build_hparams, load_config_file, parse_set_items
+from .errors import MMBalanceError, NonFiniteLossError
+
+DATA_ENV = "MMBALANCE_DATA"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mmbalance.run",
+        description="Train one balancing method on one dataset with one seed; writes config.json, "
+                    "metrics.jsonl and result.json to the run directory.",
+        epilog="Examples:\n  python -m mmbalance.run --method baseline --dataset mfeat\n"
+               "  python -m mmbalance.run --method unimodal:fac --dataset mfeat --seed 1\n"
+               "  python -m mmbalance.run --method cggm --dataset mfeat-hard --set rho=1.3 --set train.epochs=20\n"
+               "  accelerate launch -m mmbalance.run --method cggm --dataset food101 --data-dir /data",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", help="registered method name (default: baseline); see --list")
+    p.add_argument("--dataset", help="registered dataset name (default: mfeat); see --list")
+    p.add_argument("--seed", type=int, help="training seed (default 0); the split seed is a dataset option")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
+    p.add_argument("--output-dir", help="parent folder of run directories (default: runs/)")
+    p.add_argument("--run-dir", help="exact run directory (default: OUTPUT_DIR/DATASET/METHOD/seedSEED)")
+    p.add_argument("--data-dir", help=f"root folder of on-disk datasets (default: ${DATA_ENV})")
+    p.add_argument("--config", help="YAML or TOML file with train/method/dataset/model sections")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a method hyperparameter (NAME) or dataset.NAME, model.NAME, train.NAME")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
+    p.add_argument("--list", action="store_true", help="list methods and datasets and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def print_listing() -> None:
+    from .registry import DATASETS, METHODS
+
+    print("methods:")
+    for name, desc in METHODS.describe().items():
+        print(f"  {name:<28} {desc}")
+    print("datasets:")
+    for name, desc in DATASETS.describe().items():
+        print(f"  {name:<28} {desc}")
+
+
+def resolve(args: argparse.Namespace):
+    """Resolve everything (no file written): returns (RunConfig, TrainConfig, data, method, run_dir)."""
+    from .registry import create_dataset, method_entry
+
+    file_cfg: dict[str, dict[str, Any]] = {"train": {}, "method": {}, "dataset": {}, "model": {}, "top": {}}
+    if args.config:
+        file_cfg = load_config_file(args.config)
+    sets = parse_set_items(args.set)
+    top = file_cfg["top"]
+    method_name = args.method or top.get("method_name") or "baseline"
+    dataset_name = args.dataset or top.get("dataset_name") or "mfeat"
+    seed = args.seed if args.seed is not None else int(top.get("seed", 0))
+    entry = method_entry(method_name)  # unknown method → error listing the known ones, before loading data
+    data_dir = args.data_dir or top.get("data_dir") or os.environ.get(DATA_ENV)
+    dataset_options = {**file_cfg["dataset"], **sets["dataset"]}
+    data = create_dataset(dataset_name, data_dir, **dataset_options)
+
+    train_values = {**data.train_defaults, **file_cfg["train"], **sets["train"]}
+    for flag, key in (("epochs", "epochs"), ("batch_size", "batch_size"), ("lr", "lr"),
+                      ("mixed_precision", "mixed_precision")):
+        if getattr(args, flag) is not None:
+            train_values[key] = getattr(args, flag)
+    train_cfg = build_hparams(TrainConfig, train_values, where="training settings")
+
+    base = method_name.split(":", 1)[0]
+    cls = entry.factory
+    method_values = {**data.method_defaults.get(cls.name, {}), **data.method_defaults.get(base, {}),
+                     **entry.defaults, **file_cfg["method"], **sets["method"]}
+    hp = build_hparams(cls.hparams_cls, method_values, where=f"method {method_name!r}")
+    method = cls(hp)
+    method.registered_name = method_name
+    output_dir = args.output_dir or top.get("output_dir") or "runs"
+    run_dir = Path(args.run_dir) if args.run_dir else Path(output_dir) / dataset_name / method_name.replace(":", "-") / f"seed{seed}"
+    config = RunConfig(method=method_name, dataset=dataset_name, seed=seed, train={}, method_options=method_values,
+                       dataset_options=dataset_options, model={**file_cfg["model"], **sets["model"]},
+                       output_dir=str(output_dir), run_dir=str(run_dir), data_dir=str(data_dir) if data_dir else None)
+    from .config import to_jsonable
+
+    config.train = to_jsonable(train_cfg)
+    return config, train_cfg, data, method, run_dir
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse, resolve and train; returns result.json's content. Raises on error."""
+    args = build_parser().parse_args(argv)
+    if args.list:
+        print_listing()
+        return {}
+    from .engine import Trainer
+
+    config, train_cfg, data, method, run_dir = resolve(args)
+    trainer = Trainer(config, train_cfg, data, method, run_dir, resume=args.resume, quiet=args.quiet)
+    result = trainer.fit()
+    if trainer.accelerator.is_main_process and not args.quiet:
+        key = result["primary_metric"]
+        print(f"{config.method} on {config.dataset} (seed {config.seed}): val {key} {result['val'][key]:.4f}, "
+              f"test {key} {result['test'][key]:.4f}; per-modality test {key}: "
+              + ", ".join(f"{m} {r[key]:.4f}" for m, r in result["test_per_modality"].items())
+              + f"\nrun files: {run_dir}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(argv)
+    except NonFiniteLossError as exc:
+        print(f"error: run failed: {exc}", file=sys.stderr)
+        return 3
+    except MMBalanceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
