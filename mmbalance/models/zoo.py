@@ -1,6 +1,9 @@
 """Registered generic model builders."""
 from __future__ import annotations
 
+import torch
+from torch import nn
+
 from ..registry import register_model
 from .base import MultimodalModel
 from .encoders import MLPEncoder, SequenceTransformerEncoder
@@ -59,3 +62,55 @@ def mlp_transformer_fusion(*, modalities: list[str], input_shapes: dict[str, tup
     return MultimodalModel(encoders, fusion, ResidualHead(enc_out, out_dim, dropout),
                            feature_kinds={m: "vector" for m in modalities}, feature_dims={m: enc_out for m in modalities},
                            out_dim=out_dim, fusion_input="features")
+
+
+class ConvEncoder(nn.Sequential):
+    """Small per-modality 2-D encoder for segmentation: two 3×3 conv blocks keeping the resolution."""
+
+    def __init__(self, in_ch: int, width: int = 16) -> None:
+        super().__init__(nn.Conv2d(in_ch, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.out_dim = width
+
+
+class ChannelConcatFusion(nn.Module):
+    """Concatenate feature maps along channels; ``slices[m]`` = m's channels."""
+
+    def __init__(self, dims: dict[str, int]) -> None:
+        super().__init__()
+        self.order = list(dims)
+        self.slices, start = {}, 0
+        for m, d in dims.items():
+            self.slices[m] = slice(start, start + d)
+            start += d
+        self.out_dim = start
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([features[m] for m in self.order], dim=1)
+
+
+class ConvSegHead(nn.Module):
+    """3×3 conv block then the final 1×1 conv to class logits."""
+
+    def __init__(self, in_ch: int, out_dim: int, width: int = 32) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(in_ch, width, 3, padding=1), nn.ReLU())
+        self.out = nn.Conv2d(width, out_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(x))
+
+    def final_layer(self) -> nn.Module:
+        return self.out
+
+
+@register_model("conv_seg", "small per-modality conv encoders, channel-concat fusion, conv head (segmentation)")
+def conv_seg(*, modalities: list[str], input_shapes: dict[str, tuple[int, ...]], out_dim: int,
+             width: int = 16, head_width: int = 32) -> MultimodalModel:
+    """Light segmentation model for synthetic/tests: inputs [B, C_m, H, W] → logits [B, out_dim, H, W]."""
+    encoders = {m: ConvEncoder(input_shapes[m][0], width) for m in modalities}
+    dims = {m: width for m in modalities}
+    fusion = ChannelConcatFusion(dims)
+    return MultimodalModel(encoders, fusion, ConvSegHead(fusion.out_dim, out_dim, head_width),
+                           feature_kinds={m: "map" for m in modalities}, feature_dims=dims, out_dim=out_dim,
+                           fusion_input="features")

@@ -1,0 +1,32 @@
+"""Shared fixtures. Tests run on CPU; progress bars off."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MMBALANCE_NO_PROGRESS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small mfeat for fast tests: 20 rows per class (14/2/4 per class train/val/test).
+SMALL_MFEAT = {"dataset.limit_per_class": 20}
+
+
+@pytest.fixture
+def run_cli(tmp_path):
+    """Run the CLI in-process; returns (exit_code, run_dir, result dict or None)."""
+    from mmbalance.run import main
+    from mmbalance.testing import cli_args
+
+    def _run(method="baseline", dataset="mfeat", *, seed=0, epochs=1, sets=None, extra=None, run_dir=None):
+        rd = Path(run_dir) if run_dir else tmp_path / f"{dataset}-{method.replace(':', '-')}-s{seed}"
+        code = main(cli_args(method, dataset, seed=seed, epochs=epochs, run_dir=rd, sets=sets, extra=extra))
+        res = rd / "result.json"
+        return code, rd, (json.loads(res.read_text()) if res.is_file() else None)
+
+    return _run
