@@ -110,6 +110,13 @@ def make_accelerator(mixed_precision: str, find_unused_parameters: bool):
     from accelerate.utils import DistributedDataParallelKwargs
 
     kwargs = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # Several runs in one single-process Python session (tests, notebooks, the leaderboard): the
+        # Accelerator state is a process-wide singleton, so start each run from a clean one.
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
     try:
         acc = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[kwargs])
     except ValueError as exc:
@@ -135,7 +142,9 @@ class Trainer:
         self.quiet = quiet
         self.task: Task = create_task(data.task, **data.task_kwargs)
         self.accelerator = accelerator or make_accelerator(train_cfg.mixed_precision, method.find_unused_parameters)
-        self.hash = config_hash(to_jsonable(config))
+        # the hash identifies what is computed, not where files go
+        self.hash = config_hash({k: v for k, v in to_jsonable(config).items()
+                                 if k not in {"run_dir", "output_dir", "data_dir"}})
         self._build()
 
     # ------------------------------------------------------------------ construction
@@ -465,6 +474,9 @@ class Trainer:
                 pos.epoch += 1
                 self._save_last(pos, schedule)
                 self._write_metrics(pos)
+                stop_after = os.environ.get("MMBALANCE_STOP_AFTER_EPOCHS")  # test hook: simulate a killed run
+                if stop_after and len(pos.history) >= int(stop_after):
+                    raise KeyboardInterrupt(f"stopped after {stop_after} epochs (MMBALANCE_STOP_AFTER_EPOCHS)")
                 if progress is not None:
                     progress.update(1)
                     if "val" in row:
@@ -475,7 +487,18 @@ class Trainer:
             phase_started = False
         if progress is not None:
             progress.close()
+        self._dump_final_parameters()
         return self._finish(pos, time.perf_counter() - t_start)
+
+    def _dump_final_parameters(self) -> None:
+        """Test hook: with MMBALANCE_DUMP_PARAMS_DIR set, each rank saves its final (last-epoch, not
+        best-checkpoint) parameters to rank<k>.pt, so a test can check DDP replicas stayed identical."""
+        dump_dir = os.environ.get("MMBALANCE_DUMP_PARAMS_DIR")
+        if dump_dir:
+            Path(dump_dir).mkdir(parents=True, exist_ok=True)
+            state = {"model": self.accelerator.unwrap_model(self.ctx.model).state_dict(),
+                     "extra": {k: self.accelerator.unwrap_model(ex.module).state_dict() for k, ex in self.ctx.extra.items()}}
+            torch.save(state, Path(dump_dir) / f"rank{self.accelerator.process_index}.pt")
 
     def _phase_epochs(self, phase: Phase) -> int:
         return phase.epochs if phase.epochs is not None else self.cfg.epochs
