@@ -147,6 +147,7 @@ class TrainConfig:
     gamma: float = 0.1
     warmup_epochs: int = 0
     min_lr: float = 0.0
+    warmup_start_lr: float = 0.0  # cosine warm-up starts here (0 = ramp from 0); brats2021.md §6: 4e-4
     plateau_patience: int = 10
     plateau_factor: float = 0.1
     grad_clip: float | None = None

@@ -69,6 +69,9 @@ class LRSchedule:
             warm = c.warmup_epochs * self.steps_per_epoch
             total = max(1, self.epochs * self.steps_per_epoch)
             if t < warm:
+                if c.warmup_start_lr > 0:  # linear from the start lr at t = 0 (brats2021.md §6)
+                    start = c.warmup_start_lr / c.lr
+                    return start + (1 - start) * t / warm
                 return (t + 1) / warm
             progress = (t - warm) / max(1, total - warm)
             floor = c.min_lr / c.lr

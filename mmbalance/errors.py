@@ -40,5 +40,9 @@ class CacheFormatError(MMBalanceError, ValueError):
     """A cache directory exists but does not hold what its fingerprint promises."""
 
 
+class InsufficientDiskError(MMBalanceError, OSError):
+    """A cache or conversion would not fit in the free space; the message gives both numbers."""
+
+
 class NonFiniteLossError(MMBalanceError, FloatingPointError):
     """The training loss became NaN or inf."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig, TrainConfig, build_hparams, load_config_file, parse_set_items
-from .errors import MMBalanceError, NonFiniteLossError
+from .errors import MethodNotApplicable, MMBalanceError, NonFiniteLossError
 
 DATA_ENV = "MMBALANCE_DATA"
 
@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as exc:
         print(f"error: run failed: {exc}", file=sys.stderr)
         return 3
+    except MethodNotApplicable as exc:  # same exit code; the prefix lets the leaderboard show n/a
+        print(f"error: not applicable: {exc}", file=sys.stderr)
+        return 2
     except MMBalanceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
