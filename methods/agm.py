@@ -1,0 +1,303 @@
+"""AGM: Adaptive Gradient Modulation (specs/methods/agm.md).
+
+Li et al., "Boosting Multi-modal Model Performance with Adaptive Gradient Modulation", ICCV 2023;
+official code lihong2303/AGM_ICCV2023 (commit 5a65542, ``GradMod`` in model/CREMAD_net.py, 3-modality
+form in model/URFunny_net.py). Per step: the full pass f(N) and every non-empty proper coalition
+f(S) (other modalities absent, eval mode, with autograd) give Shapley mono-modal responses m_m with
+Σ_m m_m = f(N); the loss is taken on Σ_m GradScale_{κ_m}(m_m), so the backward multiplies each
+response's gradient by κ_m = exp(α·min(r̄_m − r_m, C)).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmbalance.interface import BalancingMethod, StepContext, StepOutput
+from mmbalance.registry import register_method
+
+__all__ = ["AGM", "AGMHParams", "GradScale", "shapley_coefficients", "permutation_coefficients",
+           "mono_responses", "agm_coefficients", "per_modality_accuracy"]
+
+LOG_FLOOR = math.log(1e-8)  # official: −log p with p floored at 1e-8 (agm.md §2 step 4)
+
+
+class GradScale(torch.autograd.Function):
+    """Identity forward; backward multiplies the incoming gradient by κ (agm.md §2 step 10; an autograd
+    Function, not a module backward hook: bug 7.4)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, kappa: float) -> torch.Tensor:
+        ctx.kappa = float(kappa)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.kappa, None
+
+
+def _mask(subset: tuple[int, ...] | list[int]) -> int:
+    return sum(1 << i for i in subset)
+
+
+def shapley_coefficients(M: int) -> dict[int, torch.Tensor]:
+    """Exact Shapley combination (agm.md §2 step 3): {coalition bitmask: [M] weights} such that
+    m_m = Σ_S coef[S][m]·f(S), i.e. m_m = Σ_{∅≠S⊆N∖{m}} w_S·[f(S∪{m}) − f(S)] + f({m})/M with
+    w_S = |S|!(M−|S|−1)!/M!. The empty coalition is never needed (its 1/M share cancels)."""
+    coef: dict[int, torch.Tensor] = {}
+    for m in range(M):
+        others = [k for k in range(M) if k != m]
+        for r in range(0, M):
+            w = math.factorial(r) * math.factorial(M - r - 1) / math.factorial(M)
+            for S in itertools.combinations(others, r):
+                with_m = _mask(S) | (1 << m)
+                coef.setdefault(with_m, torch.zeros(M, dtype=torch.float64))[m] += w
+                if r > 0:
+                    coef.setdefault(_mask(S), torch.zeros(M, dtype=torch.float64))[m] -= w
+    return coef
+
+
+def permutation_coefficients(M: int, K: int, generator: torch.Generator) -> dict[int, torch.Tensor]:
+    """Monte-Carlo Shapley (``shapley=permutations``): average over K random orders of the marginal
+    contributions f(prefix ∪ {m}) − f(prefix), with f(∅) := 0 (so each order sums to f(N)). Unbiased."""
+    coef: dict[int, torch.Tensor] = {}
+    for _ in range(K):
+        order = torch.randperm(M, generator=generator).tolist()
+        prefix = 0
+        for m in order:
+            nxt = prefix | (1 << m)
+            coef.setdefault(nxt, torch.zeros(M, dtype=torch.float64))[m] += 1.0 / K
+            if prefix:
+                coef.setdefault(prefix, torch.zeros(M, dtype=torch.float64))[m] -= 1.0 / K
+            prefix = nxt
+    return coef
+
+
+def mono_responses(passes: dict[int, torch.Tensor], coef: dict[int, torch.Tensor], M: int) -> list[torch.Tensor]:
+    """m_m = Σ_S coef[S][m]·f(S) (float32)."""
+    res: list[torch.Tensor] = []
+    for m in range(M):
+        terms = [passes[S].float() * float(c[m]) for S, c in coef.items() if float(c[m]) != 0.0]
+        res.append(torch.stack(terms).sum(0))
+    return res
+
+
+def agm_coefficients(s: torch.Tensor, s_bar: torch.Tensor, alpha: float, cap: float | None,
+                     clamp: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """agm.md §2 steps 5–7: r_m = exp(M/(M−1)·(mean_k s_k − s_m)); r̄_m the same from S̄;
+    κ_m = exp(α·min(r̄_m − r_m, C)) (no lower bound unless ``kappa_clamp``). Returns (r, r̄, κ)."""
+    s, s_bar = s.double(), s_bar.double()
+    M = s.numel()
+    f = M / (M - 1)
+    r = torch.exp(f * (s.mean() - s))
+    r_bar = torch.exp(f * (s_bar.mean() - s_bar))
+    diff = r_bar - r
+    if cap is not None:
+        diff = diff.clamp(max=cap)
+    kappa = torch.exp(alpha * diff)
+    if clamp is not None:
+        kappa = kappa.clamp(clamp[0], clamp[1])
+    return r, r_bar, kappa
+
+
+def per_modality_accuracy(mono: dict[str, torch.Tensor], y: torch.Tensor) -> dict[str, float]:
+    """Accuracy of each modality's own response, counted separately (regression test for the official
+    swapped report, agm.md bug 7.1)."""
+    return {m: float((u.argmax(-1) == y).float().mean()) for m, u in mono.items()}
+
+
+@dataclass
+class AGMHParams:
+    """AGM hyperparameters (agm.md §4).
+
+    ``alpha``: 1.0 (official config default). ``start_epoch``/``end_epoch``: 0 / last epoch (None) —
+    official runs modulate the whole run (issues #3, #5); κ = 1 outside the window (mmbalance).
+    ``C``: 10, exponent cap (official CREMA-D; None disables). ``cond_clip``: 1.0 (official CREMA-D;
+    None disables). ``absent``: ``zeros`` (official; ``feature_mean`` = replace the encoder output by its
+    running training mean, only the fusion re-runs). ``coalition_mode``: ``eval`` (official; ``train``).
+    ``shapley``: ``exact`` (official formula M = 2, 3; mmbalance for M ≥ 4) or ``permutations`` with
+    ``num_permutations``. ``avg``: ``cumulative`` (official) or ``ema`` with ``ema_beta`` (mmbalance value
+    0.9; first step S̄ = s). ``kappa_clamp``: None (official) or [lo, hi].
+    """
+
+    alpha: float = 1.0
+    start_epoch: int = 0
+    end_epoch: int | None = None
+    C: float | None = 10.0
+    cond_clip: float | None = 1.0
+    absent: Literal["zeros", "feature_mean"] = "zeros"
+    coalition_mode: Literal["eval", "train"] = "eval"
+    shapley: Literal["exact", "permutations"] = "exact"
+    num_permutations: int = 4
+    avg: Literal["cumulative", "ema"] = "cumulative"
+    ema_beta: float = 0.9
+    kappa_clamp: tuple[float, float] | None = None
+
+    def validate(self) -> None:
+        if self.num_permutations < 1:
+            raise ValueError("num_permutations must be >= 1")
+        if not 0 <= self.ema_beta < 1:
+            raise ValueError("ema_beta must be in [0, 1)")
+        if self.kappa_clamp is not None and not 0 < self.kappa_clamp[0] <= self.kappa_clamp[1]:
+            raise ValueError(f"kappa_clamp must be [lo, hi] with 0 < lo <= hi, got {self.kappa_clamp}")
+
+
+@register_method("agm", "AGM: Shapley mono-modal responses over absent-modality passes, adaptive gradient scaling")
+class AGM(BalancingMethod):
+    """AGM (agm.md). s_m is computed on the global batch (per-sample sums and counts SUM-reduced), so
+    S̄ and κ are identical on every rank."""
+
+    name = "agm"
+    hparams_cls = AGMHParams
+    min_modalities = 2
+
+    def __init__(self, hparams: Any = None) -> None:
+        super().__init__(hparams)
+        self.t = 0
+        self.s_bar: torch.Tensor | None = None
+        self.kappa: torch.Tensor | None = None
+        self.feat_sum: dict[str, torch.Tensor] = {}
+        self.feat_count = 0.0
+
+    def setup(self, ctx: StepContext) -> None:
+        self.modalities = list(ctx.raw_model.modalities)
+        self.M = len(self.modalities)
+        self.s_bar = torch.zeros(self.M, dtype=torch.float64)
+        self.kappa = torch.ones(self.M, dtype=torch.float64)
+        self.exact = shapley_coefficients(self.M) if self.hp.shapley == "exact" else None
+
+    def in_window(self, ctx: StepContext) -> bool:
+        end = self.hp.end_epoch if self.hp.end_epoch is not None else math.inf
+        return self.hp.start_epoch <= ctx.epoch <= end
+
+    # ------------------------------------------------------------------ coalition passes
+    def coalition_passes(self, ctx: StepContext, batch: dict[str, torch.Tensor], masks: list[int],
+                         full) -> dict[int, torch.Tensor]:
+        """f(S) for each proper coalition mask, with autograd, in eval mode (``coalition_mode``)."""
+        model = ctx.model
+        was_training = model.training
+        if self.hp.coalition_mode == "eval":
+            model.eval()
+        try:
+            res = {}
+            for S in masks:
+                absent = tuple(m for i, m in enumerate(self.modalities) if not S >> i & 1)
+                if self.hp.absent == "zeros":
+                    res[S] = ctx.forward(batch, absent).logits
+                else:
+                    res[S] = self._feature_mean_pass(ctx, full, set(absent))
+        finally:
+            model.train(was_training)
+        return res
+
+    def _feature_mean_pass(self, ctx: StepContext, full, absent: set[str]) -> torch.Tensor:
+        raw = ctx.raw_model
+        feats = {m: (self._feature_mean(m, z) if m in absent else z) for m, z in full.features.items()}
+        return raw.fuse_and_head(feats)[1]
+
+    def _feature_mean(self, m: str, z: torch.Tensor) -> torch.Tensor:
+        mean = self.feat_sum[m] / max(self.feat_count, 1.0)
+        return mean.to(z.device, z.dtype).unsqueeze(0).expand_as(z)
+
+    def _update_feature_means(self, ctx: StepContext, full) -> None:
+        """Running training mean of each encoder output (``absent=feature_mean``), SUM-reduced."""
+        n = ctx.reduce_sum(float(next(iter(full.features.values())).shape[0]))
+        for m, z in full.features.items():
+            s = ctx.reduce_sum(z.detach().double().sum(0)).cpu()
+            self.feat_sum[m] = self.feat_sum.get(m, torch.zeros_like(s)) + s
+        self.feat_count += float(n)
+
+    # ------------------------------------------------------------------ scores
+    def scores(self, ctx: StepContext, mono: list[torch.Tensor], passes: dict[int, torch.Tensor],
+               coef: dict[int, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        """s_m (agm.md §2 step 4 and §5): mean cross-entropy of m_m (probability floored at 1e-8) for
+        classification (per pixel for segmentation); loss-space Shapley −c_m for regression (v(∅) := 0,
+        which shifts every s_m equally and leaves r, r̄, κ unchanged). Numerators and counts are
+        SUM-reduced across processes before dividing."""
+        task = ctx.task.name
+        with torch.no_grad():
+            if task == "regression":
+                yy = y.reshape(y.shape[0]).float()
+                v = {S: -(f.detach().float().reshape(f.shape[0]) - yy).abs() for S, f in passes.items()}
+                num = torch.stack([-sum(float(c[m]) * v[S] for S, c in coef.items()).sum() for m in range(self.M)])
+                count = float(y.shape[0])
+            else:
+                nums = []
+                for u in mono:
+                    logp = F.log_softmax(u.detach().float(), dim=1)
+                    picked = logp.gather(1, y.long().unsqueeze(1)).clamp_min(LOG_FLOOR)
+                    nums.append(-picked.sum())
+                num = torch.stack(nums)
+                count = float(y.numel())
+            tot = ctx.reduce_sum(torch.cat([num.double().reshape(-1), torch.tensor([count], dtype=torch.float64,
+                                                                                   device=num.device)]))
+        return (tot[:-1] / tot[-1]).cpu()
+
+    # ------------------------------------------------------------------ step
+    def training_step(self, ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutput:
+        M, y = self.M, batch["label"]
+        full = ctx.forward(batch)
+        full_mask = (1 << M) - 1
+        if self.hp.absent == "feature_mean":
+            self._update_feature_means(ctx, full)
+        coef = self.exact if self.exact is not None else permutation_coefficients(M, self.hp.num_permutations,
+                                                                                  ctx.generator)
+        masks = sorted(S for S in coef if S != full_mask)
+        passes = {full_mask: full.logits, **self.coalition_passes(ctx, batch, masks, full)}
+        mono = mono_responses(passes, coef, M)
+
+        s = self.scores(ctx, mono, passes, coef, y)
+        r, r_bar, kappa = agm_coefficients(s, self.s_bar, self.hp.alpha, self.hp.C, self.hp.kappa_clamp)
+        self.t += 1
+        if self.hp.avg == "cumulative" or self.t == 1:
+            self.s_bar = self.s_bar * (self.t - 1) / self.t + s / self.t
+        else:
+            self.s_bar = self.hp.ema_beta * self.s_bar + (1 - self.hp.ema_beta) * s
+        self.kappa = kappa if self.in_window(ctx) else torch.ones_like(kappa)
+
+        out = sum(GradScale.apply(mono[i], float(self.kappa[i])) for i in range(M))  # float32, = f(N)
+        loss = ctx.task.loss(out, y)
+        logs: dict[str, float | torch.Tensor] = {}
+        for i, m in enumerate(self.modalities):
+            logs[f"agm/s_{m}"] = float(s[i])
+            logs[f"agm/r_{m}"] = float(r[i])
+            logs[f"agm/rbar_{m}"] = float(r_bar[i])
+            logs[f"agm/kappa_{m}"] = float(self.kappa[i])
+        if ctx.task.name == "classification":
+            accs = per_modality_accuracy({m: mono[i].detach() for i, m in enumerate(self.modalities)}, y)
+            logs.update({f"agm/acc_{m}": a for m, a in accs.items()})
+        return StepOutput(loss, full, logs)
+
+    def after_backward(self, ctx: StepContext) -> None:
+        """Conditional clip (agm.md §2 step 11): if max |∂L/∂W_head| > cond_clip, clip the model's
+        global gradient norm to cond_clip (unscaled gradients; before the loop's own clipping)."""
+        c = self.hp.cond_clip
+        if c is None:
+            return
+        w = getattr(ctx.raw_model.final_layer(), "weight", None)
+        if w is None or w.grad is None:
+            return
+        gmax = float(w.grad.detach().abs().max())
+        if math.isfinite(gmax) and gmax > c:
+            nn.utils.clip_grad_norm_([p for p in ctx.raw_model.parameters() if p.grad is not None], c)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"t": self.t, "s_bar": self.s_bar, "kappa": self.kappa, "feat_sum": self.feat_sum,
+                "feat_count": self.feat_count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.t, self.s_bar, self.kappa = int(state["t"]), state["s_bar"], state["kappa"]
+        self.feat_sum, self.feat_count = dict(state.get("feat_sum", {})), float(state.get("feat_count", 0.0))
+
+    def metrics(self) -> dict[str, float]:
+        if self.kappa is None:
+            return {}
+        out = {f"kappa_{m}": float(self.kappa[i]) for i, m in enumerate(self.modalities)}
+        out.update({f"s_bar_{m}": float(self.s_bar[i]) for i, m in enumerate(self.modalities)})
+        return out
