@@ -104,7 +104,11 @@ class StepContext:
     # ---------------------------------------------------------------- conveniences
     @property
     def raw_model(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+        """The unwrapped model (cached: unwrapping is not free and methods call this every step)."""
+        if getattr(self, "_raw_for", None) is not self.model:
+            self._raw_for = self.model
+            self._raw = self.accelerator.unwrap_model(self.model)
+        return self._raw
 
     @property
     def device(self) -> torch.device:
