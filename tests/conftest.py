@@ -6,10 +6,15 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("MMBALANCE_NO_PROGRESS", "1")
+# Tiny models: one thread is faster and avoids oversubscription in the 2-process DDP tests.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,135 @@
+"""Unimodal ``<m>-only`` models as a shared, content-addressed artefact (README "Shared artefacts").
+
+UMT (teachers), UME (ensemble members) and ``reconboost_pretrained`` need, for each modality m, the
+model that the ``unimodal:<m>`` run trains (``methods/baseline.md``): the canonical model built with
+modality m alone, trained with the task loss on the full training split, checkpoint selected on the
+VALIDATION split (``umt.md`` §7 bug 4). Training it is the same work as the "m only" row, so it is done
+through the same engine (a nested :class:`~mmbalance.engine.Trainer` with method ``unimodal:<m>``, on
+the parent's accelerator, hence in the same distributed loop) and cached by a content hash of
+(dataset name and options, modality, model spec, train config, seed) under
+``<output_dir>/_teachers/<hash>/`` (``umt.md`` §6: content-addressed, never "newest directory").
+
+The cached ``teacher.pt`` holds the selected state dict and the teacher run's timings; the teacher
+cost is charged to every run that uses it (:attr:`TeacherInfo.train_seconds`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import RunConfig, TrainConfig, build_hparams, config_hash, to_jsonable
+from .registry import create_model
+
+TEACHER_DIR = "_teachers"
+TEACHER_FILE = "teacher.pt"
+CACHE_VERSION = 1
+
+
+@dataclass
+class TeacherInfo:
+    """Where a unimodal model came from: cache key and folder, whether this call trained it, and the
+    teacher run's training seconds and validation metrics (charged to the using run)."""
+
+    modality: str
+    key: str
+    path: Path
+    trained_now: bool
+    train_seconds: float
+    val: dict[str, float]
+
+
+def unimodal_model_spec(data: Any, config: RunConfig, modality: str) -> tuple[str, dict[str, Any], list[str]]:
+    """(builder name, kwargs, [m]) exactly as the ``unimodal:<m>`` run resolves them (canonical spec of
+    the dataset with modality m only, user ``model.*`` overrides applied)."""
+    spec = replace(data.model, modalities=[modality])
+    overrides = dict(config.model)
+    name = overrides.pop("name", spec.name)
+    return name, {**spec.kwargs, **overrides}, [modality]
+
+
+def teacher_key(data: Any, config: RunConfig, modality: str) -> str:
+    """Content hash of everything that determines the ``<m>-only`` model (README "Shared artefacts")."""
+    name, kwargs, _ = unimodal_model_spec(data, config, modality)
+    payload = {"version": CACHE_VERSION, "dataset": config.dataset, "dataset_name": getattr(data, "name", ""),
+               "dataset_options": config.dataset_options, "modality": modality,
+               "model": {"name": name, "kwargs": kwargs}, "train": config.train, "seed": config.seed}
+    return config_hash(payload)
+
+
+def build_unimodal_model(data: Any, config: RunConfig, modality: str) -> nn.Module:
+    """A fresh (untrained) ``<m>-only`` model."""
+    name, kwargs, mods = unimodal_model_spec(data, config, modality)
+    return create_model(name, modalities=mods, input_shapes=data.input_shapes, out_dim=data.out_dim, **kwargs)
+
+
+def teacher_root(config: RunConfig) -> Path:
+    return Path(config.output_dir) / TEACHER_DIR
+
+
+def _all_ranks_true(accelerator: Any, flag: bool) -> bool:
+    """Same decision on every rank: true only when every rank sees ``flag``."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() == accelerator.num_processes)
+
+
+def train_unimodal(ctx: Any, modality: str) -> tuple[nn.Module, TeacherInfo]:
+    """The selected ``<m>-only`` model for the run behind ``ctx`` (trained now, or loaded from the
+    cache), on CPU, in eval mode. Call from ``setup``; every rank must call it (collective)."""
+    from .engine import Trainer  # local: engine imports interface, not this module
+    from .registry import create_method
+
+    config: RunConfig = ctx.config
+    data = ctx.data
+    acc = ctx.accelerator
+    key = teacher_key(data, config, modality)
+    folder = teacher_root(config) / key
+    file = folder / TEACHER_FILE
+    trained_now = False
+    if not _all_ranks_true(acc, file.is_file()):
+        train_cfg = build_hparams(TrainConfig, dict(config.train), where="teacher training settings")
+        method = create_method(f"unimodal:{modality}")
+        method.registered_name = f"unimodal:{modality}"
+        sub = RunConfig(method=f"unimodal:{modality}", dataset=config.dataset, seed=config.seed, train=dict(config.train),
+                        method_options={"modality": modality}, dataset_options=dict(config.dataset_options),
+                        model=dict(config.model), output_dir=str(teacher_root(config)), run_dir=str(folder / "run"),
+                        data_dir=config.data_dir)
+        # resume=True: an interrupted teacher run continues from its last.pt (same config hash).
+        trainer = Trainer(sub, train_cfg, data, method, folder / "run", resume=True, accelerator=acc, quiet=True)
+        result = trainer.fit()
+        state = {k: v.detach().cpu().clone() for k, v in acc.unwrap_model(trainer.ctx.model).state_dict().items()}
+        payload = {"key": key, "modality": modality, "state_dict": state, "val": result["val"],
+                   "train_seconds": result["timings"]["train_seconds"], "version": CACHE_VERSION}
+        if acc.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{TEACHER_FILE}.tmp"
+            torch.save(payload, tmp)
+            os.replace(tmp, file)
+            (folder / "key.json").write_text(json.dumps({"key": key, "modality": modality, "dataset": config.dataset,
+                                                         "seed": config.seed}, indent=1))
+        acc.wait_for_everyone()
+        trained_now = True
+    payload = torch.load(file, map_location="cpu", weights_only=False)
+    model = build_unimodal_model(data, config, modality)
+    model.load_state_dict(payload["state_dict"])
+    model.eval().requires_grad_(False)
+    info = TeacherInfo(modality, key, folder, trained_now, float(payload["train_seconds"]), dict(payload["val"]))
+    return model, info
+
+
+def teacher_costs(infos: list[TeacherInfo]) -> dict[str, float]:
+    """Run-record entries charging the unimodal phase to the using method (README "Shared artefacts")."""
+    return {"teacher_train_seconds": sum(i.train_seconds for i in infos),
+            "teachers_trained_now": float(sum(i.trained_now for i in infos))}
+
+
+def jsonable_infos(infos: list[TeacherInfo]) -> list[dict[str, Any]]:
+    return [to_jsonable({"modality": i.modality, "key": i.key, "path": str(i.path), "trained_now": i.trained_now,
+                         "train_seconds": i.train_seconds, "val": i.val}) for i in infos]

@@ -1,0 +1,149 @@
+"""Greedy and the MMTM model variant (specs/methods/greedy.md §8)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mmbalance.errors import MethodNotApplicable
+from mmbalance.registry import create_model
+from mmbalance.testing import build_trainer, first_batch
+from tests.conftest import SMALL_MFEAT
+
+
+def _mmtm(m=("a", "b"), dims=(6, 5)):
+    return create_model("mlp_mmtm", modalities=list(m), input_shapes={k: (d,) for k, d in zip(m, dims)}, out_dim=3,
+                        enc_hidden=8, enc_out=4)
+
+
+def test_gates_replaced_by_running_average_exactly_on_scheduled_steps(tmp_path):
+    """§2.3 schedule (ε < 0 forces a decision after every normal step from epoch 0, Q = 2) and §8 test 3."""
+    tr = build_trainer("greedy", "mfeat", run_dir=tmp_path / "g", epochs=1,
+                       sets={**SMALL_MFEAT, "epsilon": -1.0, "start_epoch": 0, "window": 2, "train.batch_size": 16,
+                             "train.modality_eval": "none"})
+    block = tr.ctx.raw_model.mmtm_blocks[0]
+    seen, batch_means = [], []
+
+    def pre(mod, args):
+        if mod.training:
+            seen.append((mod.caring, [mod.gate_avg(k).clone() for k in range(3)], [f.detach() for f in args[0]]))
+
+    def post(mod, args, out):
+        if mod.training:
+            batch_means.append([s / mod.last_count for s in mod.last_gate_sum])
+            caring, avgs, ins = seen[-1]
+            if caring is not None:  # the caring branch's output is its input times ḡ (before this step's update)
+                torch.testing.assert_close(out[caring], ins[caring] * avgs[caring], rtol=0, atol=0)
+
+    block.register_forward_pre_hook(pre)
+    block.register_forward_hook(post)
+    tr.fit()
+    modes = [c for c, _, _ in seen]
+    assert len(modes) == 9
+    pattern = [None if i % 3 == 0 else "care" for i in range(9)]
+    assert [None if c is None else "care" for c in modes] == pattern
+    assert tr.method.state.rebalance_steps == 6
+    for k in range(3):  # cumulative mean of this branch's own batch-mean gates; evaluation left it alone
+        want = torch.stack([bm[k] for bm in batch_means]).mean(0)
+        torch.testing.assert_close(block.gate_avg(k), want.to(block.gate_avg(k).dtype))
+
+
+def test_curation_gradient_is_zero_for_caring_excitation_only():
+    """§8 test 2."""
+    torch.manual_seed(0)
+    model = _mmtm()
+    model.train()
+    x = {"a": torch.randn(8, 6), "b": torch.randn(8, 5)}
+    model(x)  # some training forward so that ḡ is not all zeros is irrelevant here
+    model.set_rebalance(0)
+    out = model(x)
+    out.fused.pow(2).sum().backward()
+    for block in model.mmtm_blocks:
+        assert all(p.grad is None or p.grad.abs().sum() == 0 for p in block.excite[0].parameters())
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in block.excite[1].parameters())
+        assert block.squeeze.weight.grad is not None and block.squeeze.weight.grad.abs().sum() > 0
+
+
+def test_speed_ratio_and_shared_squeeze_in_every_bypass_group():
+    """§8 test 4."""
+    from mmbalance.methods.greedy import group_ratio
+
+    p1, p2 = torch.nn.Parameter(torch.tensor([3.0, 4.0])), torch.nn.Parameter(torch.tensor([1.0]))
+    p1.grad, p2.grad = torch.tensor([1.0, 1.0]), torch.tensor([2.0])
+    assert group_ratio([p1, p2]) == pytest.approx((1 + 1 + 4) / (9 + 16 + 1))
+    groups = _mmtm().greedy_groups()
+    model = _mmtm()
+    groups = model.greedy_groups()
+    shared = {id(p) for b in model.mmtm_blocks for p in b.squeeze.parameters()}
+    for m in ("a", "b"):
+        assert shared <= {id(p) for p in groups[f"bypass_{m}"]}
+        assert not shared & {id(p) for p in groups[f"main_{m}"]}
+
+
+def test_trigger_window_and_start_epoch():
+    """§8 tests 5 and 6."""
+    from mmbalance.methods.greedy import Greedy, GreedyHParams, caring_branch
+
+    class Ctx:
+        epoch = 2
+
+    g = Greedy(GreedyHParams())
+    g._mods = ["a", "b"]
+    zero = {"bypass_a": 0.0, "main_a": 0.0, "bypass_b": 0.0, "main_b": 0.0}
+    g.state.acc = {"bypass_a": 0.1, "main_a": 1.0, "bypass_b": 10 ** -1.2, "main_b": 1.0}  # s = (−1.0, −1.2)
+    g.observe(dict(zero, main_a=0.0), epoch=0)  # before start_epoch: A accumulates, no re-balancing
+    assert g.state.caring is None and g.state.normal_steps == 1
+    g.observe({"bypass_a": 0.0, "main_a": 0.0, "bypass_b": 0.0, "main_b": 0.0}, epoch=2)
+    assert g.state.caring == 0 and g.state.remaining == 5
+    acc = dict(g.state.acc)
+    for i in range(5):
+        g._rebalanced_this_step = True
+        g.after_backward(Ctx())
+        assert g.state.acc == acc
+        assert (g.state.caring is None) == (i == 4)
+    g2 = Greedy(GreedyHParams())
+    g2._mods = ["a", "b"]
+    g2.state.acc = {"bypass_a": 1.0, "main_a": 1.0, "bypass_b": 1.0, "main_b": 1.0}
+    g2.observe({"bypass_a": 0.5, "main_a": 0.5, "bypass_b": 0.5, "main_b": 0.5}, epoch=0)
+    assert g2.state.acc["main_a"] == 1.5 and g2.state.caring is None
+    assert caring_branch([-1.0, -1.5, -1.1], 0.01) == 0
+    assert caring_branch([-1.0, -1.0, -1.0], 0.01) is None
+    assert caring_branch([-1.0, -1.2], math.inf) is None
+
+
+def test_loss_is_sum_and_prediction_is_mean_of_branches(tmp_path):
+    """§8 test 7."""
+    tr = build_trainer("greedy", "mfeat", run_dir=tmp_path / "g", epochs=1, sets=SMALL_MFEAT)
+    ctx = tr.ctx
+    batch = first_batch(tr)
+    model = ctx.raw_model
+    torch.manual_seed(5)
+    out = tr.method.training_step(ctx, batch)
+    branch = {m: model.heads[m](out.output.features[m]) for m in ctx.modalities}
+    want = sum(ctx.task.loss(branch[m], batch["label"]) for m in ctx.modalities)
+    torch.testing.assert_close(out.loss, want)
+    ctx.model.eval()
+    pred = tr.method.predict(ctx, batch)
+    full = model(ctx.inputs(batch))
+    torch.testing.assert_close(pred, full.fused.mean(1))
+    assert full.fused.shape[1] == 3
+
+
+def test_canonical_model_is_not_applicable(tmp_path):
+    """§8 test 8."""
+    with pytest.raises(MethodNotApplicable, match="no MMTM blocks"):
+        build_trainer("greedy", "mfeat", run_dir=tmp_path / "g", epochs=1, sets={**SMALL_MFEAT, "model.name": "mlp_concat"})
+
+
+@pytest.mark.parametrize("method,dataset,sets", [
+    ("greedy_vanilla", "mfeat", SMALL_MFEAT),
+    ("greedy_random", "synthetic-regression", {"dataset.n_samples": 60, "start_epoch": 0}),
+    ("greedy", "synthetic", {"dataset.n_samples": 60, "dataset.feature": "sequence", "start_epoch": 0}),
+    ("greedy", "synthetic-seg", {"dataset.n_samples": 30, "dataset.image_size": 8, "start_epoch": 0}),
+])
+def test_smoke_variants_and_encoders(run_cli, method, dataset, sets):
+    code, _, res = run_cli(method, dataset, epochs=2, sets={**sets, "train.modality_eval": "none"})
+    assert code == 0 and res["status"] == "ok"
+    if method == "greedy_vanilla":
+        assert res["method_metrics"]["rebalance_steps"] == 0
