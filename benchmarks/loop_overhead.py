@@ -53,7 +53,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this model size)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     from mmbalance.registry import create_dataset
 
     data = create_dataset("mfeat")

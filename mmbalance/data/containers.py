@@ -27,8 +27,9 @@ class TensorSplit:
         return len(self.labels)
 
     def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {m: x[idx] for m, x in self.inputs.items()}
-        out["label"] = self.labels[idx]
+        # index_select: the cheapest row gather (advanced indexing costs several times more per call)
+        out = {m: torch.index_select(x, 0, idx) for m, x in self.inputs.items()}
+        out["label"] = torch.index_select(self.labels, 0, idx)
         out["idx"] = idx
         return out
 
