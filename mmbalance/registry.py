@@ -31,6 +31,7 @@ class Registry:
         self._entries: dict[str, Entry] = {}
         self._builtin_package = builtin_package
         self._loaded = builtin_package is None
+        self._broken: dict[str, str] = {}
 
     def _load_builtins(self) -> None:
         if self._loaded:
@@ -39,7 +40,10 @@ class Registry:
         pkg = importlib.import_module(self._builtin_package)  # type: ignore[arg-type]
         for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
             if not info.name.startswith("_"):
-                importlib.import_module(f"{self._builtin_package}.{info.name}")
+                try:
+                    importlib.import_module(f"{self._builtin_package}.{info.name}")
+                except ImportError as exc:  # e.g. an optional dependency missing: the others stay usable
+                    self._broken[info.name] = f"{type(exc).__name__}: {exc}"
 
     def register(self, name: str, factory: Callable[..., Any], description: str = "",
                  **defaults: Any) -> Callable[..., Any]:
@@ -60,7 +64,8 @@ class Registry:
             return self._entries[name]
         except KeyError:
             known = ", ".join(sorted(self._entries)) or "(none)"
-            raise RegistryError(f"unknown {self.kind} {name!r}; known {self.kind}s: {known}") from None
+            broken = "".join(f"; module {m!r} failed to import ({e})" for m, e in self._broken.items())
+            raise RegistryError(f"unknown {self.kind} {name!r}; known {self.kind}s: {known}{broken}") from None
 
     def names(self) -> list[str]:
         self._load_builtins()
