@@ -42,7 +42,7 @@ class Registry:
             if not info.name.startswith("_"):
                 try:
                     importlib.import_module(f"{self._builtin_package}.{info.name}")
-                except ImportError as exc:  # e.g. an optional dependency missing: the others stay usable
+                except Exception as exc:  # e.g. an optional dependency missing: the others stay usable
                     self._broken[info.name] = f"{type(exc).__name__}: {exc}"
 
     def register(self, name: str, factory: Callable[..., Any], description: str = "",
