@@ -129,3 +129,9 @@ def test_metrics_jsonl_has_per_epoch_rows(run_cli):
     _, rd, _ = run_cli("baseline", sets=SMALL_MFEAT, epochs=2)
     rows = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1] and all("train_loss" in r and "val" in r for r in rows)
+
+
+def test_eval_shards_do_not_pad_a_single_process_or_small_splits():
+    assert [len(b) for b in eval_index_shards(5, 512, 0, 1)] == [5]
+    assert [len(b) for b in eval_index_shards(7, 3, 0, 1)] == [3, 3, 1]
+    assert sum(len(b) for b in eval_index_shards(5, 512, 1, 2)) == 3  # 5 → padded to 6, 3 per rank

@@ -61,18 +61,19 @@ class TensorBatcher:
 
 
 def eval_index_shards(n: int, batch_size: int, rank: int, world_size: int) -> list[torch.Tensor]:
-    """Evaluation batches for one rank. Global positions are padded (repeating the last index) to a
-    multiple of ``batch_size·world_size``; rank r's k-th batch covers positions
-    [(k·W + r)·bs, (k·W + r + 1)·bs), so gathering batch k of all ranks in rank order gives contiguous
-    positions and trimming the gathered result to n removes exactly the padding (no sample dropped
-    or counted twice)."""
-    chunk = batch_size * world_size
-    total = max(chunk, -(-n // chunk) * chunk)
+    """Evaluation batches for one rank. Global positions are padded (repeating the last index) only to
+    a multiple of the world size, then cut into blocks of ``batch_size·world_size`` (the last block
+    smaller); rank r takes the r-th equal contiguous part of every block. Gathering block k of all
+    ranks in rank order therefore gives contiguous positions, and trimming the gathered result to n
+    removes exactly the padding (no sample dropped or counted twice)."""
+    total = -(-n // world_size) * world_size
     pos = torch.arange(total).clamp_(max=n - 1)
+    chunk = batch_size * world_size
     out = []
-    for k in range(total // chunk):
-        s = (k * world_size + rank) * batch_size
-        out.append(pos[s:s + batch_size])
+    for start in range(0, total, chunk):
+        block = pos[start:start + chunk]
+        per = len(block) // world_size
+        out.append(block[rank * per:(rank + 1) * per])
     return out
 
 
