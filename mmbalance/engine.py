@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from . import runfiles
 from .config import RunConfig, TrainConfig, config_hash, to_jsonable
@@ -438,7 +437,7 @@ class Trainer:
         return logs
 
     def fit(self) -> dict[str, Any]:
-        acc, ctx, method = self.accelerator, self.ctx, self.method
+        ctx, method = self.ctx, self.method
         phases = method.phases()
         steps_per_epoch = len(self.loader_train) if hasattr(self.loader_train, "__len__") else 1
         if self.cfg.max_steps_per_epoch is not None:

@@ -21,7 +21,7 @@ from .models.base import ModelOutput
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from .data import MultimodalData, ModelSpec
+    from .data import ModelSpec, MultimodalData
     from .tasks import Task
 
 __all__ = ["BalancingMethod", "StepContext", "StepOutput", "ModelOutput", "Phase", "NoHParams",

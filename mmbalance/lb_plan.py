@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -348,7 +348,7 @@ def plan_runs(suite: Suite, results_dir: str | Path, *, datasets: Iterable[str] 
 
 # ------------------------------------------------------------------------------------------ run state
 def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _read(path: Path) -> dict[str, Any] | None:

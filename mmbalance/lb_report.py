@@ -19,7 +19,7 @@ import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -334,14 +334,14 @@ def newest_run_date(states: list[RunState]) -> str:
         fin = (st.status or {}).get("finished") if st.state in ("ok", "failed", "n/a") else None
         if fin:
             try:
-                stamps.append(datetime.strptime(fin, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc))
+                stamps.append(datetime.strptime(fin, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC))
                 continue
             except ValueError:
                 pass
         if st.state == "ok":
             p = Path(st.spec.run_dir) / RESULT_FILE
             if p.is_file():
-                stamps.append(datetime.fromtimestamp(p.stat().st_mtime, tz=timezone.utc))
+                stamps.append(datetime.fromtimestamp(p.stat().st_mtime, tz=UTC))
     return max(stamps).strftime("%Y-%m-%d %H:%M UTC") if stamps else "no finished run"
 
 

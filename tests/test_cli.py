@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, SMALL_MFEAT
+
 from mmbalance.run import main
 
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import SMALL_MFEAT
+
 from mmbalance.data import TensorBatcher, TensorSplit, eval_index_shards
 from mmbalance.testing import build_trainer
 

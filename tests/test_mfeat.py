@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO
+
 from mmbalance.errors import ConfigError
 from mmbalance.registry import create_dataset
 

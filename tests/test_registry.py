@@ -4,8 +4,16 @@ import pytest
 
 from mmbalance.errors import RegistryError
 from mmbalance.interface import BalancingMethod
-from mmbalance.registry import (Registry, create_dataset, create_method, create_model, list_datasets, list_methods,
-                                list_models, register_method)
+from mmbalance.registry import (
+    Registry,
+    create_dataset,
+    create_method,
+    create_model,
+    list_datasets,
+    list_methods,
+    list_models,
+    register_method,
+)
 
 
 def test_builtins_are_listed():
