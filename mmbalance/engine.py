@@ -311,7 +311,7 @@ class Trainer:
     def _save(self, name: str, payload: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.ckpt_dir / f".{name}.tmp"
+            tmp = self.ckpt_dir / f".{name}.{os.getpid()}.tmp"
             torch.save(payload, tmp)
             os.replace(tmp, self.ckpt_dir / name)
         self.accelerator.wait_for_everyone()

@@ -14,8 +14,11 @@ cost is charged to every run that uses it (:attr:`TeacherInfo.train_seconds`).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -83,8 +86,6 @@ def _all_ranks_true(accelerator: Any, flag: bool) -> bool:
 def train_unimodal(ctx: Any, modality: str) -> tuple[nn.Module, TeacherInfo]:
     """The selected ``<m>-only`` model for the run behind ``ctx`` (trained now, or loaded from the
     cache), on CPU, in eval mode. Call from ``setup``; every rank must call it (collective)."""
-    from .engine import Trainer  # local: engine imports interface, not this module
-    from .registry import create_method
 
     config: RunConfig = ctx.config
     data = ctx.data
@@ -92,6 +93,40 @@ def train_unimodal(ctx: Any, modality: str) -> tuple[nn.Module, TeacherInfo]:
     key = teacher_key(data, config, modality)
     folder = teacher_root(config) / key
     file = folder / TEACHER_FILE
+    with _cache_lock(folder, acc.is_local_main_process):
+        trained_now = _train_if_missing(ctx, modality, key, folder, file)
+    payload = torch.load(file, map_location="cpu", weights_only=False)
+    model = build_unimodal_model(data, config, modality)
+    model.load_state_dict(payload["state_dict"])
+    model.eval().requires_grad_(False)
+    info = TeacherInfo(modality, key, folder, trained_now, float(payload["train_seconds"]), dict(payload["val"]))
+    return model, info
+
+
+@contextlib.contextmanager
+def _cache_lock(folder: Path, take: bool) -> Iterator[None]:
+    """Exclusive inter-process lock on one teacher's cache entry, so that parallel runs (leaderboard
+    workers: UME and UMT of the same seed) train it once and never write the same files together.
+    Only the local main process of a run takes it; its other ranks wait on the run's collectives."""
+    if not take:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _train_if_missing(ctx: Any, modality: str, key: str, folder: Path, file: Path) -> bool:
+    from .engine import Trainer  # local: engine imports interface, not this module
+    from .registry import create_method
+
+    config: RunConfig = ctx.config
+    data = ctx.data
+    acc = ctx.accelerator
     trained_now = False
     if not _all_ranks_true(acc, file.is_file()):
         train_cfg = build_hparams(TrainConfig, dict(config.train), where="teacher training settings")
@@ -116,12 +151,7 @@ def train_unimodal(ctx: Any, modality: str) -> tuple[nn.Module, TeacherInfo]:
                                                          "seed": config.seed}, indent=1))
         acc.wait_for_everyone()
         trained_now = True
-    payload = torch.load(file, map_location="cpu", weights_only=False)
-    model = build_unimodal_model(data, config, modality)
-    model.load_state_dict(payload["state_dict"])
-    model.eval().requires_grad_(False)
-    info = TeacherInfo(modality, key, folder, trained_now, float(payload["train_seconds"]), dict(payload["val"]))
-    return model, info
+    return trained_now
 
 
 def teacher_costs(infos: list[TeacherInfo]) -> dict[str, float]:

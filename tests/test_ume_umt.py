@@ -162,3 +162,21 @@ def test_choice_rule_uses_validation_direction():
 def test_smoke_cli(shared, run_cli, method, dataset, sets):
     code, _, res = run_cli(method, dataset, epochs=2, sets=sets, extra=["--output-dir", str(shared / "smoke")])
     assert code == 0 and res["status"] == "ok" and res["method_metrics"]["teacher_train_seconds"] > 0
+
+
+def test_parallel_runs_share_one_teacher_training(tmp_path):
+    """Two processes asking for the same teacher at once (leaderboard workers) train it once and both
+    finish: the cache entry is locked while it is built."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    procs = [subprocess.Popen([sys.executable, "-m", "mmbalance.run", "--method", m, "--dataset", "mfeat",
+                               "--epochs", "1", "--set", "dataset.limit_per_class=20", "--output-dir", str(tmp_path),
+                               "--run-dir", str(tmp_path / m), "--quiet"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+             for m in ("ume", "umt")]
+    errs = [p.communicate(timeout=240)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    teachers = list((tmp_path / "_teachers").glob("*/teacher.pt"))
+    assert len(teachers) == 3  # one per modality, shared by both runs
