@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from mmbalance.datasets._seqcommon import fairseq_sinusoids
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
@@ -94,18 +95,6 @@ MODEL_KWARGS: dict[str, Any] = {"d_model": 40, "num_heads": 5, "encoder_layers":
 
 
 # ============================================================================ canonical model (§4)
-def fairseq_sinusoidal(num: int, dim: int) -> torch.Tensor:
-    """MulT/fairseq sinusoidal table [num, dim]: first half sin, second half cos; row 0 (padding) = 0."""
-    half = dim // 2
-    freq = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / max(half - 1, 1)))
-    ang = torch.arange(num, dtype=torch.float32).unsqueeze(1) * freq.unsqueeze(0)
-    table = torch.cat([torch.sin(ang), torch.cos(ang)], dim=1)
-    if dim % 2:
-        table = torch.cat([table, torch.zeros(num, 1)], dim=1)
-    table[0] = 0.0
-    return table
-
-
 class MulTLayer(nn.Module):
     """Pre-LayerNorm transformer layer (mosi.md §2): LN → self-attention (attention dropout) → residual
     dropout → +x; LN → Linear(D, 4D) → ReLU → ReLU dropout → Linear(4D, D) → residual dropout → +x."""
@@ -140,13 +129,13 @@ class MulTEncoder(nn.Module):
                                      for _ in range(num_layers)])
         self.norm = nn.LayerNorm(d)
         self.scale, self.embed_dropout = math.sqrt(d), embed_dropout
-        self.register_buffer("table", fairseq_sinusoidal(max_len + 1, d), persistent=False)
+        self.register_buffer("table", fairseq_sinusoids(max_len + 1, d), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         nonpad = x[..., 0] != 0
         pos = torch.cumsum(nonpad.long(), dim=1) * nonpad.long()
         if int(pos.max()) >= self.table.shape[0]:
-            self.table = fairseq_sinusoidal(int(pos.max()) + 1, x.shape[-1]).to(x.device)
+            self.table = fairseq_sinusoids(int(pos.max()) + 1, x.shape[-1]).to(x.device)
         h = self.scale * x + self.table[pos].to(x.dtype)
         h = F.dropout(h, self.embed_dropout, self.training)
         for layer in self.layers:
