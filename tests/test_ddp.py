@@ -49,3 +49,17 @@ def test_two_process_baseline(tmp_path):
     assert sorted(p.name for p in rd.iterdir()) == ["checkpoints", "config.json", "metrics.jsonl", "result.json"]
     # gather without duplicates: the metric is computed on exactly the 40 test samples
     assert abs(res["test"]["accuracy"] * 40 - round(res["test"]["accuracy"] * 40)) < 1e-9
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("method", ["ogm_ge", "agm", "pmr", "gblending", "qmf", "mslr", "mrd"])
+def test_two_process_methods_keep_replicas_identical(tmp_path, method):
+    """Every statistic that sets a coefficient is reduced across ranks (and noise/masks come from a
+    generator seeded identically everywhere), so the replicas must not drift apart."""
+    rd = tmp_path / "run"
+    proc = launch_2proc(["--method", method, "--dataset", "mfeat", "--epochs", "2", "--set",
+                         "dataset.limit_per_class=20", "--run-dir", str(rd), "--output-dir", str(tmp_path), "--quiet"],
+                        tmp_path / "dump")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_identical_ranks(tmp_path / "dump")
+    assert json.loads((rd / "result.json").read_text())["world_size"] == 2
