@@ -28,8 +28,12 @@ TRAIN_DEFAULTS = {  # mfeat.md §9 (mmbalance choice): SGD so gradient-scaling m
 }
 # Method hyperparameters specific to mfeat (values and how they were chosen: the method specs/notes).
 METHOD_DEFAULTS: dict[str, dict] = {}
-# CGGM (cggm.md §4, mmbalance choice for mfeat): rho 1.3 and lambda 0.2 as for the 3-modality CGGM sets;
-# classifiers use SGD at the main lr 1e-2 and the dataset weight decay 1e-4.
+# CGGM (cggm.md §4): rho 1.3, lambda 0.2 (paper Table 7 values for its 3-modality sets), classifiers with
+# SGD at the main lr 1e-2 and weight decay 1e-4. Checked on VALIDATION only (never test): a sweep of
+# rho {1.0, 1.3, 1.6} x lambda {0, 0.2, 0.5}, seeds 0-2, 50 epochs, gave mean validation accuracy
+# 0.9950-0.9983 on mfeat and 0.9183-0.9317 on mfeat-hard; (1.3, 0.2) scored 0.9967 / 0.9283, within one
+# seed standard deviation (0.3-1.8 points) of the best cell on each preset, so no setting is
+# distinguishable from it and the published values are kept.
 METHOD_DEFAULTS["cggm"] = {"rho": 1.3, "lam": 0.2, "cls_lr": 1e-2, "cls_weight_decay": 1e-4}
 
 
