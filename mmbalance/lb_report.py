@@ -135,7 +135,10 @@ def summarise(states: list[RunState], baseline: str) -> list[DatasetSummary]:
                 for k, v in (res.get("test") or {}).items():
                     row.test.setdefault(k, {})[seed] = _num(v)
                 row.val[seed] = _num((res.get("val") or {}).get(res.get("primary_metric", ""), math.nan))
-                row.train_seconds[seed] = _num((res.get("timings") or {}).get("train_seconds"))
+                # Shared unimodal teachers (UME, UMT, reconboost_pretrained) are charged to every run
+                # that uses them (specs README, "Shared artefacts").
+                teacher_s = (res.get("method_metrics") or {}).get("teacher_train_seconds", 0.0)
+                row.train_seconds[seed] = _num((res.get("timings") or {}).get("train_seconds")) + _num(teacher_s)
                 per_mod = dict(res.get("test_per_modality") or {})
                 if not per_mod and len(res.get("modalities") or []) == 1:  # an <m>-only run is its own column
                     per_mod = {res["modalities"][0]: res.get("test") or {}}
@@ -403,7 +406,7 @@ def _dataset_section(rep: Report, ds: DatasetSummary, arg: str, figures: dict[st
         lines += ["No finished run yet.", ""]
     notes = Notes()
     headers = ["method", "n", f"{metric}", "Δ vs baseline [95% CI]", "p t-test (Holm)", "p Wilcoxon (Holm)"]
-    headers += [f"{metric} [{m}]" for m in ds.modalities] + ["train s/run"]
+    headers += [f"{metric} [{m}]" for m in ds.modalities] + ["train s/run (incl. teachers)"]
     body = []
     for row in ds.ordered_rows():
         n_text, empty = _status_cell(row, notes)
