@@ -27,16 +27,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from mmbalance.datasets._seqcommon import fairseq_sinusoids
-from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from mmbalance.data import ModelSpec, MultimodalData, TensorSplit, stratified_split
 from mmbalance.errors import ConfigError, DatasetFormatError, DatasetNotFoundError
 from mmbalance.features import ExtractionConfig, Record, check_images, extract_or_load
-from mmbalance.models import MultimodalModel, ResidualHead
-from mmbalance.registry import register_dataset, register_model
+from mmbalance.registry import register_dataset
 
 log = logging.getLogger("mmbalance.datasets")
 MODALITIES = ["image", "text"]
@@ -89,103 +85,10 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"cggm": {"rho": 1.3, "lam": 0.15, 
 CODE_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"cggm": {"lam": 0.05}}
 
 # Canonical model (§4): width 40, 5 heads, 4 encoder layers, 2 fusion layers, CGGM dropouts.
-MODEL_KWARGS: dict[str, Any] = {"d_model": 40, "num_heads": 5, "encoder_layers": 4, "fusion_layers": 2,
+# The shared CGGM/MulT model (mmbalance/models/msa.py) with biased, separate image/text projections.
+MODEL_KWARGS: dict[str, Any] = {"d_model": 40, "num_heads": 5, "nlevels": 4, "fusion_layers": 2,
                                 "attn_dropout": 0.2, "relu_dropout": 0.15, "embed_dropout": 0.2,
-                                "res_dropout": 0.15, "out_dropout": 0.1}
-
-
-# ============================================================================ canonical model (§4)
-class MulTLayer(nn.Module):
-    """Pre-LayerNorm transformer layer (mosi.md §2): LN → self-attention (attention dropout) → residual
-    dropout → +x; LN → Linear(D, 4D) → ReLU → ReLU dropout → Linear(4D, D) → residual dropout → +x."""
-
-    def __init__(self, d: int, heads: int, attn_dropout: float, relu_dropout: float, res_dropout: float) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = nn.MultiheadAttention(d, heads, dropout=attn_dropout, batch_first=True)
-        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-        for lin in (self.fc1, self.fc2):
-            nn.init.xavier_uniform_(lin.weight)
-            nn.init.zeros_(lin.bias)
-        self.relu_dropout, self.res_dropout = relu_dropout, res_dropout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(x)
-        h = self.attn(h, h, h, need_weights=False)[0]
-        x = x + F.dropout(h, self.res_dropout, self.training)
-        h = F.dropout(F.relu(self.fc1(self.norm2(x))), self.relu_dropout, self.training)
-        return x + F.dropout(self.fc2(h), self.res_dropout, self.training)
-
-
-class MulTEncoder(nn.Module):
-    """CGGM/MulT TransformerEncoder on batch-first [B, L, D]: √D-scaled input + sinusoidal positions from
-    1 (a step whose first channel is exactly 0 counts as padding: zero position vector), embedding
-    dropout, pre-LN layers, final LayerNorm; no attention mask (mosi.md §2)."""
-
-    def __init__(self, d: int, num_layers: int, num_heads: int, attn_dropout: float, relu_dropout: float,
-                 res_dropout: float, embed_dropout: float, max_len: int = 1024) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([MulTLayer(d, num_heads, attn_dropout, relu_dropout, res_dropout)
-                                     for _ in range(num_layers)])
-        self.norm = nn.LayerNorm(d)
-        self.scale, self.embed_dropout = math.sqrt(d), embed_dropout
-        self.register_buffer("table", fairseq_sinusoids(max_len + 1, d), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        nonpad = x[..., 0] != 0
-        pos = torch.cumsum(nonpad.long(), dim=1) * nonpad.long()
-        if int(pos.max()) >= self.table.shape[0]:
-            self.table = fairseq_sinusoids(int(pos.max()) + 1, x.shape[-1]).to(x.device)
-        h = self.scale * x + self.table[pos].to(x.dtype)
-        h = F.dropout(h, self.embed_dropout, self.training)
-        for layer in self.layers:
-            h = layer(h)
-        return self.norm(h)
-
-
-class FoodModalityEncoder(nn.Module):
-    """Per-modality Conv1d(D_m → d, kernel 1) projection (separate per modality: the official shared
-    projection is a bug, §4 step 2) → MulTEncoder. Input [B, L, D_m] (any float dtype) → [B, L, d]."""
-
-    def __init__(self, in_dim: int, d: int, **enc: Any) -> None:
-        super().__init__()
-        self.proj = nn.Conv1d(in_dim, d, kernel_size=1)
-        self.body = MulTEncoder(d, **enc)
-        self.out_dim = d
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.proj.weight.dtype)
-        return self.body(self.proj(x.transpose(1, 2)).transpose(1, 2))
-
-
-class TimeConcatFusion(nn.Module):
-    """Concatenate [h_image; h_text] along time → MulTEncoder → position 0 (the image CLS position)."""
-
-    def __init__(self, order: list[str], encoder: MulTEncoder) -> None:
-        super().__init__()
-        self.order = list(order)
-        self.encoder = encoder
-
-    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.encoder(torch.cat([features[m] for m in self.order], dim=1))[:, 0]
-
-
-@register_model("food101_cggm", "CGGM FoodModel: Conv1d projections, MulT encoders, time-concat fusion, residual head")
-def food101_cggm(*, modalities: list[str], input_shapes: dict[str, tuple[int, ...]], out_dim: int,
-                 d_model: int = 40, num_heads: int = 5, encoder_layers: int = 4, fusion_layers: int = 2,
-                 attn_dropout: float = 0.2, relu_dropout: float = 0.15, embed_dropout: float = 0.2,
-                 res_dropout: float = 0.15, out_dropout: float = 0.1) -> MultimodalModel:
-    """food101.md §4 (CGGM ``FoodModel`` with separate image/text projections). Dimensions come from
-    ``input_shapes`` ([T, D_i], [L, D_t]); nothing assumes 768."""
-    drop = {"attn_dropout": attn_dropout, "relu_dropout": relu_dropout, "res_dropout": res_dropout,
-            "embed_dropout": embed_dropout}
-    total = sum(input_shapes[m][0] for m in modalities)
-    encoders = {m: FoodModalityEncoder(input_shapes[m][-1], d_model, num_layers=encoder_layers, num_heads=num_heads,
-                                       max_len=input_shapes[m][0], **drop) for m in modalities}
-    fusion = TimeConcatFusion(modalities, MulTEncoder(d_model, fusion_layers, num_heads, max_len=total, **drop))
-    return MultimodalModel(encoders, fusion, ResidualHead(d_model, out_dim, out_dropout),
-                           feature_kinds={m: "sequence" for m in modalities},
-                           feature_dims={m: d_model for m in modalities}, out_dim=out_dim, fusion_input="features")
+                                "res_dropout": 0.15, "out_dropout": 0.1, "proj_bias": True}
 
 
 # ============================================================================ readers (§1)
@@ -534,7 +437,7 @@ def build(options: Food101Options, data_dir: str | Path | None = None) -> Multim
         if pooled:
             raise ConfigError("food101: the canonical model needs feature_mode=sequence; use food101_pooled for "
                               "cls/mean vectors")
-        model = ModelSpec("food101_cggm", dict(MODEL_KWARGS))
+        model = ModelSpec("msa_transformer", dict(MODEL_KWARGS))
     return MultimodalData(
         modalities=list(MODALITIES), task="classification", task_kwargs={"num_classes": 101},
         train=to_split(splits["train"]), val=to_split(splits["val"]), test=to_split(splits["test"]),
@@ -621,7 +524,7 @@ def build_synth(options: Food101SynthOptions, data_dir: str | Path | None = None
         modalities=list(MODALITIES), task="classification", task_kwargs={"num_classes": o.num_classes},
         train=split(tr), val=split(va), test=split(te),
         input_shapes={"image": (o.image_tokens, o.image_dim), "text": (o.text_tokens, o.text_dim)},
-        out_dim=o.num_classes, model=ModelSpec("food101_cggm", dict(MODEL_KWARGS)),
+        out_dim=o.num_classes, model=ModelSpec("msa_transformer", dict(MODEL_KWARGS)),
         train_defaults=train_defaults, method_defaults=method_defaults,
         info={"synthetic": True, "description": "SYNTHETIC Food-101 shape-alike (text strong, image weak); "
               "not UPMC Food-101", "split_sizes": [len(tr), len(va), len(te)], "split_seed": o.split_seed},

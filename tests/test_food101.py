@@ -269,7 +269,7 @@ def test_canonical_model_builds_from_cached_dims(env):
     from mmbalance.registry import create_model
 
     d = create_dataset("food101", **_opts(env))
-    assert d.model.name == "food101_cggm" and d.train_defaults["lr"] == 1e-3
+    assert d.model.name == "msa_transformer" and d.train_defaults["lr"] == 1e-3
     model = create_model(d.model.name, modalities=d.modalities, input_shapes=d.input_shapes, out_dim=101,
                          **d.model.kwargs)
     enc = model.encoders
@@ -285,7 +285,7 @@ def test_canonical_model_builds_from_cached_dims(env):
 
 
 # Lighter model and no per-modality evaluation for the CLI runs (the default model is tested above).
-LIGHT = {"train.batch_size": 4, "train.modality_eval": "none", "model.encoder_layers": 1, "model.fusion_layers": 1}
+LIGHT = {"train.batch_size": 4, "train.modality_eval": "none", "model.nlevels": 1, "model.fusion_layers": 1}
 
 
 def test_cli_baseline_and_cggm_end_to_end(env, run_cli):
@@ -404,7 +404,7 @@ def test_synth_shapes_and_planted_text_strong_imbalance():
     assert d.synthetic and d.info["synthetic"] and "SYNTHETIC" in d.info["description"]
     assert d.input_shapes == {"image": (197, 96), "text": (50, 96)} and d.out_dim == 101
     assert d.train.inputs["image"].dtype == torch.float16 and d.info["split_sizes"] == [707, 101, 202]
-    assert d.model.name == "food101_cggm" and d.modalities == ["image", "text"]
+    assert d.model.name == "msa_transformer" and d.modalities == ["image", "text"]
 
     def centroid_acc(m: str) -> float:  # nearest class mean on token-averaged features
         xtr = d.train.inputs[m].float().mean(1)
