@@ -251,8 +251,7 @@ class Trainer:
         meter = self.task.new_meter()
         if isinstance(split, TensorSplit):
             n, seen = len(split), 0
-            dev_split = split if acc.device.type == "cpu" else TensorSplit(
-                {m: x.to(acc.device) for m, x in split.inputs.items()}, split.labels.to(acc.device))
+            dev_split = self._on_device(split)
             for idx in eval_index_shards(n, self.cfg.eval_batch_size, acc.process_index, acc.num_processes):
                 batch = dev_split.batch(idx.to(acc.device))
                 preds = self.method.predict(ctx, batch, absent)
@@ -273,6 +272,17 @@ class Trainer:
             if ex.trainable:
                 ex.module.train()
         return meter.compute()
+
+    def _on_device(self, split: TensorSplit) -> TensorSplit:
+        """The split's tensors on the accelerator device, copied once per run (validation is evaluated
+        every epoch, M + 1 times with the per-modality passes)."""
+        if self.accelerator.device.type == "cpu":
+            return split
+        cache = self.__dict__.setdefault("_device_splits", {})
+        if id(split) not in cache:
+            cache[id(split)] = TensorSplit({m: x.to(self.accelerator.device) for m, x in split.inputs.items()},
+                                           split.labels.to(self.accelerator.device))
+        return cache[id(split)]
 
     def evaluate_per_modality(self, split) -> dict[str, dict[str, float]]:
         """Each modality alone: the model evaluated with every other modality ``absent``."""
