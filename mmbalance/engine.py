@@ -502,7 +502,7 @@ class Trainer:
                 if progress is not None:
                     progress.update(1)
                     if "val" in row:
-                        progress.set_postfix({self.task.primary_metric: f"{row['val'][self.task.primary_metric]:.4f}"})
+                        progress.set_postfix({f"val_{self.task.primary_metric}": f"{row['val'][self.task.primary_metric]:.4f}"})
             method.on_phase_end(ctx)
             pos.phase_index += 1
             pos.epoch = 0
