@@ -336,3 +336,21 @@ def test_two_process_ddp_identical_parameters(tmp_path):
     assert_identical_ranks(tmp_path / "dump")
     res = json.loads((rd / "result.json").read_text())
     assert res["world_size"] == 2 and res["status"] == "ok"
+
+
+def test_curves_can_be_drawn_from_a_run(run_cli, tmp_path):
+    """Issue 3: B, ε and gradient norms per epoch are in metrics.jsonl, enough to draw Fig. 2/3/7."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code, rd, _ = run_cli("cggm", sets=SMALL_MFEAT, epochs=2)
+    assert code == 0
+    rows = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
+    for m in ("fac", "fou", "mor"):
+        assert all(f"cggm/B/{m}" in r and f"cggm/eps/{m}" in r and f"cggm/grad_norm/{m}" in r for r in rows)
+    out = tmp_path / "curves.png"
+    subprocess.run([sys.executable, str(REPO / "tools" / "plot_cggm_curves.py"), str(rd), "--out", str(out)],
+                   check=True, capture_output=True)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
