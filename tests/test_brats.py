@@ -85,15 +85,6 @@ def listing(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The test machine is shared: one intra-op thread is much faster than two under contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("brats")

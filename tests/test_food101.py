@@ -85,15 +85,6 @@ def _only(src: Path, dst: Path, names: list[str]) -> Path:
     return dst
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP spin-waits on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Data tree with all layouts, the two backbones, offline HF environment."""
