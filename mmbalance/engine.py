@@ -397,9 +397,7 @@ class Trainer:
         model = ctx.model
         model.train()
         loader = self.loader_train
-        if isinstance(loader, TensorBatcher):
-            loader.set_epoch(pos.phase_index * 100_003 + pos.epoch)
-        elif hasattr(loader, "set_epoch"):
+        if hasattr(loader, "set_epoch"):  # TensorBatcher or a prepared DataLoader: order per (phase, epoch)
             loader.set_epoch(pos.phase_index * 100_003 + pos.epoch)
         method.on_epoch_start(ctx)
         extra_opts = [self._fast_optimizer(ex.optimizer) for ex in ctx.extra.values() if ex.optimizer is not None]
@@ -442,7 +440,7 @@ class Trainer:
             pos.global_step += 1
             ctx.global_step = pos.global_step
         method.on_epoch_end(ctx)
-        logs = {"train_loss": float(loss_sum) / max(1, n_steps)}
+        logs = {"train_loss": loss_sum / max(1, n_steps)}
         logs.update(ctx.pop_logs())
         return logs
 
@@ -463,16 +461,13 @@ class Trainer:
         self._write_config()
         t_start = time.perf_counter()
         progress = self._progress(phases, pos)
-        phase_started = False
         while pos.phase_index < len(phases):
             phase = phases[pos.phase_index]
             n_epochs = self._phase_epochs(phase)
             schedule.epochs = n_epochs
             ctx.phase, ctx.phase_index, ctx.epochs_in_phase = phase.name, pos.phase_index, n_epochs
-            if not phase_started or pos.epoch == 0:
-                ctx.epoch = pos.epoch
-                method.on_phase_start(ctx)
-                phase_started = True
+            ctx.epoch = pos.epoch
+            method.on_phase_start(ctx)  # also when a resumed run re-enters a phase mid-way
             while pos.epoch < n_epochs:
                 ctx.epoch = pos.epoch
                 t0 = time.perf_counter()
@@ -506,7 +501,6 @@ class Trainer:
             method.on_phase_end(ctx)
             pos.phase_index += 1
             pos.epoch = 0
-            phase_started = False
         if progress is not None:
             progress.close()
         self._dump_final_parameters()
