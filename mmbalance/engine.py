@@ -186,7 +186,7 @@ class Trainer:
         if groups is None:
             groups = [{"params": [p for p in model.parameters() if p.requires_grad], "name": "model"}]
         for ex_name, ex in ctx.extra.items():
-            if ex.trainable and not getattr(ex, "own_optimizer", True):
+            if ex.trainable and not ex.own_optimizer:
                 groups.append({"params": list(ex.module.parameters()), "name": ex_name})
         optimizer = build_optimizer(groups, self.cfg)
         model, optimizer = acc.prepare(model, optimizer)
@@ -197,7 +197,7 @@ class Trainer:
                 continue
             ex.module = acc.prepare(ex.module)
             ctx.modules[ex_name] = ex.module
-            if getattr(ex, "own_optimizer", True):
+            if ex.own_optimizer:
                 opt = build_optimizer([{"params": list(ex.module.parameters())}], self.cfg, ex.lr)
                 ex.optimizer = acc.prepare(opt)
         self.loader_train = self._make_train_iterable(self.train_split, self.cfg.batch_size)

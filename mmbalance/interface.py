@@ -62,6 +62,7 @@ class ExtraModule:
     module: nn.Module
     trainable: bool = True
     lr: float | None = None
+    own_optimizer: bool = True
     optimizer: torch.optim.Optimizer | None = None
 
 
@@ -138,8 +139,7 @@ class StepContext:
         """
         if name in self.extra:
             raise ValueError(f"module {name!r} is already registered")
-        self.extra[name] = ExtraModule(module, trainable, lr, None)
-        self.extra[name].own_optimizer = own_optimizer  # type: ignore[attr-defined]
+        self.extra[name] = ExtraModule(module, trainable, lr, own_optimizer)
         self.modules[name] = module
         return module
 
