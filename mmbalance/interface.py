@@ -99,7 +99,6 @@ class StepContext:
         self.steps_per_epoch = 0
         self.generator = torch.Generator().manual_seed(seed * 7919 + 17)
         self.train_batches: Callable[..., Iterator[dict[str, torch.Tensor]]] | None = None
-        self.lr_mult: dict[str, float] = {}
         self._logs: dict[str, list[float]] = {}
 
     # ---------------------------------------------------------------- conveniences
