@@ -204,9 +204,11 @@ class Trainer:
         torch.manual_seed(seed + 2)  # the training RNG stream (dropout) is the same for every method
 
     def _carve_heldout(self, split):
+        """Held-out part of TRAIN, seeded by the dataset's resolved split seed (same for every method)."""
+        seed = int(self.data.info.get("split_seed", 0))
         if not isinstance(split, TensorSplit):
             n = len(split)
-            g = np.random.RandomState(self.config.dataset_options.get("split_seed", 0) + 12345)
+            g = np.random.RandomState(seed + 12345)
             perm = g.permutation(n)
             k = max(1, int(round(self.method.heldout_fraction * n)))
             from torch.utils.data import Subset
@@ -214,7 +216,7 @@ class Trainer:
             return Subset(split, sorted(perm[k:].tolist())), Subset(split, sorted(perm[:k].tolist()))
         labels = split.labels.numpy()
         keys = labels if self.data.task == "classification" else quantile_bins(labels)
-        rest, held = carve_heldout(keys, self.method.heldout_fraction, int(self.data.info.get("split_seed", 0)))
+        rest, held = carve_heldout(keys, self.method.heldout_fraction, seed)
         return split.subset(torch.as_tensor(rest)), split.subset(torch.as_tensor(held))
 
     def _make_train_iterable(self, split, batch_size: int, shuffle: bool = True, seed: int | None = None):
