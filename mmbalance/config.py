@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -155,14 +156,17 @@ class TrainConfig:
     num_workers: int = 0
     max_steps_per_epoch: int | None = None
     modality_eval: Literal["epoch", "final", "none"] = "epoch"
+    #: global: batch_size is the batch of one optimizer step, split over the processes (same meaning on
+    #: 1 and N GPUs); per_process: every process takes batch_size samples (N× the global batch).
+    batch_semantics: Literal["global", "per_process"] = "global"
 
     def validate(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("batch sizes must be >= 1")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
 
 
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
