@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from . import stats
-from .lb_plan import RunSpec, RunState, Suite, read_state
-from .runfiles import RESULT_FILE, atomic_write_text
+from .. import stats
+from ..runfiles import RESULT_FILE, atomic_write_text
+from .plan import RunSpec, RunState, read_state
+from .suite import Suite
 
 DASH = "—"
 

@@ -1,12 +1,12 @@
 """Command line: ``python -m mmbalance.leaderboard {run,build,plan} SUITE``.
 
-* ``run SUITE`` plans the suite's runs (datasets × method rows × seeds, see :mod:`mmbalance.lb_plan`),
+* ``run SUITE`` plans the suite's runs (datasets × method rows × seeds, see :mod:`mmbalance.leaderboard.plan`),
   skips those already done with the same plan hash, and runs the rest through ``python -m mmbalance.run``
   (or ``accelerate launch -m mmbalance.run`` when the suite says ``launcher = "accelerate"``) in
   ``--workers`` parallel subprocesses, or as SLURM jobs with ``--executor submitit``. Safe to kill and
   restart: finished runs are kept, interrupted ones resume from their last checkpoint.
 * ``build SUITE`` aggregates the run files into README.md, results.csv and figures/ (see
-  :mod:`mmbalance.lb_report`); the same run files always give byte-identical output.
+  :mod:`mmbalance.leaderboard.report`); the same run files always give byte-identical output.
 * ``plan SUITE`` lists the planned runs and their state without running anything.
 
 Exit codes: 0 ok; 1 ``run`` finished with failed runs; 2 bad input.
@@ -18,7 +18,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from .errors import MMBalanceError
+from ..errors import MMBalanceError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plan(args: argparse.Namespace, validate: bool = False):
-    from .lb_plan import load_suite, plan_runs
+    from .plan import plan_runs
+    from .suite import load_suite
 
     suite = load_suite(args.suite)
     results_dir = Path(args.results_dir) if args.results_dir else suite.default_results_dir()
@@ -75,7 +76,8 @@ def _plan(args: argparse.Namespace, validate: bool = False):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .lb_plan import read_state, run_local, run_submitit
+    from .execute import run_local, run_submitit
+    from .plan import read_state
 
     suite, results_dir, data_dir, specs = _plan(args, validate=True)
     before = Counter(read_state(s).state for s in specs)
@@ -102,7 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _build(suite, specs, out_dir: str | None) -> None:
-    from .lb_report import build_report, write_report
+    from .report import build_report, write_report
 
     out = Path(out_dir) if out_dir else suite.default_out_dir()
     written = write_report(build_report(suite, specs), out)
@@ -116,7 +118,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .lb_plan import read_state
+    from .plan import read_state
 
     suite, results_dir, _, specs = _plan(args)
     for s in specs:
@@ -135,5 +137,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
