@@ -359,7 +359,7 @@ class Trainer:
         path = self.ckpt_dir / "last.pt"
         if not path.is_file():
             return None
-        payload = self._read_checkpoint(path)
+        payload = self._read_checkpoint(path, "--resume: ")
         if payload.get("config_hash") != self.hash:
             from .runfolder import identity, setting_differences
 
@@ -390,12 +390,12 @@ class Trainer:
         return Position(**payload["position"])
 
     @staticmethod
-    def _read_checkpoint(path: Path) -> dict[str, Any]:
+    def _read_checkpoint(path: Path, prefix: str = "") -> dict[str, Any]:
         """A checkpoint written by :meth:`_save`, or a clear error (exit 2) naming the file."""
         try:
             payload = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # truncated/empty/garbage file: zipfile, pickle, EOF, runtime errors
-            raise ConfigError(f"checkpoint {str(path)!r} is unreadable ({type(exc).__name__}: {exc}); it was not "
+            raise ConfigError(f"{prefix}checkpoint {str(path)!r} is unreadable ({type(exc).__name__}: {exc}); it was not "
                               "written by a finished checkpoint step (the run was killed while copying it?). "
                               "Delete it, or re-run with --overwrite to start the run again") from None
         if not isinstance(payload, dict):

@@ -189,6 +189,10 @@ def _run_in_folder(args: argparse.Namespace, config: RunConfig, train_cfg: Train
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .procs import die_with_parent  # a rank of `accelerate launch`: never outlive the launcher
+
+        die_with_parent(9)  # SIGKILL: the launcher (and its store) is gone; the last checkpoint stays valid
     try:
         run(argv)
     except NonFiniteLossError as exc:
