@@ -155,6 +155,8 @@ class TrainConfig:
     num_workers: int = 0
     max_steps_per_epoch: int | None = None
     modality_eval: Literal["epoch", "final", "none"] = "epoch"
+    #: False for hyperparameter-tuning trials: the test split is never evaluated (result.json "test": null)
+    evaluate_test: bool = True
 
     def validate(self) -> None:
         if self.epochs < 1:

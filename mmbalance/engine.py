@@ -552,8 +552,10 @@ class Trainer:
             raise RuntimeError("no phase evaluated on validation; nothing to select")
         best = torch.load(self.ckpt_dir / "best.pt", map_location="cpu", weights_only=False)
         self._load_weights(best)
-        test = self.evaluate(self.data.test)
-        test_pm = self.evaluate_per_modality(self.data.test) if self.cfg.modality_eval != "none" else {}
+        test, test_pm = None, None  # tuning trials: the test split is never touched
+        if self.cfg.evaluate_test:
+            test = self.evaluate(self.data.test)
+            test_pm = self.evaluate_per_modality(self.data.test) if self.cfg.modality_eval != "none" else {}
         val_pm = self.evaluate_per_modality(self.data.val) if self.cfg.modality_eval != "none" else {}
         n_epochs = max(1, len(pos.history))
         result = {

@@ -113,10 +113,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     result = trainer.fit()
     if trainer.accelerator.is_main_process and not args.quiet:
         key = result["primary_metric"]
+        test_text = (f"test {key} {result['test'][key]:.4f}; per-modality test {key}: "
+                     + ", ".join(f"{m} {r[key]:.4f}" for m, r in result["test_per_modality"].items())
+                     if result["test"] is not None else "test not evaluated (train.evaluate_test=false)")
         print(f"{config.method} on {config.dataset} (seed {config.seed}): val {key} {result['val'][key]:.4f}, "
-              f"test {key} {result['test'][key]:.4f}; per-modality test {key}: "
-              + ", ".join(f"{m} {r[key]:.4f}" for m, r in result["test_per_modality"].items())
-              + f"\nrun files: {run_dir}")
+              f"{test_text}\nrun files: {run_dir}")
     return result
 
 
