@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a method hyperparameter (NAME) or dataset.NAME, model.NAME, train.NAME")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
     p.add_argument("--list", action="store_true", help="list methods and datasets and exit")
+    p.add_argument("--show-space", action="store_true",
+                   help="print the tuning search space of --method (and the shared training space) and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -56,6 +58,21 @@ def print_listing() -> None:
     print("datasets:")
     for name, desc in DATASETS.describe().items():
         print(f"  {name:<28} {desc}")
+
+
+def print_space(method: str) -> None:
+    """``--show-space``: the method's searched hyperparameters (field metadata on its hparams dataclass) and
+    the training space every row shares (relative to the dataset's defaults)."""
+    from .search import method_search_space
+
+    space = method_search_space(method)
+    print(f"tuning space of {method!r} (python -m mmbalance.leaderboard tune; trial 0 = the defaults):")
+    for name, dist in sorted(space.items()):
+        print(f"  {name:<22} {dist.to_json()}")
+    if not space:
+        print("  (no method hyperparameter is searched)")
+    print("  train.lr               ['log', lr0/4, 4*lr0]      (lr0 = the dataset's default)")
+    print("  train.weight_decay     ['log', wd0/10, 10*wd0]    (fixed when the dataset's default is 0)")
 
 
 def resolve(args: argparse.Namespace):
@@ -105,6 +122,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.list:
         print_listing()
+        return {}
+    if args.show_space:
+        print_space(args.method or "baseline")
         return {}
     from .engine import Trainer
 

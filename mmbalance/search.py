@@ -191,3 +191,14 @@ def space_to_json(space: dict[str, Distribution]) -> dict[str, Any]:
 def space_hash(space: dict[str, Distribution]) -> str:
     blob = json.dumps(space_to_json(space), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def method_search_space(method: str) -> dict[str, Distribution]:
+    """The searched hyperparameters of a registered method or preset: its class's space, except fields that
+    the preset binds to a value outside that space (e.g. ``greedy_vanilla``'s ``epsilon = inf``, which turns
+    the re-balancing off): such a binding is the preset's identity and stays fixed."""
+    from .registry import method_entry
+
+    entry = method_entry(method)
+    space = search_space(entry.factory.hparams_cls)
+    return {k: d for k, d in space.items() if k not in entry.defaults or d.contains(entry.defaults[k])}

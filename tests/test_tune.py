@@ -83,9 +83,12 @@ def test_every_method_space_parses_and_holds_its_defaults(name, cls):
 
     if getattr(cls, "accepts_name_argument", False):
         name = f"{name}:m0"
-    space = search_space(cls.hparams_cls)
+    from mmbalance.search import method_search_space
+
+    space = method_search_space(name)
     method = create_method(name)  # registered (preset) defaults = trial 0
     hints = typing.get_type_hints(cls.hparams_cls) if space else {}
+    assert set(space) <= set(search_space(cls.hparams_cls))
     for key, dist in space.items():
         assert typing.get_origin(hints[key]) is not Literal and hints[key] is not bool
         assert dist.contains(getattr(method.hp, key)), (name, key, getattr(method.hp, key), dist)
@@ -314,3 +317,11 @@ def test_evaluate_test_false_never_touches_the_test_split(tmp_path, monkeypatch)
     on_disk = json.loads((tmp_path / "poisoned" / "result.json").read_text())
     assert on_disk["test"] is None
     assert os.path.exists(tmp_path / "poisoned" / "config.json")
+
+
+def test_show_space_prints_the_declared_space(capsys):
+    from mmbalance.run import main
+
+    assert main(["--method", "ogm_ge", "--show-space"]) == 0
+    out = capsys.readouterr().out
+    assert "alpha" in out and "['log', 0.03, 1.0]" in out and "train.lr" in out

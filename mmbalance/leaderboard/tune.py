@@ -36,7 +36,7 @@ from ..search import (
     Distribution,
     IntUniform,
     distribution_from_json,
-    search_space,
+    method_search_space,
     seed_hash,
     space_hash,
     space_to_json,
@@ -124,11 +124,8 @@ def dataset_train_defaults(dataset: str, sets: dict[str, str], data_dir: str | N
 def row_space(method: str, row: str, lr: float, weight_decay: float, tune: TuneConfig,
               fixed: dict[str, str], where: str) -> dict[str, Distribution]:
     """The searched values of one row: ``train.*`` keys and the method's hyperparameter names."""
-    from ..registry import method_entry
-
-    entry = method_entry(method)
     space: dict[str, Distribution] = dict(training_space(lr, weight_decay))
-    space.update(search_space(entry.factory.hparams_cls))
+    space.update(method_search_space(method))
     narrowing = tune.spaces.get(row, {})
     for key, raw in narrowing.items():
         if key not in space:
