@@ -237,9 +237,12 @@ class Trainer:
         data = self.train_split if split == "train" else self.ctx.heldout
         if data is None:
             raise ValueError("this method did not declare needs_heldout, so there is no held-out split")
-        it = self._make_train_iterable(data, batch_size or self.cfg.batch_size, shuffle, self.config.seed + 7)
-        if isinstance(it, TensorBatcher):
+        seed = self.config.seed + 7
+        if isinstance(data, TensorSplit):
+            it = self._make_train_iterable(data, batch_size or self.cfg.batch_size, shuffle, seed)
             it.set_epoch(key)
+        else:  # a DataLoader's order comes from its generator's seed: fold the key in (as TensorBatcher does)
+            it = self._make_train_iterable(data, batch_size or self.cfg.batch_size, shuffle, seed * 1_000_003 + key)
         return iter(it)
 
     # ------------------------------------------------------------------ evaluation
