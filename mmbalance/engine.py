@@ -251,9 +251,12 @@ class Trainer:
         data = self.train_split if split == "train" else self.ctx.heldout
         if data is None:
             raise ValueError("this method did not declare needs_heldout, so there is no held-out split")
-        it = self._make_train_iterable(data, batch_size or self.cfg.batch_size, shuffle, self.config.seed + 7)
-        if isinstance(it, TensorBatcher):
+        seed = self.config.seed + 7
+        if isinstance(data, TensorSplit):
+            it = self._make_train_iterable(data, batch_size or self.cfg.batch_size, shuffle, seed)
             it.set_epoch(key)
+        else:  # a DataLoader's order comes from its generator's seed: fold the key in (as TensorBatcher does)
+            it = self._make_train_iterable(data, batch_size or self.cfg.batch_size, shuffle, seed * 1_000_003 + key)
         return iter(it)
 
     # ------------------------------------------------------------------ evaluation
@@ -660,9 +663,11 @@ class Trainer:
             raise RuntimeError("no phase evaluated on validation; nothing to select")
         best = self._read_checkpoint(self.ckpt_dir / "best.pt")
         self._load_weights(best)
-        test = self.evaluate(self.data.test)
-        self._check_finite_eval(pos, test, "test metrics of the selected model")
-        test_pm = self.evaluate_per_modality(self.data.test) if self.cfg.modality_eval != "none" else {}
+        test, test_pm = None, None  # tuning trials: the test split is never touched
+        if self.cfg.evaluate_test:
+            test = self.evaluate(self.data.test)
+            self._check_finite_eval(pos, test, "test metrics of the selected model")
+            test_pm = self.evaluate_per_modality(self.data.test) if self.cfg.modality_eval != "none" else {}
         val_pm = self.evaluate_per_modality(self.data.val) if self.cfg.modality_eval != "none" else {}
         n_epochs = max(1, len(pos.history))
         result = {

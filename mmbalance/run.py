@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a finished or unfinished run in RUN_DIR (a finished result is kept in "
                         "RUN_DIR/previous/ until the new run finishes)")
     p.add_argument("--list", action="store_true", help="list methods and datasets and exit")
+    p.add_argument("--show-space", action="store_true",
+                   help="print the tuning search space of --method (and the shared training space) and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -63,6 +65,21 @@ def print_listing() -> None:
     print("datasets:")
     for name, desc in DATASETS.describe().items():
         print(f"  {name:<28} {desc}")
+
+
+def print_space(method: str) -> None:
+    """``--show-space``: the method's searched hyperparameters (field metadata on its hparams dataclass) and
+    the training space every row shares (relative to the dataset's defaults)."""
+    from .search import method_search_space
+
+    space = method_search_space(method)
+    print(f"tuning space of {method!r} (python -m mmbalance.leaderboard tune; trial 0 = the defaults):")
+    for name, dist in sorted(space.items()):
+        print(f"  {name:<22} {dist.to_json()}")
+    if not space:
+        print("  (no method hyperparameter is searched)")
+    print("  train.lr               ['log', lr0/4, 4*lr0]      (lr0 = the dataset's default)")
+    print("  train.weight_decay     ['log', wd0/10, 10*wd0]    (fixed when the dataset's default is 0)")
 
 
 def resolve(args: argparse.Namespace):
@@ -118,14 +135,18 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if args.list:
         print_listing()
         return {}
+    if args.show_space:
+        print_space(args.method or "baseline")
+        return {}
     config, train_cfg, data, method, run_dir = resolve(args)
     result, is_main = _run_in_folder(args, config, train_cfg, data, method, run_dir)
     if is_main and not args.quiet:
         key = result["primary_metric"]
+        test_text = (f"test {key} {result['test'][key]:.4f}; per-modality test {key}: "
+                     + ", ".join(f"{m} {r[key]:.4f}" for m, r in result["test_per_modality"].items())
+                     if result["test"] is not None else "test not evaluated (train.evaluate_test=false)")
         print(f"{config.method} on {config.dataset} (seed {config.seed}): val {key} {result['val'][key]:.4f}, "
-              f"test {key} {result['test'][key]:.4f}; per-modality test {key}: "
-              + ", ".join(f"{m} {r[key]:.4f}" for m, r in result["test_per_modality"].items())
-              + f"\nrun files: {run_dir}")
+              f"{test_text}\nrun files: {run_dir}")
     return result
 
 
