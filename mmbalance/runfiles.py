@@ -12,8 +12,8 @@ import math
 import os
 import platform
 import tempfile
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .errors import RunFileWriteError

@@ -109,9 +109,8 @@ def test_iemocap_mult_pickle_string_labels_and_autodetection(tmp_path):
 # ------------------------------------------------------------------------------------------ BraTS
 def test_brats_converter_refuses_non_finite_and_truncated_volumes_and_empty_splits(tmp_path):
     nib = pytest.importorskip("nibabel")
-    from test_brats import write_raw
-
     from mmbalance.datasets import brats2021 as B
+    from test_brats import write_raw
 
     raw = write_raw(tmp_path / "raw")
     vol = nib.load(str(raw / "BraTS2021_00001" / "BraTS2021_00001_t2.nii.gz"))
@@ -133,9 +132,8 @@ def test_brats_converter_refuses_non_finite_and_truncated_volumes_and_empty_spli
 
 def test_brats_invalid_label_in_a_training_case_fails_at_load_not_mid_training(tmp_path):
     pytest.importorskip("nibabel")
-    from test_brats import write_raw
-
     from mmbalance.datasets import brats2021 as B
+    from test_brats import write_raw
 
     prepared = tmp_path / "prepared"
     B.convert_raw(write_raw(tmp_path / "raw"), prepared, fractions=(0.5, 0.25, 0.25))

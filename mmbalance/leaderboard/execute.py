@@ -38,7 +38,9 @@ def _free_port() -> int:
 
 
 def build_command(spec: RunSpec, *, resume: bool, data_dir: str | None = None) -> list[str]:
-    args = spec.run_args() + ["--run-dir", spec.run_dir, "--quiet"]
+    # --output-dir: shared artefacts (unimodal teacher caches) stay inside the results folder
+    results_root = Path(spec.run_dir).parents[2] if len(Path(spec.run_dir).parents) > 2 else Path(spec.run_dir).parent
+    args = spec.run_args() + ["--run-dir", spec.run_dir, "--output-dir", str(results_root), "--quiet"]
     if data_dir:
         args += ["--data-dir", data_dir]
     # The sweep owns the folder: a from-scratch attempt replaces what is there (a finished result of an
