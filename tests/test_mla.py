@@ -203,11 +203,35 @@ def test_two_process_projector_is_global_and_identical(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = torch.load(tmp_path / "dump" / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "dump" / "rank1.pt", weights_only=False)
-    assert r0["method"]["n"] == r1["method"]["n"] == 3 * 2  # 140 train rows, 70 per rank: 2 batches × 3
-    assert not torch.equal(r0["method"]["P"], torch.eye(64))
-    assert torch.equal(r0["method"]["P"], r1["method"]["P"])
+    assert r0["method_state"]["n"] == r1["method_state"]["n"] == 3 * 2  # 140 train rows, 70 per rank: 2 batches × 3
+    assert not torch.equal(r0["method_state"]["P"], torch.eye(64))
+    assert torch.equal(r0["method_state"]["P"], r1["method_state"]["P"])
     for k in r0["model"]:
         assert torch.equal(r0["model"][k], r1["model"][k]), k
     for k in r0["extra"]["mla_head"]:
         assert torch.equal(r0["extra"]["mla_head"][k], r1["extra"]["mla_head"][k]), k
     assert json.loads((rd / "result.json").read_text())["world_size"] == 2
+
+
+def test_fp16_each_substep_is_unscaled_once_and_updates_the_scale(tmp_path):
+    """Emulated fp16 (loss scale 1024): every sub-step lands where the float32 run lands, and the
+    scale is updated once per sub-step (2 batches × 3 modalities, growth ×2 per update)."""
+    from test_precision import SCALE, emulate_fp16
+
+    sets = {**PIX_MOR, "train.max_steps_per_epoch": 2, "train.momentum": 0.0, "train.weight_decay": 0.0}
+
+    def params(tr):
+        return [p.detach().clone() for p in tr.ctx.raw_model.parameters()] + \
+               [p.detach().clone() for p in tr.ctx.modules["mla_head"].parameters()]
+
+    ref = build_trainer("mla", "mfeat", run_dir=tmp_path / "ref", epochs=1, sets=sets)
+    before = params(ref)
+    ref.fit()
+    want = params(ref)
+    tr = build_trainer("mla", "mfeat", run_dir=tmp_path / "fp16", epochs=1, sets=sets)
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE, growth_interval=1)
+    emulate_fp16(tr, scaler)
+    tr.fit()
+    for b, w, g in zip(before, want, params(tr)):
+        torch.testing.assert_close(g - b, w - b, rtol=1e-4, atol=1e-7)
+    assert scaler.get_scale() == SCALE * 2 ** 6
