@@ -54,7 +54,7 @@ def test_plan_is_deterministic_and_none_means_the_default_loader(tmp_path):
     for name in ("a", "b"):
         tr = build_trainer("baseline", "mfeat", run_dir=tmp_path / name, epochs=1, sets=SETS)
         n = len(tr.train_split)
-        tr.method = PlanToy(lambda ctx: [BatchGroup(torch.arange(n))])
+        tr.method = PlanToy(lambda ctx, n=n: [BatchGroup(torch.arange(n))])
         tr.fit()
         orders.append([s[0] for s in tr.method.seen])
     assert orders[0] == orders[1]

@@ -7,7 +7,13 @@ import json
 import pytest
 import torch
 from conftest import SMALL_MFEAT
-from mmbalance.methods.mla import entropy_weights, fuse_outputs, project_gradient, projection_alpha, update_projector
+from mmbalance.methods.mla import (
+    entropy_weights,
+    fuse_outputs,
+    project_gradient,
+    projection_alpha,
+    update_projector,
+)
 from test_ddp import launch_2proc
 
 from mmbalance.testing import build_trainer, first_batch
@@ -144,8 +150,9 @@ def test_predict_single_modality_is_the_shared_head_exactly(tmp_path):
 def test_unequal_widths_refused_naming_them():
     from types import SimpleNamespace
 
-    from mmbalance.errors import MethodNotApplicable
     from mmbalance.methods.mla import MLA
+
+    from mmbalance.errors import MethodNotApplicable
 
     model = SimpleNamespace(modalities=["a", "b"], feature_dims={"a": 64, "b": 40},
                             feature_kinds={"a": "vector", "b": "vector"})
