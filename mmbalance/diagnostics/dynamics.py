@@ -22,7 +22,9 @@ def unimodal_outputs(model: nn.Module, inputs: dict[str, torch.Tensor], out: Mod
     """o_m for every m (see module docstring); M = 1: the fused output itself."""
     if len(mods) == 1:
         return {mods[0]: out.logits}
-    uni = model.unimodal_logits(out.pooled) if hasattr(model, "unimodal_logits") else None
+    # float32: under autocast the pooled features are bf16/fp16 while the head weight is float32
+    uni = model.unimodal_logits({m: p.float() for m, p in out.pooled.items()}) \
+        if hasattr(model, "unimodal_logits") else None
     if uni is not None:
         return uni
     return {m: model(inputs, absent=tuple(o for o in mods if o != m)).logits for m in mods}
@@ -44,21 +46,64 @@ def _cos(a: list[torch.Tensor | None], b: list[torch.Tensor | None], ref: torch.
     return torch.where(den > 0, dot / den.clamp_min(1e-30), torch.full_like(den, math.nan))
 
 
-def gradient_alignment(model: nn.Module, task: Task, batch: dict[str, torch.Tensor],
+class Outputs:
+    """The fused output and the unimodal outputs o_m of the run's predictor, on unwrapped modules.
+
+    Default (the method keeps the base ``predict``): the model's logits, and o_m as in the module
+    docstring. A method with its own ``predict`` (QMF's per-modality heads, ReconBoost, Greedy, UME)
+    is its own predictor: the fused output is its ``predict`` and o_m its ``predict`` with every other
+    modality absent, evaluated (with gradients when asked) on a shallow copy of the step context whose
+    model and modules are unwrapped (no DDP hooks, no collective)."""
+
+    def __init__(self, trainer) -> None:
+        import copy
+        import inspect
+
+        from ..interface import BalancingMethod
+
+        self.trainer = trainer
+        self.method = trainer.method
+        self.custom = type(self.method).predict is not BalancingMethod.predict
+        self._fn = inspect.unwrap(type(self.method).predict) if self.custom else None
+        self._copy = copy.copy
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the context (phase, modules): called at every epoch start."""
+        ctx, acc = self.trainer.ctx, self.trainer.accelerator
+        self.model = ctx.raw_model
+        self.modules = [self.model]
+        if self.custom:
+            self._ctx = self._copy(ctx)
+            self._ctx.model = self.model
+            self._ctx.modules = {k: acc.unwrap_model(v) for k, v in ctx.modules.items()}
+            self.modules += list(self._ctx.modules.values())
+
+    def __call__(self, batch: dict[str, torch.Tensor], mods: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if not self.custom:
+            inputs = {m: batch[m] for m in mods}
+            out = self.model(inputs)
+            return out.logits, unimodal_outputs(self.model, inputs, out, mods)
+        fused = self._fn(self.method, self._ctx, batch, ())
+        if len(mods) == 1:
+            return fused, {mods[0]: fused}
+        return fused, {m: self._fn(self.method, self._ctx, batch, tuple(o for o in mods if o != m)) for m in mods}
+
+
+def gradient_alignment(outputs: Outputs, task: Task, batch: dict[str, torch.Tensor],
                        mods: list[str]) -> torch.Tensor:
     """[M] cos(∂L_f/∂θ_m, ∂L_m/∂θ_m) on one batch: L_f = task loss of the fused output, L_m = task loss
     of o_m, θ_m = encoder m's parameters (MMPareto's gradient-conflict measure). Train mode, with
     ``torch.autograd.grad`` (``.grad`` untouched), RNG and buffers isolated; NaN where undefined."""
-    inputs = {m: batch[m] for m in mods}
     y = batch["label"]
+    model = outputs.model
     params = {m: [p for p in model.encoder_parameters(m) if p.requires_grad] for m in mods}
-    with isolated(model, train_mode=True), torch.enable_grad():
-        out = model(inputs)
-        ref = out.logits
+    with isolated(*outputs.modules, train_mode=True), torch.enable_grad():
+        fused, uni = outputs(batch, mods)
+        ref = fused
         if not ref.requires_grad or not any(params.values()):
             return torch.full((len(mods),), math.nan, device=ref.device)
-        loss_f = task.loss(out.logits.float(), y)
-        uni = unimodal_outputs(model, inputs, out, mods)
+        loss_f = task.loss(fused.float(), y)
         flat = [p for m in mods for p in params[m]]
         g_f = torch.autograd.grad(loss_f, flat, allow_unused=True, retain_graph=True)
         cos, start = [], 0

@@ -136,6 +136,15 @@ def run_probes(trainer, split_seed: int, splits: dict[str, Any]) -> dict[str, An
 
 
 # ----------------------------------------------------------------------------- Shapley
+def all_absent_value(trainer, split) -> float | None:
+    """v with every modality absent (a constant prediction), or None for a predictor that has no
+    output without any modality (QMF's fused output is a sum over present modalities)."""
+    try:
+        return oriented(trainer.task, trainer.evaluate(split, tuple(trainer.ctx.modalities)))
+    except (AttributeError, TypeError, ValueError, RuntimeError, ZeroDivisionError):
+        return None
+
+
 def shapley_on_split(trainer, split, known: dict[str, dict[str, float]], split_seed: int) -> dict[str, Any]:
     """φ from ``absent`` evaluations. ``known`` maps subset keys to metrics already computed (the
     normal pass and the per-modality passes); every other subset is evaluated once."""
@@ -143,8 +152,9 @@ def shapley_on_split(trainer, split, known: dict[str, dict[str, float]], split_s
     mods = trainer.ctx.modalities
     values: dict[str, float] = {k: oriented(task, v) for k, v in known.items()}
     v_prior = oriented(task, prior_metrics(trainer, split))
-    v_all_absent = oriented(task, trainer.evaluate(split, tuple(mods)))
-    v_empty = v_prior if cfg.diag_shapley_empty == "prior" else v_all_absent
+    v_all_absent = all_absent_value(trainer, split)
+    use_all_absent = cfg.diag_shapley_empty == "all_absent" and v_all_absent is not None
+    v_empty = v_all_absent if use_all_absent else v_prior
 
     def value(s: tuple[str, ...]) -> float:
         key = subset_key(s, mods)
@@ -159,7 +169,8 @@ def shapley_on_split(trainer, split, known: dict[str, dict[str, float]], split_s
     share, index = share_and_index(phi)
     order = {subset_key(s, mods): None for s in _subsets_sorted(mods)}
     return {"method": how, "v": {k: values[k] for k in order if k in values}, "phi": phi, "share": share,
-            "imbalance_index": index, "v_all_absent": v_all_absent, "v_prior": v_prior}
+            "imbalance_index": index, "v_all_absent": v_all_absent, "v_prior": v_prior,
+            "v_empty_rule": "all_absent" if use_all_absent else "train_prior"}
 
 
 def _subsets_sorted(mods: list[str]) -> list[tuple[str, ...]]:

@@ -9,16 +9,17 @@ from torch import nn
 
 
 @contextlib.contextmanager
-def isolated(model: nn.Module, *, train_mode: bool) -> Iterator[None]:
-    """Fork the CPU (and current CUDA device) RNG, snapshot every buffer of ``model`` (BatchNorm
-    statistics, gate averages) and its train/eval flags; restore all of them on exit."""
-    buffers = list(model.buffers())
+def isolated(*models: nn.Module, train_mode: bool) -> Iterator[None]:
+    """Fork the CPU (and current CUDA device) RNG, snapshot every buffer of ``models`` (BatchNorm
+    statistics, gate averages) and their train/eval flags; restore all of them on exit."""
+    buffers = [b for model in models for b in model.buffers()]
     saved = [b.detach().clone() for b in buffers]
-    modes = [(mod, mod.training) for mod in model.modules()]
+    modes = [(mod, mod.training) for model in models for mod in model.modules()]
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     try:
         with torch.random.fork_rng(devices=devices):
-            model.train(train_mode)
+            for model in models:
+                model.train(train_mode)
             yield
     finally:
         with torch.no_grad():

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .dynamics import GradNormMeter, gradient_alignment, ratio_to_others, true_class_confidence, unimodal_outputs
-from .final import final_diagnostics, oriented, prior_metrics, run_probes
+from .dynamics import GradNormMeter, Outputs, gradient_alignment, ratio_to_others, true_class_confidence
+from .final import all_absent_value, final_diagnostics, oriented, prior_metrics, run_probes
 from .isolation import isolated
 from .seeds import fingerprint, seed_hash, stratified_subset
 from .shapley import exact_shapley, share_and_index, subset_key
@@ -43,6 +43,7 @@ class Diagnostics:
         except Exception:  # a model without a final layer (e.g. an ensemble) has no head group
             pass
         self.norms = GradNormMeter(groups, trainer.accelerator.device)
+        self.outputs = Outputs(trainer)
         self.cos: list[torch.Tensor] = []
         self._probe_steps: set[int] = set()
         self._subset = None
@@ -54,6 +55,7 @@ class Diagnostics:
         if not self.enabled:
             return
         self.norms.reset()
+        self.outputs.refresh()
         self.cos = []
         s, k = max(1, self.trainer.ctx.steps_per_epoch), self.cfg.diag_cos_per_epoch
         self._probe_steps = {(j * s) // k for j in range(k)} if k > 0 else set()
@@ -64,8 +66,7 @@ class Diagnostics:
         if not self.enabled or step not in self._probe_steps:
             return
         t = time.perf_counter()
-        ctx = self.trainer.ctx
-        self.cos.append(gradient_alignment(ctx.raw_model, self.trainer.task, batch, self.mods))
+        self.cos.append(gradient_alignment(self.outputs, self.trainer.task, batch, self.mods))
         self.step_seconds += time.perf_counter() - t
 
     def after_backward(self) -> None:
@@ -150,13 +151,11 @@ class Diagnostics:
     def _confidence(self) -> dict[str, float]:
         """conf[m] = mean over the diagnostic subset D of the unimodal output's confidence in the truth."""
         trainer = self.trainer
-        model = trainer.ctx.raw_model
         sums = {m: torch.zeros((), dtype=torch.float64) for m in self.mods}
         count = 0.0
-        with isolated(model, train_mode=False):
+        with isolated(*self.outputs.modules, train_mode=False):
             for b in batches(self._diag_subset(), trainer.cfg.eval_batch_size, trainer.accelerator.device):
-                inputs = {m: b[m] for m in self.mods}
-                uni = unimodal_outputs(model, inputs, model(inputs), self.mods)
+                _, uni = self.outputs(b, self.mods)
                 for m in self.mods:
                     s, n = true_class_confidence(trainer.task, uni[m], b["label"], self._tau or 1.0)
                     sums[m] += s.cpu()
@@ -173,8 +172,8 @@ class Diagnostics:
         trainer, task = self.trainer, self.trainer.task
         values = {"+".join(self.mods): oriented(task, val)}
         values.update({m: oriented(task, r) for m, r in val_pm.items()})
-        values["none"] = self._prior_val() if self.cfg.diag_shapley_empty == "prior" else \
-            oriented(task, trainer.evaluate(trainer.data.val, tuple(self.mods)))
+        absent_all = all_absent_value(trainer, trainer.data.val) if self.cfg.diag_shapley_empty == "all_absent" else None
+        values["none"] = absent_all if absent_all is not None else self._prior_val()
 
         def value(s: tuple[str, ...]) -> float:
             key = subset_key(s, self.mods)
