@@ -223,21 +223,23 @@ def final_diagnostics(trainer, *, test: dict[str, float], val: dict[str, float],
         sh: dict[str, Any] = {"metric": task.primary_metric, "oriented": True,
                               "v_empty_rule": "train_prior" if trainer.cfg.diag_shapley_empty == "prior" else "all_absent"}
         for name, split, full, pm in (("test", data.test, test, test_pm), ("val", data.val, val, val_pm)):
+            if full is None:  # a tuning trial: the test split is never touched
+                continue
             known = {"+".join(mods): full}
             if len(mods) > 1:
                 known.update({m: r for m, r in pm.items() if m in mods})
             sh[name] = shapley_on_split(trainer, split, known, split_seed)
-        sh["method"] = sh["test"]["method"]
+        sh["method"] = sh["val"]["method"]
         out["shapley"] = sh
         seconds["shapley"] = time.perf_counter() - t
         t = time.perf_counter()
-        v_full = oriented(task, test)
-        out["permutation"] = {"k": trainer.cfg.diag_permutations, "test": permutation_contribution(
-            trainer, data.test, v_full, sh["test"]["v"]["none"], split_seed)}
+        out["permutation"] = {"k": trainer.cfg.diag_permutations, "test": None if test is None else
+                              permutation_contribution(trainer, data.test, oriented(task, test),
+                                                       sh["test"]["v"]["none"], split_seed)}
         seconds["permutation"] = time.perf_counter() - t
         t = time.perf_counter()
-        out["probe"] = run_probes(trainer, split_seed, {"val": data.val, "test": data.test}) \
-            if trainer.accelerator.is_main_process else None
+        scored = {"val": data.val} if test is None else {"val": data.val, "test": data.test}
+        out["probe"] = run_probes(trainer, split_seed, scored) if trainer.accelerator.is_main_process else None
         seconds["probe"] = time.perf_counter() - t
     out["seconds"] = seconds
     return out

@@ -197,7 +197,7 @@ class Diagnostics:
             out["dynamics_final"] = {k: last.get(k, {}) for k in ("conf_ratio", "grad_ratio", "cos_uni_fused")}
         self._diag_subset()
         out["fingerprints"] = {"subset": self._subset[1], "probe": (out.get("probe") or {}).get("fit_fingerprint"),
-                               "permutation": out["permutation"]["test"].get("fingerprint")}
+                               "permutation": (out["permutation"]["test"] or {}).get("fingerprint")}
         return out
 
 
