@@ -246,7 +246,11 @@ class MLA(BalancingMethod):
     @torch.no_grad()
     def predict(self, ctx: StepContext, batch: dict[str, torch.Tensor], absent: tuple[str, ...] = ()) -> torch.Tensor:
         present = tuple(m for m in ctx.modalities if m not in set(absent))
-        out = ctx.forward(batch, only=present)
+        if present:  # the sum runs over the present modalities only (weights renormalised)
+            out = ctx.forward(batch, only=present)
+        else:  # nothing present (a diagnostics baseline): every modality's neutral input, as the model does
+            present = tuple(ctx.modalities)
+            out = ctx.forward(batch, absent=present, only=present)
         size = tuple(batch["label"].shape[-2:]) if ctx.task.name == "segmentation" else None
         head = ctx.modules["mla_head"]
         outputs = [head(m, out.features[m], out.pooled[m], size)[0].float() for m in present]

@@ -12,7 +12,7 @@ from mmbalance.engine import Trainer
 from mmbalance.interface import BalancingMethod, BatchGroup, StepOutput
 from mmbalance.testing import build_trainer
 
-SETS = {**SMALL_MFEAT, "train.modality_eval": "none"}
+SETS = {**SMALL_MFEAT, "train.modality_eval": "none", "train.diagnostics": "none"}
 
 
 class PlanToy(BalancingMethod):
