@@ -1,6 +1,6 @@
 """The one training loop (DESIGN.md §1), built on ``accelerate.Accelerator``.
 
-Per step: ``method.training_step`` → ``accelerator.backward`` → ``unscale_gradients`` (fp16) →
+Per step: ``method.training_step`` → ``accelerator.backward`` → unscale every optimizer once (fp16) →
 ``method.after_backward`` → clip (main model) → lr = scheduled × ``lr_mult`` → optimizer steps →
 zero grads → ``method.after_step``. Per epoch: ``on_epoch_start`` → steps → ``on_epoch_end`` →
 validation (+ per-modality validation) → selection → checkpoint. At the end: load the best
@@ -237,9 +237,12 @@ class Trainer:
         data = self.train_split if split == "train" else self.ctx.heldout
         if data is None:
             raise ValueError("this method did not declare needs_heldout, so there is no held-out split")
-        it = self._make_train_iterable(data, batch_size or self.cfg.batch_size, shuffle, self.config.seed + 7)
-        if isinstance(it, TensorBatcher):
+        seed = self.config.seed + 7
+        if isinstance(data, TensorSplit):
+            it = self._make_train_iterable(data, batch_size or self.cfg.batch_size, shuffle, seed)
             it.set_epoch(key)
+        else:  # a DataLoader's order comes from its generator's seed: fold the key in (as TensorBatcher does)
+            it = self._make_train_iterable(data, batch_size or self.cfg.batch_size, shuffle, seed * 1_000_003 + key)
         return iter(it)
 
     # ------------------------------------------------------------------ evaluation
@@ -383,12 +386,41 @@ class Trainer:
         raise NonFiniteLossError(message)
 
     def _fast_optimizer(self, opt):
-        """Accelerate's optimizer wrapper only adds gradient-scaler and accumulation handling, neither
-        of which is in use without fp16 (the loop never accumulates); it also re-checks optional
-        packages on every step. Step the wrapped optimizer directly then (same update, less overhead)."""
-        if self.accelerator.scaler is None and hasattr(opt, "optimizer"):
-            return opt.optimizer
+        """The plain torch optimizer under Accelerate's wrapper. The wrapper only adds accumulation
+        handling (the loop never accumulates) and, under fp16, a ``scaler.step`` + ``scaler.update``
+        inside every ``step()``; with several optimizers that update resets the scaler's per-optimizer
+        state after the first one, so every later optimizer was unscaled a second time (its update
+        1/scale too small). The loop drives the scaler itself (:meth:`_unscale`, :meth:`_step_optimizers`)."""
+        while hasattr(opt, "optimizer") and isinstance(opt, torch.optim.Optimizer):
+            opt = opt.optimizer
         return opt
+
+    def _unscale(self, opts: list[torch.optim.Optimizer]) -> None:
+        """fp16: divide every optimizer's gradients by the loss scale, exactly once per step, so that
+        ``after_backward`` and clipping see true gradients (no-op without a scaler)."""
+        scaler = self.accelerator.scaler
+        if scaler is not None:
+            for opt in opts:
+                scaler.unscale_(opt)
+
+    def _step_optimizers(self, opts: list[torch.optim.Optimizer]) -> bool:
+        """Step every optimizer; under fp16 skip them ALL when any gradient overflowed (the model and
+        the method's heads move together or not at all) and update the loss scale once. Returns
+        whether the step was taken."""
+        scaler = self.accelerator.scaler
+        if scaler is None:
+            for opt in opts:
+                opt.step()
+            return True
+        # GradScaler records each optimizer's inf/NaN check in unscale_ (torch.amp.GradScaler internals,
+        # stable since torch 1.6); one host sync per step for the combined flag, fp16 only.
+        found = [v for opt in opts for v in scaler._per_optimizer_states[id(opt)]["found_inf_per_device"].values()]
+        ok = not found or not bool(sum(f.to(found[0].device) for f in found).item())
+        if ok:
+            for opt in opts:
+                opt.step()
+        scaler.update()  # once per step, backs off when any optimizer saw inf
+        return ok
 
     def _set_lrs(self, factor: float) -> None:
         for g in self.ctx.optimizer.param_groups:
@@ -404,6 +436,7 @@ class Trainer:
         method.on_epoch_start(ctx)
         extra_opts = [self._fast_optimizer(ex.optimizer) for ex in ctx.extra.values() if ex.optimizer is not None]
         main_opt = self._fast_optimizer(ctx.optimizer)
+        all_opts = [main_opt, *extra_opts]
         loss_sum = 0.0
         n_steps = 0
         params = [p for p in model.parameters()]
@@ -422,15 +455,12 @@ class Trainer:
                                 f"{pos.epoch}, step {step}; the run is marked failed (try a lower lr or "
                                 "mixed_precision=no)")
             acc.backward(loss)
-            if acc.scaler is not None:
-                acc.unscale_gradients()
+            self._unscale(all_opts)
             method.after_backward(ctx)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             self._set_lrs(schedule.factor(pos.epoch, step))
-            main_opt.step()
-            for opt in extra_opts:
-                opt.step()
+            self._step_optimizers(all_opts)
             main_opt.zero_grad(set_to_none=True)
             for opt in extra_opts:
                 opt.zero_grad(set_to_none=True)
@@ -552,8 +582,10 @@ class Trainer:
             raise RuntimeError("no phase evaluated on validation; nothing to select")
         best = torch.load(self.ckpt_dir / "best.pt", map_location="cpu", weights_only=False)
         self._load_weights(best)
-        test = self.evaluate(self.data.test)
-        test_pm = self.evaluate_per_modality(self.data.test) if self.cfg.modality_eval != "none" else {}
+        test, test_pm = None, None  # tuning trials: the test split is never touched
+        if self.cfg.evaluate_test:
+            test = self.evaluate(self.data.test)
+            test_pm = self.evaluate_per_modality(self.data.test) if self.cfg.modality_eval != "none" else {}
         val_pm = self.evaluate_per_modality(self.data.val) if self.cfg.modality_eval != "none" else {}
         n_epochs = max(1, len(pos.history))
         result = {
