@@ -188,6 +188,16 @@ class TrainConfig:
     batch_semantics: Literal["global", "per_process"] = "global"
     #: False for hyperparameter-tuning trials: the test split is never evaluated (result.json "test": null)
     evaluate_test: bool = True
+    # imbalance diagnostics (mmbalance/diagnostics, docs/diagnostics.md); never change training
+    diagnostics: Literal["default", "none", "full"] = "default"
+    diag_permutations: int = 5
+    diag_cos_per_epoch: int = 2
+    diag_subset: int = 1024
+    diag_probe_max: int = 20_000
+    diag_mc_permutations: int = 64
+    diag_probe_pixels: int = 256
+    diag_probe_every: int = 5
+    diag_shapley_empty: Literal["prior", "all_absent"] = "prior"
 
     def validate(self) -> None:
         if self.epochs < 1:

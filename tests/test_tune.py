@@ -137,25 +137,29 @@ import json, math, os, sys
 from pathlib import Path
 args = sys.argv[1:]
 run_dir = Path(args[args.index("--run-dir") + 1])
+seed = int(args[args.index("--seed") + 1])
 sets = {}
 for i, a in enumerate(args):
     if a == "--set":
         k, v = args[i + 1].split("=", 1)
         sets[k] = v
 calls = Path(os.environ["FAKE_CALLS"])
+no_test = sets.get("train.evaluate_test") == "false"
 with open(calls, "a") as f:
     f.write(f"{run_dir}\n")
+if "/_tune/" in str(run_dir) and not no_test:
+    sys.exit("tuning trials must not evaluate test")
 n = len(calls.read_text().splitlines())
 if os.environ.get("FAKE_DIE_AT") == str(n):
     sys.exit(137)
-assert sets.get("train.evaluate_test") == "false", "tuning trials must not evaluate test"
 lr = float(sets.get("train.lr", 0.01))
 acc = 1.0 - abs(math.log(lr / 0.02))  # the oracle: lr nearest 0.02 wins
+test = None if no_test else {"accuracy": acc - 0.01 * seed}
 run_dir.mkdir(parents=True, exist_ok=True)
 (run_dir / "result.json").write_text(json.dumps({
     "status": "ok", "primary_metric": "accuracy", "higher_is_better": True, "task": "classification",
-    "modalities": ["fac", "fou"], "val": {"accuracy": acc, "loss": 1.0}, "test": None,
-    "test_per_modality": None, "timings": {"train_seconds": 0.1}}))
+    "modalities": ["fac", "fou"], "val": {"accuracy": acc, "loss": 1.0}, "test": test,
+    "test_per_modality": None if no_test else {"fac": test, "fou": test}, "timings": {"train_seconds": 0.1}}))
 '''
 
 SUITE = """\
@@ -325,3 +329,29 @@ def test_show_space_prints_the_declared_space(capsys):
     assert main(["--method", "ogm_ge", "--show-space"]) == 0
     out = capsys.readouterr().out
     assert "alpha" in out and "['log', 0.03, 1.0]" in out and "train.lr" in out
+
+
+def test_tuned_report_shows_chosen_values_and_the_defaults_table_byte_identically(tmp_path, monkeypatch):
+    from mmbalance.leaderboard import main
+
+    suite, calls = _setup(tmp_path, monkeypatch)
+    results, out = tmp_path / "r", tmp_path / "out"
+    assert _tune(suite, results) == 0
+    assert main(["run", str(suite), "--results-dir", str(results), "--quiet"]) == 0
+    run_calls = [c for c in calls.read_text().splitlines() if "/_tune/" not in c]
+    chosen = {row: json.loads(_tune_json(results, row))["chosen"] for row in ("baseline", "ogm_ge")}
+    # defaults' runs + tuned runs for rows whose choice is not trial 0; each 2 report seeds
+    assert len(run_calls) == 2 * (2 + sum(ch["k"] != 0 for ch in chosen.values()))
+    assert main(["build", str(suite), "--results-dir", str(results), "--out-dir", str(out)]) == 0
+    first = {p: p.read_bytes() for p in (out / "README.md", out / "tuning.csv", out / "defaults" / "README.md")}
+    assert main(["build", str(suite), "--results-dir", str(results), "--out-dir", str(out)]) == 0
+    assert {p: p.read_bytes() for p in first} == first
+    text = (out / "README.md").read_text()
+    assert "## Tuning" in text and "4 trials per row" in text and "defaults vs tuned" in text
+    assert "4/4" in text  # trials ok/planned for every row
+    for row, ch in chosen.items():
+        if ch["k"] == 0:
+            assert f"| {row} " in text and "defaults" in text
+        else:
+            lr = ch["params"]["train.lr"]
+            assert f"lr={lr:.3g}" in text

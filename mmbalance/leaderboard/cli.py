@@ -109,10 +109,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .plan import read_state
 
     suite, results_dir, data_dir, specs = _plan(args, validate=True)
+    tuned_dirs = {s.run_dir for s in specs}
     if suite.tune is not None:  # the defaults' runs too: the report shows both tables
         _, _, _, defaults = _plan(args, tuned=False)
-        have = {s.run_dir for s in specs}
-        specs = [s for s in defaults if s.run_dir not in have] + specs
+        specs = [s for s in defaults if s.run_dir not in tuned_dirs] + specs
     before = Counter(read_state(s).state for s in specs)
     done = before.get("ok", 0) + before.get("n/a", 0)
     print(f"suite {suite.name}: {len(specs)} runs planned, {done} already done, results in {results_dir}",
@@ -125,21 +125,35 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  failed: {st.spec.dataset}/{st.spec.row}/seed{st.spec.seed}: {st.error} "
                   f"(log: {Path(st.spec.run_dir) / 'run.log'})", file=sys.stderr)
     if args.build:
-        _build(suite, specs, args.out_dir)
+        _build(suite, [s for s in specs if s.run_dir in tuned_dirs] if suite.tune is not None else specs,
+               args.out_dir, args)
     return 1 if counts.get("failed") else 0
 
 
-def _build(suite, specs, out_dir: str | None) -> None:
+def _build(suite, specs, out_dir: str | None, args: argparse.Namespace | None = None) -> None:
     from .report import build_report, write_report
 
     out = Path(out_dir) if out_dir else suite.default_out_dir()
-    written = write_report(build_report(suite, specs), out)
+    extra = None
+    if suite.tune is not None and args is not None:  # defaults beside the tuned rows
+        from ..runfiles import atomic_write_text
+        from .tune_report import tuning_csv, tuning_sections
+
+        _, results_dir, _, defaults = _plan(args, tuned=False)
+        rep_defaults = build_report(suite, defaults)
+        write_report(rep_defaults, out / "defaults")
+        tuned = build_report(suite, specs)
+        extra = tuning_sections(tuned, rep_defaults, Path(results_dir).resolve(), "defaults/README.md")
+        written = write_report(tuned, out, extra)
+        atomic_write_text(out / "tuning.csv", tuning_csv(tuned, Path(results_dir).resolve()))
+    else:
+        written = write_report(build_report(suite, specs), out)
     print(f"wrote {written['readme']}, {written['csv']} and {len(written) - 2} figure(s)", file=sys.stderr)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     suite, _, _, specs = _plan(args)
-    _build(suite, specs, args.out_dir)
+    _build(suite, specs, args.out_dir, args)
     return 0
 
 

@@ -365,7 +365,8 @@ def _cli_suite_arg(suite: Suite) -> str:
     return suite.name if shown == f"leaderboard/suites/{suite.name}.toml" else shown
 
 
-def render_markdown(rep: Report, figures: dict[str, str]) -> str:
+def render_markdown(rep: Report, figures: dict[str, str], extra: list[str] | None = None) -> str:
+    """The report; ``extra`` lines (e.g. the tuning sections) go before the environment section."""
     suite = rep.suite
     arg = _cli_suite_arg(suite)
     counts = Counter(s.state for s in rep.states)
@@ -394,6 +395,7 @@ def render_markdown(rep: Report, figures: dict[str, str]) -> str:
     for ds in rep.datasets:
         lines += _dataset_section(rep, ds, arg, figures)
     lines += _cross_section(rep.cross, figures)
+    lines += extra or []
     lines += _environment_section(rep)
     return "\n".join(lines).rstrip("\n") + "\n"
 
@@ -573,8 +575,9 @@ def bar_chart(ds: DatasetSummary, path: Path) -> bool:
     return True
 
 
-def write_report(rep: Report, out_dir: str | Path) -> dict[str, Path]:
-    """Write README.md, results.csv and figures/ into ``out_dir``; returns the written paths.
+def write_report(rep: Report, out_dir: str | Path, extra: list[str] | None = None) -> dict[str, Path]:
+    """Write README.md, results.csv and figures/ into ``out_dir``; returns the written paths. ``extra``:
+    further markdown lines (see :func:`render_markdown`).
 
     Everything is rendered into a private staging folder inside ``out_dir`` first and moved into place
     only when all of it was written, so a build that fails half-way (full disk, no permission, a
@@ -587,7 +590,7 @@ def write_report(rep: Report, out_dir: str | Path) -> dict[str, Path]:
         raise RunFileWriteError(f"cannot write the report into {str(out)!r}: {exc.strerror or exc}") from None
     try:
         try:
-            names = _render_into(rep, stage)
+            names = _render_into(rep, stage, extra)
         except OSError as exc:
             raise RunFileWriteError(f"cannot write the report into {str(out)!r}: {exc.strerror or exc}; the "
                                     "previous README.md, results.csv and figures are unchanged") from None
@@ -609,7 +612,7 @@ def write_report(rep: Report, out_dir: str | Path) -> dict[str, Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _render_into(rep: Report, stage: Path) -> dict[str, str]:
+def _render_into(rep: Report, stage: Path, extra: list[str] | None = None) -> dict[str, str]:
     """README.md, results.csv and figures/*.png in ``stage``; returns {written key: figure file name}."""
     fig_dir = stage / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -626,7 +629,7 @@ def _render_into(rep: Report, stage: Path) -> dict[str, str]:
                          title=f"Nemenyi CD (alpha 0.05), {len(cross.datasets)} datasets")
         figures["cd_diagram"] = "figures/cd_diagram.png"
         names["figure:cd_diagram"] = "cd_diagram.png"
-    atomic_write_text(stage / "README.md", render_markdown(rep, figures))
+    atomic_write_text(stage / "README.md", render_markdown(rep, figures, extra))
     atomic_write_text(stage / "results.csv", render_csv(rep))
     for name in names.values():  # savefig follows the umask too, but be explicit: readable like the README
         os.chmod(fig_dir / name, 0o666 & ~current_umask())
