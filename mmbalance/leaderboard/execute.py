@@ -6,9 +6,9 @@ import contextlib
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
-import signal
 import sys
 import threading
 import time
