@@ -101,3 +101,50 @@ def test_gblending_offline_robust_preset_uses_the_floor(tmp_path):
     assert all(s > 0 for s in h["O_se"])
     want = blend_weights(torch.tensor(h["G"]), torch.tensor(h["O"]), o_se=torch.tensor(h["O_se"]))
     torch.testing.assert_close(torch.tensor(h["w"], dtype=torch.float64), want)
+
+
+# -------------------------------------------------------------------------------------------- UMT
+SMALL_BRATS = {"dataset.n_samples": 20, "train.max_steps_per_epoch": 1, "train.modality_eval": "none"}
+
+
+def _umt_trainer(tmp_path, sets=None):
+    from mmbalance.engine import Trainer
+    from mmbalance.run import build_parser, resolve
+    from mmbalance.testing import cli_args
+
+    argv = cli_args("umt", "brats-synth", epochs=1, sets={**SMALL_BRATS, **(sets or {})})
+    config, train_cfg, data, meth, rdir = resolve(build_parser().parse_args(argv + ["--output-dir", str(tmp_path)]))
+    return Trainer(config, train_cfg, data, meth, rdir, quiet=True)
+
+
+def test_umt_on_feature_maps_sums_one_mse_per_fused_tensor(tmp_path):
+    """umt.md §2: BraTS distils the ASPP output and the layer1 features, Σ_j MSE_j — not one MSE over
+    their channel concatenation (which is the channel-weighted MEAN of the two)."""
+    tr = _umt_trainer(tmp_path)
+    ctx = tr.ctx
+    batch = next(iter(tr.loader_train))
+    with torch.no_grad():
+        out = ctx.forward(batch)
+        got = tr.method.distill_loss(ctx, batch, out.features)
+        want = 0.0
+        for m in ctx.modalities:
+            enc = ctx.modules[f"umt_teacher_{m}"].encoders[m]
+            a = enc.aspp_channels
+            t = enc(batch[m])
+            z = out.features[m]
+            assert z.shape[1] > a  # both parts present
+            want += ((z[:, :a] - t[:, :a]) ** 2).mean() + ((z[:, a:] - t[:, a:]) ** 2).mean()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_umt_teachers_run_under_the_students_autocast(tmp_path):
+    tr = _umt_trainer(tmp_path / "bf16", {"train.mixed_precision": "bf16"})
+    ctx = tr.ctx
+    dtypes = []
+    for m in ctx.modalities:
+        ctx.modules[f"umt_teacher_{m}"].encoders[m].register_forward_hook(lambda mod, i, o: dtypes.append(o.dtype))
+    batch = next(iter(tr.loader_train))
+    out = ctx.forward(batch)
+    assert out.features[ctx.modalities[0]].dtype == torch.bfloat16
+    loss = tr.method.distill_loss(ctx, batch, out.features)
+    assert dtypes and all(d == torch.bfloat16 for d in dtypes) and loss.dtype == torch.float32
