@@ -148,3 +148,44 @@ def test_umt_teachers_run_under_the_students_autocast(tmp_path):
     assert out.features[ctx.modalities[0]].dtype == torch.bfloat16
     loss = tr.method.distill_loss(ctx, batch, out.features)
     assert dtypes and all(d == torch.bfloat16 for d in dtypes) and loss.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------- engine: what is clipped
+def test_heads_in_the_main_optimizer_are_clipped_with_the_model(tmp_path):
+    """G-Blending's unimodal heads join the main optimizer: one clip norm over model + heads (as the
+    official codes clip model.parameters() with the heads inside). CGGM's own-optimizer classifiers are
+    not clipped (cggm.md step 8). Oracle: plain SGD, Δθ = −lr·g·min(1, c/‖g‖) by hand."""
+    lr, clip = 1.0, 0.05  # updates well above float32 rounding of the weights
+    plain = {**SMALL_MFEAT, "train.max_steps_per_epoch": 1, "train.momentum": 0.0, "train.weight_decay": 0.0,
+             "train.grad_clip": clip, "train.lr": lr, "train.modality_eval": "none"}
+    tr = build_trainer("gblending", run_dir=tmp_path / "gb", epochs=1, sets={**plain, "weights": [1, 1, 1, 1]})
+    model = list(tr.ctx.raw_model.parameters())
+    heads = list(tr.ctx.extra["gb_heads"].module.parameters())
+    grads, before = {}, [p.detach().clone() for p in model + heads]
+    real = tr.method.after_backward
+
+    def spy(ctx):
+        real(ctx)
+        grads["g"] = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model + heads]
+    tr.method.after_backward = spy
+    tr.fit()
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads["g"]))
+    scale = min(1.0, clip / (float(norm) + 1e-6))
+    assert scale < 0.5  # the clip is active
+    for p, b, g in zip(model + heads, before, grads["g"]):
+        torch.testing.assert_close(p.detach() - b, -lr * scale * g, rtol=1e-3, atol=2e-8)
+
+    tr = build_trainer("cggm", run_dir=tmp_path / "cggm", epochs=1, sets={**plain, "cls_weight_decay": 0.0})
+    cls = list(tr.ctx.extra["cggm_classifiers"].module.parameters()) if "cggm_classifiers" in tr.ctx.extra else \
+        [p for ex in tr.ctx.extra.values() for p in ex.module.parameters()]
+    opt_lr = tr.ctx.extra[next(iter(tr.ctx.extra))].optimizer.param_groups[0]["lr"]
+    before = [p.detach().clone() for p in cls]
+    real = tr.method.after_backward
+
+    def spy2(ctx):
+        real(ctx)
+        grads["c"] = [p.grad.clone() for p in cls]
+    tr.method.after_backward = spy2
+    tr.fit()
+    for p, b, g in zip(cls, before, grads["c"]):
+        torch.testing.assert_close(p.detach() - b, -opt_lr * g, rtol=1e-3, atol=2e-8)  # unclipped
