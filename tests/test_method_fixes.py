@@ -189,3 +189,33 @@ def test_heads_in_the_main_optimizer_are_clipped_with_the_model(tmp_path):
     tr.fit()
     for p, b, g in zip(cls, before, grads["c"]):
         torch.testing.assert_close(p.detach() - b, -opt_lr * g, rtol=1e-3, atol=2e-8)  # unclipped
+
+
+# -------------------------------------------------------------------------------------------- AGM
+def test_agm_feature_mean_uses_earlier_batches_only(tmp_path):
+    """absent=feature_mean: an absent modality is replaced by the mean encoder output of the PREVIOUS
+    batches (like S̄, agm.md step 6), never one holding the current samples; step 1 has none (zero input)."""
+    tr = build_trainer("agm", run_dir=tmp_path / "r", epochs=1,
+                       sets={**SMALL_MFEAT, "absent": "feature_mean", "train.max_steps_per_epoch": 2,
+                             "train.modality_eval": "none", "model.dropout": 0.0})
+    meth = tr.method
+    feats, used = [], []
+    real_passes, real_mean = meth.coalition_passes, meth._feature_mean
+
+    def passes(ctx, batch, masks, full):
+        feats.append({m: z.detach().double().clone() for m, z in full.features.items()})
+        return real_passes(ctx, batch, masks, full)
+
+    def mean(m, z):
+        out = real_mean(m, z)
+        used.append((len(feats), m, out[0].detach().double().clone()))
+        return out
+
+    meth.coalition_passes, meth._feature_mean = passes, mean
+    tr.fit()
+    assert len(feats) == 2
+    assert not [u for u in used if u[0] == 1]  # first step: no earlier batch, no mean used
+    step2 = [u for u in used if u[0] == 2]
+    assert {m for _, m, _ in step2} == set(tr.ctx.modalities)
+    for _, m, got in step2:
+        torch.testing.assert_close(got, feats[0][m].mean(0), rtol=1e-5, atol=1e-6)  # batch 1 only
