@@ -219,3 +219,39 @@ def test_agm_feature_mean_uses_earlier_batches_only(tmp_path):
     assert {m for _, m, _ in step2} == set(tr.ctx.modalities)
     for _, m, got in step2:
         torch.testing.assert_close(got, feats[0][m].mean(0), rtol=1e-5, atol=1e-6)  # batch 1 only
+
+
+# ----------------------------------------------------------------------------------------- OGM-GE
+@pytest.mark.parametrize("source", ["pre", "post"])
+def test_ogm_ge_noise_same_cpu_numbers_and_no_host_sync(monkeypatch, source):
+    """GE noise drawn where the gradient lives with σ kept on the device: on CPU the numbers are the
+    published formula g·k + ξ·(std + 1e-8) with ξ from the same-seeded generator (by hand), and the
+    edit makes no host sync (no float()/item() per tensor)."""
+    from torch import nn
+
+    from mmbalance.methods.ogm_ge import modulate_gradients
+
+    torch.manual_seed(0)
+    grads = [torch.randn(7, 5), torch.randn(3), torch.randn(1)]  # a 1-element tensor: σ = 0
+    ps = [nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(ps, grads):
+        p.grad = g.clone()
+    k = 0.7
+    ref_gen = torch.Generator().manual_seed(11)
+    want = []
+    for g in grads:
+        base = g * k
+        sd = 0.0 if g.numel() < 2 else float((g if source == "pre" else base).std())
+        xi = torch.randn(g.shape, generator=ref_gen, dtype=torch.float32)
+        want.append(base + xi * (sd + 1e-8))
+
+    def no_sync(*a, **kw):
+        raise AssertionError("host sync in the GE edit")
+    monkeypatch.setattr(torch.Tensor, "item", no_sync)
+    monkeypatch.setattr(torch.Tensor, "__float__", no_sync)
+    n = modulate_gradients({"a": ps}, {"a": k}, ge=True, generator=torch.Generator().manual_seed(11),
+                           noise_std_source=source)
+    monkeypatch.undo()
+    assert n == 3
+    for p, w in zip(ps, want):
+        assert torch.equal(p.grad, w)
