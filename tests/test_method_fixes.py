@@ -255,3 +255,29 @@ def test_ogm_ge_noise_same_cpu_numbers_and_no_host_sync(monkeypatch, source):
     assert n == 3
     for p, w in zip(ps, want):
         assert torch.equal(p.grad, w)
+
+
+# -------------------------------------------------------------------------------------------- PMR
+def test_pmr_brats_prototypes_are_class_means_of_the_aspp_output(tmp_path):
+    """pmr.md §5: BraTS prototypes pool the ASPP output only (not ASPP + layer1). Oracle: masked class
+    means of encoder_m(x)[:, :C_aspp] by hand on one fixed batch (labels nearest-downsampled)."""
+    import torch.nn.functional as F
+
+    tr = build_trainer("pmr", "brats-synth", run_dir=tmp_path / "r", epochs=1, sets=SMALL_BRATS)
+    ctx, meth = tr.ctx, tr.method
+    batch = next(iter(tr.loader_train))
+    meth._subset_batches = lambda ctx: iter([batch])
+    protos = meth.compute_prototypes(ctx)
+    model = ctx.raw_model
+    model.eval()
+    with torch.no_grad():
+        for j, m in enumerate(ctx.modalities):
+            a = model.encoders[m].aspp_channels
+            z = model.encoders[m](batch[m])[:, :a].double()
+            lab = F.interpolate(batch["label"][:, None].float(), size=z.shape[-2:], mode="nearest")[:, 0].long()
+            for c in range(4):
+                mask = lab == c
+                if mask.any():
+                    want = z.permute(0, 2, 3, 1)[mask].mean(0)
+                    torch.testing.assert_close(protos[j, c, :a].double(), want, rtol=1e-4, atol=1e-5)
+            assert protos.shape[-1] <= a or bool((protos[j, :, a:] == 0).all())  # nothing from layer1
