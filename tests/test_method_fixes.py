@@ -281,3 +281,38 @@ def test_pmr_brats_prototypes_are_class_means_of_the_aspp_output(tmp_path):
                     want = z.permute(0, 2, 3, 1)[mask].mean(0)
                     torch.testing.assert_close(protos[j, c, :a].double(), want, rtol=1e-4, atol=1e-5)
             assert protos.shape[-1] <= a or bool((protos[j, :, a:] == 0).all())  # nothing from layer1
+
+
+# ------------------------------------------------------------------------------------------- MSLR
+def test_mslr_heldout_metric_counts_each_sample_once_under_padding(tmp_path):
+    """With 2 ranks the held-out split (odd size) is padded by one duplicate; the summed metric must
+    still be the probe metric on exactly the held-out samples. Both ranks' shards are fed in one
+    process (a sum over ranks = a sum over their batches); oracle: 1/(1 + MAE) over the split by hand."""
+    from mmbalance.data import TensorBatcher
+    from mmbalance.methods.ogm_ge import probe_outputs
+
+    tr = build_trainer("mslr", "synthetic-regression", run_dir=tmp_path / "r", epochs=1,
+                       sets={"dataset.n_samples": 300, "train.max_steps_per_epoch": 1})
+    ctx, meth = tr.ctx, tr.method
+    held = ctx.heldout
+    if len(held) % 2 == 0:
+        held = held.subset(torch.arange(len(held) - 1))
+        ctx.heldout = held
+    n = len(held)
+    assert n >= 9
+
+    def two_ranks(split="train", batch_size=None, shuffle=False, key=0):
+        assert split == "heldout"
+        for r in range(2):
+            yield from TensorBatcher(held, 4, shuffle=False, rank=r, world_size=2)
+    ctx.train_batches = two_ranks
+    got = meth.heldout_metrics(ctx)
+    ctx.model.eval()
+    ctx.modules["mslr_probes"].eval()
+    with torch.no_grad():
+        batch = held.batch(torch.arange(n))
+        out = ctx.forward(batch)
+        u = probe_outputs(ctx, ctx.modules["mslr_probes"], out, batch["label"], meth.kinds)
+    for m in ctx.modalities:
+        mae = float((u[m].reshape(-1).double() - batch["label"].reshape(-1).double()).abs().mean())
+        assert abs(got[m] - 1 / (1 + mae)) < 1e-6, m
