@@ -23,7 +23,7 @@ from mmbalance.registry import register_method
 from mmbalance.search import LogUniform
 
 MMTM_VARIANTS = {"mlp_concat": "mlp_mmtm", "mlp_transformer_fusion": "mlp_mmtm", "seq_transformer": "seq_mmtm",
-                 "conv_seg": "conv_mmtm"}
+                 "conv_seg": "conv_mmtm", "av_gru_mlp": "av_gru_mlp_mmtm"}
 
 
 def group_ratio(params: list[torch.nn.Parameter]) -> float:

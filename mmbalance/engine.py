@@ -25,10 +25,11 @@ import torch
 from . import runfiles
 from .config import RunConfig, TrainConfig, config_hash, to_jsonable
 from .data import TensorBatcher, TensorSplit, carve_heldout, eval_index_shards, make_loader
+from .data.batching import collate_dicts
 from .data.splits import quantile_bins
 from .diagnostics import Diagnostics, total_seconds
 from .errors import ConfigError, NonFiniteLossError
-from .interface import BalancingMethod, Phase, StepContext
+from .interface import BalancingMethod, BatchGroup, Phase, StepContext
 from .registry import create_model
 from .tasks import Task, create_task
 
@@ -436,44 +437,62 @@ class Trainer:
         if hasattr(loader, "set_epoch"):  # TensorBatcher or a prepared DataLoader: order per (phase, epoch)
             loader.set_epoch(pos.phase_index * 100_003 + pos.epoch)
         method.on_epoch_start(ctx)
+        plan = method.epoch_plan(ctx)
+        if plan is not None:  # the method's per-epoch training plan replaces the loader for this epoch
+            loader = self._plan_batches(plan, pos.phase_index * 100_003 + pos.epoch)
         self.diag.start_epoch()
         extra_opts = [self._fast_optimizer(ex.optimizer) for ex in ctx.extra.values() if ex.optimizer is not None]
         main_opt = self._fast_optimizer(ctx.optimizer)
         all_opts = [main_opt, *extra_opts]
+        to_none = bool(getattr(method, "substep_set_to_none", True))
         loss_sum = 0.0
         n_steps = 0
         params = [p for p in model.parameters()]
+        all_present = tuple(ctx.modalities)
         for step, batch in enumerate(loader):
             if cfg.max_steps_per_epoch is not None and step >= cfg.max_steps_per_epoch:
                 break
             ctx.step = step
+            if plan is not None:
+                batch, ctx.present = batch
+            else:
+                ctx.present = all_present
             self.diag.before_step(step, batch)
-            out = method.training_step(ctx, batch)
-            loss = out.loss
-            loss_value = loss.item()  # one host sync per step: NaN check and epoch mean together
-            bad = not math.isfinite(loss_value)
-            if acc.num_processes > 1:  # every rank must stop together
-                bad = bool(acc.reduce(torch.tensor([float(bad)], device=acc.device), reduction="sum") > 0)
-            if bad:
-                self._fail(pos, f"non-finite training loss ({loss_value}) at phase {phase.name!r}, epoch "
-                                f"{pos.epoch}, step {step}; the run is marked failed (try a lower lr or "
-                                "mixed_precision=no)")
-            acc.backward(loss)
-            self._unscale(all_opts)
-            self.diag.after_backward()
-            method.after_backward(ctx)
-            self.diag.after_edit()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            self._set_lrs(schedule.factor(pos.epoch, step))
-            self._step_optimizers(all_opts)
-            main_opt.zero_grad(set_to_none=True)
-            for opt in extra_opts:
-                opt.zero_grad(set_to_none=True)
+            subs = method.training_substeps(ctx, batch)
+            if subs is None:
+                subs = (method.training_step(ctx, batch),)
+            for sub, out in enumerate(subs):  # one update per StepOutput (MLA: one per modality)
+                ctx.substep = sub
+                loss = out.loss
+                loss_value = loss.item()  # one host sync per step: NaN check and epoch mean together
+                bad = not math.isfinite(loss_value)
+                if acc.num_processes > 1:  # every rank must stop together
+                    bad = bool(acc.reduce(torch.tensor([float(bad)], device=acc.device), reduction="sum") > 0)
+                if bad:
+                    self._fail(pos, f"non-finite training loss ({loss_value}) at phase {phase.name!r}, epoch "
+                                    f"{pos.epoch}, step {step}; the run is marked failed (try a lower lr or "
+                                    "mixed_precision=no)")
+                acc.backward(loss)
+                self._unscale(all_opts)  # every sub-step is a real step: unscaled once, stepped, scale updated
+                self.diag.after_backward()
+                method.after_backward(ctx)
+                self.diag.after_edit()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                self._set_lrs(schedule.factor(pos.epoch, min(step, max(0, ctx.steps_per_epoch - 1))))
+                self._step_optimizers(all_opts)
+                main_opt.zero_grad(set_to_none=to_none)
+                for opt in extra_opts:
+                    opt.zero_grad(set_to_none=to_none)
+                loss_sum += loss_value
+                for k, v in out.logs.items():
+                    ctx.log(k, v)
+            if not to_none:  # sub-steps kept zero-filled gradients; the batch ends with none
+                main_opt.zero_grad(set_to_none=True)
+                for opt in extra_opts:
+                    opt.zero_grad(set_to_none=True)
+            ctx.substep = 0
             method.after_step(ctx)
-            loss_sum += loss_value
-            for k, v in out.logs.items():
-                ctx.log(k, v)
             n_steps += 1
             pos.global_step += 1
             ctx.global_step = pos.global_step
@@ -481,6 +500,53 @@ class Trainer:
         logs = {"train_loss": loss_sum / max(1, n_steps)}
         logs.update(ctx.pop_logs())
         return logs
+
+    def _plan_batches(self, plan: list[BatchGroup], key: int) -> Iterator[tuple[dict[str, torch.Tensor], tuple[str, ...]]]:
+        """Batches of a method's epoch plan (interface ``epoch_plan``): the groups in order; inside a
+        group one permutation seeded by (run seed, epoch key, group number), identical on every rank,
+        padded by wrap-around to a multiple of the world size, rank r taking positions r, r+W, …, then
+        consecutive batches with the last partial one kept. Every rank takes the same number of steps.
+        Yields ``(batch, present)``; ``batch["idx"]`` holds positions in the training split."""
+        acc, cfg = self.accelerator, self.cfg
+        split = self.train_split
+        n = len(split)
+        mods = set(self.ctx.modalities)
+        shards: list[tuple[torch.Tensor, tuple[str, ...]]] = []
+        for gi, group in enumerate(plan):  # validate the whole plan before the first step
+            idx = torch.as_tensor(group.indices, dtype=torch.long).reshape(-1)
+            present = tuple(group.present) if group.present is not None else tuple(self.ctx.modalities)
+            unknown = set(present) - mods
+            if unknown or not present:
+                raise ValueError(f"epoch_plan group {gi}: present={present!r} must be a non-empty subset of "
+                                 f"the model's modalities {sorted(mods)}")
+            if len(idx) == 0:
+                continue
+            if int(idx.min()) < 0 or int(idx.max()) >= n:
+                raise ValueError(f"epoch_plan group {gi}: indices must lie in [0, {n}) (the training split), "
+                                 f"got [{int(idx.min())}, {int(idx.max())}]")
+            if group.shuffle:
+                g = torch.Generator().manual_seed((self.config.seed * 1_000_003 + key) * 1_009 + gi)
+                idx = idx[torch.randperm(len(idx), generator=g)]
+            if acc.num_processes > 1:
+                total = -(-len(idx) // acc.num_processes) * acc.num_processes
+                idx = idx.repeat(-(-total // len(idx)))[:total]
+                idx = idx[acc.process_index::acc.num_processes]
+            shards.append((idx, present))
+        bsz = cfg.batch_size
+        for idx, present in shards:
+            for start in range(0, len(idx), bsz):
+                chunk = idx[start:start + bsz]
+                if isinstance(split, TensorSplit):
+                    batch = split.batch(chunk)
+                    if acc.device.type != "cpu":
+                        batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+                else:
+                    from accelerate.utils import send_to_device
+
+                    batch = collate_dicts([split[int(i)] for i in chunk])
+                    batch["idx"] = chunk
+                    batch = send_to_device(batch, acc.device)
+                yield batch, present
 
     def fit(self) -> dict[str, Any]:
         ctx, method = self.ctx, self.method
