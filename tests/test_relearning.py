@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import SMALL_MFEAT
-from mmbalance.methods.relearning import (auto_reinit_every, diagnosis_epochs, purity, regression_bins,
-                                          reinit_alpha, soft_reinit_)
+from mmbalance.methods.relearning import (
+    auto_reinit_every,
+    diagnosis_epochs,
+    purity,
+    regression_bins,
+    reinit_alpha,
+    soft_reinit_,
+)
 from test_ddp import launch_2proc
 
 from mmbalance.testing import build_trainer
