@@ -136,7 +136,7 @@ class Trainer:
     def __init__(self, config: RunConfig, train_cfg: TrainConfig, data, method: BalancingMethod,
                  run_dir: Path, *, resume: bool = False, accelerator=None, quiet: bool = False) -> None:
         self.config = config
-        self.cfg = train_cfg
+        self.cfg = method.train_config(train_cfg)  # a preset's own optimizer settings (default: unchanged)
         self.data = data
         self.method = method
         self.run_dir = Path(run_dir)
