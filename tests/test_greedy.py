@@ -252,8 +252,9 @@ def test_deeplab_mmtm_blocks_after_layer2_to_4_and_branches_equal_the_canonical_
 
 def test_greedy_refuses_models_without_mmtm_with_an_accurate_message(tmp_path):
     """The message names the models that have an MMTM variant and no longer suggests a nonexistent option."""
-    from mmbalance.data import ModelSpec
     from mmbalance.methods.greedy import Greedy
+
+    from mmbalance.data import ModelSpec
 
     with pytest.raises(MethodNotApplicable) as exc:
         Greedy().configure_model(ModelSpec("no_such_model", {}), None)
