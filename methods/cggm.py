@@ -12,7 +12,7 @@ Presets: ``cggm`` (official-code semantics, mmbalance default, with the sign-saf
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -23,6 +23,7 @@ from mmbalance.errors import MethodNotApplicable
 from mmbalance.interface import BalancingMethod, StepContext, StepOutput
 from mmbalance.models.base import MultimodalModel
 from mmbalance.registry import register_method
+from mmbalance.search import LogUniform, Uniform
 
 __all__ = ["CGGM", "CGGMHParams", "CGGMClassifiers", "SegDecoderHead", "PAPER_TABLE7", "balance_coefficients",
            "encoder_scope_parameters", "direction_loss"]
@@ -68,8 +69,8 @@ class CGGMHParams:
       ``neg_mae`` (regression with non-centred targets; ε = −MAE).
     """
 
-    rho: float = 1.3
-    lam: float = 0.2
+    rho: float = field(default=1.3, metadata={"search": Uniform(1.0, 1.6)})
+    lam: float = field(default=0.2, metadata={"search": LogUniform(0.02, 1.0)})
     cls_lr: float | None = None
     cls_weight_decay: float | None = None
     guard: bool = True

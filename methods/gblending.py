@@ -10,7 +10,7 @@ the fused head only.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -19,6 +19,7 @@ from torch import nn
 
 from mmbalance.interface import BalancingMethod, StepContext, StepOutput
 from mmbalance.registry import register_method
+from mmbalance.search import Choice
 
 from .qmf import PixelHead, UnimodalHeads, segmentation_head
 
@@ -38,7 +39,7 @@ class GBlendHParams:
 
     mode: Literal["online", "offline"] = "online"
     first_super_epoch: int = 10
-    super_epoch: int = 5
+    super_epoch: int = field(default=5, metadata={"search": Choice((3, 5, 10))})
     heldout_fraction: float = 0.08
     min_weight: float = 1e-3
     measure: Literal["loss", "accuracy"] = "loss"

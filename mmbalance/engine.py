@@ -237,9 +237,12 @@ class Trainer:
         data = self.train_split if split == "train" else self.ctx.heldout
         if data is None:
             raise ValueError("this method did not declare needs_heldout, so there is no held-out split")
-        it = self._make_train_iterable(data, batch_size or self.cfg.batch_size, shuffle, self.config.seed + 7)
-        if isinstance(it, TensorBatcher):
+        seed = self.config.seed + 7
+        if isinstance(data, TensorSplit):
+            it = self._make_train_iterable(data, batch_size or self.cfg.batch_size, shuffle, seed)
             it.set_epoch(key)
+        else:  # a DataLoader's order comes from its generator's seed: fold the key in (as TensorBatcher does)
+            it = self._make_train_iterable(data, batch_size or self.cfg.batch_size, shuffle, seed * 1_000_003 + key)
         return iter(it)
 
     # ------------------------------------------------------------------ evaluation
@@ -537,12 +540,14 @@ class Trainer:
 
     def _dump_final_parameters(self) -> None:
         """Test hook: with MMBALANCE_DUMP_PARAMS_DIR set, each rank saves its final (last-epoch, not
-        best-checkpoint) parameters to rank<k>.pt, so a test can check DDP replicas stayed identical."""
+        best-checkpoint) parameters to rank<k>.pt, so a test can check DDP replicas stayed identical;
+        also the method's state and last-epoch metrics, so a test can compare per-rank statistics."""
         dump_dir = os.environ.get("MMBALANCE_DUMP_PARAMS_DIR")
         if dump_dir:
             Path(dump_dir).mkdir(parents=True, exist_ok=True)
             state = {"model": self.accelerator.unwrap_model(self.ctx.model).state_dict(),
-                     "extra": {k: self.accelerator.unwrap_model(ex.module).state_dict() for k, ex in self.ctx.extra.items()}}
+                     "extra": {k: self.accelerator.unwrap_model(ex.module).state_dict() for k, ex in self.ctx.extra.items()},
+                     "method_state": self.method.state_dict(), "method_metrics": self.method.metrics()}
             torch.save(state, Path(dump_dir) / f"rank{self.accelerator.process_index}.pt")
 
     def _phase_epochs(self, phase: Phase) -> int:
@@ -579,8 +584,10 @@ class Trainer:
             raise RuntimeError("no phase evaluated on validation; nothing to select")
         best = torch.load(self.ckpt_dir / "best.pt", map_location="cpu", weights_only=False)
         self._load_weights(best)
-        test = self.evaluate(self.data.test)
-        test_pm = self.evaluate_per_modality(self.data.test) if self.cfg.modality_eval != "none" else {}
+        test, test_pm = None, None  # tuning trials: the test split is never touched
+        if self.cfg.evaluate_test:
+            test = self.evaluate(self.data.test)
+            test_pm = self.evaluate_per_modality(self.data.test) if self.cfg.modality_eval != "none" else {}
         val_pm = self.evaluate_per_modality(self.data.val) if self.cfg.modality_eval != "none" else {}
         n_epochs = max(1, len(pos.history))
         result = {

@@ -100,7 +100,7 @@ class StepContext:
         self.steps_per_epoch = 0
         self.generator = torch.Generator().manual_seed(seed * 7919 + 17)
         self.train_batches: Callable[..., Iterator[dict[str, torch.Tensor]]] | None = None
-        self._logs: dict[str, list[float]] = {}
+        self._logs: dict[str, list[float | torch.Tensor]] = {}
 
     # ---------------------------------------------------------------- conveniences
     @property
@@ -155,11 +155,22 @@ class StepContext:
         return self.reduce_sum(x) / self.world_size
 
     def log(self, key: str, value: float | torch.Tensor) -> None:
-        """Record a scalar; the engine logs its per-epoch mean to ``metrics.jsonl``."""
-        self._logs.setdefault(key, []).append(float(value))
+        """Record a scalar; the engine logs its per-epoch mean to ``metrics.jsonl``. A tensor is kept
+        (detached) until the epoch ends, so logging in the hot path costs no host sync."""
+        self._logs.setdefault(key, []).append(value.detach() if isinstance(value, torch.Tensor) else float(value))
 
     def pop_logs(self) -> dict[str, float]:
-        out = {k: sum(v) / len(v) for k, v in self._logs.items() if v}
+        out = {}
+        for k, v in self._logs.items():
+            if not v:
+                continue
+            dev = next((x.device for x in v if isinstance(x, torch.Tensor)), None)
+            if dev is None:
+                out[k] = sum(v) / len(v)
+            else:  # one device-to-host transfer per key and epoch
+                vals = torch.stack([x.reshape(()).to(dev, torch.float64) if isinstance(x, torch.Tensor) else
+                                    torch.tensor(x, dtype=torch.float64, device=dev) for x in v])
+                out[k] = float(vals.sum().cpu()) / len(v)
         self._logs = {}
         return out
 

@@ -76,3 +76,41 @@ def test_fp16_overflow_skips_every_optimizer(tmp_path):
         for b, a in zip(before[part], after[part]):
             assert torch.equal(a, b), part
     assert scaler.get_scale() == SCALE * 0.5  # backed off once, not once per optimizer
+
+
+def _bf16_logits(tmp_path, dataset):
+    """A bf16-autocast forward of the dataset's model (Accelerate's autocast returns bf16 logits)."""
+    tr = build_trainer("baseline", dataset, run_dir=tmp_path / dataset, epochs=1,
+                       sets={"train.mixed_precision": "bf16"})
+    batch = next(iter(tr.loader_train))
+    out = tr.ctx.forward(batch)
+    assert out.logits.dtype == torch.bfloat16  # the situation under test
+    return tr.task, out.logits.detach(), batch["label"]
+
+
+def test_bf16_regression_loss_and_prediction_are_float32(tmp_path):
+    task, logits, y = _bf16_logits(tmp_path, "synthetic-regression")
+    pred32 = logits.float().reshape(-1)
+    loss = task.loss(logits, y)
+    assert loss.dtype == torch.float32
+    # oracle: float32 L1 on the upcast bf16 predictions against the UNROUNDED float32 targets
+    assert torch.equal(y, y.float()) and not torch.equal(y.float(), y.bfloat16().float())  # targets need > bf16 bits
+    torch.testing.assert_close(loss, (pred32 - y.float()).abs().mean(), rtol=1e-6, atol=1e-7)
+    p = task.prediction(logits)
+    assert p.dtype == torch.float32 and torch.equal(p, pred32)
+    m = task.new_meter()
+    m.update(logits, y)
+    got = m.compute()
+    assert abs(got["mae"] - float((pred32.double() - y.double()).abs().mean())) < 1e-12
+    assert abs(got["loss"] - float((pred32 - y.float()).abs().mean())) < 1e-6
+
+
+def test_bf16_classification_loss_is_float32(tmp_path):
+    task, logits, y = _bf16_logits(tmp_path, "synthetic")
+    loss = task.loss(logits, y)
+    assert loss.dtype == torch.float32
+    ref = -logits.float().log_softmax(-1).gather(1, y.long()[:, None]).mean()  # float32 CE by hand
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-7)
+    m = task.new_meter()
+    m.update(logits, y)
+    assert abs(m.compute()["loss"] - float(ref)) < 1e-6

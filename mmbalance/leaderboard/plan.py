@@ -201,6 +201,19 @@ def plan_runs(suite: Suite, results_dir: str | Path, *, datasets: Iterable[str] 
     return [s for group in per_seed for s in group]
 
 
+TUNED_DIR = "tuned"
+
+
+def with_sets(spec: RunSpec, sets: tuple[tuple[str, str], ...], results_dir: str | Path) -> RunSpec:
+    """``spec`` with other --set values: a new plan hash, and a run folder under ``RESULTS/tuned/`` when the
+    values differ (the defaults' runs stay where they are, so both tables can be built)."""
+    if tuple(sets) == tuple(spec.sets):
+        return spec
+    new = dataclasses.replace(spec, sets=tuple(sets), plan_hash="", run_dir="")
+    run_dir = Path(results_dir) / TUNED_DIR / spec.dataset / safe_name(spec.row) / f"seed{spec.seed}"
+    return dataclasses.replace(new, plan_hash=config_hash(plan_hash_payload(new)), run_dir=str(run_dir))
+
+
 # ------------------------------------------------------------------------------------------ run state
 def utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

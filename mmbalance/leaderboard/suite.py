@@ -11,7 +11,7 @@ from ..errors import ConfigError
 DEFAULT_SEEDS = 5
 SUITE_KEYS = {"name", "description", "seeds", "epochs", "methods", "exclude", "baseline", "datasets", "sets",
               "method_sets", "variants", "output", "launcher", "num_processes", "accelerate_args", "data_dir",
-              "slurm", "retry_failed"}
+              "slurm", "retry_failed", "tune"}
 
 
 
@@ -43,6 +43,7 @@ class Suite:
     launcher: str = "python"
     num_processes: int = 1
     accelerate_args: list[str] = field(default_factory=list)
+    tune: Any = None  # TuneConfig of the [tune] table (mmbalance.leaderboard.tune), None without one
     data_dir: str | None = None
     slurm: dict[str, Any] = field(default_factory=dict)
 
@@ -137,8 +138,13 @@ def load_suite(name_or_path: str | Path) -> Suite:
     epochs = raw.get("epochs")
     if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
         raise ConfigError(f"{where}: 'epochs' must be a positive integer, got {epochs!r}")
+    tune = None
+    if "tune" in raw:
+        from .tune import parse_tune_table
+
+        tune = parse_tune_table(raw["tune"], where, list(seeds))
     return Suite(
-        name=str(raw.get("name", path.stem)), path=path, description=str(raw.get("description", "")).strip(),
+        tune=tune, name=str(raw.get("name", path.stem)), path=path, description=str(raw.get("description", "")).strip(),
         seeds=list(seeds), epochs=epochs, methods=methods, exclude=list(raw.get("exclude", [])),
         baseline=str(raw.get("baseline", "baseline")), datasets=datasets,
         sets=_table(raw.get("sets"), f"{where} 'sets'"),
