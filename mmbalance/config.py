@@ -184,6 +184,16 @@ class TrainConfig:
     modality_eval: Literal["epoch", "final", "none"] = "epoch"
     #: False for hyperparameter-tuning trials: the test split is never evaluated (result.json "test": null)
     evaluate_test: bool = True
+    # imbalance diagnostics (mmbalance/diagnostics, docs/diagnostics.md); never change training
+    diagnostics: Literal["default", "none", "full"] = "default"
+    diag_permutations: int = 5
+    diag_cos_per_epoch: int = 2
+    diag_subset: int = 1024
+    diag_probe_max: int = 20_000
+    diag_mc_permutations: int = 64
+    diag_probe_pixels: int = 256
+    diag_probe_every: int = 5
+    diag_shapley_empty: Literal["prior", "all_absent"] = "prior"
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -192,6 +202,11 @@ class TrainConfig:
             raise ValueError("batch sizes must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        for key in ("diag_permutations", "diag_cos_per_epoch", "diag_subset", "diag_probe_max",
+                    "diag_mc_permutations", "diag_probe_pixels", "diag_probe_every"):
+            if getattr(self, key) < (0 if key in {"diag_permutations", "diag_cos_per_epoch"} else 1):
+                raise ValueError(f"{key} must be >= {0 if key in {'diag_permutations', 'diag_cos_per_epoch'} else 1}, "
+                                 f"got {getattr(self, key)}")
 
 
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}

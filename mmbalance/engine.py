@@ -26,6 +26,7 @@ from . import runfiles
 from .config import RunConfig, TrainConfig, config_hash, to_jsonable
 from .data import TensorBatcher, TensorSplit, carve_heldout, eval_index_shards, make_loader
 from .data.splits import quantile_bins
+from .diagnostics import Diagnostics, total_seconds
 from .errors import ConfigError, NonFiniteLossError
 from .interface import BalancingMethod, Phase, StepContext
 from .registry import create_model
@@ -201,6 +202,7 @@ class Trainer:
                 opt = build_optimizer([{"params": list(ex.module.parameters())}], self.cfg, ex.lr)
                 ex.optimizer = acc.prepare(opt)
         self.loader_train = self._make_train_iterable(self.train_split, self.cfg.batch_size)
+        self.diag = Diagnostics(self)  # imbalance diagnostics (train.diagnostics); never changes training
         torch.manual_seed(seed + 2)  # the training RNG stream (dropout) is the same for every method
 
     def _carve_heldout(self, split):
@@ -434,6 +436,7 @@ class Trainer:
         if hasattr(loader, "set_epoch"):  # TensorBatcher or a prepared DataLoader: order per (phase, epoch)
             loader.set_epoch(pos.phase_index * 100_003 + pos.epoch)
         method.on_epoch_start(ctx)
+        self.diag.start_epoch()
         extra_opts = [self._fast_optimizer(ex.optimizer) for ex in ctx.extra.values() if ex.optimizer is not None]
         main_opt = self._fast_optimizer(ctx.optimizer)
         all_opts = [main_opt, *extra_opts]
@@ -444,6 +447,7 @@ class Trainer:
             if cfg.max_steps_per_epoch is not None and step >= cfg.max_steps_per_epoch:
                 break
             ctx.step = step
+            self.diag.before_step(step, batch)
             out = method.training_step(ctx, batch)
             loss = out.loss
             loss_value = loss.item()  # one host sync per step: NaN check and epoch mean together
@@ -456,7 +460,9 @@ class Trainer:
                                 "mixed_precision=no)")
             acc.backward(loss)
             self._unscale(all_opts)
+            self.diag.after_backward()
             method.after_backward(ctx)
+            self.diag.after_edit()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             self._set_lrs(schedule.factor(pos.epoch, step))
@@ -504,7 +510,8 @@ class Trainer:
                 ctx.epoch = pos.epoch
                 t0 = time.perf_counter()
                 logs = self._train_epoch(pos, phase, schedule)
-                epoch_seconds = time.perf_counter() - t0
+                diag_step_seconds = self.diag.pop_step_seconds()
+                epoch_seconds = time.perf_counter() - t0 - diag_step_seconds
                 pos.train_seconds += epoch_seconds
                 row: dict[str, Any] = {"phase": phase.name, "epoch": pos.epoch, "global_step": pos.global_step,
                                        "epoch_seconds": epoch_seconds, **logs}
@@ -519,6 +526,7 @@ class Trainer:
                     if self._is_better(val, pos.best):
                         pos.best = {"phase": phase.name, "phase_index": pos.phase_index, "epoch": pos.epoch, "val": val}
                         self._save("best.pt", self._weights())
+                self.diag.end_epoch(row, diag_step_seconds)
                 pos.history.append(row)
                 pos.epoch += 1
                 self._save_last(pos, schedule)
@@ -589,6 +597,8 @@ class Trainer:
             test = self.evaluate(self.data.test)
             test_pm = self.evaluate_per_modality(self.data.test) if self.cfg.modality_eval != "none" else {}
         val_pm = self.evaluate_per_modality(self.data.val) if self.cfg.modality_eval != "none" else {}
+        diagnostics = self.diag.final(test=test, val=pos.best["val"], test_pm=test_pm, val_pm=val_pm,
+                                      history=pos.history)
         n_epochs = max(1, len(pos.history))
         result = {
             "status": "ok", "method": self.config.method, "dataset": self.config.dataset, "seed": self.config.seed,
@@ -598,11 +608,14 @@ class Trainer:
             "val": pos.best["val"], "test": test, "val_per_modality": val_pm, "test_per_modality": test_pm,
             "method_metrics": self.method.metrics(), "synthetic": self.data.synthetic,
             "timings": {"train_seconds": pos.train_seconds, "seconds_per_epoch": pos.train_seconds / n_epochs,
-                        "wall_seconds_this_process": wall, "epochs": len(pos.history)},
+                        "wall_seconds_this_process": wall, "epochs": len(pos.history),
+                        "diagnostics_seconds": total_seconds(diagnostics)},
             "num_train_samples": len(self.train_split), "world_size": self.accelerator.num_processes,
             "peak_memory_mb": runfiles.peak_memory_mb(), "versions": runfiles.package_versions(),
             "hardware": runfiles.hardware_summary(),
         }
+        if diagnostics is not None:
+            result["diagnostics"] = diagnostics
         if self.accelerator.is_main_process:
             runfiles.atomic_write_json(self.run_dir / runfiles.RESULT_FILE, result)
         self.accelerator.wait_for_everyone()

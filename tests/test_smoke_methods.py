@@ -46,3 +46,11 @@ def test_one_epoch(method, dataset, tmp_path, capsys):
     assert result["status"] == "ok" and (rd / "config.json").is_file() and rows
     assert all(math.isfinite(r["train_loss"]) for r in rows)
     assert all(isinstance(v, float) and math.isfinite(v) for v in result["test"].values() if isinstance(v, float))
+    # imbalance diagnostics for every method (engine-level, on by default)
+    diag = result["diagnostics"]
+    mods = result["modalities"]
+    assert {"probe", "shapley", "permutation", "dynamics_final", "seconds"} <= set(diag)
+    assert set(diag["probe"]["test"]) == set(mods) and set(diag["shapley"]["test"]["phi"]) == set(mods)
+    assert set(diag["permutation"]["test"]["drop"]) == set(mods)
+    assert result["timings"]["diagnostics_seconds"] > 0
+    assert all("diag" in r and set(r["diag"]["conf"]) == set(mods) for r in rows)
