@@ -13,6 +13,7 @@ from mmbalance.registry import list_methods
 DATASETS = {
     "mfeat": SMALL_MFEAT,
     "synthetic-regression": {"dataset.n_samples": 120},
+    "avdigits": {"dataset.limit_per_class": 20},
 }
 
 
@@ -28,6 +29,8 @@ def test_one_epoch(method, dataset, tmp_path, capsys):
 
     if method == "unimodal:m0" and dataset == "mfeat":
         method = "unimodal:fou"
+    if method == "unimodal:m0" and dataset == "avdigits":
+        method = "unimodal:audio"
     rd = tmp_path / "run"
     sets = dict(DATASETS[dataset])
     if method.startswith("reconboost"):  # one stage = e1 + e2 passes: the smallest stage, 2 epochs
