@@ -383,11 +383,9 @@ class CGGM(BalancingMethod):
 
     def after_backward(self, ctx: StepContext) -> None:
         hp = self.hp
-        if hp.cos_source == "grads_same_step":
-            factors = self._b  # B^p (ρ inside when rho_in_b; §2.1)
-        else:
-            b = self._update_coefficients(ctx)
-            factors = b if hp.rho_in_b else hp.rho * b
+        # B was computed before the backward with grads_same_step (§2.1), here otherwise (step 7a-7c)
+        b = self._b if hp.cos_source == "grads_same_step" else self._update_coefficients(ctx)
+        factors = b if hp.rho_in_b else hp.rho * b  # Eq. 8-9: ρ·B_m, or B_m^p that already holds ρ
         for k, m in enumerate(self.modalities):
             params = [p for p in self._scoped[m] if p.grad is not None]
             raw = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])) if params else 0.0

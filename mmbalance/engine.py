@@ -25,10 +25,11 @@ import torch
 from . import runfiles
 from .config import RunConfig, TrainConfig, config_hash, to_jsonable
 from .data import TensorBatcher, TensorSplit, carve_heldout, eval_index_shards, make_loader
+from .data.batching import collate_dicts
 from .data.splits import quantile_bins
 from .diagnostics import Diagnostics, total_seconds
 from .errors import ConfigError, NonFiniteLossError
-from .interface import BalancingMethod, Phase, StepContext
+from .interface import BalancingMethod, BatchGroup, Phase, StepContext
 from .registry import create_model
 from .tasks import Task, create_task
 
@@ -108,7 +109,8 @@ class Position:
     train_seconds: float = 0.0
 
 
-def make_accelerator(mixed_precision: str, find_unused_parameters: bool):
+def make_accelerator(mixed_precision: str, find_unused_parameters: bool, log_with: list[str] | None = None,
+                     project_dir: str | Path | None = None):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -121,7 +123,8 @@ def make_accelerator(mixed_precision: str, find_unused_parameters: bool):
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     try:
-        acc = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[kwargs])
+        acc = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[kwargs], log_with=log_with or None,
+                          project_dir=str(project_dir) if project_dir is not None else None)
     except ValueError as exc:
         raise ConfigError(f"mixed_precision={mixed_precision!r} is not available here ({exc}); "
                           "use 'bf16' on CPU or 'no'") from None
@@ -135,7 +138,8 @@ class Trainer:
     """Runs one method on one dataset with one seed and writes the three run files to ``run_dir``."""
 
     def __init__(self, config: RunConfig, train_cfg: TrainConfig, data, method: BalancingMethod,
-                 run_dir: Path, *, resume: bool = False, accelerator=None, quiet: bool = False) -> None:
+                 run_dir: Path, *, resume: bool = False, accelerator=None, quiet: bool = False,
+                 log_with: list[str] | None = None) -> None:
         self.config = config
         self.cfg = train_cfg
         self.data = data
@@ -143,8 +147,11 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.quiet = quiet
+        self.log_with = list(log_with or [])
+        self._progress_bar = None
         self.task: Task = create_task(data.task, **data.task_kwargs)
-        self.accelerator = accelerator or make_accelerator(train_cfg.mixed_precision, method.find_unused_parameters)
+        self.accelerator = accelerator or make_accelerator(train_cfg.mixed_precision, method.find_unused_parameters,
+                                                           self.log_with, self.run_dir / "trackers")
         # the hash identifies what is computed, not where files go
         self.hash = config_hash({k: v for k, v in to_jsonable(config).items()
                                  if k not in {"run_dir", "output_dir", "data_dir"}})
@@ -424,6 +431,18 @@ class Trainer:
         scaler.update()  # once per step, backs off when any optimizer saw inf
         return ok
 
+    def record_crash(self, exc: BaseException) -> None:
+        """A crash (a bug in a method or the engine, not bad input): result.json says ``failed`` with the error
+        and traceback, so neither a user nor the leaderboard mistakes the folder for a finished run."""
+        import traceback
+
+        if self.accelerator.is_main_process and self.run_dir.is_dir():
+            runfiles.atomic_write_json(self.run_dir / runfiles.RESULT_FILE, {
+                "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                "traceback": "".join(traceback.format_exception(exc)), "method": self.config.method,
+                "dataset": self.config.dataset, "seed": self.config.seed, "config_hash": self.hash,
+                "versions": runfiles.package_versions(), "code": runfiles.code_provenance()})
+
     def _set_lrs(self, factor: float) -> None:
         for g in self.ctx.optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor * g.get("lr_mult", 1.0)
@@ -436,44 +455,68 @@ class Trainer:
         if hasattr(loader, "set_epoch"):  # TensorBatcher or a prepared DataLoader: order per (phase, epoch)
             loader.set_epoch(pos.phase_index * 100_003 + pos.epoch)
         method.on_epoch_start(ctx)
+        plan = method.epoch_plan(ctx)
+        if plan is not None:  # the method's per-epoch training plan replaces the loader for this epoch
+            loader = self._plan_batches(plan, pos.phase_index * 100_003 + pos.epoch)
         self.diag.start_epoch()
         extra_opts = [self._fast_optimizer(ex.optimizer) for ex in ctx.extra.values() if ex.optimizer is not None]
         main_opt = self._fast_optimizer(ctx.optimizer)
         all_opts = [main_opt, *extra_opts]
+        to_none = bool(getattr(method, "substep_set_to_none", True))
         loss_sum = 0.0
         n_steps = 0
-        params = [p for p in model.parameters()]
+        # Clipped together (one norm): everything the main optimizer trains — the model and the method's
+        # modules that joined it (G-Blending/QMF/multitask heads, MRD tokens, UMT projectors), as the
+        # official codes clip model.parameters() with their heads inside. Modules with their own
+        # optimizer (CGGM classifiers, OGM-GE/MSLR probes) are not clipped (their specs: "no clipping").
+        params = [p for g in main_opt.param_groups for p in g["params"]]
+        all_present = tuple(ctx.modalities)
         for step, batch in enumerate(loader):
             if cfg.max_steps_per_epoch is not None and step >= cfg.max_steps_per_epoch:
                 break
             ctx.step = step
+            if plan is not None:
+                batch, ctx.present = batch
+            else:
+                ctx.present = all_present
             self.diag.before_step(step, batch)
-            out = method.training_step(ctx, batch)
-            loss = out.loss
-            loss_value = loss.item()  # one host sync per step: NaN check and epoch mean together
-            bad = not math.isfinite(loss_value)
-            if acc.num_processes > 1:  # every rank must stop together
-                bad = bool(acc.reduce(torch.tensor([float(bad)], device=acc.device), reduction="sum") > 0)
-            if bad:
-                self._fail(pos, f"non-finite training loss ({loss_value}) at phase {phase.name!r}, epoch "
-                                f"{pos.epoch}, step {step}; the run is marked failed (try a lower lr or "
-                                "mixed_precision=no)")
-            acc.backward(loss)
-            self._unscale(all_opts)
-            self.diag.after_backward()
-            method.after_backward(ctx)
-            self.diag.after_edit()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            self._set_lrs(schedule.factor(pos.epoch, step))
-            self._step_optimizers(all_opts)
-            main_opt.zero_grad(set_to_none=True)
-            for opt in extra_opts:
-                opt.zero_grad(set_to_none=True)
+            subs = method.training_substeps(ctx, batch)
+            if subs is None:
+                subs = (method.training_step(ctx, batch),)
+            for sub, out in enumerate(subs):  # one update per StepOutput (MLA: one per modality)
+                ctx.substep = sub
+                loss = out.loss
+                loss_value = loss.item()  # one host sync per step: NaN check and epoch mean together
+                bad = not math.isfinite(loss_value)
+                if acc.num_processes > 1:  # every rank must stop together
+                    bad = bool(acc.reduce(torch.tensor([float(bad)], device=acc.device), reduction="sum") > 0)
+                if bad:
+                    self._fail(pos, f"non-finite training loss ({loss_value}) at phase {phase.name!r}, epoch "
+                                    f"{pos.epoch}, step {step}; the run is marked failed (try a lower lr or "
+                                    "mixed_precision=no)")
+                acc.backward(loss)
+                self._unscale(all_opts)  # every sub-step is a real step: unscaled once, stepped, scale updated
+                self.diag.after_backward()
+                method.after_backward(ctx)
+                self.diag.after_edit()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                self._set_lrs(schedule.factor(pos.epoch, min(step, max(0, ctx.steps_per_epoch - 1))))
+                self._step_optimizers(all_opts)
+                main_opt.zero_grad(set_to_none=to_none)
+                for opt in extra_opts:
+                    opt.zero_grad(set_to_none=to_none)
+                loss_sum += loss_value
+                for k, v in out.logs.items():
+                    ctx.log(k, v)
+            if not to_none:  # sub-steps kept zero-filled gradients; the batch ends with none
+                main_opt.zero_grad(set_to_none=True)
+                for opt in extra_opts:
+                    opt.zero_grad(set_to_none=True)
+            ctx.substep = 0
             method.after_step(ctx)
-            loss_sum += loss_value
-            for k, v in out.logs.items():
-                ctx.log(k, v)
+            if self._progress_bar is not None:
+                self._progress_bar.step()
             n_steps += 1
             pos.global_step += 1
             ctx.global_step = pos.global_step
@@ -481,6 +524,53 @@ class Trainer:
         logs = {"train_loss": loss_sum / max(1, n_steps)}
         logs.update(ctx.pop_logs())
         return logs
+
+    def _plan_batches(self, plan: list[BatchGroup], key: int) -> Iterator[tuple[dict[str, torch.Tensor], tuple[str, ...]]]:
+        """Batches of a method's epoch plan (interface ``epoch_plan``): the groups in order; inside a
+        group one permutation seeded by (run seed, epoch key, group number), identical on every rank,
+        padded by wrap-around to a multiple of the world size, rank r taking positions r, r+W, …, then
+        consecutive batches with the last partial one kept. Every rank takes the same number of steps.
+        Yields ``(batch, present)``; ``batch["idx"]`` holds positions in the training split."""
+        acc, cfg = self.accelerator, self.cfg
+        split = self.train_split
+        n = len(split)
+        mods = set(self.ctx.modalities)
+        shards: list[tuple[torch.Tensor, tuple[str, ...]]] = []
+        for gi, group in enumerate(plan):  # validate the whole plan before the first step
+            idx = torch.as_tensor(group.indices, dtype=torch.long).reshape(-1)
+            present = tuple(group.present) if group.present is not None else tuple(self.ctx.modalities)
+            unknown = set(present) - mods
+            if unknown or not present:
+                raise ValueError(f"epoch_plan group {gi}: present={present!r} must be a non-empty subset of "
+                                 f"the model's modalities {sorted(mods)}")
+            if len(idx) == 0:
+                continue
+            if int(idx.min()) < 0 or int(idx.max()) >= n:
+                raise ValueError(f"epoch_plan group {gi}: indices must lie in [0, {n}) (the training split), "
+                                 f"got [{int(idx.min())}, {int(idx.max())}]")
+            if group.shuffle:
+                g = torch.Generator().manual_seed((self.config.seed * 1_000_003 + key) * 1_009 + gi)
+                idx = idx[torch.randperm(len(idx), generator=g)]
+            if acc.num_processes > 1:
+                total = -(-len(idx) // acc.num_processes) * acc.num_processes
+                idx = idx.repeat(-(-total // len(idx)))[:total]
+                idx = idx[acc.process_index::acc.num_processes]
+            shards.append((idx, present))
+        bsz = cfg.batch_size
+        for idx, present in shards:
+            for start in range(0, len(idx), bsz):
+                chunk = idx[start:start + bsz]
+                if isinstance(split, TensorSplit):
+                    batch = split.batch(chunk)
+                    if acc.device.type != "cpu":
+                        batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+                else:
+                    from accelerate.utils import send_to_device
+
+                    batch = collate_dicts([split[int(i)] for i in chunk])
+                    batch["idx"] = chunk
+                    batch = send_to_device(batch, acc.device)
+                yield batch, present
 
     def fit(self) -> dict[str, Any]:
         ctx, method = self.ctx, self.method
@@ -498,7 +588,8 @@ class Trainer:
             self._clear_previous()
         self._write_config()
         t_start = time.perf_counter()
-        progress = self._progress(phases, pos)
+        progress = self._progress_bar = self._progress(phases, pos, steps_per_epoch)
+        self._init_trackers()
         while pos.phase_index < len(phases):
             phase = phases[pos.phase_index]
             n_epochs = self._phase_epochs(phase)
@@ -535,14 +626,14 @@ class Trainer:
                 if stop_after and len(pos.history) >= int(stop_after):
                     raise KeyboardInterrupt(f"stopped after {stop_after} epochs (MMBALANCE_STOP_AFTER_EPOCHS)")
                 if progress is not None:
-                    progress.update(1)
-                    if "val" in row:
-                        progress.set_postfix({f"val_{self.task.primary_metric}": f"{row['val'][self.task.primary_metric]:.4f}"})
+                    progress.epoch_done(row, self.task.primary_metric)
+                self._track(row, len(pos.history))
             method.on_phase_end(ctx)
             pos.phase_index += 1
             pos.epoch = 0
         if progress is not None:
             progress.close()
+        self._progress_bar = None
         self._dump_final_parameters()
         return self._finish(pos, time.perf_counter() - t_start)
 
@@ -561,15 +652,30 @@ class Trainer:
     def _phase_epochs(self, phase: Phase) -> int:
         return phase.epochs if phase.epochs is not None else self.cfg.epochs
 
-    def _progress(self, phases: list[Phase], pos: Position):
+    def _progress(self, phases: list[Phase], pos: Position, steps_per_epoch: int):
         if self.quiet or not self.accelerator.is_local_main_process or os.environ.get("MMBALANCE_NO_PROGRESS"):
             return None
-        from tqdm.auto import tqdm
+        from .progress import Progress
 
         total = sum(self._phase_epochs(p) for p in phases)
         done = sum(self._phase_epochs(p) for p in phases[:pos.phase_index]) + pos.epoch
-        return tqdm(total=total, initial=done, desc=f"{self.config.method} on {self.config.dataset}", unit="epoch",
-                    file=sys.stderr, dynamic_ncols=True)
+        return Progress(f"{self.config.method} on {self.config.dataset}", total, done, steps_per_epoch,
+                        stream=sys.stderr)
+
+    # ------------------------------------------------------------------ experiment trackers
+    def _init_trackers(self) -> None:
+        """Accelerate's trackers (``--log-with tensorboard|wandb|...``), logging under RUN_DIR/trackers/."""
+        if self.log_with:
+            from .trackers import init_trackers
+
+            init_trackers(self.accelerator, self.config, self.hash, self.cfg)
+
+    def _track(self, row: dict[str, Any], step: int) -> None:
+        """The epoch's metrics.jsonl values as tracker scalars (same names, ``/``-joined)."""
+        if self.log_with:
+            from .trackers import flatten_scalars
+
+            self.accelerator.log(flatten_scalars(row), step=step)
 
     def _clear_previous(self) -> None:
         if self.accelerator.is_main_process:
@@ -612,11 +718,25 @@ class Trainer:
                         "diagnostics_seconds": total_seconds(diagnostics)},
             "num_train_samples": len(self.train_split), "world_size": self.accelerator.num_processes,
             "peak_memory_mb": runfiles.peak_memory_mb(), "versions": runfiles.package_versions(),
-            "hardware": runfiles.hardware_summary(),
+            "hardware": runfiles.hardware_summary(), "parameters": self._parameter_counts(),
+            "code": runfiles.code_provenance(),
         }
         if diagnostics is not None:
             result["diagnostics"] = diagnostics
         if self.accelerator.is_main_process:
             runfiles.atomic_write_json(self.run_dir / runfiles.RESULT_FILE, result)
+        if self.log_with:
+            self.accelerator.end_training()
         self.accelerator.wait_for_everyone()
         return result
+
+    def _parameter_counts(self) -> dict[str, int]:
+        """Parameters of the model and of the method's own modules (heads, classifiers, teachers)."""
+        acc = self.accelerator
+        model = acc.unwrap_model(self.ctx.model)
+        extra = [acc.unwrap_model(ex.module) for ex in self.ctx.extra.values()]
+        return {"model": sum(p.numel() for p in model.parameters()),
+                "method_modules": sum(p.numel() for m in extra for p in m.parameters()),
+                "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)
+                + sum(p.numel() for ex, m in zip(self.ctx.extra.values(), extra) if ex.trainable
+                      for p in m.parameters())}
