@@ -141,7 +141,7 @@ class Trainer:
                  run_dir: Path, *, resume: bool = False, accelerator=None, quiet: bool = False,
                  log_with: list[str] | None = None) -> None:
         self.config = config
-        self.cfg = train_cfg
+        self.cfg = method.train_config(train_cfg)  # a preset's own optimizer settings (default: unchanged)
         self.data = data
         self.method = method
         self.run_dir = Path(run_dir)
