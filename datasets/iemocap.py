@@ -72,6 +72,10 @@ CGGM_DEFAULTS: dict[str, dict[str, float]] = {
 }
 # Canonical model (iemocap.md §2): width 40, 5 heads, nlevels 4 (fusion 2 layers), dropouts
 # attention 0.15, ReLU 0.15, embedding 0.2, residual 0.15, output 0.2.
+# ReconBoost sample weights w1/w2 = 1.0/0.25: the official MSA script (huacong/ReconBoost train_MSA.py;
+# methods/reconboost.md §4); the method's own default 5/1 is the CREMA-D command.
+RECONBOOST_DEFAULTS: dict[str, float] = {"w1": 1.0, "w2": 0.25}
+
 MODEL_KWARGS: dict[str, Any] = {"d_model": 40, "num_heads": 5, "nlevels": 4, "attn_dropout": 0.15,
                                 "relu_dropout": 0.15, "embed_dropout": 0.2, "res_dropout": 0.15, "out_dropout": 0.2}
 
@@ -314,7 +318,7 @@ def _data(splits: dict[str, TensorSplit], class_names: list[str], hparam_source:
         input_shapes={m: tuple(splits["train"].inputs[m].shape[1:]) for m in MODALITIES}, out_dim=4,
         model=ModelSpec("msa_transformer", dict(MODEL_KWARGS)),
         train_defaults=dict(TRAIN_DEFAULTS[hparam_source]),
-        method_defaults={"cggm": dict(CGGM_DEFAULTS[hparam_source])},
+        method_defaults={"cggm": dict(CGGM_DEFAULTS[hparam_source]), "reconboost": dict(RECONBOOST_DEFAULTS)},
         info={**info, "class_names": list(class_names), "f1_reported": F1_REPORTED, "hparam_source": hparam_source,
               "split_sizes": {k: len(v) for k, v in splits.items()},
               "class_counts": {k: torch.bincount(v.labels, minlength=4).tolist() for k, v in splits.items()}},

@@ -63,6 +63,10 @@ CGGM_DEFAULTS: dict[str, dict[str, float]] = {
 }
 # Canonical model (mosi.md §2): width 40, 5 heads, nlevels 5 (fusion 3 layers), dropouts
 # attention 0.15, ReLU 0.15, embedding 0.2, residual 0.1, output 0.1.
+# ReconBoost sample weights w1/w2 = 1.0/0.25: the official MSA script (huacong/ReconBoost train_MSA.py;
+# methods/reconboost.md §4); the method's own default 5/1 is the CREMA-D command.
+RECONBOOST_DEFAULTS: dict[str, float] = {"w1": 1.0, "w2": 0.25}
+
 MODEL_KWARGS: dict[str, Any] = {"d_model": 40, "num_heads": 5, "nlevels": 5, "attn_dropout": 0.15,
                                 "relu_dropout": 0.15, "embed_dropout": 0.2, "res_dropout": 0.1, "out_dropout": 0.1}
 
@@ -183,7 +187,7 @@ def build(options: MosiOptions, data_dir: str | Path | None = None) -> Multimoda
         input_shapes={m: tuple(splits["train"].inputs[m].shape[1:]) for m in MODALITIES}, out_dim=1,
         model=ModelSpec("msa_transformer", kwargs),
         train_defaults=dict(TRAIN_DEFAULTS[options.hparam_source]),
-        method_defaults={"cggm": dict(CGGM_DEFAULTS[options.hparam_source])},
+        method_defaults={"cggm": dict(CGGM_DEFAULTS[options.hparam_source]), "reconboost": dict(RECONBOOST_DEFAULTS)},
         info={"source": "CMU-MOSI (Zadeh et al. 2016)", "path": str(path), "sha256": sha256_of(path),
               "flavour": flavour, "variant": options.variant, "split_sizes": sizes,
               "hparam_source": options.hparam_source, **stats},
@@ -239,7 +243,7 @@ def build_synth(options: MosiSynthOptions, data_dir: str | Path | None = None) -
         input_shapes={m: (o.seq_len, d) for m, d in SYNTH_DIMS.items()}, out_dim=1,
         model=ModelSpec("msa_transformer", dict(MODEL_KWARGS)),
         train_defaults=dict(TRAIN_DEFAULTS[o.hparam_source]),
-        method_defaults={"cggm": dict(CGGM_DEFAULTS[o.hparam_source])},
+        method_defaults={"cggm": dict(CGGM_DEFAULTS[o.hparam_source]), "reconboost": dict(RECONBOOST_DEFAULTS)},
         info={"synthetic": True, "description": "SYNTHETIC CMU-MOSI shape-alike (text strong, audio/vision weak)",
               "split_seed": o.split_seed, "split_sizes": {"train": len(tr), "val": len(va), "test": len(te)},
               "hparam_source": o.hparam_source},
@@ -250,4 +254,5 @@ def build_synth(options: MosiSynthOptions, data_dir: str | Path | None = None) -
 build_synth.options_cls = MosiSynthOptions  # type: ignore[attr-defined]
 register_dataset("mosi-synth", "SYNTHETIC CMU-MOSI shape-alike (regression, text strong)")(build_synth)
 
-__all__ = ["MosiOptions", "MosiSynthOptions", "build", "build_synth", "TRAIN_DEFAULTS", "CGGM_DEFAULTS"]
+__all__ = ["MosiOptions", "MosiSynthOptions", "build", "build_synth", "TRAIN_DEFAULTS", "CGGM_DEFAULTS",
+           "RECONBOOST_DEFAULTS"]

@@ -141,7 +141,7 @@ class Trainer:
                  run_dir: Path, *, resume: bool = False, accelerator=None, quiet: bool = False,
                  log_with: list[str] | None = None) -> None:
         self.config = config
-        self.cfg = train_cfg
+        self.cfg = method.train_config(train_cfg)  # a preset's own optimizer settings (default: unchanged)
         self.data = data
         self.method = method
         self.run_dir = Path(run_dir)
@@ -465,7 +465,11 @@ class Trainer:
         to_none = bool(getattr(method, "substep_set_to_none", True))
         loss_sum = 0.0
         n_steps = 0
-        params = [p for p in model.parameters()]
+        # Clipped together (one norm): everything the main optimizer trains — the model and the method's
+        # modules that joined it (G-Blending/QMF/multitask heads, MRD tokens, UMT projectors), as the
+        # official codes clip model.parameters() with their heads inside. Modules with their own
+        # optimizer (CGGM classifiers, OGM-GE/MSLR probes) are not clipped (their specs: "no clipping").
+        params = [p for g in main_opt.param_groups for p in g["params"]]
         all_present = tuple(ctx.modalities)
         for step, batch in enumerate(loader):
             if cfg.max_steps_per_epoch is not None and step >= cfg.max_steps_per_epoch:
