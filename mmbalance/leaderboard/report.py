@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from .. import stats
-from . import diagnostics as lb_diag
 from ..runfiles import RESULT_FILE, atomic_write_text
+from . import diagnostics as lb_diag
 from .plan import RunSpec, RunState, read_state
 from .suite import Suite
 
