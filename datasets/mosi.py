@@ -100,7 +100,8 @@ def candidate_paths(options: MosiOptions, data_dir: str | Path | None) -> list[P
             + HOW_TO_GET)
     mult = "mosi_data.pkl" if options.variant == "aligned" else "mosi_data_noalign.pkl"
     mmsa = f"{options.variant}_50.pkl"
-    return [p for r in roots for p in (r / mult, r / "MOSI" / "Processed" / mmsa, r / "Processed" / mmsa)]
+    # the MMSA pickle is also found directly in the folder (where users put a downloaded aligned_50.pkl)
+    return [p for r in roots for p in (r / mult, r / "MOSI" / "Processed" / mmsa, r / "Processed" / mmsa, r / mmsa)]
 
 
 def detect_flavour(obj: dict[str, Any], path: Path, wanted: str) -> str:
@@ -124,6 +125,9 @@ def labels_array(value: Any, n: int, split: str, path: Path, key: str) -> np.nda
     y = arr.reshape(n).astype(np.float32)
     if not np.isfinite(y).all():
         raise DatasetFormatError(f"mosi: {path}: split {split!r} key {key!r} holds non-finite labels")
+    if y.size and (y.min() < -3 or y.max() > 3):  # sentiment is annotated on [-3, 3]
+        raise DatasetFormatError(f"mosi: {path}: split {split!r} key {key!r} has labels outside [-3, 3] (min "
+                                 f"{y.min():.4g}, max {y.max():.4g}); MOSI sentiment is on [-3, 3] (scaled labels?)")
     return y
 
 
@@ -153,6 +157,9 @@ def read_splits(obj: Any, path: Path, flavour: str, use_length_masks: bool) -> t
         if use_length_masks and flavour == "mmsa" and "audio_lengths" in d and "vision_lengths" in d:
             for m in ("audio", "vision"):
                 lens = np.asarray(d[f"{m}_lengths"]).reshape(-1)
+                if lens.dtype.kind not in "iuf" or (lens.size and not np.isfinite(lens.astype(np.float64)).all()):
+                    raise DatasetFormatError(f"mosi: {path}: split {key!r} key '{m}_lengths' must hold numbers, got "
+                                             f"dtype {lens.dtype} (first values {lens[:3].tolist()})")
                 if lens.shape != (n,):
                     raise DatasetFormatError(f"mosi: {path}: split {key!r} key '{m}_lengths' has {lens.shape[0]} "
                                              f"entries for {n} samples")
