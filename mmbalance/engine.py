@@ -41,11 +41,30 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, lr: float | 
         g.setdefault("lr", lr)
         g["base_lr"] = g["lr"]
         g.setdefault("lr_mult", 1.0)
+    kw = _fused_kwargs(groups, cfg.optimizer)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **kw)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kw)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kw)
+
+
+def _fused_kwargs(groups: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    """Adam/AdamW: ``fused=True`` (one kernel over all parameters; same update to float rounding);
+    SGD: ``foreach=True`` (torch 2.14's fused SGD fails when a parameter first gets a gradient after
+    its momentum buffers were created, e.g. MLA's per-modality sub-steps). Only when every parameter
+    is a dense floating-point tensor on one CPU/CUDA device; ``MMBALANCE_FUSED_OPTIMIZER=0`` restores
+    the per-parameter loop."""
+    if os.environ.get("MMBALANCE_FUSED_OPTIMIZER", "1") == "0":
+        return {}
+    for g in groups:  # materialise generators once (torch does the same) before looking at them
+        g["params"] = [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])
+    params = [p for g in groups for p in g["params"]]
+    if not params or len({p.device for p in params}) != 1 or params[0].device.type not in ("cpu", "cuda"):
+        return {}
+    if any(p.is_sparse or not p.is_floating_point() for p in params):
+        return {}
+    return {"foreach": True} if kind == "sgd" else {"fused": True}
 
 
 class LossWatch:
