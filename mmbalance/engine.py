@@ -510,12 +510,15 @@ class Trainer:
 
     def _dump_final_parameters(self) -> None:
         """Test hook: with MMBALANCE_DUMP_PARAMS_DIR set, each rank saves its final (last-epoch, not
-        best-checkpoint) parameters to rank<k>.pt, so a test can check DDP replicas stayed identical."""
+        best-checkpoint) parameters to rank<k>.pt, so a test can check DDP replicas stayed identical,
+        and the method's own state (``method.state_dict()``, ``method.metrics()``), so a test can check
+        statistics computed outside the gradient all-reduce (parameters cannot show those)."""
         dump_dir = os.environ.get("MMBALANCE_DUMP_PARAMS_DIR")
         if dump_dir:
             Path(dump_dir).mkdir(parents=True, exist_ok=True)
             state = {"model": self.accelerator.unwrap_model(self.ctx.model).state_dict(),
-                     "extra": {k: self.accelerator.unwrap_model(ex.module).state_dict() for k, ex in self.ctx.extra.items()}}
+                     "extra": {k: self.accelerator.unwrap_model(ex.module).state_dict() for k, ex in self.ctx.extra.items()},
+                     "method": self.method.state_dict(), "method_metrics": self.method.metrics()}
             torch.save(state, Path(dump_dir) / f"rank{self.accelerator.process_index}.pt")
 
     def _phase_epochs(self, phase: Phase) -> int:

@@ -34,24 +34,27 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("rank-local", "state-reset", "wrong-quantity", "wrong-split", "off-by-one", "swapped", "sign", "detach")
 
 DDP_NODE = "tests/test_ddp.py::test_two_process_methods_keep_replicas_identical[{}]"
-DDP_STATE_NODE = "tests/test_ddp.py::test_two_process_method_state_identical_on_uneven_ranks[{}]"
 
-#: The tests run for each method's mutants (the method's own file first, the slow 2-process runs last).
+#: The tests run for each method's mutants (the method's own file). Mutants of class ``rank-local``
+#: also run the method's 2-process DDP test (slow; it compares per-rank method state).
 TESTS: dict[str, list[str]] = {
     "cggm": ["tests/test_cggm.py"],
-    "ogm_ge": ["tests/test_ogm_ge.py", DDP_NODE.format("ogm_ge")],
-    "agm": ["tests/test_agm.py", DDP_NODE.format("agm"), DDP_STATE_NODE.format("agm")],
-    "pmr": ["tests/test_pmr.py", DDP_NODE.format("pmr"), DDP_STATE_NODE.format("pmr")],
-    "gblending": ["tests/test_gblending.py", DDP_NODE.format("gblending")],
-    "greedy": ["tests/test_greedy.py", DDP_STATE_NODE.format("greedy")],
+    "ogm_ge": ["tests/test_ogm_ge.py"],
+    "agm": ["tests/test_agm.py"],
+    "pmr": ["tests/test_pmr.py"],
+    "gblending": ["tests/test_gblending.py"],
+    "greedy": ["tests/test_greedy.py"],
     "umt": ["tests/test_ume_umt.py"],
     "ume": ["tests/test_ume_umt.py"],
-    "qmf": ["tests/test_qmf.py", DDP_NODE.format("qmf"), DDP_STATE_NODE.format("qmf")],
+    "qmf": ["tests/test_qmf.py"],
     "reconboost": ["tests/test_reconboost.py"],
-    "mrd": ["tests/test_mrd.py", DDP_NODE.format("mrd"), DDP_STATE_NODE.format("mrd")],
-    "mslr": ["tests/test_mslr.py", DDP_NODE.format("mslr"), DDP_STATE_NODE.format("mslr")],
-    "engine": ["tests/test_engine.py", "tests/test_cli.py", "tests/test_ddp.py::test_two_process_baseline"],
+    "mrd": ["tests/test_mrd.py"],
+    "mslr": ["tests/test_mslr.py"],
+    "engine": ["tests/test_engine.py", "tests/test_cli.py"],
 }
+DDP_TESTS: dict[str, list[str]] = {m: [DDP_NODE.format(m)] for m in
+                                   ("ogm_ge", "agm", "pmr", "gblending", "qmf", "mslr", "mrd", "greedy")}
+DDP_TESTS["engine"] = ["tests/test_ddp.py::test_two_process_baseline"]
 
 
 @dataclass
@@ -66,7 +69,10 @@ class Mutant:
     id: str = field(default="")
 
     def test_targets(self) -> list[str]:
-        return list(self.tests or TESTS[self.method])
+        targets = list(self.tests or TESTS[self.method])
+        if self.bug_class == "rank-local":
+            targets += DDP_TESTS.get(self.method, [])
+        return targets
 
 
 def M(method: str, file: str, original: str, mutated: str, description: str, bug_class: str,
@@ -418,8 +424,14 @@ def check(mutants: list[Mutant], root: Path = REPO) -> list[str]:
     return bad
 
 
-def copy_tree(dest: Path) -> None:
-    """Tracked and untracked-but-not-ignored files of the working tree → ``dest`` (no .git)."""
+def copy_tree(dest: Path, rev: str | None = None) -> None:
+    """Tracked and untracked-but-not-ignored files of the working tree → ``dest`` (no .git); with
+    ``rev``, the files of that git revision instead (e.g. to score the suite of an older commit)."""
+    if rev is not None:
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", rev], cwd=REPO, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest), "--exclude=leaderboard/results"], input=archive, check=True)
+        return
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
                            capture_output=True).stdout.decode().split("\0")
     for f in files:
@@ -438,7 +450,10 @@ def existing_targets(tree: Path, targets: list[str]) -> list[str]:
         file, _, node = t.partition("::")
         if not (tree / file).is_file():
             continue
-        if node and f"def {node.split('[')[0]}(" not in (tree / file).read_text():
+        text = (tree / file).read_text()
+        if node and f"def {node.split('[')[0]}(" not in text:
+            continue
+        if "[" in node and f'"{node.split("[")[1].rstrip("]")}"' not in text:
             continue
         out.append(t)
     return out
@@ -496,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=Path("runs/mutation.json"), help="where the results go")
     ap.add_argument("--list", action="store_true", help="print the mutants and exit")
     ap.add_argument("--check", action="store_true", help="only check that every snippet matches once")
+    ap.add_argument("--rev", help="score the tree of this git revision instead of the working tree")
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated test run")
     args = ap.parse_args(argv)
 
@@ -508,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         for m in chosen:
             print(f"{m.id:<14} {m.bug_class:<15} {m.file:<24} {m.description}")
         return 0
-    stale = check(chosen)
+    stale = check(chosen) if args.rev is None else []
     if args.check or stale:
         print("\n".join(stale) or f"all {len(chosen)} snippets match exactly once")
         return 1 if stale else 0
@@ -517,11 +533,11 @@ def main(argv: list[str] | None = None) -> int:
         trees = []
         for k in range(max(1, args.jobs)):
             tree = Path(tmp) / f"tree{k}"
-            copy_tree(tree)
+            copy_tree(tree, args.rev)
             trees.append(tree)
         if not args.no_baseline:  # the unmutated tree must pass, or every mutant would count as killed
             for meth in dict.fromkeys(m.method for m in chosen):
-                rc, secs, tail = run_tests(trees[0], TESTS[meth], args.timeout)
+                rc, secs, tail = run_tests(trees[0], TESTS[meth] + DDP_TESTS.get(meth, []), args.timeout)
                 print(f"baseline {meth}: rc={rc} ({secs:.0f} s)", flush=True)
                 if rc != 0:
                     print(tail, file=sys.stderr)
