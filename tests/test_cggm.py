@@ -418,3 +418,21 @@ def test_direction_term_from_start_epoch_inclusive(tmp_path):
         meth.after_backward(ctx)
         ctx.optimizer.zero_grad(set_to_none=True)
         assert ("cggm/lgm_added" in out.logs) == on, epoch
+
+
+def test_stale_direction_term_sends_gradient_to_the_fusion_weight(tmp_path):
+    """The λ·L_gm(t−1) term added at step t carries its graph to W_F: ∂loss/∂W_F minus the task part
+    equals λ·∂L_gm/∂W_F ≠ 0 (a detached term would contribute nothing)."""
+    tr, ctx, meth, batch = make(tmp_path, sets={**SEQ3, "lam": 0.5})
+    backward_step(ctx, meth, batch)
+    meth.after_backward(ctx)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    assert meth.lgm_prev is not None
+    wf = ctx.raw_model.final_layer().weight
+    g_lgm = torch.autograd.grad(meth.lgm_prev, wf, retain_graph=True)[0]
+    assert float(g_lgm.abs().sum()) > 0
+    out = meth.training_step(ctx, batch)
+    assert "cggm/lgm_added" in out.logs
+    g_total = torch.autograd.grad(out.loss, wf, retain_graph=True)[0]
+    g_task = torch.autograd.grad(ctx.task.loss(out.output.logits, batch["label"]), wf)[0]  # aux terms: no W_F
+    torch.testing.assert_close(g_total - g_task, 0.5 * g_lgm, rtol=1e-4, atol=1e-7)
