@@ -25,7 +25,9 @@ class SyntheticOptions:
     """``n_modalities`` ≥ 1; ``task``; ``n_samples``; ``dim`` per modality; ``feature``: vector or
     sequence (length ``seq_len``); ``imbalance``: SNR ratio of the fast modality to the others;
     ``num_classes`` (classification); ``image_size`` (segmentation); ``seed``: data-generation seed;
-    ``split_seed``: the 70/10/20 split."""
+    ``split_seed``: the 70/10/20 split; ``noise_modalities``: extra modalities ``n0, n1, …`` of
+    label-independent N(0, 1) noise shaped like the others (a planted useless modality, for the
+    diagnostics tests; drawn from their own stream so the informative views do not change)."""
 
     n_modalities: int = 3
     task: Literal["classification", "regression", "segmentation"] = "classification"
@@ -38,12 +40,15 @@ class SyntheticOptions:
     image_size: int = 16
     seed: int = 0
     split_seed: int = 0
+    noise_modalities: int = 0
 
     def validate(self) -> None:
         if self.n_modalities < 1:
             raise ConfigError(f"synthetic: n_modalities must be >= 1, got {self.n_modalities}")
         if self.n_samples < 20:
             raise ConfigError(f"synthetic: n_samples must be >= 20, got {self.n_samples}")
+        if self.noise_modalities < 0:
+            raise ConfigError(f"synthetic: noise_modalities must be >= 0, got {self.noise_modalities}")
         if self.task == "classification" and self.num_classes < 2:
             raise ConfigError("synthetic: num_classes must be >= 2")
 
@@ -106,6 +111,13 @@ def build(options: SyntheticOptions, data_dir: str | Path | None = None) -> Mult
         else:
             model = ModelSpec("mlp_concat", {"enc_hidden": 32, "enc_out": 16})
             shapes = {m: (o.dim,) for m in names}
+    if o.noise_modalities:
+        noise_rs = np.random.RandomState(o.seed + 7777)
+        first = inputs[names[0]]
+        for j in range(o.noise_modalities):
+            inputs[f"n{j}"] = noise_rs.normal(size=first.shape).astype(np.float32)
+            shapes[f"n{j}"] = shapes[names[0]]
+        names = names + [f"n{j}" for j in range(o.noise_modalities)]
     tr, va, te = stratified_split(keys, [0.7, 0.1, 0.2], o.split_seed)
     y = torch.as_tensor(labels)
     xs = {m: torch.as_tensor(x) for m, x in inputs.items()}

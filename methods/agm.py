@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -20,6 +20,7 @@ from torch import nn
 
 from mmbalance.interface import BalancingMethod, StepContext, StepOutput
 from mmbalance.registry import register_method
+from mmbalance.search import LogUniform
 
 __all__ = ["AGM", "AGMHParams", "GradScale", "shapley_coefficients", "permutation_coefficients",
            "mono_responses", "agm_coefficients", "per_modality_accuracy"]
@@ -125,7 +126,7 @@ class AGMHParams:
     0.9; first step S̄ = s). ``kappa_clamp``: None (official) or [lo, hi].
     """
 
-    alpha: float = 1.0
+    alpha: float = field(default=1.0, metadata={"search": LogUniform(0.1, 3.0)})
     start_epoch: int = 0
     end_epoch: int | None = None
     C: float | None = 10.0

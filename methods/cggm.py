@@ -12,7 +12,7 @@ Presets: ``cggm`` (official-code semantics, mmbalance default, with the sign-saf
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -23,6 +23,7 @@ from mmbalance.errors import MethodNotApplicable
 from mmbalance.interface import BalancingMethod, StepContext, StepOutput
 from mmbalance.models.base import MultimodalModel
 from mmbalance.registry import register_method
+from mmbalance.search import LogUniform, Uniform
 
 __all__ = ["CGGM", "CGGMHParams", "CGGMClassifiers", "SegDecoderHead", "PAPER_TABLE7", "balance_coefficients",
            "encoder_scope_parameters", "direction_loss"]
@@ -68,8 +69,8 @@ class CGGMHParams:
       ``neg_mae`` (regression with non-centred targets; ε = −MAE).
     """
 
-    rho: float = 1.3
-    lam: float = 0.2
+    rho: float = field(default=1.3, metadata={"search": Uniform(1.0, 1.6)})
+    lam: float = field(default=0.2, metadata={"search": LogUniform(0.02, 1.0)})
     cls_lr: float | None = None
     cls_weight_decay: float | None = None
     guard: bool = True
@@ -382,11 +383,9 @@ class CGGM(BalancingMethod):
 
     def after_backward(self, ctx: StepContext) -> None:
         hp = self.hp
-        if hp.cos_source == "grads_same_step":
-            factors = self._b  # B^p (ρ inside when rho_in_b; §2.1)
-        else:
-            b = self._update_coefficients(ctx)
-            factors = b if hp.rho_in_b else hp.rho * b
+        # B was computed before the backward with grads_same_step (§2.1), here otherwise (step 7a-7c)
+        b = self._b if hp.cos_source == "grads_same_step" else self._update_coefficients(ctx)
+        factors = b if hp.rho_in_b else hp.rho * b  # Eq. 8-9: ρ·B_m, or B_m^p that already holds ρ
         for k, m in enumerate(self.modalities):
             params = [p for p in self._scoped[m] if p.grad is not None]
             raw = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])) if params else 0.0

@@ -10,7 +10,7 @@ the fused head only.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -19,6 +19,7 @@ from torch import nn
 
 from mmbalance.interface import BalancingMethod, StepContext, StepOutput
 from mmbalance.registry import register_method
+from mmbalance.search import Choice
 
 from .qmf import PixelHead, UnimodalHeads
 
@@ -34,15 +35,23 @@ class GBlendHParams:
     - ``measure`` ``loss``: paper; ``accuracy``: G/O from accuracies (paper: equally effective).
     - ``weights`` None: fixed weights [w_1..w_M, w_fused] = official VMZ behaviour (no estimation,
       no held-out split).
+    - ``noise_floor`` False (paper). True (mmbalance, preset ``gblending_offline_robust``): the
+      denominator O_i² becomes O_i² + SE(O_i)², SE from the per-sample loss changes on V and T′
+      (:func:`overfit_standard_error`), so a head whose ΔO is indistinguishable from 0 cannot take
+      all the weight (Eq. w ∝ G/O² divides by a noise-dominated square otherwise).
+    - ``max_weight`` None (paper): optional cap on every weight after normalisation, the excess
+      shared among the other heads in proportion to their weights.
     """
 
     mode: Literal["online", "offline"] = "online"
     first_super_epoch: int = 10
-    super_epoch: int = 5
+    super_epoch: int = field(default=5, metadata={"search": Choice((3, 5, 10))})
     heldout_fraction: float = 0.08
     min_weight: float = 1e-3
     measure: Literal["loss", "accuracy"] = "loss"
     weights: list[float] | None = None
+    noise_floor: bool = False
+    max_weight: float | None = None
 
     def validate(self) -> None:
         if self.first_super_epoch < 1 or self.super_epoch < 1:
@@ -53,16 +62,58 @@ class GBlendHParams:
             raise ValueError(f"min_weight must be in [0, 1), got {self.min_weight}")
         if self.weights is not None and (any(w < 0 for w in self.weights) or sum(self.weights) <= 0):
             raise ValueError(f"weights must be non-negative with a positive sum, got {self.weights}")
+        if self.max_weight is not None and not 0 < self.max_weight <= 1:
+            raise ValueError(f"max_weight must be in (0, 1], got {self.max_weight}")
 
 
-def blend_weights(g: torch.Tensor, o: torch.Tensor, min_weight: float = 1e-3) -> torch.Tensor:
-    """Guarded G-Blend weights (gblending.md §2 step 4): w̃ = max(G, 0)/(O² + 1e-8); uniform when
-    Σ w̃ = 0; normalise; floor at ``min_weight``; renormalise."""
+def blend_weights(g: torch.Tensor, o: torch.Tensor, min_weight: float = 1e-3, *,
+                  o_se: torch.Tensor | None = None, max_weight: float | None = None) -> torch.Tensor:
+    """Guarded G-Blend weights (paper Algorithm 1 with the guard of §6): w̃ = max(G, 0)/(O² + 1e-8);
+    uniform when Σ w̃ = 0; normalise; floor at ``min_weight``; renormalise.
+
+    Noise-aware variant: with ``o_se`` the denominator is O² + SE(O)² + 1e-8 (the expected square of
+    the measured ΔO when its true value is O and its sampling noise has standard deviation SE);
+    ``max_weight`` then caps each weight (:func:`cap_weights`)."""
     g, o = torch.as_tensor(g, dtype=torch.float64), torch.as_tensor(o, dtype=torch.float64)
-    raw = g.clamp_min(0) / (o.pow(2) + 1e-8)
+    denom = o.pow(2) + 1e-8
+    if o_se is not None:
+        denom = denom + torch.as_tensor(o_se, dtype=torch.float64).pow(2)
+    raw = g.clamp_min(0) / denom
     w = torch.full_like(raw, 1.0 / len(raw)) if float(raw.sum()) <= 0 else raw / raw.sum()
     w = w.clamp_min(min_weight)
-    return w / w.sum()
+    w = w / w.sum()
+    return w if max_weight is None else cap_weights(w, max_weight)
+
+
+def cap_weights(w: torch.Tensor, cap: float) -> torch.Tensor:
+    """Normalised weights with every w_i ≤ ``cap``: capped weights are fixed at the cap and the excess
+    is shared among the uncapped ones in proportion to their weights, repeated until none exceeds it
+    (a cap below 1/n is raised to 1/n: uniform)."""
+    w = torch.as_tensor(w, dtype=torch.float64).clone()
+    cap = max(float(cap), 1.0 / len(w))
+    fixed = torch.zeros(len(w), dtype=torch.bool)
+    while bool((w > cap + 1e-15).any()):
+        fixed |= w >= cap
+        free = ~fixed
+        w[fixed] = cap
+        rest = 1.0 - cap * int(fixed.sum())
+        if not bool(free.any()) or float(w[free].sum()) <= 0:
+            w[free] = rest / max(1, int(free.sum()))
+            break
+        w[free] = w[free] * rest / w[free].sum()
+    return w
+
+
+def overfit_standard_error(v0: torch.Tensor, v1: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor) -> float:
+    """Standard error of ΔO = mean_V(v1 − v0) − mean_T′(t1 − t0) from per-sample losses before (0) and
+    after (1) a sub-network's training, on the same samples: SE² = s²_V/|V| + s²_T′/|T′| with s² the
+    sample variance (ddof 1) of the paired per-sample changes (V and T′ are disjoint, so independent).
+    Equals the bootstrap standard deviation of ΔO (resampling V and T′) up to O(1/n)."""
+    def part(a: torch.Tensor, b: torch.Tensor) -> float:
+        d = (b - a).double()
+        return float(d.var(unbiased=True)) / len(d) if len(d) > 1 else 0.0
+
+    return (part(v0, v1) + part(t0, t1)) ** 0.5
 
 
 def estimation_epochs(total: int, first: int, every: int, mode: str = "online") -> list[int]:
@@ -126,6 +177,8 @@ def per_sample_score(task: Any, logits: torch.Tensor, y: torch.Tensor) -> torch.
 @register_method("gblending", "Gradient-Blending: unimodal+fused heads weighted by G/O² (online, super-epochs 10/5)")
 @register_method("gblending_offline", "Gradient-Blending, offline (Algorithm 2): one full-length estimate",
                  mode="offline")
+@register_method("gblending_offline_robust", "Gradient-Blending, offline, noise-aware: O² + SE(O)² in the "
+                 "denominator (mmbalance variant)", mode="offline", noise_floor=True)
 class GBlending(BalancingMethod):
     name = "gblending"
     hparams_cls = GBlendHParams
@@ -168,9 +221,13 @@ class GBlending(BalancingMethod):
         self.t_prime = torch.randperm(n_rest, generator=ctx.generator)[:k].sort().values
 
     # ------------------------------------------------------------------ measurement
-    @torch.no_grad()
     def measure(self, ctx: StepContext, net: nn.Module, split: str) -> float:
-        """Mean per-sample loss (or score) of ``net`` on V (``heldout``) or T′ (``train``): per-position
+        """Mean per-sample loss (or score) of ``net`` on V (``heldout``) or T′ (``train``)."""
+        return float(self.measure_samples(ctx, net, split).mean())
+
+    @torch.no_grad()
+    def measure_samples(self, ctx: StepContext, net: nn.Module, split: str) -> torch.Tensor:
+        """Per-sample losses (or scores) of ``net`` on V or T′, in position order (float64): per-position
         SUM buffers are SUM-reduced across ranks, so padded duplicates count once."""
         # positions are < len(TRAIN) whether batches index the carved split or the original one
         n = len(ctx.data.train)
@@ -199,7 +256,7 @@ class GBlending(BalancingMethod):
         net.train(was)
         total, count = ctx.reduce_sum(total), ctx.reduce_sum(count)
         seen = count > 0
-        return float((total[seen] / count[seen]).mean())
+        return (total[seen] / count[seen]).cpu()
 
     def _train_subnet(self, ctx: StepContext, net: nn.Module, epochs: int, lr: float, tag: int) -> None:
         """n epochs on TRAIN minus V with a fresh optimizer of the dataset's type at ``lr`` (no
@@ -252,21 +309,27 @@ class GBlending(BalancingMethod):
         sign = -1.0 if self.hp.measure == "accuracy" else 1.0  # accuracy: "loss" = −score
         g_list, o_list = [], []
         tag0 = len(self.history) * 101
+        se_list = []
         for i, net in enumerate(self.subnetworks(ctx)):
-            lv0, lt0 = sign * self.measure(ctx, net, "heldout"), sign * self.measure(ctx, net, "train")
+            v0, t0 = sign * self.measure_samples(ctx, net, "heldout"), sign * self.measure_samples(ctx, net, "train")
             self._train_subnet(ctx, net, epochs, lr, tag0 + i)
-            lv1, lt1 = sign * self.measure(ctx, net, "heldout"), sign * self.measure(ctx, net, "train")
+            v1, t1 = sign * self.measure_samples(ctx, net, "heldout"), sign * self.measure_samples(ctx, net, "train")
+            lv0, lt0, lv1, lt1 = (float(x.mean()) for x in (v0, t0, v1, t1))
             o_list.append((lv1 - lt1) - (lv0 - lt0))  # ΔO = O_{N+n} − O_N
             g_list.append(lv0 - lv1)  # ΔG = L^V_N − L^V_{N+n}
+            se_list.append(overfit_standard_error(v0, v1, t0, t1))
             del net
         torch.set_rng_state(rng)
         g, o = torch.tensor(g_list, dtype=torch.float64), torch.tensor(o_list, dtype=torch.float64)
-        w = blend_weights(g, o, self.hp.min_weight)
+        o_se = torch.tensor(se_list, dtype=torch.float64)
+        w = blend_weights(g, o, self.hp.min_weight, o_se=o_se if self.hp.noise_floor else None,
+                          max_weight=self.hp.max_weight)
         if ctx.world_size > 1:
             from accelerate.utils import broadcast
 
             w = broadcast(w.to(ctx.device)).cpu()
-        self.history.append({"epoch": ctx.epoch, "n": epochs, "G": g.tolist(), "O": o.tolist(), "w": w.tolist()})
+        self.history.append({"epoch": ctx.epoch, "n": epochs, "G": g.tolist(), "O": o.tolist(), "O_se": o_se.tolist(),
+                             "w": w.tolist()})
         return w
 
     # ------------------------------------------------------------------ hooks
@@ -311,6 +374,8 @@ class GBlending(BalancingMethod):
             last = self.history[-1]
             for i, (g, o) in enumerate(zip(last["G"], last["O"])):
                 out[f"G_{i}"], out[f"O_{i}"] = g, o
+                if "O_se" in last:
+                    out[f"O_se_{i}"] = last["O_se"][i]
                 if g != 0:
                     out[f"OGR_{i}"] = abs(o / g)
         return out

@@ -20,9 +20,10 @@ from mmbalance.errors import MethodNotApplicable
 from mmbalance.interface import BalancingMethod, StepContext, StepOutput
 from mmbalance.models.mmtm import MMTMModel
 from mmbalance.registry import register_method
+from mmbalance.search import LogUniform
 
 MMTM_VARIANTS = {"mlp_concat": "mlp_mmtm", "mlp_transformer_fusion": "mlp_mmtm", "seq_transformer": "seq_mmtm",
-                 "conv_seg": "conv_mmtm"}
+                 "conv_seg": "conv_mmtm", "av_gru_mlp": "av_gru_mlp_mmtm"}
 
 
 def group_ratio(params: list[torch.nn.Parameter]) -> float:
@@ -58,7 +59,7 @@ class GreedyHParams:
     forwards) or ``ema`` with ``ema_beta``; ``mode``: ``guided`` (official ``Bias_Mitigation_Strong``)
     or ``random`` (``Bias_Mitigation_Random``, preset ``greedy_random``)."""
 
-    epsilon: float = 0.01
+    epsilon: float = field(default=0.01, metadata={"search": LogUniform(0.003, 0.1)})
     window: int = 5
     start_epoch: int = 2
     mmtm_ratio: int = 4

@@ -8,7 +8,7 @@ chosen modality; the dropped modality's fusion inputs (``level=feature``, defaul
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 
 from mmbalance.interface import BalancingMethod, StepContext, StepOutput
 from mmbalance.registry import register_method
+from mmbalance.search import Uniform
 
 
 @dataclass
@@ -30,7 +31,7 @@ class MRDHParams:
     - ``level`` ``feature`` (mmbalance; after the encoders, before fusion) or ``input``.
     """
 
-    p_drop: float = 0.5
+    p_drop: float = field(default=0.5, metadata={"search": Uniform(0.1, 0.7)})
     mode: Literal["one_uniform", "bernoulli"] = "one_uniform"
     fill: Literal["zeros", "learned_token"] = "zeros"
     rescale: bool = False

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -23,6 +23,7 @@ from torch import nn
 
 from mmbalance.interface import BalancingMethod, StepContext, StepOutput
 from mmbalance.registry import register_method
+from mmbalance.search import IntUniform
 
 __all__ = ["MSLR", "MSLRHParams", "MemoryRatio", "metric_parts"]
 
@@ -91,7 +92,7 @@ class MSLRHParams:
     """
 
     c0: float | list[float] | dict[str, float] = 1.0
-    window: int = 5
+    window: int = field(default=5, metadata={"search": IntUniform(2, 10)})
     start_epoch: int = 0
     end_epoch: int | None = None
     form: Literal["param_groups", "grad_scale"] = "param_groups"

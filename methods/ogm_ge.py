@@ -12,7 +12,7 @@ and :func:`modality_param_groups` (one optimizer group per modality plus a share
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 from mmbalance.errors import ConfigError
 from mmbalance.interface import BalancingMethod, ModelOutput, StepContext, StepOutput
 from mmbalance.registry import register_method
+from mmbalance.search import LogUniform
 
 __all__ = ["OGMGE", "OGMGEHParams", "ModalityProbes", "modality_param_groups", "ogm_coefficients",
            "discrepancy_ratios", "modulate_gradients", "score_sums", "train_target_tau"]
@@ -193,7 +194,7 @@ class OGMGEHParams:
     step). ``noise_std_source``: ``pre`` (official; ``post`` = May-2022 version).
     """
 
-    alpha: float = 0.1
+    alpha: float = field(default=0.1, metadata={"search": LogUniform(0.03, 1.0)})
     start_epoch: int = 0
     end_epoch: int = 50
     ge: bool = True

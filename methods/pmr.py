@@ -8,7 +8,7 @@ coefficient β = α (pmr.md §2 steps 1–10). Preset ``pmr_paper``: smooth coef
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from mmbalance.errors import DatasetFormatError
 from mmbalance.interface import BalancingMethod, StepContext, StepOutput
 from mmbalance.registry import register_method
+from mmbalance.search import LogUniform
 
 
 @dataclass
@@ -32,7 +33,7 @@ class PMRHParams:
     - ``pixels_per_image`` 1024: segmentation generalisation (§5).
     """
 
-    alpha: float = 2.0
+    alpha: float = field(default=2.0, metadata={"search": LogUniform(0.2, 5.0)})
     momentum: float = 0.0
     start_epoch: int = 0
     end_epoch: int | None = None

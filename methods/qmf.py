@@ -8,7 +8,7 @@ QMF replaces the canonical fusion module and head: they are removed from the mod
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -17,6 +17,7 @@ from torch import nn
 
 from mmbalance.interface import BalancingMethod, StepContext, StepOutput
 from mmbalance.registry import register_method
+from mmbalance.search import LogUniform
 
 
 @dataclass
@@ -32,7 +33,7 @@ class QMFHParams:
     - ``regression_head`` ``gaussian``: mmbalance generalisation (§5; heads predict μ and log σ²).
     """
 
-    lambda_rank: float = 1.0
+    lambda_rank: float = field(default=1.0, metadata={"search": LogUniform(0.01, 1.0)})
     detach_w: bool = True
     history_update: Literal["before", "after"] = "before"
     margin: Literal["code", "crl"] = "code"

@@ -16,7 +16,7 @@ phase 2: everything). Inactive encoders also get no gradient in phase 1 (F_{−m
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -29,6 +29,7 @@ from mmbalance.errors import ConfigError, MethodNotApplicable
 from mmbalance.interface import BalancingMethod, ModelOutput, Phase, StepContext, StepOutput
 from mmbalance.models.base import MultimodalModel, pool_feature
 from mmbalance.registry import create_model, register_method, register_model
+from mmbalance.search import Uniform
 
 
 class SharedHead(nn.Module):
@@ -104,9 +105,9 @@ class ReconBoostHParams:
     ``class_mean_factor`` true (official 1/C); ``optimizer`` ``dataset`` (mmbalance) or ``official``
     (SGD lr 0.01, momentum 0.9, wd 5e-4); ``official_decay``: (every_stages, factor) for ``official``."""
 
-    w1: float = 5.0
+    w1: float = field(default=5.0, metadata={"search": Uniform(1.0, 8.0)})
     w2: float = 1.0
-    alpha: float = 0.5
+    alpha: float = field(default=0.5, metadata={"search": Uniform(0.1, 1.0)})
     ga_grad: bool = False
     beta_init: float | None = None
     e1: int = 1

@@ -9,7 +9,7 @@ MSE in fp32 over all elements.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -19,6 +19,7 @@ from torch import nn
 from mmbalance.errors import MethodNotApplicable
 from mmbalance.interface import BalancingMethod, StepContext, StepOutput
 from mmbalance.registry import register_method
+from mmbalance.search import LogUniform
 from mmbalance.tasks import Task
 from mmbalance.teachers import TeacherInfo, jsonable_infos, teacher_costs, train_unimodal
 
@@ -52,7 +53,7 @@ class UMTHParams:
     ``projector``: learned student-side projector when shapes differ (off); ``normalize``: ``none`` or
     ``teacher_var`` (each MSE divided by the teacher feature variance)."""
 
-    lam: float = 10.0
+    lam: float = field(default=10.0, metadata={"search": LogUniform(0.3, 30.0)})
     student_init: Literal["scratch", "teacher"] = "scratch"
     projector: bool = False
     normalize: Literal["none", "teacher_var"] = "none"

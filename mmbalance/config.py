@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -20,6 +21,30 @@ from .errors import ConfigError
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with the YAML 1.2 core-schema scalars: only ``true``/``false`` are booleans, so
+    ``no``/``yes``/``on``/``off`` stay strings (``train.mixed_precision=no`` is the string ``'no'``;
+    boolean keys still accept them, see :func:`_coerce`); integers are decimal (``007`` stays
+    text, ``1:30`` is not sexagesimal 90) and ``1e-3`` is a float."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag not in {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:int",
+                                                  "tag:yaml.org,2002:float"}]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _tag, _rx, _first in (
+        ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+        ("tag:yaml.org,2002:int", r"^[-+]?(?:0|[1-9][0-9]*)$", "-+0123456789"),
+        ("tag:yaml.org,2002:float", r"^(?:[-+]?(?:\.[0-9]+|[0-9]+\.[0-9]*)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9]+[eE][-+]?[0-9]+"
+                                    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$", "-+.0123456789")):
+    _Yaml12Loader.add_implicit_resolver(_tag, re.compile(_rx), list(_first))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text (config files, ``--set`` values) with :class:`_Yaml12Loader`."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -72,8 +97,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if tp is str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # a decimal integer is the text it was read from (``dataset.variant=2021``)
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {value!r} (quote it to pass text)")
         return value
     if origin in (list, tuple) or tp in (list, tuple):
         if isinstance(value, str):
@@ -155,6 +182,18 @@ class TrainConfig:
     num_workers: int = 0
     max_steps_per_epoch: int | None = None
     modality_eval: Literal["epoch", "final", "none"] = "epoch"
+    #: False for hyperparameter-tuning trials: the test split is never evaluated (result.json "test": null)
+    evaluate_test: bool = True
+    # imbalance diagnostics (mmbalance/diagnostics, docs/diagnostics.md); never change training
+    diagnostics: Literal["default", "none", "full"] = "default"
+    diag_permutations: int = 5
+    diag_cos_per_epoch: int = 2
+    diag_subset: int = 1024
+    diag_probe_max: int = 20_000
+    diag_mc_permutations: int = 64
+    diag_probe_pixels: int = 256
+    diag_probe_every: int = 5
+    diag_shapley_empty: Literal["prior", "all_absent"] = "prior"
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -163,6 +202,11 @@ class TrainConfig:
             raise ValueError("batch sizes must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        for key in ("diag_permutations", "diag_cos_per_epoch", "diag_subset", "diag_probe_max",
+                    "diag_mc_permutations", "diag_probe_pixels", "diag_probe_every"):
+            if getattr(self, key) < (0 if key in {"diag_permutations", "diag_cos_per_epoch"} else 1):
+                raise ValueError(f"{key} must be >= {0 if key in {'diag_permutations', 'diag_cos_per_epoch'} else 1}, "
+                                 f"got {getattr(self, key)}")
 
 
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
@@ -210,7 +254,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
             raw = tomllib.loads(text)
         elif p.suffix.lower() in {".yaml", ".yml", ".json"}:
-            raw = yaml.safe_load(text) or {}
+            raw = load_yaml(text) or {}
         else:
             raise ConfigError(f"config file {str(p)!r}: expected a .yaml, .yml, .json or .toml file")
     except ConfigError:
@@ -248,7 +292,7 @@ def parse_set_items(items: list[str]) -> dict[str, dict[str, Any]]:
         if section not in out or not name:
             raise ConfigError(f"--set {item!r}: expected 'name', 'dataset.name', 'model.name' or 'train.name'")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = load_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         out[section][name] = value

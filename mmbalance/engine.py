@@ -1,6 +1,6 @@
 """The one training loop (DESIGN.md §1), built on ``accelerate.Accelerator``.
 
-Per step: ``method.training_step`` → ``accelerator.backward`` → ``unscale_gradients`` (fp16) →
+Per step: ``method.training_step`` → ``accelerator.backward`` → unscale every optimizer once (fp16) →
 ``method.after_backward`` → clip (main model) → lr = scheduled × ``lr_mult`` → optimizer steps →
 zero grads → ``method.after_step``. Per epoch: ``on_epoch_start`` → steps → ``on_epoch_end`` →
 validation (+ per-modality validation) → selection → checkpoint. At the end: load the best
@@ -25,9 +25,11 @@ import torch
 from . import runfiles
 from .config import RunConfig, TrainConfig, config_hash, to_jsonable
 from .data import TensorBatcher, TensorSplit, carve_heldout, eval_index_shards, make_loader
+from .data.batching import collate_dicts
 from .data.splits import quantile_bins
+from .diagnostics import Diagnostics, total_seconds
 from .errors import ConfigError, NonFiniteLossError
-from .interface import BalancingMethod, Phase, StepContext
+from .interface import BalancingMethod, BatchGroup, Phase, StepContext
 from .registry import create_model
 from .tasks import Task, create_task
 
@@ -201,6 +203,7 @@ class Trainer:
                 opt = build_optimizer([{"params": list(ex.module.parameters())}], self.cfg, ex.lr)
                 ex.optimizer = acc.prepare(opt)
         self.loader_train = self._make_train_iterable(self.train_split, self.cfg.batch_size)
+        self.diag = Diagnostics(self)  # imbalance diagnostics (train.diagnostics); never changes training
         torch.manual_seed(seed + 2)  # the training RNG stream (dropout) is the same for every method
 
     def _carve_heldout(self, split):
@@ -237,9 +240,12 @@ class Trainer:
         data = self.train_split if split == "train" else self.ctx.heldout
         if data is None:
             raise ValueError("this method did not declare needs_heldout, so there is no held-out split")
-        it = self._make_train_iterable(data, batch_size or self.cfg.batch_size, shuffle, self.config.seed + 7)
-        if isinstance(it, TensorBatcher):
+        seed = self.config.seed + 7
+        if isinstance(data, TensorSplit):
+            it = self._make_train_iterable(data, batch_size or self.cfg.batch_size, shuffle, seed)
             it.set_epoch(key)
+        else:  # a DataLoader's order comes from its generator's seed: fold the key in (as TensorBatcher does)
+            it = self._make_train_iterable(data, batch_size or self.cfg.batch_size, shuffle, seed * 1_000_003 + key)
         return iter(it)
 
     # ------------------------------------------------------------------ evaluation
@@ -383,12 +389,41 @@ class Trainer:
         raise NonFiniteLossError(message)
 
     def _fast_optimizer(self, opt):
-        """Accelerate's optimizer wrapper only adds gradient-scaler and accumulation handling, neither
-        of which is in use without fp16 (the loop never accumulates); it also re-checks optional
-        packages on every step. Step the wrapped optimizer directly then (same update, less overhead)."""
-        if self.accelerator.scaler is None and hasattr(opt, "optimizer"):
-            return opt.optimizer
+        """The plain torch optimizer under Accelerate's wrapper. The wrapper only adds accumulation
+        handling (the loop never accumulates) and, under fp16, a ``scaler.step`` + ``scaler.update``
+        inside every ``step()``; with several optimizers that update resets the scaler's per-optimizer
+        state after the first one, so every later optimizer was unscaled a second time (its update
+        1/scale too small). The loop drives the scaler itself (:meth:`_unscale`, :meth:`_step_optimizers`)."""
+        while hasattr(opt, "optimizer") and isinstance(opt, torch.optim.Optimizer):
+            opt = opt.optimizer
         return opt
+
+    def _unscale(self, opts: list[torch.optim.Optimizer]) -> None:
+        """fp16: divide every optimizer's gradients by the loss scale, exactly once per step, so that
+        ``after_backward`` and clipping see true gradients (no-op without a scaler)."""
+        scaler = self.accelerator.scaler
+        if scaler is not None:
+            for opt in opts:
+                scaler.unscale_(opt)
+
+    def _step_optimizers(self, opts: list[torch.optim.Optimizer]) -> bool:
+        """Step every optimizer; under fp16 skip them ALL when any gradient overflowed (the model and
+        the method's heads move together or not at all) and update the loss scale once. Returns
+        whether the step was taken."""
+        scaler = self.accelerator.scaler
+        if scaler is None:
+            for opt in opts:
+                opt.step()
+            return True
+        # GradScaler records each optimizer's inf/NaN check in unscale_ (torch.amp.GradScaler internals,
+        # stable since torch 1.6); one host sync per step for the combined flag, fp16 only.
+        found = [v for opt in opts for v in scaler._per_optimizer_states[id(opt)]["found_inf_per_device"].values()]
+        ok = not found or not bool(sum(f.to(found[0].device) for f in found).item())
+        if ok:
+            for opt in opts:
+                opt.step()
+        scaler.update()  # once per step, backs off when any optimizer saw inf
+        return ok
 
     def _set_lrs(self, factor: float) -> None:
         for g in self.ctx.optimizer.param_groups:
@@ -402,42 +437,62 @@ class Trainer:
         if hasattr(loader, "set_epoch"):  # TensorBatcher or a prepared DataLoader: order per (phase, epoch)
             loader.set_epoch(pos.phase_index * 100_003 + pos.epoch)
         method.on_epoch_start(ctx)
+        plan = method.epoch_plan(ctx)
+        if plan is not None:  # the method's per-epoch training plan replaces the loader for this epoch
+            loader = self._plan_batches(plan, pos.phase_index * 100_003 + pos.epoch)
+        self.diag.start_epoch()
         extra_opts = [self._fast_optimizer(ex.optimizer) for ex in ctx.extra.values() if ex.optimizer is not None]
         main_opt = self._fast_optimizer(ctx.optimizer)
+        all_opts = [main_opt, *extra_opts]
+        to_none = bool(getattr(method, "substep_set_to_none", True))
         loss_sum = 0.0
         n_steps = 0
         params = [p for p in model.parameters()]
+        all_present = tuple(ctx.modalities)
         for step, batch in enumerate(loader):
             if cfg.max_steps_per_epoch is not None and step >= cfg.max_steps_per_epoch:
                 break
             ctx.step = step
-            out = method.training_step(ctx, batch)
-            loss = out.loss
-            loss_value = loss.item()  # one host sync per step: NaN check and epoch mean together
-            bad = not math.isfinite(loss_value)
-            if acc.num_processes > 1:  # every rank must stop together
-                bad = bool(acc.reduce(torch.tensor([float(bad)], device=acc.device), reduction="sum") > 0)
-            if bad:
-                self._fail(pos, f"non-finite training loss ({loss_value}) at phase {phase.name!r}, epoch "
-                                f"{pos.epoch}, step {step}; the run is marked failed (try a lower lr or "
-                                "mixed_precision=no)")
-            acc.backward(loss)
-            if acc.scaler is not None:
-                acc.unscale_gradients()
-            method.after_backward(ctx)
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            self._set_lrs(schedule.factor(pos.epoch, step))
-            main_opt.step()
-            for opt in extra_opts:
-                opt.step()
-            main_opt.zero_grad(set_to_none=True)
-            for opt in extra_opts:
-                opt.zero_grad(set_to_none=True)
+            if plan is not None:
+                batch, ctx.present = batch
+            else:
+                ctx.present = all_present
+            self.diag.before_step(step, batch)
+            subs = method.training_substeps(ctx, batch)
+            if subs is None:
+                subs = (method.training_step(ctx, batch),)
+            for sub, out in enumerate(subs):  # one update per StepOutput (MLA: one per modality)
+                ctx.substep = sub
+                loss = out.loss
+                loss_value = loss.item()  # one host sync per step: NaN check and epoch mean together
+                bad = not math.isfinite(loss_value)
+                if acc.num_processes > 1:  # every rank must stop together
+                    bad = bool(acc.reduce(torch.tensor([float(bad)], device=acc.device), reduction="sum") > 0)
+                if bad:
+                    self._fail(pos, f"non-finite training loss ({loss_value}) at phase {phase.name!r}, epoch "
+                                    f"{pos.epoch}, step {step}; the run is marked failed (try a lower lr or "
+                                    "mixed_precision=no)")
+                acc.backward(loss)
+                self._unscale(all_opts)  # every sub-step is a real step: unscaled once, stepped, scale updated
+                self.diag.after_backward()
+                method.after_backward(ctx)
+                self.diag.after_edit()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                self._set_lrs(schedule.factor(pos.epoch, min(step, max(0, ctx.steps_per_epoch - 1))))
+                self._step_optimizers(all_opts)
+                main_opt.zero_grad(set_to_none=to_none)
+                for opt in extra_opts:
+                    opt.zero_grad(set_to_none=to_none)
+                loss_sum += loss_value
+                for k, v in out.logs.items():
+                    ctx.log(k, v)
+            if not to_none:  # sub-steps kept zero-filled gradients; the batch ends with none
+                main_opt.zero_grad(set_to_none=True)
+                for opt in extra_opts:
+                    opt.zero_grad(set_to_none=True)
+            ctx.substep = 0
             method.after_step(ctx)
-            loss_sum += loss_value
-            for k, v in out.logs.items():
-                ctx.log(k, v)
             n_steps += 1
             pos.global_step += 1
             ctx.global_step = pos.global_step
@@ -445,6 +500,53 @@ class Trainer:
         logs = {"train_loss": loss_sum / max(1, n_steps)}
         logs.update(ctx.pop_logs())
         return logs
+
+    def _plan_batches(self, plan: list[BatchGroup], key: int) -> Iterator[tuple[dict[str, torch.Tensor], tuple[str, ...]]]:
+        """Batches of a method's epoch plan (interface ``epoch_plan``): the groups in order; inside a
+        group one permutation seeded by (run seed, epoch key, group number), identical on every rank,
+        padded by wrap-around to a multiple of the world size, rank r taking positions r, r+W, …, then
+        consecutive batches with the last partial one kept. Every rank takes the same number of steps.
+        Yields ``(batch, present)``; ``batch["idx"]`` holds positions in the training split."""
+        acc, cfg = self.accelerator, self.cfg
+        split = self.train_split
+        n = len(split)
+        mods = set(self.ctx.modalities)
+        shards: list[tuple[torch.Tensor, tuple[str, ...]]] = []
+        for gi, group in enumerate(plan):  # validate the whole plan before the first step
+            idx = torch.as_tensor(group.indices, dtype=torch.long).reshape(-1)
+            present = tuple(group.present) if group.present is not None else tuple(self.ctx.modalities)
+            unknown = set(present) - mods
+            if unknown or not present:
+                raise ValueError(f"epoch_plan group {gi}: present={present!r} must be a non-empty subset of "
+                                 f"the model's modalities {sorted(mods)}")
+            if len(idx) == 0:
+                continue
+            if int(idx.min()) < 0 or int(idx.max()) >= n:
+                raise ValueError(f"epoch_plan group {gi}: indices must lie in [0, {n}) (the training split), "
+                                 f"got [{int(idx.min())}, {int(idx.max())}]")
+            if group.shuffle:
+                g = torch.Generator().manual_seed((self.config.seed * 1_000_003 + key) * 1_009 + gi)
+                idx = idx[torch.randperm(len(idx), generator=g)]
+            if acc.num_processes > 1:
+                total = -(-len(idx) // acc.num_processes) * acc.num_processes
+                idx = idx.repeat(-(-total // len(idx)))[:total]
+                idx = idx[acc.process_index::acc.num_processes]
+            shards.append((idx, present))
+        bsz = cfg.batch_size
+        for idx, present in shards:
+            for start in range(0, len(idx), bsz):
+                chunk = idx[start:start + bsz]
+                if isinstance(split, TensorSplit):
+                    batch = split.batch(chunk)
+                    if acc.device.type != "cpu":
+                        batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+                else:
+                    from accelerate.utils import send_to_device
+
+                    batch = collate_dicts([split[int(i)] for i in chunk])
+                    batch["idx"] = chunk
+                    batch = send_to_device(batch, acc.device)
+                yield batch, present
 
     def fit(self) -> dict[str, Any]:
         ctx, method = self.ctx, self.method
@@ -474,7 +576,8 @@ class Trainer:
                 ctx.epoch = pos.epoch
                 t0 = time.perf_counter()
                 logs = self._train_epoch(pos, phase, schedule)
-                epoch_seconds = time.perf_counter() - t0
+                diag_step_seconds = self.diag.pop_step_seconds()
+                epoch_seconds = time.perf_counter() - t0 - diag_step_seconds
                 pos.train_seconds += epoch_seconds
                 row: dict[str, Any] = {"phase": phase.name, "epoch": pos.epoch, "global_step": pos.global_step,
                                        "epoch_seconds": epoch_seconds, **logs}
@@ -489,6 +592,7 @@ class Trainer:
                     if self._is_better(val, pos.best):
                         pos.best = {"phase": phase.name, "phase_index": pos.phase_index, "epoch": pos.epoch, "val": val}
                         self._save("best.pt", self._weights())
+                self.diag.end_epoch(row, diag_step_seconds)
                 pos.history.append(row)
                 pos.epoch += 1
                 self._save_last(pos, schedule)
@@ -510,15 +614,14 @@ class Trainer:
 
     def _dump_final_parameters(self) -> None:
         """Test hook: with MMBALANCE_DUMP_PARAMS_DIR set, each rank saves its final (last-epoch, not
-        best-checkpoint) parameters to rank<k>.pt, so a test can check DDP replicas stayed identical,
-        and the method's own state (``method.state_dict()``, ``method.metrics()``), so a test can check
-        statistics computed outside the gradient all-reduce (parameters cannot show those)."""
+        best-checkpoint) parameters to rank<k>.pt, so a test can check DDP replicas stayed identical;
+        also the method's state and last-epoch metrics, so a test can compare per-rank statistics."""
         dump_dir = os.environ.get("MMBALANCE_DUMP_PARAMS_DIR")
         if dump_dir:
             Path(dump_dir).mkdir(parents=True, exist_ok=True)
             state = {"model": self.accelerator.unwrap_model(self.ctx.model).state_dict(),
                      "extra": {k: self.accelerator.unwrap_model(ex.module).state_dict() for k, ex in self.ctx.extra.items()},
-                     "method": self.method.state_dict(), "method_metrics": self.method.metrics()}
+                     "method_state": self.method.state_dict(), "method_metrics": self.method.metrics()}
             torch.save(state, Path(dump_dir) / f"rank{self.accelerator.process_index}.pt")
 
     def _phase_epochs(self, phase: Phase) -> int:
@@ -555,9 +658,13 @@ class Trainer:
             raise RuntimeError("no phase evaluated on validation; nothing to select")
         best = torch.load(self.ckpt_dir / "best.pt", map_location="cpu", weights_only=False)
         self._load_weights(best)
-        test = self.evaluate(self.data.test)
-        test_pm = self.evaluate_per_modality(self.data.test) if self.cfg.modality_eval != "none" else {}
+        test, test_pm = None, None  # tuning trials: the test split is never touched
+        if self.cfg.evaluate_test:
+            test = self.evaluate(self.data.test)
+            test_pm = self.evaluate_per_modality(self.data.test) if self.cfg.modality_eval != "none" else {}
         val_pm = self.evaluate_per_modality(self.data.val) if self.cfg.modality_eval != "none" else {}
+        diagnostics = self.diag.final(test=test, val=pos.best["val"], test_pm=test_pm, val_pm=val_pm,
+                                      history=pos.history)
         n_epochs = max(1, len(pos.history))
         result = {
             "status": "ok", "method": self.config.method, "dataset": self.config.dataset, "seed": self.config.seed,
@@ -567,11 +674,14 @@ class Trainer:
             "val": pos.best["val"], "test": test, "val_per_modality": val_pm, "test_per_modality": test_pm,
             "method_metrics": self.method.metrics(), "synthetic": self.data.synthetic,
             "timings": {"train_seconds": pos.train_seconds, "seconds_per_epoch": pos.train_seconds / n_epochs,
-                        "wall_seconds_this_process": wall, "epochs": len(pos.history)},
+                        "wall_seconds_this_process": wall, "epochs": len(pos.history),
+                        "diagnostics_seconds": total_seconds(diagnostics)},
             "num_train_samples": len(self.train_split), "world_size": self.accelerator.num_processes,
             "peak_memory_mb": runfiles.peak_memory_mb(), "versions": runfiles.package_versions(),
             "hardware": runfiles.hardware_summary(),
         }
+        if diagnostics is not None:
+            result["diagnostics"] = diagnostics
         if self.accelerator.is_main_process:
             runfiles.atomic_write_json(self.run_dir / runfiles.RESULT_FILE, result)
         self.accelerator.wait_for_everyone()

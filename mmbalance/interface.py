@@ -5,6 +5,24 @@ A method never writes a training loop. Per step the engine calls, in order:
 → clip → optimizer steps → scheduler → ``after_step``. Per epoch: ``on_epoch_start`` → steps →
 ``on_epoch_end`` → validation (``predict``) → checkpoint selection. ``phases()`` lists the training
 phases (one ``joint`` phase by default).
+
+Two optional capabilities change what one "step" and one "epoch" are:
+
+- **Sub-steps** (``training_substeps``): a generator yielding several :class:`StepOutput` per batch;
+  each one gets its own backward → unscale → ``after_backward`` → clip → optimizer step → zero grads
+  (``ctx.substep`` counts them), and the next one is produced only after that step, so it sees the
+  updated parameters. A sub-step may run a forward restricted to some encoders
+  (``ctx.forward(batch, only=(m,))``); under DDP declare ``find_unused_parameters = True``, since each
+  sub-step then arms the reducer with its own forward. ``after_step`` and the lr schedule advance once
+  per batch. Gradients between sub-steps are set to None, or zero-filled with
+  ``substep_set_to_none = False`` (torch < 2 ``zero_grad()``); after the last sub-step always None.
+- **Epoch plan** (``epoch_plan``): after ``on_epoch_start`` a method may return an ordered list of
+  :class:`BatchGroup` (indices into the training split, the modalities present); the engine then trains
+  the groups in that order instead of the shuffled loader — shuffled inside each group with a seeded
+  permutation identical on every rank, sharded across ranks with wrap-around padding (equal step counts),
+  last partial batch kept — and sets ``ctx.present`` for every batch. The plan is rebuilt every epoch
+  from the method's state, so a resumed run replays it. Per-iteration lr schedules keep the default
+  loader's steps per epoch (a longer epoch holds the last step's lr).
 """
 from __future__ import annotations
 
@@ -24,7 +42,7 @@ if TYPE_CHECKING:
     from .data import ModelSpec, MultimodalData
     from .tasks import Task
 
-__all__ = ["BalancingMethod", "StepContext", "StepOutput", "ModelOutput", "Phase", "NoHParams",
+__all__ = ["BalancingMethod", "BatchGroup", "StepContext", "StepOutput", "ModelOutput", "Phase", "NoHParams",
            "MethodNotApplicable", "ALL_TASKS"]
 
 ALL_TASKS = frozenset({"classification", "regression", "segmentation"})
@@ -56,6 +74,18 @@ class Phase:
 
 
 @dataclass
+class BatchGroup:
+    """One group of an epoch plan (:meth:`BalancingMethod.epoch_plan`): ``indices`` are positions in the
+    training split (``batch["idx"]`` values); ``present`` the modalities the method should train with
+    (None = all; the engine passes it on as ``ctx.present``, the method does the masking);
+    ``shuffle=False`` keeps the given order."""
+
+    indices: torch.Tensor
+    present: tuple[str, ...] | None = None
+    shuffle: bool = True
+
+
+@dataclass
 class ExtraModule:
     """A method-owned module registered through :meth:`StepContext.add_module`."""
 
@@ -74,6 +104,8 @@ class StepContext:
     - ``data`` (:class:`MultimodalData`; methods must only read ``train`` and ``heldout``),
       ``heldout`` (the train-carved split when the method declares ``needs_heldout``), ``task``;
     - ``phase``, ``epoch`` (0-based within the phase), ``step`` (within the epoch), ``global_step``;
+      ``substep`` (index of the current sub-step of the batch, 0 without sub-steps); ``present`` (the
+      modalities of the current epoch-plan group; every modality without a plan);
     - ``generator``: a torch.Generator seeded identically on every rank (method randomness);
     - ``reduce_mean`` / ``reduce_sum``: cross-process reductions for statistics that set coefficients.
     """
@@ -97,9 +129,11 @@ class StepContext:
         self.step = 0
         self.global_step = 0
         self.steps_per_epoch = 0
+        self.substep = 0
+        self.present: tuple[str, ...] = ()
         self.generator = torch.Generator().manual_seed(seed * 7919 + 17)
         self.train_batches: Callable[..., Iterator[dict[str, torch.Tensor]]] | None = None
-        self._logs: dict[str, list[float]] = {}
+        self._logs: dict[str, list[float | torch.Tensor]] = {}
 
     # ---------------------------------------------------------------- conveniences
     @property
@@ -125,8 +159,14 @@ class StepContext:
     def inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: batch[m] for m in self.raw_model.modalities}
 
-    def forward(self, batch: dict[str, torch.Tensor], absent: tuple[str, ...] | set[str] = ()) -> ModelOutput:
-        return self.model(self.inputs(batch), absent=tuple(absent))
+    def forward(self, batch: dict[str, torch.Tensor], absent: tuple[str, ...] | set[str] = (),
+                only: tuple[str, ...] | None = None) -> ModelOutput:
+        """The (wrapped) model's forward. ``absent``: those modalities get their neutral input.
+        ``only``: run only these encoders; ``features``/``pooled`` hold only them and fusion receives
+        only them (for methods that replace the fusion, e.g. MLA's shared head on one modality)."""
+        if only is None:
+            return self.model(self.inputs(batch), absent=tuple(absent))
+        return self.model({m: batch[m] for m in only}, absent=tuple(absent), only=tuple(only))
 
     def add_module(self, name: str, module: nn.Module, *, trainable: bool = True, lr: float | None = None,
                    own_optimizer: bool = True) -> nn.Module:
@@ -154,11 +194,22 @@ class StepContext:
         return self.reduce_sum(x) / self.world_size
 
     def log(self, key: str, value: float | torch.Tensor) -> None:
-        """Record a scalar; the engine logs its per-epoch mean to ``metrics.jsonl``."""
-        self._logs.setdefault(key, []).append(float(value))
+        """Record a scalar; the engine logs its per-epoch mean to ``metrics.jsonl``. A tensor is kept
+        (detached) until the epoch ends, so logging in the hot path costs no host sync."""
+        self._logs.setdefault(key, []).append(value.detach() if isinstance(value, torch.Tensor) else float(value))
 
     def pop_logs(self) -> dict[str, float]:
-        out = {k: sum(v) / len(v) for k, v in self._logs.items() if v}
+        out = {}
+        for k, v in self._logs.items():
+            if not v:
+                continue
+            dev = next((x.device for x in v if isinstance(x, torch.Tensor)), None)
+            if dev is None:
+                out[k] = sum(v) / len(v)
+            else:  # one device-to-host transfer per key and epoch
+                vals = torch.stack([x.reshape(()).to(dev, torch.float64) if isinstance(x, torch.Tensor) else
+                                    torch.tensor(x, dtype=torch.float64, device=dev) for x in v])
+                out[k] = float(vals.sum().cpu()) / len(v)
         self._logs = {}
         return out
 
@@ -235,6 +286,17 @@ class BalancingMethod:
         """Forward + loss. Default: the task loss on the fused output."""
         out = ctx.forward(batch)
         return StepOutput(ctx.task.loss(out.logits, batch["label"]), out)
+
+    def training_substeps(self, ctx: StepContext, batch: dict[str, torch.Tensor]) -> Iterator[StepOutput] | None:
+        """Several optimizer updates per batch: return a generator yielding one :class:`StepOutput` per
+        sub-step (each is backpropagated, unscaled, passed to ``after_backward`` with ``ctx.substep`` set,
+        clipped and stepped before the next is requested). None (default) = one ``training_step``."""
+        return None
+
+    def epoch_plan(self, ctx: StepContext) -> list[BatchGroup] | None:
+        """This epoch's ordered training groups (called after ``on_epoch_start``); None = the default
+        shuffled loader over the whole training split."""
+        return None
 
     def after_backward(self, ctx: StepContext) -> None:
         """Gradient edits on unscaled, all-reduced gradients (before clipping)."""

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a method hyperparameter (NAME) or dataset.NAME, model.NAME, train.NAME")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
     p.add_argument("--list", action="store_true", help="list methods and datasets and exit")
+    p.add_argument("--show-space", action="store_true",
+                   help="print the tuning search space of --method (and the shared training space) and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -56,6 +58,21 @@ def print_listing() -> None:
     print("datasets:")
     for name, desc in DATASETS.describe().items():
         print(f"  {name:<28} {desc}")
+
+
+def print_space(method: str) -> None:
+    """``--show-space``: the method's searched hyperparameters (field metadata on its hparams dataclass) and
+    the training space every row shares (relative to the dataset's defaults)."""
+    from .search import method_search_space
+
+    space = method_search_space(method)
+    print(f"tuning space of {method!r} (python -m mmbalance.leaderboard tune; trial 0 = the defaults):")
+    for name, dist in sorted(space.items()):
+        print(f"  {name:<22} {dist.to_json()}")
+    if not space:
+        print("  (no method hyperparameter is searched)")
+    print("  train.lr               ['log', lr0/4, 4*lr0]      (lr0 = the dataset's default)")
+    print("  train.weight_decay     ['log', wd0/10, 10*wd0]    (fixed when the dataset's default is 0)")
 
 
 def resolve(args: argparse.Namespace):
@@ -106,6 +123,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if args.list:
         print_listing()
         return {}
+    if args.show_space:
+        print_space(args.method or "baseline")
+        return {}
     from .engine import Trainer
 
     config, train_cfg, data, method, run_dir = resolve(args)
@@ -113,10 +133,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     result = trainer.fit()
     if trainer.accelerator.is_main_process and not args.quiet:
         key = result["primary_metric"]
+        test_text = (f"test {key} {result['test'][key]:.4f}; per-modality test {key}: "
+                     + ", ".join(f"{m} {r[key]:.4f}" for m, r in result["test_per_modality"].items())
+                     if result["test"] is not None else "test not evaluated (train.evaluate_test=false)")
         print(f"{config.method} on {config.dataset} (seed {config.seed}): val {key} {result['val'][key]:.4f}, "
-              f"test {key} {result['test'][key]:.4f}; per-modality test {key}: "
-              + ", ".join(f"{m} {r[key]:.4f}" for m, r in result["test_per_modality"].items())
-              + f"\nrun files: {run_dir}")
+              f"{test_text}\nrun files: {run_dir}")
     return result
 
 

@@ -88,6 +88,7 @@ class MetricMeter:
     def update(self, logits: Tensor, target: Tensor) -> None:
         """Add one (gathered) batch. The task loss is weighted by the batch's sample count."""
         with torch.no_grad():
+            logits = logits.float()  # metrics in float32 whatever the autocast dtype
             b = int(target.shape[0])
             self.loss_sum += float(self.task.loss(logits, target)) * b
             self.n += b
@@ -177,7 +178,9 @@ class ClassificationTask(Task):
         self.label_smoothing = float(label_smoothing)
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        w = None if self.class_weights is None else self.class_weights.to(logits.device, logits.dtype)
+        """Cross-entropy in float32 (bf16/fp16 logits from autocast are upcast first, README rule 5)."""
+        logits = logits.float()
+        w = None if self.class_weights is None else self.class_weights.to(logits.device)
         return F.cross_entropy(logits, target.long(), weight=w, label_smoothing=self.label_smoothing)
 
     def prediction(self, logits: Tensor) -> Tensor:
@@ -248,15 +251,17 @@ class RegressionTask(Task):
         return logits.reshape(b), target.reshape(b)
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """L1 in float32: reduced-precision predictions are upcast, targets are never rounded to them."""
         pred, y = self._flat(logits, target)
-        return F.l1_loss(pred, y.to(pred.dtype))
+        return F.l1_loss(pred.float(), y.float())
 
     def prediction(self, logits: Tensor) -> Tensor:
-        return logits.reshape(logits.shape[0])
+        """The float32 value per sample (a bf16 prediction upcast, so later arithmetic is float32)."""
+        return logits.reshape(logits.shape[0]).float()
 
     def batch_score_parts(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """Sign accuracy, acc2_cggm convention: (#[(ŷ > 0) = (y > 0)], sample count)."""
-        pred, y = self._flat(logits, target)
+        pred, y = self._flat(logits.float(), target)
         correct = ((pred > 0) == (y > 0)).sum().to(torch.float32)
         return correct, torch.tensor(float(y.shape[0]), device=logits.device)
 

@@ -338,7 +338,7 @@ def test_two_process_ddp_identical_parameters(tmp_path):
     assert res["world_size"] == 2 and res["status"] == "ok"
     # the method state of each rank (ε memory, coefficients) is the global-batch one
     s0, s1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt", weights_only=False) for r in (0, 1))
-    assert torch.equal(s0["method"]["eps_prev"], s1["method"]["eps_prev"])
+    assert torch.equal(s0["method_state"]["eps_prev"], s1["method_state"]["eps_prev"])
     assert s0["method_metrics"] == s1["method_metrics"] and "B/fac" in s0["method_metrics"]
 
 

@@ -73,9 +73,9 @@ RANK_OWN = {"mrd": [f"method_metrics.drop_rate_{m}" for m in ("fac", "fou", "mor
 #: Per-method structural checks of the dumped state (a rank-local update would fail them too).
 STATE_CHECKS = {
     # QMF: every rank applies every rank's (idx, loss) pairs, so the history covers all of TRAIN
-    "qmf": lambda st, res: bool((st["method"]["history"] > 0).all()) and st["method"]["history"].shape[1] == res["num_train_samples"],
+    "qmf": lambda st, res: bool((st["method_state"]["history"] > 0).all()) and st["method_state"]["history"].shape[1] == res["num_train_samples"],
     # PMR: class means of both ranks' subsets; every class present
-    "pmr": lambda st, res: st["method"]["prototypes"].abs().sum(-1).gt(0).all().item(),
+    "pmr": lambda st, res: st["method_state"]["prototypes"].abs().sum(-1).gt(0).all().item(),
 }
 
 
@@ -99,10 +99,10 @@ def test_two_process_methods_keep_replicas_identical(tmp_path, method):
     assert res["world_size"] == 2
     st0 = torch.load(tmp_path / "dump" / "rank0.pt", weights_only=False)
     st1 = torch.load(tmp_path / "dump" / "rank1.pt", weights_only=False)
-    f0 = _flat_state({"method": st0["method"], "method_metrics": st0["method_metrics"]})
-    f1 = _flat_state({"method": st1["method"], "method_metrics": st1["method_metrics"]})
+    f0 = _flat_state({"method": st0["method_state"], "method_metrics": st0["method_metrics"]})
+    f1 = _flat_state({"method": st1["method_state"], "method_metrics": st1["method_metrics"]})
     assert f0.keys() == f1.keys()
-    assert st0["method"] or st0["method_metrics"], "the method exposes no state to compare"
+    assert st0["method_state"] or st0["method_metrics"], "the method exposes no state to compare"
     own = RANK_OWN.get(method, [])
     for k in f0:
         if k not in own:

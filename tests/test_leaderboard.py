@@ -16,16 +16,10 @@ from conftest import REPO
 
 from mmbalance import stats
 from mmbalance.config import config_hash
-from mmbalance.lb_plan import (
-    RUNNER_ENV,
-    STATUS_FILE,
-    execute_run,
-    load_suite,
-    plan_hash_payload,
-    plan_runs,
-    read_state,
-)
-from mmbalance.lb_report import build_report, write_report
+from mmbalance.leaderboard.execute import RUNNER_ENV, execute_run
+from mmbalance.leaderboard.plan import STATUS_FILE, plan_hash_payload, plan_runs, read_state
+from mmbalance.leaderboard.report import build_report, write_report
+from mmbalance.leaderboard.suite import load_suite
 from mmbalance.runfiles import atomic_write_json
 
 GOLDEN = REPO / "tests" / "golden" / "leaderboard.md"
@@ -347,14 +341,14 @@ def test_refused_resume_restarts_from_scratch_and_unstartable_runner_fails(tmp_p
 
 
 def test_one_gpu_per_worker_and_accelerate_command(tmp_path, monkeypatch):
-    import mmbalance.lb_plan as lb_plan
-    from mmbalance.lb_plan import build_command, run_local
+    import mmbalance.leaderboard.execute as lb_execute
+    from mmbalance.leaderboard.execute import build_command, run_local
 
     runner = tmp_path / "fake_run.py"
     runner.write_text(FAKE_RUNNER)
     monkeypatch.setenv(RUNNER_ENV, f"{sys.executable} {runner}")
     monkeypatch.setenv("FAKE_MARKERS", str(tmp_path / "markers.txt"))
-    monkeypatch.setattr(lb_plan, "visible_gpus", lambda: ["3", "5"])
+    monkeypatch.setattr(lb_execute, "visible_gpus", lambda: ["3", "5"])
     suite = load_suite(write_suite(tmp_path, "gpu", SWEEP_SUITE.replace('"napp", "bad"', '"good"')))
     specs = plan_runs(suite, tmp_path / "results")
     states = run_local(specs, workers=4, progress=False)  # capped at 2 workers: one GPU each
@@ -376,7 +370,7 @@ def test_one_gpu_per_worker_and_accelerate_command(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_submitit_local_executor(tmp_path):
     pytest.importorskip("submitit")
-    from mmbalance.lb_plan import run_submitit
+    from mmbalance.leaderboard.execute import run_submitit
 
     runner = tmp_path / "fake_run.py"
     runner.write_text(FAKE_RUNNER)

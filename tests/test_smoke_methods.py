@@ -13,6 +13,7 @@ from mmbalance.registry import list_methods
 DATASETS = {
     "mfeat": SMALL_MFEAT,
     "synthetic-regression": {"dataset.n_samples": 120},
+    "avdigits": {"dataset.limit_per_class": 20},
 }
 
 
@@ -28,6 +29,8 @@ def test_one_epoch(method, dataset, tmp_path, capsys):
 
     if method == "unimodal:m0" and dataset == "mfeat":
         method = "unimodal:fou"
+    if method == "unimodal:m0" and dataset == "avdigits":
+        method = "unimodal:audio"
     rd = tmp_path / "run"
     sets = dict(DATASETS[dataset])
     if method.startswith("reconboost"):  # one stage = e1 + e2 passes: the smallest stage, 2 epochs
@@ -46,3 +49,11 @@ def test_one_epoch(method, dataset, tmp_path, capsys):
     assert result["status"] == "ok" and (rd / "config.json").is_file() and rows
     assert all(math.isfinite(r["train_loss"]) for r in rows)
     assert all(isinstance(v, float) and math.isfinite(v) for v in result["test"].values() if isinstance(v, float))
+    # imbalance diagnostics for every method (engine-level, on by default)
+    diag = result["diagnostics"]
+    mods = result["modalities"]
+    assert {"probe", "shapley", "permutation", "dynamics_final", "seconds"} <= set(diag)
+    assert set(diag["probe"]["test"]) == set(mods) and set(diag["shapley"]["test"]["phi"]) == set(mods)
+    assert set(diag["permutation"]["test"]["drop"]) == set(mods)
+    assert result["timings"]["diagnostics_seconds"] > 0
+    assert all("diag" in r and set(r["diag"]["conf"]) == set(mods) for r in rows)

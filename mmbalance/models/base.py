@@ -57,13 +57,16 @@ class MultimodalModel(nn.Module):
     def neutral_input(self, m: str, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(x)
 
-    def encode(self, inputs: dict[str, torch.Tensor], absent: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    def encode(self, inputs: dict[str, torch.Tensor], absent: Iterable[str] = (),
+               only: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """z_m for every modality, or only for ``only`` (the other encoders do not run)."""
         absent = set(absent)
-        unknown = absent - set(self.modalities)
+        mods = self.modalities if only is None else [m for m in self.modalities if m in set(only)]
+        unknown = (absent | set(only or ())) - set(self.modalities)
         if unknown:
-            raise KeyError(f"absent modalities {sorted(unknown)} are not in the model ({self.modalities})")
+            raise KeyError(f"modalities {sorted(unknown)} are not in the model ({self.modalities})")
         return {m: self.encoders[m](self.neutral_input(m, inputs[m]) if m in absent else inputs[m])
-                for m in self.modalities}
+                for m in mods}
 
     def pool(self, m: str, z: torch.Tensor) -> torch.Tensor:
         return pool_feature(z, self.feature_kinds[m])
@@ -75,8 +78,11 @@ class MultimodalModel(nn.Module):
         fused = self.fusion(pooled if self.fusion_input == "pooled" else features)
         return fused, self.head(fused)
 
-    def forward(self, inputs: dict[str, torch.Tensor], absent: Iterable[str] = ()) -> ModelOutput:
-        features = self.encode(inputs, absent)
+    def forward(self, inputs: dict[str, torch.Tensor], absent: Iterable[str] = (),
+                only: Iterable[str] | None = None) -> ModelOutput:
+        """``only``: run only those encoders; fusion then receives only their features (a fusion
+        that needs every modality fails; methods using ``only`` replace it)."""
+        features = self.encode(inputs, absent) if only is None else self.encode(inputs, absent, only)
         pooled = {m: self.pool(m, z) for m, z in features.items()}
         fused, logits = self.fuse_and_head(features, pooled)
         return ModelOutput(features, pooled, fused, logits)

@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from . import stats
-from .lb_plan import RunSpec, RunState, Suite, read_state
-from .runfiles import RESULT_FILE, atomic_write_text
+from .. import stats
+from ..runfiles import RESULT_FILE, atomic_write_text
+from .plan import RunSpec, RunState, read_state
+from .suite import Suite
 
 DASH = "—"
 
@@ -361,7 +362,8 @@ def _cli_suite_arg(suite: Suite) -> str:
     return suite.name if shown == f"leaderboard/suites/{suite.name}.toml" else shown
 
 
-def render_markdown(rep: Report, figures: dict[str, str]) -> str:
+def render_markdown(rep: Report, figures: dict[str, str], extra: list[str] | None = None) -> str:
+    """The report; ``extra`` lines (e.g. the tuning sections) go before the environment section."""
     suite = rep.suite
     arg = _cli_suite_arg(suite)
     counts = Counter(s.state for s in rep.states)
@@ -390,6 +392,7 @@ def render_markdown(rep: Report, figures: dict[str, str]) -> str:
     for ds in rep.datasets:
         lines += _dataset_section(rep, ds, arg, figures)
     lines += _cross_section(rep.cross, figures)
+    lines += extra or []
     lines += _environment_section(rep)
     return "\n".join(lines).rstrip("\n") + "\n"
 
@@ -569,8 +572,9 @@ def bar_chart(ds: DatasetSummary, path: Path) -> bool:
     return True
 
 
-def write_report(rep: Report, out_dir: str | Path) -> dict[str, Path]:
-    """Write README.md, results.csv and figures/ into ``out_dir``; returns the written paths."""
+def write_report(rep: Report, out_dir: str | Path, extra: list[str] | None = None) -> dict[str, Path]:
+    """Write README.md, results.csv and figures/ into ``out_dir``; returns the written paths. ``extra``:
+    further markdown lines (see :func:`render_markdown`)."""
     out = Path(out_dir)
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -593,7 +597,7 @@ def write_report(rep: Report, out_dir: str | Path) -> dict[str, Path]:
     for stale in fig_dir.glob("*.png"):  # figures of datasets no longer in the suite
         if stale.name not in expected:
             os.unlink(stale)
-    atomic_write_text(out / "README.md", render_markdown(rep, figures))
+    atomic_write_text(out / "README.md", render_markdown(rep, figures, extra))
     atomic_write_text(out / "results.csv", render_csv(rep))
     written["readme"] = out / "README.md"
     written["csv"] = out / "results.csv"

@@ -1,0 +1,6 @@
+"""``python -m mmbalance.leaderboard``."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,276 @@
+"""Executing planned runs: one subprocess per run (``python -m mmbalance.run`` or ``accelerate launch``),
+locally in parallel workers or as SLURM jobs through submitit; outcomes recorded in ``status.json``."""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..runfiles import CHECKPOINT_DIR, RESULT_FILE, atomic_write_json
+from .plan import LOG_FILE, NA_PREFIX, STATUS_FILE, RunSpec, RunState, read_json_or_none, read_state, utc_now
+
+#: Test/debug hook: replaces ``python -m mmbalance.run`` (a shell-quoted command line).
+RUNNER_ENV = "MMBALANCE_LEADERBOARD_RUNNER"
+
+
+# ------------------------------------------------------------------------------------------ execution
+def runner_command() -> list[str]:
+    override = os.environ.get(RUNNER_ENV)
+    return shlex.split(override) if override else [sys.executable, "-m", "mmbalance.run"]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def build_command(spec: RunSpec, *, resume: bool, data_dir: str | None = None) -> list[str]:
+    args = spec.run_args() + ["--run-dir", spec.run_dir, "--quiet"]
+    if data_dir:
+        args += ["--data-dir", data_dir]
+    if resume:
+        args.append("--resume")
+    if spec.launcher and spec.launcher[0] == "accelerate":
+        n = int(spec.launcher[1].split("=", 1)[1])
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n),
+                  "--num_machines", "1", "--main_process_port", str(_free_port())]
+        if n > 1 and "--multi_gpu" not in spec.launcher:
+            launch.append("--multi_gpu")
+        return launch + list(spec.launcher[2:]) + ["-m", "mmbalance.run"] + args
+    return runner_command() + args
+
+
+def _attempt_log(log_path: Path, attempt: int) -> str:
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return ""
+    marker = f"=== attempt {attempt}"
+    return text[text.rfind(marker):] if marker in text else text
+
+
+def _error_from_log(text: str) -> str:
+    errors = [ln.strip() for ln in text.splitlines() if ln.startswith("error:")]
+    if errors:
+        return errors[-1][len("error:"):].strip()
+    tail = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("=== attempt")]
+    return tail[-1] if tail else "no output"
+
+
+def _killed(exit_code: Any) -> bool:
+    """Exit codes of a run stopped by a signal (Ctrl-C, kill, OOM killer), which may resume."""
+    return isinstance(exit_code, int) and (exit_code < 0 or exit_code in (130, 137, 143))
+
+
+def execute_run(spec: RunSpec | dict[str, Any], *, data_dir: str | None = None, env: dict[str, str] | None = None,
+                retry_failed: bool = True) -> RunState:
+    """Run one planned run unless it is done; record its outcome in ``status.json``. Picklable for submitit."""
+    if isinstance(spec, dict):
+        spec = RunSpec.from_dict(spec)
+    before = read_state(spec)
+    if before.done or (before.state == "failed" and not retry_failed):
+        return before
+    run_dir = Path(spec.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    killed = before.state == "running" or (before.state == "failed" and _killed((before.status or {}).get("exit_code")))
+    resume = killed and (run_dir / CHECKPOINT_DIR / "last.pt").is_file()
+    attempt = int((before.status or {}).get("attempt", 0)) + 1 if before.state != "stale" else 1
+    for _ in range(2):  # a resume refused by the engine is retried once from scratch
+        argv = build_command(spec, resume=resume, data_dir=data_dir)
+        status = {"suite": spec.suite, "dataset": spec.dataset, "row": spec.row, "method": spec.method,
+                  "seed": spec.seed, "plan_hash": spec.plan_hash, "argv": argv, "state": "running",
+                  "attempt": attempt, "resumed": resume, "started": utc_now(), "finished": None,
+                  "exit_code": None, "error": None, "wall_seconds": None}
+        atomic_write_json(run_dir / STATUS_FILE, status)
+        log_path = run_dir / LOG_FILE
+        with open(log_path, "a") as log:
+            log.write(f"=== attempt {attempt} ({status['started']}): {shlex.join(argv)}\n")
+            log.flush()
+            t0 = time.perf_counter()
+            try:
+                code = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       env={**os.environ, **(env or {})})
+            except OSError as exc:  # the runner could not be started at all
+                log.write(f"error: cannot start {argv[0]!r}: {exc}\n")
+                code = 127
+        text = _attempt_log(log_path, attempt)
+        result = read_json_or_none(run_dir / RESULT_FILE)
+        status.update(exit_code=code, finished=utc_now(), wall_seconds=round(time.perf_counter() - t0, 3))
+        if code == 0 and result is not None and result.get("status") == "ok":
+            status["state"] = "ok"
+        elif code == 2 and NA_PREFIX in text:
+            status["state"] = "n/a"
+            status["error"] = text[text.rfind(NA_PREFIX) + len(NA_PREFIX):].strip().splitlines()[0]
+        else:
+            status["state"] = "failed"
+            if result is not None and result.get("status") == "failed" and result.get("error"):
+                status["error"] = str(result["error"])
+            elif code == 0:
+                status["error"] = f"exit code 0 but {RESULT_FILE} is missing or not ok"
+            else:
+                status["error"] = f"exit code {code}: {_error_from_log(text)}"
+        atomic_write_json(run_dir / STATUS_FILE, status)
+        if status["state"] == "failed" and resume and "--resume" in _error_from_log(text):
+            resume, attempt = False, attempt + 1
+            continue
+        break
+    return read_state(spec)
+
+
+def mark_not_applicable(spec: RunSpec, reason: str) -> RunState:
+    """Record ``n/a`` without running (another seed of the same row already proved it n/a)."""
+    now = utc_now()
+    atomic_write_json(Path(spec.run_dir) / STATUS_FILE, {
+        "suite": spec.suite, "dataset": spec.dataset, "row": spec.row, "method": spec.method, "seed": spec.seed,
+        "plan_hash": spec.plan_hash, "argv": None, "state": "n/a", "attempt": 0, "resumed": False,
+        "started": now, "finished": now, "exit_code": None, "error": reason, "wall_seconds": 0.0})
+    return read_state(spec)
+
+
+def _worker_env(workers: int, gpus: list[str] | None) -> dict[str, str]:
+    env = {"MMBALANCE_NO_PROGRESS": "1"}
+    if "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    return env
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this process may hand out (CUDA_VISIBLE_DEVICES order), empty without CUDA."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return []
+    if not Path("/dev/nvidiactl").exists() and not shutil.which("nvidia-smi"):
+        return []  # no NVIDIA driver: skip importing torch
+    try:
+        import torch
+
+        n = torch.cuda.device_count()
+    except Exception:  # pragma: no cover - broken torch install
+        n = 0
+    if n == 0:
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [x.strip() for x in visible.split(",") if x.strip()] if visible else [str(i) for i in range(n)]
+    return ids[:n]
+
+
+def run_local(specs: list[RunSpec], *, workers: int = 1, data_dir: str | None = None, retry_failed: bool = True,
+              per_run_gpus: int = 1, progress: bool = True, on_done: Callable[[RunState], None] | None = None
+              ) -> list[RunState]:
+    """Run ``specs`` in ``workers`` parallel subprocesses (one GPU group per worker where GPUs exist).
+
+    A row that turns out ``n/a`` for one seed is recorded ``n/a`` for its remaining seeds without running.
+    """
+    import queue
+    import threading
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    from tqdm.auto import tqdm
+
+    gpus = visible_gpus()
+    slots: queue.Queue = queue.Queue()
+    if gpus:
+        groups = [gpus[i:i + per_run_gpus] for i in range(0, len(gpus) - per_run_gpus + 1, per_run_gpus)]
+        if not groups:
+            raise ConfigError(f"each run needs {per_run_gpus} GPUs (num_processes) but only {len(gpus)} are visible")
+        workers = max(1, min(workers, len(groups)))
+        for g in groups[:workers]:
+            slots.put(g)
+    else:
+        for _ in range(workers):
+            slots.put(None)
+    na_reason: dict[tuple[str, str], str] = {}
+    lock = threading.Lock()
+
+    def one(spec: RunSpec) -> RunState:
+        with lock:
+            reason = na_reason.get(spec.key)
+        if reason is not None and not read_state(spec).done:
+            return mark_not_applicable(spec, reason)
+        slot = slots.get()
+        try:
+            state = execute_run(spec, data_dir=data_dir, env=_worker_env(workers, slot), retry_failed=retry_failed)
+        finally:
+            slots.put(slot)
+        if state.state == "n/a":
+            with lock:
+                na_reason.setdefault(spec.key, state.error)
+        return state
+
+    states: list[RunState] = []
+    bar = tqdm(total=len(specs), desc="leaderboard runs", unit="run", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(one, s): s for s in specs}
+        try:
+            for fut in as_completed(futures):
+                st = fut.result()
+                states.append(st)
+                bar.update(1)
+                bar.set_postfix_str(f"{st.spec.dataset}/{st.spec.row}/seed{st.spec.seed}: {st.state}")
+                if on_done is not None:
+                    on_done(st)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        finally:
+            bar.close()
+    return states
+
+
+def run_submitit(specs: list[RunSpec], *, folder: str | Path, cluster: str | None = None,
+                 data_dir: str | None = None, retry_failed: bool = True, slurm: dict[str, Any] | None = None,
+                 workers: int | None = None, progress: bool = True) -> list[RunState]:
+    """Submit one job per run through submitit (SLURM, or its local executor with ``cluster="local"``).
+
+    ``slurm`` holds submitit parameters: generic ones (``timeout_min``, ``gpus_per_node``,
+    ``cpus_per_task``, ``mem_gb``) and ``slurm_*`` ones (``slurm_partition``, ``slurm_array_parallelism``)."""
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError("--executor submitit needs the 'submitit' package: pip install 'mmbalance[slurm]'") from None
+    from tqdm.auto import tqdm
+
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    params = {"timeout_min": 240, "name": "mmbalance-lb", **(slurm or {})}
+    if workers and "slurm_array_parallelism" not in params:
+        params["slurm_array_parallelism"] = workers
+    if executor.cluster != "slurm":
+        params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+    executor.update_parameters(**params)
+    todo = [s for s in specs if not read_state(s).done]
+    jobs = []
+    with executor.batch():
+        for s in todo:
+            jobs.append(executor.submit(execute_run, s.to_dict(), data_dir=data_dir,
+                                        env={"MMBALANCE_NO_PROGRESS": "1"}, retry_failed=retry_failed))
+    spec_of = {id(job): s for job, s in zip(jobs, todo)}
+    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="leaderboard runs (submitit)", unit="run",
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    try:
+        for job in submitit.helpers.as_completed(jobs):
+            try:
+                job.result()
+            except Exception as exc:  # the job itself died (time limit, node failure): record it
+                spec = spec_of[id(job)]
+                st = read_state(spec)
+                if not st.done:
+                    status = dict(st.status or {"plan_hash": spec.plan_hash, "attempt": 1})
+                    status.update(state="failed", finished=utc_now(), error=f"submitit job failed: {exc}")
+                    atomic_write_json(Path(spec.run_dir) / STATUS_FILE, status)
+            bar.update(1)
+    finally:
+        bar.close()
+    return [read_state(s) for s in specs]

@@ -1,0 +1,157 @@
+"""Leaderboard suites: ``leaderboard/suites/NAME.toml`` files — datasets × method rows × seeds with a
+training budget (an epochs override) and ``--set`` overrides — read and validated into :class:`Suite`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+DEFAULT_SEEDS = 5
+SUITE_KEYS = {"name", "description", "seeds", "epochs", "methods", "exclude", "baseline", "datasets", "sets",
+              "method_sets", "variants", "output", "launcher", "num_processes", "accelerate_args", "data_dir",
+              "slurm", "retry_failed", "tune"}
+
+
+
+# ------------------------------------------------------------------------------------------ suites
+@dataclass
+class DatasetEntry:
+    name: str
+    sets: dict[str, Any] = field(default_factory=dict)
+    modalities: list[str] | None = None
+
+
+@dataclass
+class Suite:
+    """A parsed suite file. ``methods`` is the raw request ("all" or a list of row names)."""
+
+    name: str
+    path: Path
+    description: str = ""
+    seeds: list[int] = field(default_factory=lambda: list(range(DEFAULT_SEEDS)))
+    epochs: int | None = None
+    methods: str | list[str] = "all"
+    exclude: list[str] = field(default_factory=list)
+    baseline: str = "baseline"
+    datasets: list[DatasetEntry] = field(default_factory=list)
+    sets: dict[str, Any] = field(default_factory=dict)
+    method_sets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    output: str | None = None
+    launcher: str = "python"
+    num_processes: int = 1
+    accelerate_args: list[str] = field(default_factory=list)
+    tune: Any = None  # TuneConfig of the [tune] table (mmbalance.leaderboard.tune), None without one
+    data_dir: str | None = None
+    slurm: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def leaderboard_dir(self) -> Path:
+        """The folder that holds ``suites/`` (``leaderboard/`` in a checkout)."""
+        return self.path.resolve().parent.parent
+
+    def default_results_dir(self) -> Path:
+        return self.leaderboard_dir / "results" / self.name
+
+    def default_out_dir(self) -> Path:
+        return (self.leaderboard_dir / (self.output if self.output is not None else self.name)).resolve()
+
+    def display_path(self) -> str:
+        """The suite file as shown in reports: relative to the leaderboard's parent when inside it."""
+        p = self.path.resolve()
+        try:
+            return p.relative_to(self.leaderboard_dir.parent).as_posix()
+        except ValueError:
+            return p.name
+
+
+def find_suite(name_or_path: str | Path) -> Path:
+    """``quick`` → ``leaderboard/suites/quick.toml`` (checkout or cwd); a path is used as given."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.is_file():
+        if not p.is_file():
+            raise ConfigError(f"suite file {str(p)!r} does not exist")
+        return p
+    candidates = [Path.cwd() / "leaderboard" / "suites" / f"{p}.toml",
+                  Path(__file__).resolve().parents[1] / "leaderboard" / "suites" / f"{p}.toml"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(f"unknown suite {str(name_or_path)!r}: none of {', '.join(map(str, candidates))} exists; "
+                      "give a suite name from leaderboard/suites/ or a path to a .toml file")
+
+
+def _table(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a table (mapping), got {value!r}")
+    return dict(value)
+
+
+def load_suite(name_or_path: str | Path) -> Suite:
+    """Parse a suite TOML file (schema: leaderboard/suites/quick.toml's header comment)."""
+    import tomllib
+
+    path = find_suite(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"suite {str(path)!r} is not valid TOML: {exc}") from None
+    where = f"suite {str(path)!r}"
+    unknown = sorted(set(raw) - SUITE_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(SUITE_KEYS))}")
+    seeds = raw.get("seeds", DEFAULT_SEEDS)
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = list(range(seeds))
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError(f"{where}: 'seeds' must be a positive count or a list of integers, got {seeds!r}")
+    datasets_raw = raw.get("datasets")
+    if isinstance(datasets_raw, list):
+        datasets_raw = {d: {} for d in datasets_raw}
+    datasets_raw = _table(datasets_raw, f"{where} 'datasets'")
+    if not datasets_raw:
+        raise ConfigError(f"{where}: 'datasets' names no dataset")
+    datasets = []
+    for dname, dval in datasets_raw.items():
+        dval = _table(dval, f"{where} datasets.{dname}")
+        bad = sorted(set(dval) - {"sets", "modalities"})
+        if bad:
+            raise ConfigError(f"{where} datasets.{dname}: unknown key(s) {', '.join(bad)}; valid: modalities, sets")
+        datasets.append(DatasetEntry(dname, _table(dval.get("sets"), f"{where} datasets.{dname}.sets"),
+                                     list(dval["modalities"]) if dval.get("modalities") else None))
+    methods = raw.get("methods", "all")
+    if not (methods == "all" or (isinstance(methods, list) and methods and all(isinstance(m, str) for m in methods))):
+        raise ConfigError(f"{where}: 'methods' must be \"all\" or a non-empty list of names, got {methods!r}")
+    variants = {}
+    for vname, v in _table(raw.get("variants"), f"{where} 'variants'").items():
+        v = _table(v, f"{where} variants.{vname}")
+        if "method" not in v:
+            raise ConfigError(f"{where} variants.{vname}: needs 'method' (a registered method name)")
+        variants[vname] = {"method": v["method"], "sets": _table(v.get("sets"), f"{where} variants.{vname}.sets")}
+    launcher = raw.get("launcher", "python")
+    if launcher not in ("python", "accelerate"):
+        raise ConfigError(f"{where}: 'launcher' must be \"python\" or \"accelerate\", got {launcher!r}")
+    epochs = raw.get("epochs")
+    if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
+        raise ConfigError(f"{where}: 'epochs' must be a positive integer, got {epochs!r}")
+    tune = None
+    if "tune" in raw:
+        from .tune import parse_tune_table
+
+        tune = parse_tune_table(raw["tune"], where, list(seeds))
+    return Suite(
+        tune=tune, name=str(raw.get("name", path.stem)), path=path, description=str(raw.get("description", "")).strip(),
+        seeds=list(seeds), epochs=epochs, methods=methods, exclude=list(raw.get("exclude", [])),
+        baseline=str(raw.get("baseline", "baseline")), datasets=datasets,
+        sets=_table(raw.get("sets"), f"{where} 'sets'"),
+        method_sets={k: _table(v, f"{where} method_sets.{k}")
+                     for k, v in _table(raw.get("method_sets"), f"{where} 'method_sets'").items()},
+        variants=variants, output=raw.get("output"), launcher=launcher,
+        num_processes=int(raw.get("num_processes", 1)), accelerate_args=list(raw.get("accelerate_args", [])),
+        data_dir=raw.get("data_dir"), slurm=_table(raw.get("slurm"), f"{where} 'slurm'"))
+
+

@@ -1,0 +1,141 @@
+"""The tuning part of a leaderboard report: what tuning chose per row, and the defaults beside the tuned rows.
+
+For a suite with ``[tune]`` the main tables use each row's chosen configuration; this module adds, per dataset,
+a "Tuned configurations" table (trials ok/planned, chosen trial and values, its validation score next to the
+defaults' score, median and worst trial score as sensitivity, tuning cost) and a "Defaults vs tuned" table
+(test metric of the defaults' runs and of the tuned runs, and each row's rank under both), plus ``tuning.csv``.
+Everything comes from the run files and ``tune.json``; no timestamps, so rebuilding is byte-identical.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..runfiles import read_json
+from .plan import safe_name
+from .report import DASH, Report, _table, fmt_mean_std, is_reference_row
+from .tune import TUNE_DIR, TUNE_FILE, TuneConfig
+
+
+def _info(results_dir: Path, dataset: str, row: str) -> dict[str, Any] | None:
+    try:
+        return read_json(results_dir / TUNE_DIR / dataset / safe_name(row) / TUNE_FILE)
+    except (OSError, ValueError):
+        return None
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def chosen_text(info: dict[str, Any] | None) -> str:
+    if info is None:
+        return "untuned"
+    ch = info.get("chosen")
+    if ch is None:
+        return info.get("state", "failed")
+    if ch["k"] == 0:
+        return "defaults"
+    return ", ".join(f"{k.removeprefix('train.')}={_fmt_value(v)}" for k, v in sorted(ch["params"].items()))
+
+
+def _tune_seconds(results_dir: Path, dataset: str, row: str) -> float:
+    total = 0.0
+    for p in sorted((results_dir / TUNE_DIR / dataset / safe_name(row)).glob("trial*/seed*/result.json")):
+        try:
+            res = read_json(p)
+        except (OSError, ValueError):
+            continue
+        t = (res.get("timings") or {}).get("train_seconds") or 0.0
+        total += float(t) + float((res.get("method_metrics") or {}).get("teacher_train_seconds", 0.0) or 0.0)
+    return total
+
+
+def _ranks(means: dict[str, float], higher: bool) -> dict[str, float]:
+    from scipy.stats import rankdata
+
+    rows = [r for r, m in means.items() if math.isfinite(m)]
+    if not rows:
+        return {}
+    vals = np.array([means[r] for r in rows])
+    ranks = rankdata(-vals if higher else vals, method="average")
+    return dict(zip(rows, ranks.tolist()))
+
+
+def header_line(tune: TuneConfig, metric: str) -> str:
+    return (f"Tuning: {tune.trials} trials per row (random search, sampler seed {tune.seed}; trial 0 = defaults), "
+            f"tuning seeds {', '.join(map(str, tune.seeds))}, validation `{metric}`; the same budget for baseline "
+            "and unimodal rows. The test split is never evaluated while tuning. Tuned rows' validation scores are "
+            "optimistic (chosen on that split); every table ranks by test values of the report seeds.")
+
+
+def tuning_sections(tuned: Report, defaults: Report, results_dir: Path, defaults_link: str) -> list[str]:
+    suite = tuned.suite
+    tune: TuneConfig = suite.tune
+    metric = next((d.metric for d in tuned.datasets if d.metric), "metric")
+    lines = ["## Tuning", "", header_line(tune, metric), "",
+             f"The whole leaderboard with every row at its defaults: [{defaults_link}]({defaults_link}).", ""]
+    dmap = {d.name: d for d in defaults.datasets}
+    for ds in tuned.datasets:
+        dd = dmap.get(ds.name)
+        lines += [f"### {ds.name}: tuned configurations", ""]
+        body = []
+        for row in ds.ordered_rows():
+            info = _info(results_dir, ds.name, row.row)
+            if info is None:
+                body.append([row.row, DASH, DASH, "untuned", DASH, DASH, DASH, DASH])
+                continue
+            scores = [t["score"] for t in info["trials"] if t.get("score") is not None]
+            ch = info.get("chosen")
+            body.append([row.row, f"{info['trials_ok']}/{info['trials_planned']}", str(ch["k"]) if ch else DASH,
+                         chosen_text(info), f"{ch['score']:.4f}" if ch else DASH,
+                         f"{info['default_score']:.4f}" if info.get("default_score") is not None else DASH,
+                         f"{np.median(scores):.4f} / {min(scores):.4f}" if scores else DASH,
+                         f"{_tune_seconds(results_dir, ds.name, row.row):.1f}"])
+        lines += [_table(["method", "trials", "chosen k", "chosen values", f"val {metric} chosen",
+                          f"val {metric} defaults", "median / worst trial", "tuning train s"], body), ""]
+        if dd is None:
+            continue
+        tm = {r.row: r.mean(ds.metric) for r in ds.rows.values() if not is_reference_row(r.row)}
+        dm = {r.row: r.mean(ds.metric) for r in dd.rows.values() if not is_reference_row(r.row)}
+        rt, rd = _ranks(tm, ds.higher_is_better), _ranks(dm, ds.higher_is_better)
+        body = []
+        for row in ds.ordered_rows():
+            d_row = dd.rows.get(row.row)
+            d_text = fmt_mean_std(d_row.primary_values(ds.metric)) if d_row else DASH
+            delta = DASH
+            if d_row is not None:
+                common = sorted(set(row.primary_values(ds.metric)) & set(d_row.primary_values(ds.metric)))
+                if common:
+                    delta = f"{np.mean([row.primary_values(ds.metric)[s] - d_row.primary_values(ds.metric)[s] for s in common]):+.4f}"
+            body.append([row.row, d_text, fmt_mean_std(row.primary_values(ds.metric)), delta,
+                         f"{rd[row.row]:g}" if row.row in rd else DASH, f"{rt[row.row]:g}" if row.row in rt else DASH])
+        lines += [f"### {ds.name}: defaults vs tuned (test {ds.metric})", "",
+                  _table(["method", "defaults", "tuned", "Δ tuned − defaults (paired by seed)", "rank defaults",
+                          "rank tuned"], body), ""]
+    return lines
+
+
+def tuning_csv(tuned: Report, results_dir: Path) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["dataset", "row", "trials_ok", "trials_planned", "chosen_k", "tuned_params", "tune_score",
+                "default_score"])
+    for ds in tuned.datasets:
+        for row in ds.ordered_rows():
+            info = _info(results_dir, ds.name, row.row)
+            if info is None:
+                continue
+            ch = info.get("chosen")
+            w.writerow([ds.name, row.row, info["trials_ok"], info["trials_planned"], ch["k"] if ch else "",
+                        json.dumps(ch["params"] if ch else {}, sort_keys=True),
+                        repr(ch["score"]) if ch else "", repr(info["default_score"]) if info.get("default_score") is not None else ""])
+    return buf.getvalue()

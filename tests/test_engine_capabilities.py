@@ -1,0 +1,129 @@
+"""The engine's two optional capabilities: an epoch plan (ordered groups of training indices with the
+modalities present) and several optimizer sub-steps per batch."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import SMALL_MFEAT
+
+from mmbalance.engine import Trainer
+from mmbalance.interface import BalancingMethod, BatchGroup, StepOutput
+from mmbalance.testing import build_trainer
+
+SETS = {**SMALL_MFEAT, "train.modality_eval": "none", "train.diagnostics": "none"}
+
+
+class PlanToy(BalancingMethod):
+    """Plan: the last 70 training rows with modality 2 only, then the first 58 with modality 1 only."""
+
+    def __init__(self, groups):
+        super().__init__()
+        self.groups = groups
+        self.seen: list[tuple[list[int], tuple[str, ...], int]] = []
+
+    def epoch_plan(self, ctx):
+        return self.groups(ctx)
+
+    def training_step(self, ctx, batch):
+        self.seen.append((batch["idx"].tolist(), ctx.present, ctx.epoch))
+        return super().training_step(ctx, batch)
+
+
+def test_plan_groups_in_order_with_their_modalities(tmp_path):
+    """|D_2| = 70, |D_1| = 58, B = 64 → three steps: 64 and 6 rows of group 2, then 58 of group 1;
+    every planned index exactly once, nothing outside the training split."""
+    tr = build_trainer("baseline", "mfeat-pix-mor", run_dir=tmp_path / "r", epochs=2, sets=SETS)
+    a, v = tr.ctx.modalities
+    n = len(tr.train_split)
+    method = PlanToy(lambda ctx: [BatchGroup(torch.arange(n - 70, n), (v,)), BatchGroup(torch.arange(58), (a,))])
+    tr.method = method
+    tr.fit()
+    epoch0 = [s for s in method.seen if s[2] == 0]
+    assert [len(s[0]) for s in epoch0] == [64, 6, 58]
+    assert [s[1] for s in epoch0] == [(v,), (v,), (a,)]
+    assert sorted(i for s in epoch0[:2] for i in s[0]) == list(range(n - 70, n))
+    assert sorted(epoch0[2][0]) == list(range(58))
+    epoch1 = [s for s in method.seen if s[2] == 1]
+    assert epoch1[0][0] != epoch0[0][0]  # reshuffled inside the group every epoch (seeded)
+
+
+def test_plan_is_deterministic_and_none_means_the_default_loader(tmp_path):
+    orders = []
+    for name in ("a", "b"):
+        tr = build_trainer("baseline", "mfeat", run_dir=tmp_path / name, epochs=1, sets=SETS)
+        n = len(tr.train_split)
+        tr.method = PlanToy(lambda ctx, n=n: [BatchGroup(torch.arange(n))])
+        tr.fit()
+        orders.append([s[0] for s in tr.method.seen])
+    assert orders[0] == orders[1]
+    tr = build_trainer("baseline", "mfeat", run_dir=tmp_path / "c", epochs=1, sets=SETS)
+    tr.method = PlanToy(lambda ctx: None)
+    tr.fit()
+    assert [s[0] for s in tr.method.seen] == [b["idx"].tolist() for b in tr.loader_train]
+    assert all(s[1] == tuple(tr.ctx.modalities) for s in tr.method.seen)
+
+
+def test_plan_rejects_bad_groups(tmp_path):
+    tr = build_trainer("baseline", "mfeat", run_dir=tmp_path / "r", epochs=1, sets=SETS)
+    n = len(tr.train_split)
+    tr.method = PlanToy(lambda ctx: [BatchGroup(torch.arange(n + 1))])
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 140\)"):
+        tr.fit()
+    tr.method = PlanToy(lambda ctx: [BatchGroup(torch.arange(3), ("nope",))])
+    with pytest.raises(ValueError, match="present=.*subset"):
+        tr.fit()
+
+
+def test_plan_sharding_across_ranks_pads_and_equalises_steps():
+    """Rank r of W takes positions r, r+W, … of one permutation shared by every rank, padded by
+    wrap-around: both ranks take the same number of batches and together cover every index."""
+    from mmbalance.data import TensorSplit
+
+    split = TensorSplit({"a": torch.zeros(200, 1)}, torch.zeros(200, dtype=torch.long))
+    groups = [BatchGroup(torch.arange(0, 71), ("a",)), BatchGroup(torch.arange(100, 105), ("a",))]
+    per_rank = []
+    for rank in (0, 1):
+        fake = SimpleNamespace(accelerator=SimpleNamespace(num_processes=2, process_index=rank,
+                                                           device=torch.device("cpu")),
+                               cfg=SimpleNamespace(batch_size=16), train_split=split,
+                               ctx=SimpleNamespace(modalities=["a"]), config=SimpleNamespace(seed=3))
+        per_rank.append([b["idx"].tolist() for b, _ in Trainer._plan_batches(fake, groups, key=5)])
+    assert [len(b) for b in per_rank[0]] == [len(b) for b in per_rank[1]] == [16, 16, 4, 3]
+    g1 = [i for r in per_rank for b in r[:3] for i in b]
+    assert sorted(set(g1)) == list(range(71)) and len(g1) == 72  # one padded repeat
+    g2 = [i for r in per_rank for i in r[3]]
+    assert sorted(set(g2)) == list(range(100, 105)) and len(g2) == 6
+
+
+class SubstepToy(BalancingMethod):
+    """Two sub-steps per batch, each with a forward restricted to one encoder."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[int, int]] = []
+
+    def training_substeps(self, ctx, batch):
+        for m in ctx.modalities:
+            out = ctx.forward(batch, only=(m,))
+            yield StepOutput(out.pooled[m].pow(2).mean(), None)
+
+    def after_backward(self, ctx):
+        self.calls.append((ctx.step, ctx.substep))
+
+    def predict(self, ctx, batch, absent=()):
+        return torch.zeros(len(batch["label"]), 10)
+
+
+def test_substeps_run_one_update_each_and_the_schedule_counts_batches(tmp_path):
+    tr = build_trainer("baseline", "mfeat-pix-mor", run_dir=tmp_path / "r", epochs=1,
+                       sets={**SETS, "train.max_steps_per_epoch": 2})
+    from torch import nn
+
+    tr.ctx.raw_model.fusion, tr.ctx.raw_model.head = nn.Identity(), nn.Identity()
+    tr.method = SubstepToy()
+    tr.fit()
+    assert tr.method.calls == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert tr.ctx.global_step == 2
+    assert all(p.grad is None for p in tr.ctx.raw_model.parameters())  # the batch ends with no gradient
