@@ -201,7 +201,7 @@ MUTANTS: list[Mutant] = [
     M("gblending", GB, "g_list.append(lv0 - lv1)", "g_list.append(lv1 - lv0)", "generalisation gain with the sign flipped", "sign"),
     M("gblending", GB, "o_list.append((lv1 - lt1) - (lv0 - lt0))", "o_list.append(lv1 - lt1)",
       "overfitting measured as O_{N+n} instead of Delta O", "wrong-quantity"),
-    M("gblending", GB, "raw = g.clamp_min(0) / (o.pow(2) + 1e-8)", "raw = g.clamp_min(0) / (o.abs() + 1e-8)",
+    M("gblending", GB, "    denom = o.pow(2) + 1e-8\n", "    denom = o.abs() + 1e-8\n",
       "weights G/|O| instead of G/O^2", "wrong-quantity"),
     M("gblending", GB, "total = float(w[k]) * lm if total is None else total + float(w[k]) * lm",
       "total = float(w[len(mods) - 1 - k]) * lm if total is None else total + float(w[len(mods) - 1 - k]) * lm",
@@ -390,14 +390,14 @@ MUTANTS: list[Mutant] = [
     M("engine", EN, "self.train_split, ctx.heldout = self._carve_heldout(self.data.train)",
       "ctx.heldout = self._carve_heldout(self.data.train)[1]",
       "held-out part not removed from the training split", "wrong-split"),
-    M("engine", EN, "            method.after_backward(ctx)\n            if cfg.grad_clip:\n"
-      "                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)\n",
-      "            if cfg.grad_clip:\n                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)\n"
-      "            method.after_backward(ctx)\n",
+    M("engine", EN, "                method.after_backward(ctx)\n                self.diag.after_edit()\n"
+      "                if cfg.grad_clip:\n                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)\n",
+      "                if cfg.grad_clip:\n                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)\n"
+      "                method.after_backward(ctx)\n                self.diag.after_edit()\n",
       "gradients clipped before the method's gradient edits", "wrong-split"),
     M("engine", EN, '        ctx.generator.set_state(rng["method"])\n', "        pass\n",
       "method generator not restored on resume", "state-reset"),
-    M("engine", EN, "            for opt in extra_opts:\n                opt.zero_grad(set_to_none=True)\n", "",
+    M("engine", EN, "                for opt in extra_opts:\n                    opt.zero_grad(set_to_none=to_none)\n", "",
       "method-owned modules' gradients never cleared (accumulate across steps)", "state-reset"),
     M("engine", EN, "            it.set_epoch(key)\n", "            it.set_epoch(0)\n",
       "extra train passes ignore the shuffle key", "wrong-split"),
