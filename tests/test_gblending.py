@@ -76,7 +76,7 @@ def test_losses_are_means_independent_of_batching(tmp_path):
 
 
 def test_estimation_leaves_the_main_run_untouched(tmp_path):
-    tr = _trainer(tmp_path)
+    tr = _trainer(tmp_path, **{"model.dropout": 0.3})  # dropout: the sub-network trainings draw from the RNG
     ctx, method = tr.ctx, tr.method
     tr.fit()  # optimizer state exists after training
     before = (copy.deepcopy(ctx.raw_model.state_dict()), copy.deepcopy(ctx.modules["gb_heads"].state_dict()),
