@@ -188,7 +188,7 @@ class AGM(BalancingMethod):
             res = {}
             for S in masks:
                 absent = tuple(m for i, m in enumerate(self.modalities) if not S >> i & 1)
-                if self.hp.absent == "zeros":
+                if self.hp.absent == "zeros" or self.feat_count == 0:  # no earlier batch yet: zero input
                     res[S] = ctx.forward(batch, absent).logits
                 else:
                     res[S] = self._feature_mean_pass(ctx, full, set(absent))
@@ -206,7 +206,10 @@ class AGM(BalancingMethod):
         return mean.to(z.device, z.dtype).unsqueeze(0).expand_as(z)
 
     def _update_feature_means(self, ctx: StepContext, full) -> None:
-        """Running training mean of each encoder output (``absent=feature_mean``), SUM-reduced."""
+        """Running training mean of each encoder output (``absent=feature_mean``), SUM-reduced; updated
+        after the step's coalition passes, so an absent modality is replaced by the mean over the
+        previous batches only (no information from the current samples; on the run's first step there
+        is none and the coalition passes use the official zero input)."""
         n = ctx.reduce_sum(float(next(iter(full.features.values())).shape[0]))
         for m, z in full.features.items():
             s = ctx.reduce_sum(z.detach().double().sum(0)).cpu()
@@ -244,12 +247,12 @@ class AGM(BalancingMethod):
         M, y = self.M, batch["label"]
         full = ctx.forward(batch)
         full_mask = (1 << M) - 1
-        if self.hp.absent == "feature_mean":
-            self._update_feature_means(ctx, full)
         coef = self.exact if self.exact is not None else permutation_coefficients(M, self.hp.num_permutations,
                                                                                   ctx.generator)
         masks = sorted(S for S in coef if S != full_mask)
         passes = {full_mask: full.logits, **self.coalition_passes(ctx, batch, masks, full)}
+        if self.hp.absent == "feature_mean":  # after the passes: the mean of EARLIER batches stands in (like S̄)
+            self._update_feature_means(ctx, full)
         mono = mono_responses(passes, coef, M)
 
         s = self.scores(ctx, mono, passes, coef, y)

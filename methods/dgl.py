@@ -13,15 +13,16 @@ gives the same gradients:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from mmbalance.methods._unimodal import UNI_HEAD_KINDS, UnimodalOutputs, unimodal_logs, unimodal_losses
 from torch import nn
 
 from mmbalance.interface import BalancingMethod, StepContext, StepOutput
-from mmbalance.methods._unimodal import UNI_HEAD_KINDS, UnimodalOutputs, unimodal_logs, unimodal_losses
 from mmbalance.registry import register_method
+from mmbalance.search import LogUniform
 
 
 @dataclass
@@ -35,7 +36,7 @@ class DGLHParams:
       ``pixel`` for segmentation (``dense`` = a one-input decoder, recommended on BraTS).
     """
 
-    alpha: float = 4.0
+    alpha: float = field(default=4.0, metadata={"search": LogUniform(0.5, 8.0)})
     uni_head: str = "auto"
 
     def validate(self) -> None:

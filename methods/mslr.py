@@ -38,6 +38,16 @@ def metric_parts(task_name: str, task: Any, u: torch.Tensor, y: torch.Tensor) ->
     return float(num), float(den)
 
 
+def per_sample_metric(task_name: str, task: Any, u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample ingredient of a_m [B] (float64), the terms whose sum :func:`metric_parts` returns:
+    correct (0/1), |u − y|, or the slice's mean region Dice."""
+    if task_name == "regression":
+        return (u.reshape(u.shape[0]).float() - y.reshape(y.shape[0]).float()).abs().double()
+    if task_name == "segmentation":
+        return task.region_dice(task.prediction(u), y.long()).mean(1).double()
+    return (u.argmax(-1) == y.long()).double()
+
+
 def metric_value(task_name: str, num: float, den: float) -> float:
     v = num / max(den, 1.0)
     return 1.0 / (1.0 + v) if task_name == "regression" else v
@@ -207,24 +217,33 @@ class MSLR(BalancingMethod):
 
     @torch.no_grad()
     def heldout_metrics(self, ctx: StepContext) -> dict[str, float]:
-        """a_m of every modality's probe on the train-carved held-out split (eval mode), sums
-        SUM-reduced across processes before dividing."""
+        """a_m of every modality's probe on the train-carved held-out split (eval mode), each sample
+        counted exactly once: per-position SUM buffers (value and count) are SUM-reduced across
+        processes, so the duplicates that pad the split to a multiple of the world size count once."""
         model, probes = ctx.model, ctx.modules["mslr_probes"]
         model.eval()
         probes.eval()
-        sums = {m: [0.0, 0.0] for m in self.modalities}
+        n, mods = len(ctx.data.train), self.modalities
+        total = torch.zeros(len(mods), n, dtype=torch.float64, device=ctx.device)
+        count = torch.zeros(n, dtype=torch.float64, device=ctx.device)
         try:
             for batch in ctx.train_batches(split="heldout", shuffle=False):
                 out = ctx.forward(batch)
                 u = probe_outputs(ctx, probes, out, batch["label"], self.kinds)
-                for m in self.modalities:
-                    num, den = metric_parts(ctx.task.name, ctx.task, u[m], batch["label"])
-                    sums[m][0] += num
-                    sums[m][1] += den
+                idx = batch["idx"].to(ctx.device).long()
+                for j, m in enumerate(mods):
+                    total[j].index_put_((idx,), per_sample_metric(ctx.task.name, ctx.task, u[m], batch["label"]),
+                                        accumulate=True)
+                count.index_put_((idx,), torch.ones(len(idx), dtype=torch.float64, device=ctx.device),
+                                 accumulate=True)
         finally:
             model.train()
             probes.train()
-        return self._reduce(ctx, sums)
+        total, count = ctx.reduce_sum(total), ctx.reduce_sum(count)
+        seen = count > 0
+        mean = (total[:, seen] / count[seen]).sum(1).cpu()  # Σ over distinct samples of their value
+        k = float(seen.sum())
+        return {m: metric_value(ctx.task.name, float(mean[j]), k) for j, m in enumerate(mods)}
 
     def _reduce(self, ctx: StepContext, sums: dict[str, list[float]]) -> dict[str, float]:
         t = ctx.reduce_sum(torch.tensor([v for m in self.modalities for v in sums[m]], dtype=torch.float64)).cpu()

@@ -8,15 +8,16 @@ isolates DGL's stop-gradients from its auxiliary-loss weight.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from mmbalance.methods._unimodal import UNI_HEAD_KINDS, UnimodalOutputs, unimodal_logs, unimodal_losses
 
 from mmbalance.errors import ConfigError
 from mmbalance.interface import BalancingMethod, StepContext, StepOutput
-from mmbalance.methods._unimodal import UNI_HEAD_KINDS, UnimodalOutputs, unimodal_logs, unimodal_losses
 from mmbalance.registry import register_method
+from mmbalance.search import LogUniform
 
 
 @dataclass
@@ -31,7 +32,7 @@ class MultitaskHParams:
     - ``reduction`` ``sum`` (all sources) or ``mean`` (γ/M per modality).
     """
 
-    gamma: float = 1.0
+    gamma: float = field(default=1.0, metadata={"search": LogUniform(0.25, 8.0)})
     uni_head: str = "auto"
     gamma_per_modality: list[float] | None = None
     reduction: Literal["sum", "mean"] = "sum"

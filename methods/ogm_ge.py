@@ -151,7 +151,9 @@ def modulate_gradients(params: dict[str, list[nn.Parameter]], k: dict[str, float
                        noise_std_source: str = "pre", scope: str = "all") -> int:
     """ogm_ge.md §2 step 7: g ← k_m·g (+ ξ ~ N(0, (σ + 1e-8)²) with σ = std(g) when ``ge``).
     σ is taken before scaling (``pre``, official) or after (``post``); 0 for fewer than 2 elements or
-    non-finite. ``scope='conv4d'`` keeps only 4-D gradients (official filter). Returns #tensors edited."""
+    non-finite. ``scope='conv4d'`` keeps only 4-D gradients (official filter). Returns #tensors edited.
+    ξ is drawn on the gradient's device from ``generator`` (which must live there) and σ stays a
+    device tensor: no host sync and no host-to-device copy per tensor."""
     n = 0
     for m, plist in params.items():
         km = float(k[m]) if scale_grad else 1.0
@@ -160,7 +162,7 @@ def modulate_gradients(params: dict[str, list[nn.Parameter]], k: dict[str, float
             if g is None or (scope == "conv4d" and g.dim() != 4):
                 continue
             n += 1
-            sigma = 0.0
+            sigma = None
             if ge and noise_std_source == "pre":
                 sigma = _std(g)
             if km != 1.0:
@@ -168,16 +170,18 @@ def modulate_gradients(params: dict[str, list[nn.Parameter]], k: dict[str, float
             if ge:
                 if noise_std_source == "post":
                     sigma = _std(g)
-                noise = torch.randn(g.shape, generator=generator, dtype=torch.float32)
-                g.add_((noise * (sigma + 1e-8)).to(device=g.device, dtype=g.dtype))
+                noise = torch.randn(g.shape, generator=generator, device=g.device, dtype=torch.float32)
+                scale = (sigma.double() + 1e-8).float()  # σ + 1e-8 in float64, as a Python float would be
+                g.add_((noise * scale).to(g.dtype))
     return n
 
 
-def _std(g: torch.Tensor) -> float:
+def _std(g: torch.Tensor) -> torch.Tensor:
+    """std(g) as a 0-d float32 tensor on g's device; 0 for fewer than 2 elements or a non-finite std."""
     if g.numel() < 2:
-        return 0.0
-    s = float(g.float().std())
-    return s if math.isfinite(s) else 0.0
+        return torch.zeros((), dtype=torch.float32, device=g.device)
+    s = g.float().std()
+    return torch.where(torch.isfinite(s), s, torch.zeros_like(s))
 
 
 # ---------------------------------------------------------------------------------------- the method
@@ -228,6 +232,8 @@ class OGMGE(BalancingMethod):
         self.tau = 1.0
         self.k: dict[str, float] = {}
         self.last: dict[str, float] = {}
+        self._noise_gen: torch.Generator | None = None
+        self._noise_state: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ set-up
     def setup(self, ctx: StepContext) -> None:
@@ -294,10 +300,31 @@ class OGMGE(BalancingMethod):
         if not active:
             return
         params = {m: list(model.encoder_parameters(m)) for m in self.modalities}
-        modulate_gradients(params, k, ge=self.hp.ge, generator=ctx.generator,
+        modulate_gradients(params, k, ge=self.hp.ge, generator=self.noise_generator(ctx),
                            scale_grad=self.hp.apply_to == "grad", noise_std_source=self.hp.noise_std_source,
                            scope=self.hp.param_scope)
         self.last = {f"k_{m}": v for m, v in k.items()}
+
+    def noise_generator(self, ctx: StepContext) -> torch.Generator:
+        """The GE-noise generator, identical on every rank (§9). CPU: ``ctx.generator`` (checkpointed
+        by the engine). Accelerator device: a generator on that device seeded from the run seed, its
+        state in this method's checkpoint state, so the noise is drawn where the gradients live."""
+        if ctx.device.type == "cpu":
+            return ctx.generator
+        if self._noise_gen is None:
+            self._noise_gen = torch.Generator(device=ctx.device)
+            self._noise_gen.manual_seed(ctx.seed * 7919 + 4243)
+            if self._noise_state is not None:
+                self._noise_gen.set_state(self._noise_state)
+        return self._noise_gen
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self._noise_gen is None else {"noise_generator": self._noise_gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._noise_state = state.get("noise_generator")
+        if self._noise_gen is not None and self._noise_state is not None:
+            self._noise_gen.set_state(self._noise_state)
 
     def metrics(self) -> dict[str, float]:
         return dict(self.last)

@@ -99,9 +99,11 @@ class PMR(BalancingMethod):
     # ------------------------------------------------------------------ prototypes
     def _pooled_and_labels(self, ctx: StepContext, out: Any, label: torch.Tensor, m: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample (classification) or per-pixel (segmentation, feature-map resolution) embeddings
-        with their labels: ([n, d], [n])."""
+        with their labels: ([n, d], [n]). Segmentation: the ASPP output when z_m packs it with other
+        maps (BraTS z_m = cat(up(ASPP_m), layer1_m); pmr.md §5: "BraTS: ASPP output")."""
         if ctx.task.name == "segmentation":
-            z = out.features[m]  # [B, d, h, w]
+            parts = ctx.raw_model.feature_parts(m, out.features[m])
+            z = parts.get("aspp", out.features[m])  # [B, d, h, w]
             lab = F.interpolate(label[:, None].float(), size=z.shape[-2:], mode="nearest")[:, 0].long()
             return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]), lab.reshape(-1)
         return out.pooled[m], label.long()

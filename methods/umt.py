@@ -95,16 +95,25 @@ class UMT(BalancingMethod):
 
     def distill_loss(self, ctx: StepContext, batch: dict[str, torch.Tensor],
                      features: dict[str, Any]) -> torch.Tensor:
-        """Σ_m Σ_j MSE(z_m^{(j)}, t_m^{(j)}) in fp32 (umt.md §2 step 4, §9); teachers run without grad."""
+        """Σ_m Σ_j MSE(z_m^{(j)}, t_m^{(j)}) in fp32 (umt.md §2 step 4, §9): j runs over every tensor that
+        enters fusion, including the parts one z_m packs (BraTS: ASPP output and layer1 features, one
+        MSE each, not one MSE over their concatenation, which would average them). Teachers run
+        without grad, under the student's autocast (§9)."""
         total = torch.zeros((), device=ctx.device, dtype=torch.float32)
+        student = ctx.raw_model
         for m in ctx.modalities:
             teacher = ctx.modules[f"umt_teacher_{m}"]
-            with torch.no_grad():
+            with torch.no_grad(), ctx.accelerator.autocast():
                 t_feats = teacher.encode({m: batch[m]})[m]
             proj = ctx.modules.get(f"umt_projector_{m}")
+            pairs = []
             for z, t in zip(_tensors(features[m]), _tensors(t_feats)):
-                if proj is not None:
-                    z = proj(z)
+                if proj is not None:  # a projected z is compared whole
+                    pairs.append((proj(z), t))
+                else:
+                    zp, tp = student.feature_parts(m, z), teacher.feature_parts(m, t)
+                    pairs.extend((zp[k], tp[k]) for k in zp)
+            for z, t in pairs:
                 mse = F.mse_loss(z.float(), t.detach().float())
                 if self.hp.normalize == "teacher_var":
                     mse = mse / t.float().var().clamp_min(1e-8)

@@ -109,7 +109,8 @@ class Position:
     train_seconds: float = 0.0
 
 
-def make_accelerator(mixed_precision: str, find_unused_parameters: bool):
+def make_accelerator(mixed_precision: str, find_unused_parameters: bool, log_with: list[str] | None = None,
+                     project_dir: str | Path | None = None):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -122,7 +123,8 @@ def make_accelerator(mixed_precision: str, find_unused_parameters: bool):
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     try:
-        acc = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[kwargs])
+        acc = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[kwargs], log_with=log_with or None,
+                          project_dir=str(project_dir) if project_dir is not None else None)
     except ValueError as exc:
         raise ConfigError(f"mixed_precision={mixed_precision!r} is not available here ({exc}); "
                           "use 'bf16' on CPU or 'no'") from None
@@ -136,7 +138,8 @@ class Trainer:
     """Runs one method on one dataset with one seed and writes the three run files to ``run_dir``."""
 
     def __init__(self, config: RunConfig, train_cfg: TrainConfig, data, method: BalancingMethod,
-                 run_dir: Path, *, resume: bool = False, accelerator=None, quiet: bool = False) -> None:
+                 run_dir: Path, *, resume: bool = False, accelerator=None, quiet: bool = False,
+                 log_with: list[str] | None = None) -> None:
         self.config = config
         self.cfg = train_cfg
         self.data = data
@@ -144,8 +147,11 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.quiet = quiet
+        self.log_with = list(log_with or [])
+        self._progress_bar = None
         self.task: Task = create_task(data.task, **data.task_kwargs)
-        self.accelerator = accelerator or make_accelerator(train_cfg.mixed_precision, method.find_unused_parameters)
+        self.accelerator = accelerator or make_accelerator(train_cfg.mixed_precision, method.find_unused_parameters,
+                                                           self.log_with, self.run_dir / "trackers")
         # the hash identifies what is computed, not where files go
         self.hash = config_hash({k: v for k, v in to_jsonable(config).items()
                                  if k not in {"run_dir", "output_dir", "data_dir"}})
@@ -425,6 +431,18 @@ class Trainer:
         scaler.update()  # once per step, backs off when any optimizer saw inf
         return ok
 
+    def record_crash(self, exc: BaseException) -> None:
+        """A crash (a bug in a method or the engine, not bad input): result.json says ``failed`` with the error
+        and traceback, so neither a user nor the leaderboard mistakes the folder for a finished run."""
+        import traceback
+
+        if self.accelerator.is_main_process and self.run_dir.is_dir():
+            runfiles.atomic_write_json(self.run_dir / runfiles.RESULT_FILE, {
+                "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                "traceback": "".join(traceback.format_exception(exc)), "method": self.config.method,
+                "dataset": self.config.dataset, "seed": self.config.seed, "config_hash": self.hash,
+                "versions": runfiles.package_versions(), "code": runfiles.code_provenance()})
+
     def _set_lrs(self, factor: float) -> None:
         for g in self.ctx.optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor * g.get("lr_mult", 1.0)
@@ -447,7 +465,11 @@ class Trainer:
         to_none = bool(getattr(method, "substep_set_to_none", True))
         loss_sum = 0.0
         n_steps = 0
-        params = [p for p in model.parameters()]
+        # Clipped together (one norm): everything the main optimizer trains — the model and the method's
+        # modules that joined it (G-Blending/QMF/multitask heads, MRD tokens, UMT projectors), as the
+        # official codes clip model.parameters() with their heads inside. Modules with their own
+        # optimizer (CGGM classifiers, OGM-GE/MSLR probes) are not clipped (their specs: "no clipping").
+        params = [p for g in main_opt.param_groups for p in g["params"]]
         all_present = tuple(ctx.modalities)
         for step, batch in enumerate(loader):
             if cfg.max_steps_per_epoch is not None and step >= cfg.max_steps_per_epoch:
@@ -493,6 +515,8 @@ class Trainer:
                     opt.zero_grad(set_to_none=True)
             ctx.substep = 0
             method.after_step(ctx)
+            if self._progress_bar is not None:
+                self._progress_bar.step()
             n_steps += 1
             pos.global_step += 1
             ctx.global_step = pos.global_step
@@ -564,7 +588,8 @@ class Trainer:
             self._clear_previous()
         self._write_config()
         t_start = time.perf_counter()
-        progress = self._progress(phases, pos)
+        progress = self._progress_bar = self._progress(phases, pos, steps_per_epoch)
+        self._init_trackers()
         while pos.phase_index < len(phases):
             phase = phases[pos.phase_index]
             n_epochs = self._phase_epochs(phase)
@@ -601,14 +626,14 @@ class Trainer:
                 if stop_after and len(pos.history) >= int(stop_after):
                     raise KeyboardInterrupt(f"stopped after {stop_after} epochs (MMBALANCE_STOP_AFTER_EPOCHS)")
                 if progress is not None:
-                    progress.update(1)
-                    if "val" in row:
-                        progress.set_postfix({f"val_{self.task.primary_metric}": f"{row['val'][self.task.primary_metric]:.4f}"})
+                    progress.epoch_done(row, self.task.primary_metric)
+                self._track(row, len(pos.history))
             method.on_phase_end(ctx)
             pos.phase_index += 1
             pos.epoch = 0
         if progress is not None:
             progress.close()
+        self._progress_bar = None
         self._dump_final_parameters()
         return self._finish(pos, time.perf_counter() - t_start)
 
@@ -627,15 +652,30 @@ class Trainer:
     def _phase_epochs(self, phase: Phase) -> int:
         return phase.epochs if phase.epochs is not None else self.cfg.epochs
 
-    def _progress(self, phases: list[Phase], pos: Position):
+    def _progress(self, phases: list[Phase], pos: Position, steps_per_epoch: int):
         if self.quiet or not self.accelerator.is_local_main_process or os.environ.get("MMBALANCE_NO_PROGRESS"):
             return None
-        from tqdm.auto import tqdm
+        from .progress import Progress
 
         total = sum(self._phase_epochs(p) for p in phases)
         done = sum(self._phase_epochs(p) for p in phases[:pos.phase_index]) + pos.epoch
-        return tqdm(total=total, initial=done, desc=f"{self.config.method} on {self.config.dataset}", unit="epoch",
-                    file=sys.stderr, dynamic_ncols=True)
+        return Progress(f"{self.config.method} on {self.config.dataset}", total, done, steps_per_epoch,
+                        stream=sys.stderr)
+
+    # ------------------------------------------------------------------ experiment trackers
+    def _init_trackers(self) -> None:
+        """Accelerate's trackers (``--log-with tensorboard|wandb|...``), logging under RUN_DIR/trackers/."""
+        if self.log_with:
+            from .trackers import init_trackers
+
+            init_trackers(self.accelerator, self.config, self.hash, self.cfg)
+
+    def _track(self, row: dict[str, Any], step: int) -> None:
+        """The epoch's metrics.jsonl values as tracker scalars (same names, ``/``-joined)."""
+        if self.log_with:
+            from .trackers import flatten_scalars
+
+            self.accelerator.log(flatten_scalars(row), step=step)
 
     def _clear_previous(self) -> None:
         if self.accelerator.is_main_process:
@@ -678,11 +718,25 @@ class Trainer:
                         "diagnostics_seconds": total_seconds(diagnostics)},
             "num_train_samples": len(self.train_split), "world_size": self.accelerator.num_processes,
             "peak_memory_mb": runfiles.peak_memory_mb(), "versions": runfiles.package_versions(),
-            "hardware": runfiles.hardware_summary(),
+            "hardware": runfiles.hardware_summary(), "parameters": self._parameter_counts(),
+            "code": runfiles.code_provenance(),
         }
         if diagnostics is not None:
             result["diagnostics"] = diagnostics
         if self.accelerator.is_main_process:
             runfiles.atomic_write_json(self.run_dir / runfiles.RESULT_FILE, result)
+        if self.log_with:
+            self.accelerator.end_training()
         self.accelerator.wait_for_everyone()
         return result
+
+    def _parameter_counts(self) -> dict[str, int]:
+        """Parameters of the model and of the method's own modules (heads, classifiers, teachers)."""
+        acc = self.accelerator
+        model = acc.unwrap_model(self.ctx.model)
+        extra = [acc.unwrap_model(ex.module) for ex in self.ctx.extra.values()]
+        return {"model": sum(p.numel() for p in model.parameters()),
+                "method_modules": sum(p.numel() for m in extra for p in m.parameters()),
+                "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)
+                + sum(p.numel() for ex, m in zip(self.ctx.extra.values(), extra) if ex.trainable
+                      for p in m.parameters())}

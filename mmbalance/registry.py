@@ -3,16 +3,29 @@
 ``register_method`` / ``create_method`` / ``list_methods`` and the same for datasets and models.
 Registering a taken name raises; an unknown name raises :class:`RegistryError` listing the known ones.
 Built-in entries are imported lazily on first lookup so that ``--help`` stays fast.
+
+Plug-ins (methods or datasets that live outside this repository) are found three ways, all loaded on first
+lookup like the built-ins: the entry-point groups ``mmbalance.methods`` / ``mmbalance.datasets`` of installed
+packages (each entry point names a module to import, whose ``register_*`` decorators run on import), the
+``MMBALANCE_PLUGINS`` environment variable, and :func:`load_plugins` (the CLI's ``--plugin``). A plug-in is a
+module name (``mypkg.my_method``) or a path to a ``.py`` file. A module that fails to import is recorded as
+broken: ``--list`` shows it with its error, and asking for a name it would have provided fails with that error.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
+import importlib.util
+import os
 import pkgutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import RegistryError
+
+PLUGINS_ENV = "MMBALANCE_PLUGINS"
 
 
 @dataclass
@@ -26,11 +39,13 @@ class Entry:
 class Registry:
     """One kind of named factory. ``kind`` is used in error messages ("method", "dataset", ...)."""
 
-    def __init__(self, kind: str, builtin_package: str | None = None) -> None:
+    def __init__(self, kind: str, builtin_package: str | None = None, entry_point_group: str | None = None) -> None:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
         self._builtin_package = builtin_package
+        self._entry_point_group = entry_point_group
         self._loaded = builtin_package is None
+        #: module (or plug-in) name → the error that stopped its import
         self._broken: dict[str, str] = {}
 
     def _load_builtins(self) -> None:
@@ -40,10 +55,26 @@ class Registry:
         pkg = importlib.import_module(self._builtin_package)  # type: ignore[arg-type]
         for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
             if not info.name.startswith("_"):
-                try:
-                    importlib.import_module(f"{self._builtin_package}.{info.name}")
-                except Exception as exc:  # e.g. an optional dependency missing: the others stay usable
-                    self._broken[info.name] = f"{type(exc).__name__}: {exc}"
+                self._import(f"{self._builtin_package}.{info.name}", info.name)
+        if self._entry_point_group:
+            from importlib.metadata import entry_points
+
+            for ep in sorted(entry_points(group=self._entry_point_group), key=lambda e: e.name):
+                self._import(ep.value.split(":", 1)[0], ep.name)
+        for spec in filter(None, os.environ.get(PLUGINS_ENV, "").split(os.pathsep)):
+            load_plugin(spec, registry=self)
+
+    def _import(self, module: str, label: str) -> None:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # e.g. an optional dependency missing: the others stay usable
+            self._broken[label] = f"{type(exc).__name__}: {exc}"
+
+    @property
+    def broken(self) -> dict[str, str]:
+        """Modules that failed to import, with their errors (shown by ``--list``)."""
+        self._load_builtins()
+        return dict(self._broken)
 
     def register(self, name: str, factory: Callable[..., Any], description: str = "",
                  **defaults: Any) -> Callable[..., Any]:
@@ -63,9 +94,17 @@ class Registry:
         try:
             return self._entries[name]
         except KeyError:
-            known = ", ".join(sorted(self._entries)) or "(none)"
-            broken = "".join(f"; module {m!r} failed to import ({e})" for m, e in self._broken.items())
-            raise RegistryError(f"unknown {self.kind} {name!r}; known {self.kind}s: {known}{broken}") from None
+            pass
+        for module, err in self._broken.items():  # methods/foo.py provides "foo" (and "foo_*" presets)
+            stem = module.rsplit(".", 1)[-1].removesuffix(".py").rsplit("/", 1)[-1]
+            if name == stem or name.startswith(stem + "_"):
+                raise RegistryError(f"{self.kind} {name!r} is broken: module {module!r} failed to import: {err}")
+        known = sorted(self._entries)
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+        broken = "".join(f"; module {m!r} failed to import ({e})" for m, e in self._broken.items())
+        raise RegistryError(f"unknown {self.kind} {name!r}{hint}; known {self.kind}s: "
+                            f"{', '.join(known) or '(none)'}{broken}") from None
 
     def names(self) -> list[str]:
         self._load_builtins()
@@ -80,9 +119,47 @@ class Registry:
         return name in self._entries
 
 
-METHODS = Registry("method", "mmbalance.methods")
-DATASETS = Registry("dataset", "mmbalance.datasets")
-MODELS = Registry("model", "mmbalance.models")
+METHODS = Registry("method", "mmbalance.methods", "mmbalance.methods")
+DATASETS = Registry("dataset", "mmbalance.datasets", "mmbalance.datasets")
+MODELS = Registry("model", "mmbalance.models", "mmbalance.models")
+
+
+def load_plugin(spec: str, registry: Registry | None = None) -> None:
+    """Import a plug-in module so its ``register_*`` decorators run: a module name (``mypkg.method``) or
+    the path of a ``.py`` file. A failure is recorded as broken (see :attr:`Registry.broken`) and re-raised
+    as a :class:`RegistryError` naming the plug-in."""
+    try:
+        if spec.endswith(".py") or os.sep in spec:
+            path = os.path.abspath(spec)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"no such file: {path}")
+            name = "mmbalance_plugin_" + os.path.splitext(os.path.basename(path))[0]
+            if name in sys.modules:
+                return
+            mspec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(mspec)  # type: ignore[arg-type]
+            sys.modules[name] = module
+            try:
+                mspec.loader.exec_module(module)  # type: ignore[union-attr]
+            except BaseException:
+                del sys.modules[name]
+                raise
+        else:
+            importlib.import_module(spec)
+    except Exception as exc:
+        msg = f"{type(exc).__name__}: {exc}"
+        for reg in (registry,) if registry is not None else (METHODS, DATASETS, MODELS):
+            reg._broken[spec] = msg
+        if registry is None:
+            raise RegistryError(f"plug-in {spec!r} failed to import: {msg}") from None
+
+
+def load_plugins(specs: list[str]) -> None:
+    """Load the built-ins first (so a plug-in may build on them), then each plug-in in order."""
+    for reg in (METHODS, DATASETS, MODELS):
+        reg._load_builtins()
+    for spec in specs:
+        load_plugin(spec)
 
 
 def _decorator(registry: Registry, name: str, description: str, defaults: dict[str, Any]):

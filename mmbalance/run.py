@@ -7,13 +7,14 @@ Configuration precedence: dataset preset ◄ method (preset) defaults ◄ ``--co
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from .config import RunConfig, TrainConfig, build_hparams, load_config_file, parse_set_items
-from .errors import MethodNotApplicable, MMBalanceError, NonFiniteLossError
+from .errors import ConfigError, MethodNotApplicable, MMBalanceError, NonFiniteLossError
 
 DATA_ENV = "MMBALANCE_DATA"
 
@@ -45,19 +46,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list methods and datasets and exit")
     p.add_argument("--show-space", action="store_true",
                    help="print the tuning search space of --method (and the shared training space) and exit")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress output (the final result line stays)")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                   help="import a module or .py file that registers methods/datasets (repeatable; also "
+                        "$MMBALANCE_PLUGINS and the 'mmbalance.methods' entry-point group)")
+    p.add_argument("--log-with", action="append", default=[], metavar="TRACKER",
+                   help="also log per-epoch values to an Accelerate tracker: tensorboard, wandb, mlflow, ... "
+                        "(repeatable; files under RUN_DIR/trackers/)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the fully resolved configuration (JSON) and exit; nothing is written")
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve, build the model and the method, print the configuration and parameter "
+                        "counts, and exit without training; nothing is written")
     return p
 
 
-def print_listing() -> None:
+def _hparams_text(cls: Any, bound: dict[str, Any]) -> str:
+    import dataclasses
+
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return ""
+    vals = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        default = bound.get(f.name, f.default if f.default is not dataclasses.MISSING else
+                            (f.default_factory() if f.default_factory is not dataclasses.MISSING else "?"))
+        vals.append(f"{f.name}={default}")
+    return ", ".join(vals)
+
+
+def print_listing() -> int:
+    """``--list``: methods (supported tasks and hyperparameters with their defaults), datasets, and any
+    module that failed to import (shown as broken with its error; exit code 1 then)."""
     from .registry import DATASETS, METHODS
 
     print("methods:")
     for name, desc in METHODS.describe().items():
+        entry = METHODS.get(name)
+        cls = entry.factory
+        tasks = ", ".join(sorted(getattr(cls, "supported_tasks", ())))
         print(f"  {name:<28} {desc}")
+        print(f"  {'':<28}   tasks: {tasks}")
+        hp = _hparams_text(getattr(cls, "hparams_cls", None), entry.defaults)
+        if hp:
+            print(f"  {'':<28}   hyperparameters: {hp}")
     print("datasets:")
     for name, desc in DATASETS.describe().items():
         print(f"  {name:<28} {desc}")
+    broken = {**{f"method module {k}": v for k, v in METHODS.broken.items()},
+              **{f"dataset module {k}": v for k, v in DATASETS.broken.items()}}
+    if broken:
+        print("broken (failed to import; their names cannot be used):")
+        for what, err in broken.items():
+            print(f"  {what}: {err}")
+    return 1 if broken else 0
 
 
 def print_space(method: str) -> None:
@@ -120,38 +163,96 @@ def resolve(args: argparse.Namespace):
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse, resolve and train; returns result.json's content. Raises on error."""
     args = build_parser().parse_args(argv)
+    if args.plugin:
+        from .registry import load_plugins
+
+        load_plugins(args.plugin)
     if args.list:
-        print_listing()
-        return {}
+        code = print_listing()
+        return {"_exit_code": code} if code else {}
     if args.show_space:
         print_space(args.method or "baseline")
         return {}
     from .engine import Trainer
 
+    if args.seed is not None and args.seed < 0:
+        raise ConfigError(f"--seed {args.seed}: expected a non-negative integer")
+    if args.log_with:
+        from .trackers import TRACKERS
+
+        bad = [t for t in args.log_with if t not in TRACKERS and t != "all"]
+        if bad:
+            raise ConfigError(f"--log-with {', '.join(bad)}: unknown tracker; valid: {', '.join(TRACKERS)}, all")
     config, train_cfg, data, method, run_dir = resolve(args)
-    trainer = Trainer(config, train_cfg, data, method, run_dir, resume=args.resume, quiet=args.quiet)
-    result = trainer.fit()
-    if trainer.accelerator.is_main_process and not args.quiet:
-        key = result["primary_metric"]
-        test_text = (f"test {key} {result['test'][key]:.4f}; per-modality test {key}: "
-                     + ", ".join(f"{m} {r[key]:.4f}" for m, r in result["test_per_modality"].items())
-                     if result["test"] is not None else "test not evaluated (train.evaluate_test=false)")
-        print(f"{config.method} on {config.dataset} (seed {config.seed}): val {key} {result['val'][key]:.4f}, "
-              f"{test_text}\nrun files: {run_dir}")
+    _check_run_dir(Path(run_dir))
+    if args.print_config and not args.dry_run:
+        print(json.dumps(resolved_config(config, train_cfg, method), indent=2, sort_keys=True, default=str))
+        return {}
+    trainer = Trainer(config, train_cfg, data, method, run_dir, resume=args.resume, quiet=args.quiet,
+                      log_with=args.log_with)
+    if args.dry_run:
+        print(json.dumps({**resolved_config(config, train_cfg, method), "parameters": trainer._parameter_counts(),
+                          "num_train_samples": len(trainer.train_split)}, indent=2, sort_keys=True, default=str))
+        return {}
+    try:
+        result = trainer.fit()
+    except (MMBalanceError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # a crash inside a method or the engine: leave a failed record, then re-raise
+        trainer.record_crash(exc)
+        raise
+    if trainer.accelerator.is_main_process:
+        print(result_line(config, result, run_dir))
     return result
+
+
+def result_line(config: RunConfig, result: dict[str, Any], run_dir: Path) -> str:
+    """The final line of a run (printed with --quiet too)."""
+    key = result["primary_metric"]
+    if result["test"] is None:
+        test_text = "test not evaluated (train.evaluate_test=false)"
+    else:
+        test_text = f"test {key} {result['test'][key]:.4f}"
+        if result.get("test_per_modality"):  # unimodal runs have none
+            test_text += f"; per-modality test {key}: " + ", ".join(
+                f"{m} {r[key]:.4f}" for m, r in result["test_per_modality"].items())
+    return (f"{config.method} on {config.dataset} (seed {config.seed}): val {key} {result['val'][key]:.4f}, "
+            f"{test_text}\nrun files: {run_dir}")
+
+
+def resolved_config(config: RunConfig, train_cfg: TrainConfig, method: Any) -> dict[str, Any]:
+    from .config import to_jsonable
+
+    return {**to_jsonable(config), "train": to_jsonable(train_cfg), "method_hparams": to_jsonable(method.hp)}
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """The run directory and its parents must be folders (or not exist yet)."""
+    for p in (run_dir, *run_dir.parents):
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"run directory {str(run_dir)!r}: {str(p)!r} exists and is not a folder; "
+                              "choose another --output-dir/--run-dir")
+
+
+def _say(message: str) -> None:
+    """Errors are printed once, by rank 0 (every rank of a distributed run parses and fails alike)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        run(argv)
+        out = run(argv)
+        if out and out.get("_exit_code"):
+            return int(out["_exit_code"])
     except NonFiniteLossError as exc:
-        print(f"error: run failed: {exc}", file=sys.stderr)
+        _say(f"error: run failed: {exc}")
         return 3
     except MethodNotApplicable as exc:  # same exit code; the prefix lets the leaderboard show n/a
-        print(f"error: not applicable: {exc}", file=sys.stderr)
+        _say(f"error: not applicable: {exc}")
         return 2
     except MMBalanceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _say(f"error: {exc}")
         return 2
     except BrokenPipeError:  # `--list | head`: the reader went away; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

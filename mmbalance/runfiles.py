@@ -74,6 +74,27 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def code_provenance() -> dict[str, Any]:
+    """The git commit of the code that produced a result, and whether the checkout had uncommitted changes
+    (``dirty``); ``{"git_commit": None}`` outside a git checkout (an installed wheel)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    out: dict[str, Any] = {"git_commit": None, "dirty": None}
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode != 0:
+            return out
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+        out["git_commit"] = commit.stdout.strip()
+        out["dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
 def hardware_summary() -> dict[str, Any]:
     import torch
 

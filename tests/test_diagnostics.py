@@ -351,3 +351,70 @@ def test_unimodal_cosine_is_one_and_edit_ratio(run_cli):
     code, rd, _ = run_cli("ogm", "synthetic", epochs=3, sets=SYN)
     assert code == 0
     assert any(r["diag"]["edit_ratio"]["m0"] < 1.0 for r in _rows(rd))
+
+
+# ----------------------------------------------------------------------------- diagnose CLI
+def _tiny_run(tmp_path, name, method="baseline", sets=None, epochs=2):
+    from mmbalance.run import main
+    from mmbalance.testing import cli_args
+
+    rd = tmp_path / "runs" / name
+    assert main(cli_args(method, "synthetic", epochs=epochs, run_dir=rd, sets={**SYN, **(sets or {})})) == 0
+    return rd
+
+
+def test_diagnose_cli_writes_figures_deterministically(tmp_path, capsys):
+    from mmbalance.diagnose import main
+
+    _tiny_run(tmp_path, "baseline")
+    _tiny_run(tmp_path, "ogm_ge", method="ogm_ge")
+    _tiny_run(tmp_path, "uni", method="unimodal:m1")
+    outs = []
+    for k in range(2):
+        out = tmp_path / f"out{k}"
+        assert main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+        outs.append(out)
+    names = sorted(p.name for p in outs[0].iterdir())
+    assert {"summary.md", "summary.csv", "summary.json", "shapley_synthetic.png", "probe_gap_synthetic.png",
+            "compare_synthetic.png", "dynamics_synthetic_baseline.png", "dynamics_synthetic_ogm_ge.png"} <= set(names)
+    for n in names:
+        assert (outs[0] / n).read_bytes() == (outs[1] / n).read_bytes(), n
+    md = (outs[0] / "summary.md").read_text()
+    assert "weak modality:" in md and "| baseline | 1 |" in md
+    # the unimodal:m1 row provides the m1 gap: probe(unimodal:m1) − probe(baseline)
+    summary = json.loads((outs[0] / "summary.json").read_text())["synthetic"]
+    base = _result(tmp_path / "runs" / "baseline")["diagnostics"]["probe"]["test"]["m1"]["accuracy"]
+    uni = _result(tmp_path / "runs" / "uni")["diagnostics"]["probe"]["test"]["m1"]["accuracy"]
+    assert summary["baseline"]["gap[m1]"]["mean"] == pytest.approx(uni - base, abs=1e-12)
+
+
+def test_diagnose_bad_input(tmp_path, capsys):
+    from mmbalance.diagnose import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    assert main([str(empty), "--out", str(out)]) == 2
+    assert str(empty) in capsys.readouterr().err and not out.exists()
+    assert main([str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "not a folder" in capsys.readouterr().err and not out.exists()
+    # a run without diagnostics: refused without --recompute; with it but no checkpoint: refused too
+    rd = _tiny_run(tmp_path, "old", sets={"train.diagnostics": "none"}, epochs=1)
+    before = (rd / "result.json").read_bytes()
+    assert main([str(rd), "--out", str(out)]) == 2
+    assert "--recompute" in capsys.readouterr().err and not out.exists()
+    import shutil
+
+    shutil.move(str(rd / "checkpoints"), str(tmp_path / "ckpt"))
+    assert main([str(rd), "--out", str(out), "--recompute"]) == 2
+    err = capsys.readouterr().err
+    assert "best.pt" in err and str(rd) in err and not out.exists()
+    assert (rd / "result.json").read_bytes() == before
+    # with the checkpoint back, --recompute back-fills probes, Shapley and drops into result.json
+    shutil.move(str(tmp_path / "ckpt"), str(rd / "checkpoints"))
+    assert main([str(rd), "--out", str(out), "--recompute"]) == 0
+    d = _result(rd)["diagnostics"]
+    assert d["recomputed"] and "dynamics_missing" in d and set(d["probe"]["test"]) == {"m0", "m1", "m2"}
+    ref = _result(_tiny_run(tmp_path, "fresh", epochs=1))["diagnostics"]
+    assert d["shapley"]["test"]["phi"] == ref["shapley"]["test"]["phi"]
+    assert d["probe"]["test"] == ref["probe"]["test"]

@@ -469,3 +469,75 @@ def test_tiny_suite_end_to_end(tmp_path, monkeypatch, capsys):
     assert "| baseline " in readme and "| unimodal:fac " in readme and "Across datasets" in readme
     res = json.loads((Path(specs[0].run_dir) / "result.json").read_text())
     assert res["timings"]["epochs"] == 2 and res["num_train_samples"] == 140  # 20 per class, 70 % train
+
+
+# ------------------------------------------------------------------------------------------ diagnostics
+def _fake_diagnostics(row: str, seed: int, mods: list[str]) -> dict:
+    """Weak modality fou/mor (second): probe and share move with the row; alpha lifts them."""
+    lift = {"alpha": 0.05, "beta": 0.0, "gamma": -0.01, "napp": 0.0}.get(row, 0.0)
+    wobble = NOISE[seed % 5]
+    share = {mods[0]: 0.8 - lift - wobble, mods[-1]: 0.2 + lift + wobble} if len(mods) > 1 else {mods[0]: 1.0}
+    probe = {m: {"accuracy": round(0.9 - 0.2 * i + lift + wobble, 6)} for i, m in enumerate(mods)}
+    phi = {m: share[m] * 0.8 for m in mods}
+    return {"version": 1, "probe": {"test": probe},
+            "shapley": {"test": {"phi": phi, "share": share, "imbalance_index": abs(phi[mods[0]] - phi[mods[-1]]) / 0.8}},
+            "permutation": {"test": {"drop": {m: 0.1 for m in mods}}},
+            "dynamics_final": {"conf_ratio": {m: 1.0 for m in mods}}}
+
+
+def test_diagnostics_columns_holm_and_divergence(tmp_path):
+    from mmbalance.leaderboard import diagnostics as lb_diag
+
+    suite, specs = make_fixture(tmp_path)
+    for spec in specs:
+        res_path = Path(spec.run_dir) / "result.json"
+        if not res_path.is_file():
+            continue
+        res = json.loads(res_path.read_text())
+        if res.get("status") != "ok":
+            continue
+        res["diagnostics"] = _fake_diagnostics(spec.row, spec.seed, res["modalities"])
+        if spec.row == "beta" and spec.dataset == "mfeat" and spec.seed == 4:  # one seed collapses
+            res["test"]["accuracy"] = 0.2
+        atomic_write_json(res_path, res)
+    rep = build_report(suite, specs)
+    mf = {d.name: d for d in rep.datasets}["mfeat"]
+    dd = mf.diag
+    assert dd.weak == "fou"  # smallest baseline share
+    for col in ("probe", "share"):
+        q = f"{col}[fou]"
+        base = dd.values("baseline", q)
+        rows = ["alpha", "beta", "gamma", "napp"]
+        comps = []
+        for r in rows:
+            v = dd.values(r, q)
+            seeds = sorted(set(v) & set(base))
+            comps.append(stats.paired_comparison([v[s] for s in seeds], [base[s] for s in seeds]))
+        holm = stats.holm_correction([c.p_ttest for c in comps])
+        same = lambda a, b: a == b or (math.isnan(a) and math.isnan(b))  # noqa: E731
+        for r, c, p in zip(rows, comps, holm):
+            got = dd.tests[col][r]
+            assert same(got.comparison.mean_diff, c.mean_diff) and same(got.comparison.p_ttest, c.p_ttest)
+            assert same(got.p_t_holm, p)
+        assert "unimodal:fou" not in dd.tests[col]  # reference rows are not tested
+    assert dd.tests["probe"]["alpha"].comparison.mean_diff == pytest.approx(0.05)
+    # divergence: beta's collapsed seed is flagged, the others are not
+    flagged, _ = lb_diag.divergent_seeds(mf.rows["beta"].primary_values("accuracy"), True)
+    assert flagged == [4]
+    assert lb_diag.divergent_seeds(mf.rows["alpha"].primary_values("accuracy"), True)[0] == []
+    out1 = write_report(rep, tmp_path / "o1")
+    text = out1["readme"].read_text()
+    assert "probe [fou]" in text and "φ-share [fou]" in text and "Imbalance diagnostics (test)" in text
+    assert "beta: seeds diverge" in text and "seed 4 (0.2000)" in text
+    assert (tmp_path / "o1" / "figures" / "mfeat_weak_probe.png").is_file()
+    import csv
+
+    with open(out1["csv"]) as fh:
+        rows_csv = {(r["dataset"], r["method"]): r for r in csv.DictReader(fh)}
+    a = rows_csv[("mfeat", "alpha")]
+    assert float(a["diag_probe_weak_p_ttest_holm"]) == dd.tests["probe"]["alpha"].p_t_holm
+    assert float(a["diag_share_weak_p_ttest_holm"]) == dd.tests["share"]["alpha"].p_t_holm
+    assert rows_csv[("mfeat", "beta")]["seeds_diverge"] == "true" and rows_csv[("mfeat", "alpha")]["seeds_diverge"] == ""
+    out2 = write_report(build_report(suite, specs), tmp_path / "o2")
+    for k in out1:
+        assert out1[k].read_bytes() == out2[k].read_bytes(), k

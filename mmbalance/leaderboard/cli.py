@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build", help="aggregate the run files into README.md, results.csv, figures/")
     common(build)
     build.add_argument("--out-dir", help="report folder (default: the suite's `output`, under leaderboard/)")
+    build.add_argument("--format", choices=["markdown", "latex"], action="append", default=None,
+                       help="markdown (README.md, results.csv, figures; always written) and/or latex "
+                            "(results.tex: booktabs tables, best per column in bold, significance marks)")
 
     plan = sub.add_parser("plan", help="list the planned runs and their state")
     common(plan)
@@ -154,6 +157,14 @@ def _build(suite, specs, out_dir: str | None, args: argparse.Namespace | None = 
 def cmd_build(args: argparse.Namespace) -> int:
     suite, _, _, specs = _plan(args)
     _build(suite, specs, args.out_dir, args)
+    if "latex" in (args.format or []):
+        from ..runfiles import atomic_write_text
+        from .latex import render_latex
+        from .report import build_report
+
+        out = Path(args.out_dir) if args.out_dir else suite.default_out_dir()
+        atomic_write_text(out / "results.tex", render_latex(build_report(suite, specs)))
+        print(f"wrote {out / 'results.tex'}", file=sys.stderr)
     return 0
 
 

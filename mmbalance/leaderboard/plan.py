@@ -56,6 +56,7 @@ class RunSpec:
     launcher: tuple[str, ...] = ()  # empty for plain python runs, else accelerate's settings
     plan_hash: str = ""
     run_dir: str = ""
+    plugins: tuple[str, ...] = ()  # --plugin modules/files (the suite's `plugins`), absolute paths for files
 
     @property
     def key(self) -> tuple[str, str]:
@@ -63,7 +64,8 @@ class RunSpec:
 
     def run_args(self) -> list[str]:
         """Arguments for ``mmbalance.run`` (without --run-dir/--quiet/--resume)."""
-        argv = ["--method", self.method, "--dataset", self.dataset, "--seed", str(self.seed)]
+        argv = [a for p in self.plugins for a in ("--plugin", p)]
+        argv += ["--method", self.method, "--dataset", self.dataset, "--seed", str(self.seed)]
         if self.epochs is not None:
             argv += ["--epochs", str(self.epochs)]
         for k, v in self.sets:
@@ -78,6 +80,7 @@ class RunSpec:
         d = dict(d)
         d["sets"] = tuple(tuple(x) for x in d["sets"])
         d["launcher"] = tuple(d["launcher"])
+        d["plugins"] = tuple(d.get("plugins", ()))
         return cls(**d)
 
 
@@ -150,7 +153,8 @@ def safe_name(row: str) -> str:
 
 def plan_hash_payload(spec: RunSpec) -> dict[str, Any]:
     return {"dataset": spec.dataset, "method": spec.method, "seed": spec.seed, "epochs": spec.epochs,
-            "sets": dict(spec.sets), "launcher": list(spec.launcher)}
+            "sets": dict(spec.sets), "launcher": list(spec.launcher),
+            **({"plugins": list(spec.plugins)} if spec.plugins else {})}
 
 
 def plan_runs(suite: Suite, results_dir: str | Path, *, datasets: Iterable[str] | None = None,
@@ -172,6 +176,11 @@ def plan_runs(suite: Suite, results_dir: str | Path, *, datasets: Iterable[str] 
     launcher: tuple[str, ...] = ()
     if suite.launcher == "accelerate":
         launcher = ("accelerate", f"num_processes={suite.num_processes}", *suite.accelerate_args)
+    plugins = tuple(getattr(suite, "plugins", ()) or ())
+    if validate and plugins:
+        from ..registry import load_plugins
+
+        load_plugins(list(plugins))
     per_seed: list[list[RunSpec]] = [[] for _ in suite.seeds]
     for entry in suite.datasets:
         if want_ds is not None and entry.name not in want_ds:
@@ -194,7 +203,8 @@ def plan_runs(suite: Suite, results_dir: str | Path, *, datasets: Iterable[str] 
             sets = _merge_sets(suite.sets, entry.sets, variant["sets"] if variant else {},
                                suite.method_sets.get(row, {}), suite.method_sets.get(f"{row}@{entry.name}", {}))
             for i, seed in enumerate(suite.seeds):
-                spec = RunSpec(suite.name, entry.name, row, method, seed, suite.epochs, sets, launcher)
+                spec = RunSpec(suite.name, entry.name, row, method, seed, suite.epochs, sets, launcher,
+                               plugins=plugins)
                 h = config_hash(plan_hash_payload(spec))
                 run_dir = results_dir / entry.name / safe_name(row) / f"seed{seed}"
                 per_seed[i].append(dataclasses.replace(spec, plan_hash=h, run_dir=str(run_dir)))

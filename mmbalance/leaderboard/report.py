@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .. import stats
+from . import diagnostics as lb_diag
 from ..runfiles import RESULT_FILE, atomic_write_text
 from .plan import RunSpec, RunState, read_state
 from .suite import Suite
@@ -92,6 +93,7 @@ class DatasetSummary:
     higher_is_better: bool = True
     modalities: list[str] = field(default_factory=list)
     baseline: str = "baseline"
+    diag: Any = None  # lb_diag.DatasetDiagnostics: imbalance-diagnostics columns
 
     def ordered_rows(self) -> list[RowSummary]:
         """Baseline, then method rows best first (rows without a number last), then unimodal references."""
@@ -153,6 +155,7 @@ def summarise(states: list[RunState], baseline: str) -> list[DatasetSummary]:
                     modalities.append(m)
         summary.modalities = modalities
         _compare(summary)
+        summary.diag = lb_diag.summarise_dataset(summary)
         out.append(summary)
     return out
 
@@ -409,18 +412,23 @@ def _dataset_section(rep: Report, ds: DatasetSummary, arg: str, figures: dict[st
         lines += ["No finished run yet.", ""]
     notes = Notes()
     headers = ["method", "n", f"{metric}", "Δ vs baseline [95% CI]", "p t-test (Holm)", "p Wilcoxon (Holm)"]
-    headers += [f"{metric} [{m}]" for m in ds.modalities] + ["train s/run (incl. teachers)"]
+    diag_headers = lb_diag.main_headers(ds.diag)
+    headers += [f"{metric} [{m}]" for m in ds.modalities] + diag_headers + ["train s/run (incl. teachers)"]
     body = []
     for row in ds.ordered_rows():
         n_text, empty = _status_cell(row, notes)
         if empty is not None:
-            body.append([row.row, n_text, empty] + [DASH] * (3 + len(ds.modalities) + 1))
+            body.append([row.row, n_text, empty] + [DASH] * (3 + len(ds.modalities) + len(diag_headers) + 1))
             continue
+        diverge = lb_diag.divergence_note(row, metric, ds.higher_is_better)
+        if diverge:
+            n_text += " ⚠ " + notes.ref(diverge)
         tested = row.row != ds.baseline and not is_reference_row(row.row)
         body.append([row.row, n_text, fmt_mean_std(row.primary_values(metric)),
                      DASH if row.row == ds.baseline else fmt_delta(row.comparison, row.marker),
                      fmt_p(row.p_t_holm) if tested else DASH, fmt_p(row.p_w_holm) if tested else DASH]
                     + [fmt_mean_std(row.per_modality.get(m, {})) for m in ds.modalities]
+                    + lb_diag.main_cells(ds.diag, row.row, ds.baseline)
                     + [f"{np.mean(list(row.train_seconds.values())):.2f}" if row.train_seconds else DASH])
     lines += [_table(headers, body), ""]
     if ds.baseline not in ds.rows:
@@ -440,6 +448,7 @@ def _dataset_section(rep: Report, ds: DatasetSummary, arg: str, figures: dict[st
                   _table(["method"] + metrics, full), "", "</details>", ""]
     if ds.name in figures:
         lines += [f"![{ds.name}: test {metric}]({figures[ds.name]})", ""]
+    lines += lb_diag.section(ds, ds.diag, _table, figures.get(f"{ds.name}:weak_probe"))
     return lines
 
 
@@ -526,6 +535,8 @@ def render_csv(rep: Report) -> str:
                 rec[f"test_{k}_mean"], rec[f"test_{k}_std"] = _mean_std(vals)
             for m, vals in sorted(row.per_modality.items()):
                 rec[f"test_{m}_{ds.metric}_mean"], rec[f"test_{m}_{ds.metric}_std"] = _mean_std(vals)
+            rec.update(lb_diag.csv_fields(ds.diag, row.row))
+            rec["seeds_diverge"] = "true" if lb_diag.divergence_note(row, ds.metric, ds.higher_is_better) else ""
             for k in rec:
                 if k not in CSV_FIXED and k not in dynamic:
                     dynamic.append(k)
@@ -587,6 +598,11 @@ def write_report(rep: Report, out_dir: str | Path, extra: list[str] | None = Non
             figures[ds.name] = f"figures/{name}"
             expected.add(name)
             written[f"figure:{ds.name}"] = fig_dir / name
+        name = f"{ds.name}_weak_probe.png"
+        if ds.metric and lb_diag.scatter_figure(ds, ds.diag, fig_dir / name):
+            figures[f"{ds.name}:weak_probe"] = f"figures/{name}"
+            expected.add(name)
+            written[f"figure:{ds.name}:weak_probe"] = fig_dir / name
     cross = rep.cross
     if cross.friedman is not None:
         stats.cd_diagram(dict(zip(cross.rows, cross.friedman.avg_ranks)), cross.cd, fig_dir / "cd_diagram.png",

@@ -11,7 +11,7 @@ from ..errors import ConfigError
 DEFAULT_SEEDS = 5
 SUITE_KEYS = {"name", "description", "seeds", "epochs", "methods", "exclude", "baseline", "datasets", "sets",
               "method_sets", "variants", "output", "launcher", "num_processes", "accelerate_args", "data_dir",
-              "slurm", "retry_failed", "tune"}
+              "slurm", "retry_failed", "tune", "plugins"}
 
 
 
@@ -43,6 +43,7 @@ class Suite:
     launcher: str = "python"
     num_processes: int = 1
     accelerate_args: list[str] = field(default_factory=list)
+    plugins: list[str] = field(default_factory=list)  # modules or .py files (relative to the suite file)
     tune: Any = None  # TuneConfig of the [tune] table (mmbalance.leaderboard.tune), None without one
     data_dir: str | None = None
     slurm: dict[str, Any] = field(default_factory=dict)
@@ -59,12 +60,13 @@ class Suite:
         return (self.leaderboard_dir / (self.output if self.output is not None else self.name)).resolve()
 
     def display_path(self) -> str:
-        """The suite file as shown in reports: relative to the leaderboard's parent when inside it."""
+        """The suite file as shown in reports (and in their reproduce commands): ``leaderboard/suites/X.toml``
+        for a suite in a leaderboard's ``suites/`` folder, else its absolute path (a bare file name would not
+        reproduce anything from another directory)."""
         p = self.path.resolve()
-        try:
+        if p.parent.name == "suites":
             return p.relative_to(self.leaderboard_dir.parent).as_posix()
-        except ValueError:
-            return p.name
+        return p.as_posix()
 
 
 def find_suite(name_or_path: str | Path) -> Path:
@@ -143,8 +145,12 @@ def load_suite(name_or_path: str | Path) -> Suite:
         from .tune import parse_tune_table
 
         tune = parse_tune_table(raw["tune"], where, list(seeds))
+    plugins = raw.get("plugins", [])
+    if not isinstance(plugins, list) or not all(isinstance(x, str) and x for x in plugins):
+        raise ConfigError(f"{where}: 'plugins' must be a list of module names or .py paths, got {plugins!r}")
+    plugins = [str((path.parent / x).resolve()) if x.endswith(".py") else x for x in plugins]
     return Suite(
-        tune=tune, name=str(raw.get("name", path.stem)), path=path, description=str(raw.get("description", "")).strip(),
+        plugins=plugins, tune=tune, name=str(raw.get("name", path.stem)), path=path, description=str(raw.get("description", "")).strip(),
         seeds=list(seeds), epochs=epochs, methods=methods, exclude=list(raw.get("exclude", [])),
         baseline=str(raw.get("baseline", "baseline")), datasets=datasets,
         sets=_table(raw.get("sets"), f"{where} 'sets'"),

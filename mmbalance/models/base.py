@@ -110,6 +110,10 @@ class MultimodalModel(nn.Module):
         bias = layer.bias / len(slices) if layer.bias is not None else 0.0
         return {m: pooled[m] @ layer.weight[:, s].t() + bias for m, s in slices.items()}
 
+    def feature_parts(self, m: str, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The separate tensors that z_m packs (UMT distils each, PMR picks one). Default: z_m itself."""
+        return {"z": z}
+
     def encoder_parameters(self, m: str) -> Iterator[nn.Parameter]:
         return self.encoders[m].parameters()
 

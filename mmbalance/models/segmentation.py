@@ -316,6 +316,11 @@ class DeepLabMultiModel(MultimodalModel):
             raise ValueError(f"unknown encoder scope {scope!r}; valid: encoder_body, modality_all")
         return self.encoders[m].parameters()
 
+    def feature_parts(self, m: str, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """z_m = cat(up(ASPP_m), layer1_m) on channels: ``aspp`` [B, C_aspp, H/4, W/4] and ``low``."""
+        a = self.encoders[m].aspp_channels
+        return {"aspp": z[:, :a], "low": z[:, a:]}
+
     def make_unimodal_head(self, m: str, kind: str = "cggm") -> nn.Module:
         enc: DeepLabEncoder = self.encoders[m]  # type: ignore[assignment]
         return DeepLabUnimodalHead(enc.aspp_channels, enc.low_channels, self.out_dim, kind, self.decoder_width,

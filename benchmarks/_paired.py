@@ -1,0 +1,39 @@
+"""Paired, interleaved timing: the only comparison these benchmarks make.
+
+Each repeat runs A and B back to back, alternating which goes first (ABBA...), and yields the ratio of that
+pair, so slow drifts of the machine (another job, thermal state) hit both sides of a pair alike. We report the
+median ratio with its min and max over the pairs — never a best-of-N of one side against a best-of-N of the
+other.
+"""
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass
+class Ratio:
+    median: float
+    low: float
+    high: float
+    n: int
+
+    def __str__(self) -> str:
+        return f"{self.median:.3f} ({self.low:.3f}–{self.high:.3f}, n={self.n})"
+
+
+def paired_ratio(a: Callable[[], float], b: Callable[[], float], repeats: int) -> tuple[Ratio, list[float], list[float]]:
+    """Ratio a()/b() of two measurements (e.g. seconds), paired and interleaved over ``repeats`` pairs."""
+    ratios, xs, ys = [], [], []
+    for r in range(repeats):
+        if r % 2 == 0:
+            x = a()
+            y = b()
+        else:
+            y = b()
+            x = a()
+        xs.append(x)
+        ys.append(y)
+        ratios.append(x / y)
+    return Ratio(statistics.median(ratios), min(ratios), max(ratios), len(ratios)), xs, ys
