@@ -135,7 +135,7 @@ MUTANTS: list[Mutant] = [
     M("ogm_ge", OG, "self.k = {m: float(k[i]) for i, m in enumerate(self.modalities)}",
       "self.k = {m: float(k[len(self.modalities) - 1 - i]) for i, m in enumerate(self.modalities)}",
       "coefficients assigned to the wrong modalities", "swapped"),
-    M("ogm_ge", OG, "g.add_((noise * (sigma + 1e-8))", "g.add_((noise * (sigma * km + 1e-8))",
+    M("ogm_ge", OG, "scale = (sigma.double() + 1e-8).float()", "scale = (sigma.double() * km + 1e-8).float()",
       "GE noise std taken after scaling instead of before (official: before)", "wrong-quantity"),
     M("ogm_ge", OG, 'return {m: (out.features[m] if kinds[m] == "map" else out.pooled[m]).detach().float() for m in kinds}',
       'return {m: (out.features[m] if kinds[m] == "map" else out.pooled[m]).float() for m in kinds}',
