@@ -21,7 +21,7 @@ def test_gates_replaced_by_running_average_exactly_on_scheduled_steps(tmp_path):
     """§2.3 schedule (ε < 0 forces a decision after every normal step from epoch 0, Q = 2) and §8 test 3."""
     tr = build_trainer("greedy", "mfeat", run_dir=tmp_path / "g", epochs=1,
                        sets={**SMALL_MFEAT, "epsilon": -1.0, "start_epoch": 0, "window": 2, "train.batch_size": 16,
-                             "train.modality_eval": "none"})
+                             "train.modality_eval": "none", "train.diagnostics": "none"})  # count training forwards only
     block = tr.ctx.raw_model.mmtm_blocks[0]
     seen, batch_means = [], []
 

@@ -87,7 +87,7 @@ def test_memory_consolidation_switch(tmp_path):
 
 def test_stage_selection_on_validation_and_single_test(tmp_path):
     """§8 test 6: validation sequence (0.5, 0.7, 0.6) → stage 1's model; test evaluated exactly once."""
-    tr = _rb(tmp_path, epochs=6, sets={"train.modality_eval": "none"})
+    tr = _rb(tmp_path, epochs=6, sets={"train.modality_eval": "none", "train.diagnostics": "none"})
     real = tr.evaluate
     seq = iter([0.5, 0.7, 0.6])
     calls = {"test": 0}
