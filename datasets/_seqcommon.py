@@ -78,6 +78,9 @@ def feature_array(value: Any, key: str, split: str, path: Path, dataset: str) ->
     arr = arr.astype(np.float32, copy=True)
     bad = ~np.isfinite(arr)
     n_bad = int(bad.sum())
+    if n_bad == arr.size:  # padding is -inf in places; a modality with no finite value at all is corrupt
+        raise DatasetFormatError(f"{dataset}: {path}: split {split!r} key {key!r}: all {n_bad} values are "
+                                 "non-finite (NaN/inf); the modality holds no data")
     if n_bad:
         arr[bad] = 0.0
     return arr, n_bad

@@ -184,7 +184,7 @@ def resolve_root(options: BratsOptions, data_dir: str | Path | None) -> Path:
 
 
 def check_case_file(path: Path, crop: int, slice_end: int) -> tuple[int, int, int]:
-    """Check keys and shapes of one case file (metadata only); returns (H, W, D) (§9)."""
+    """Check keys, shapes and label values of one case file; returns (H, W, D) (§9)."""
     import h5py
 
     try:
@@ -197,6 +197,11 @@ def check_case_file(path: Path, crop: int, slice_end: int) -> tuple[int, int, in
                 raise DatasetFormatError(f"brats2021: {path} has no key {key!r} (expected 'image' float (4, H, W, D) "
                                          f"and 'label' (H, W, D); found keys {sorted(f.keys())})")
         img, lab = f["image"].shape, f["label"].shape
+        try:  # label values up front (a bad label must not surface at a random later step)
+            labels = f["label"][()]
+        except (OSError, ValueError) as exc:
+            raise DatasetFormatError(f"brats2021: {path} key 'label' is unreadable ({exc})") from None
+        _check_label_values(labels, str(path))
     if len(img) != 4 or img[0] != len(MODALITIES):
         raise DatasetFormatError(f"brats2021: {path} key 'image' has shape {img}, expected (4, H, W, D) with channels "
                                  "flair, t1ce, t1, t2")
@@ -577,8 +582,18 @@ def convert_raw(raw: str | Path, out: str | Path, split_seed: int = 0,
         (tmp / "cases").mkdir()
         index, hashes = {}, {}
         for d in case_dirs:
-            vols = [np.asarray(nib.load(str(d / f"{d.name}_{m}.nii.gz")).get_fdata()) for m in MODALITIES]
-            seg = np.asarray(nib.load(str(d / f"{d.name}_seg.nii.gz")).get_fdata())
+            try:
+                vols = [np.asarray(nib.load(str(d / f"{d.name}_{m}.nii.gz")).get_fdata()) for m in MODALITIES]
+                seg = np.asarray(nib.load(str(d / f"{d.name}_seg.nii.gz")).get_fdata())
+            except Exception as exc:  # truncated .nii.gz (EOFError, zlib/gzip errors), not NIfTI
+                problems.append(f"case {d.name}: a .nii.gz file is unreadable ({type(exc).__name__}: {exc})")
+                continue
+            nonfinite = {m: int((~np.isfinite(v)).sum()) for m, v in zip(MODALITIES, vols)}
+            nonfinite["seg"] = int((~np.isfinite(seg)).sum())
+            if any(nonfinite.values()):  # one inf voxel would turn the whole z-scored volume into inf/NaN
+                problems.append(f"case {d.name}: non-finite voxels " + ", ".join(
+                    f"{d.name}_{m}.nii.gz: {n}" for m, n in nonfinite.items() if n))
+                continue
             shapes = {v.shape for v in vols} | {seg.shape}
             if len(shapes) != 1 or seg.ndim != 3:
                 problems.append(f"case {d.name}: volumes have different or non-3-D shapes {sorted(shapes)}")
@@ -588,6 +603,10 @@ def convert_raw(raw: str | Path, out: str | Path, split_seed: int = 0,
                 problems.append(f"case {d.name}: seg has label values {bad} outside {{0, 1, 2, 4}}")
                 continue
             image = _zscore_in_mask(np.stack(vols).astype(np.float64))
+            if not np.isfinite(image).all():  # e.g. float overflow in the statistics
+                problems.append(f"case {d.name}: the normalised image has {int((~np.isfinite(image)).sum())} "
+                                "non-finite values")
+                continue
             path = tmp / "cases" / f"{d.name}.h5"
             with h5py.File(path, "w") as f:
                 f.create_dataset("image", data=image, compression="gzip", chunks=(4, *image.shape[1:3], 1))
@@ -603,6 +622,11 @@ def convert_raw(raw: str | Path, out: str | Path, split_seed: int = 0,
         order = [ids[i] for i in perm]
         splits = {"train": sorted(order[:n_train]), "valid": sorted(order[n_train:n_train + n_val]),
                   "test": sorted(order[n_train + n_val:]), "split_seed": split_seed, "fractions": list(fractions)}
+        empty = [s for s in ("train", "valid", "test") if not splits[s]]
+        if empty:
+            raise DatasetFormatError(f"brats2021 converter: {len(ids)} case(s) with fractions {list(fractions)} leave "
+                                     f"split(s) {', '.join(empty)} empty; every split needs at least one case "
+                                     "(more cases, or other fractions)")
         meta = {"orientation": "nibabel_xyz", "normalisation": "z-score per modality inside the brain mask "
                 "(sum over modalities > 0), 0 outside", "source": str(raw.resolve()), "sha256": hashes,
                 "converter_version": CONVERTER_VERSION, "modalities": list(MODALITIES)}

@@ -10,6 +10,7 @@ CGGM paper, zrguo/CGGM ``eval_iemocap``), ``f1_macro`` and ``ua`` (unweighted ac
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,10 @@ CGGM_DEFAULTS: dict[str, dict[str, float]] = {
 }
 # Canonical model (iemocap.md §2): width 40, 5 heads, nlevels 4 (fusion 2 layers), dropouts
 # attention 0.15, ReLU 0.15, embedding 0.2, residual 0.15, output 0.2.
+# ReconBoost sample weights w1/w2 = 1.0/0.25: the official MSA script (huacong/ReconBoost train_MSA.py;
+# methods/reconboost.md §4); the method's own default 5/1 is the CREMA-D command.
+RECONBOOST_DEFAULTS: dict[str, float] = {"w1": 1.0, "w2": 0.25}
+
 MODEL_KWARGS: dict[str, Any] = {"d_model": 40, "num_heads": 5, "nlevels": 4, "attn_dropout": 0.15,
                                 "relu_dropout": 0.15, "embed_dropout": 0.2, "res_dropout": 0.15, "out_dropout": 0.2}
 
@@ -135,8 +140,17 @@ def _mmin_root(options: IemocapOptions, data_dir: str | Path | None) -> Path:
         f"MMIN feature tree: {MMIN_LAYOUT}. " + HOW_TO_GET)
 
 
+def _load_npy(path: Path, allow_pickle: bool) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=allow_pickle)
+    except Exception as exc:  # truncated (ValueError/EOFError), not an .npy file, pickled objects
+        raise DatasetFormatError(f"iemocap: {path} is not a readable .npy file ({type(exc).__name__}: {exc})") from None
+
+
 def _one_hot_labels(path: Path) -> np.ndarray:
-    arr = np.load(path, allow_pickle=False)
+    arr = _load_npy(path, allow_pickle=False)
+    if arr.dtype.kind not in "biuf":
+        raise DatasetFormatError(f"iemocap: {path}: labels have dtype {arr.dtype}, expected numbers (one-hot)")
     if arr.ndim != 2 or arr.shape[1] != 4:
         raise DatasetFormatError(f"iemocap: {path}: labels have shape {arr.shape}, expected one-hot (n, 4)")
     ok = (np.isin(arr, (0, 1))).all(axis=1) & (arr.sum(axis=1) == 1)
@@ -150,12 +164,16 @@ def _one_hot_labels(path: Path) -> np.ndarray:
 
 
 def _names(path: Path) -> list[str]:
-    arr = np.load(path, allow_pickle=True)
+    arr = _load_npy(path, allow_pickle=True)
+    if arr.ndim == 0:
+        raise DatasetFormatError(f"iemocap: {path}: expected an array of utterance names, got a scalar")
     flat = arr.reshape(len(arr), -1)[:, 0] if arr.ndim > 1 else arr
     return [v.decode() if isinstance(v, bytes) else str(v) for v in flat]
 
 
-def _read_h5(path: Path, names: list[str]) -> list[np.ndarray]:
+def _read_h5(path: Path, names: list[str], replaced: list[int] | None = None) -> list[np.ndarray]:
+    """The utterances ``names`` of an MMIN HDF5 file; non-finite values become 0 and are counted into
+    ``replaced[0]``; a modality without a single finite value is an error."""
     import h5py
 
     try:
@@ -168,15 +186,26 @@ def _read_h5(path: Path, names: list[str]) -> list[np.ndarray]:
             raise DatasetFormatError(f"iemocap: {path}: {len(missing)} utterance id(s) of the split are absent; "
                                      f"first five: {missing[:5]}")
         out, dim = [], None
+        total_bad = total = 0
         for n in names:
-            x = np.asarray(f[n][()], dtype=np.float32)
+            try:
+                x = np.asarray(f[n][()], dtype=np.float32)
+            except (OSError, ValueError, TypeError) as exc:  # truncated file, non-numeric dataset
+                raise DatasetFormatError(f"iemocap: {path}: utterance {n!r} is unreadable ({exc})") from None
             if x.ndim == 1:
                 x = x[None, :]
             if x.ndim != 2 or (dim is not None and x.shape[1] != dim):
                 raise DatasetFormatError(f"iemocap: {path}: utterance {n!r} has shape {x.shape}, expected "
                                          f"(T, {dim if dim is not None else 'D'}) like the other utterances")
             dim = x.shape[1]
+            bad = int((~np.isfinite(x)).sum())
+            if bad and replaced is not None:
+                replaced[0] += bad
+            total_bad += bad
+            total += x.size
             out.append(np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0))
+    if out and total_bad == total:
+        raise DatasetFormatError(f"iemocap: {path}: all {total} values of the split are non-finite (NaN/inf)")
     return out
 
 
@@ -209,6 +238,7 @@ def load_mmin(options: IemocapOptions, data_dir: str | Path | None) -> tuple[dic
     stats = _audio_stats(root / MMIN_STATS, options.cv) if options.norm == "trn" else None
     splits: dict[str, TensorSplit] = {}
     truncated: dict[str, dict[str, int]] = {}
+    replaced: dict[str, dict[str, int]] = {}
     dims: dict[str, int] = {}
     for name, s in MMIN_SPLITS.items():
         y = _one_hot_labels(fold / f"{s}_label.npy")
@@ -218,7 +248,12 @@ def load_mmin(options: IemocapOptions, data_dir: str | Path | None) -> tuple[dic
                                      f"{fold / f'{s}_label.npy'} has {len(y)} labels")
         inputs = {}
         for m in MODALITIES:
-            seqs = _read_h5(root / MMIN_FILES[m], names)
+            count = [0]
+            seqs = _read_h5(root / MMIN_FILES[m], names, count)
+            replaced.setdefault(name, {})[m] = count[0]
+            if count[0]:
+                log.warning("iemocap: %s split %s: replaced %d non-finite %s value(s) by 0", root / MMIN_FILES[m], s,
+                            count[0], m)
             d = seqs[0].shape[1]
             if dims.setdefault(m, d) != d:
                 raise DatasetFormatError(f"iemocap: {root / MMIN_FILES[m]}: feature width {d} in split {s!r} but "
@@ -235,6 +270,7 @@ def load_mmin(options: IemocapOptions, data_dir: str | Path | None) -> tuple[dic
             inputs[m] = torch.from_numpy(arr)
         splits[name] = TensorSplit(inputs, torch.from_numpy(y))
     info = {"format": "mmin", "root": str(root), "cv": options.cv, "norm": options.norm, "truncated": truncated,
+            "nonfinite_replaced": replaced,
             "feature_dims": dims, "max_len": {m: options.max_len(m) or MMIN_MAX_LEN[m] for m in MODALITIES}}
     return splits, info
 
@@ -247,6 +283,9 @@ def mult_labels(value: Any, n: int, split: str, path: Path, drop_ambiguous: bool
     if arr.shape != (n, 4, 2):
         raise DatasetFormatError(f"iemocap: {path}: split {split!r} key 'labels' has shape {arr.shape} but "
                                  f"({n}, 4, 2) is required (per emotion neutral/happy/sad/angry: absent, present)")
+    if arr.dtype.kind not in "biuf":
+        raise DatasetFormatError(f"iemocap: {path}: split {split!r} key 'labels' has dtype {arr.dtype}; "
+                                 "numbers (0/1 one-hots) are required")
     positive = arr[:, :, 1]
     ok = positive.sum(axis=1) == 1
     if not ok.all() and not drop_ambiguous:
@@ -314,7 +353,7 @@ def _data(splits: dict[str, TensorSplit], class_names: list[str], hparam_source:
         input_shapes={m: tuple(splits["train"].inputs[m].shape[1:]) for m in MODALITIES}, out_dim=4,
         model=ModelSpec("msa_transformer", dict(MODEL_KWARGS)),
         train_defaults=dict(TRAIN_DEFAULTS[hparam_source]),
-        method_defaults={"cggm": dict(CGGM_DEFAULTS[hparam_source])},
+        method_defaults={"cggm": dict(CGGM_DEFAULTS[hparam_source]), "reconboost": dict(RECONBOOST_DEFAULTS)},
         info={**info, "class_names": list(class_names), "f1_reported": F1_REPORTED, "hparam_source": hparam_source,
               "split_sizes": {k: len(v) for k, v in splits.items()},
               "class_counts": {k: torch.bincount(v.labels, minlength=4).tolist() for k, v in splits.items()}},
@@ -322,7 +361,22 @@ def _data(splits: dict[str, TensorSplit], class_names: list[str], hparam_source:
     )
 
 
+def _mult_pickle_without_tree(options: IemocapOptions, data_dir: str | Path | None) -> bool:
+    """format=mmin (default) but only the MulT pickle is there: read it (no dataset.format=mult needed)."""
+    if options.path:
+        return Path(options.path).suffix == ".pkl"
+    try:
+        roots = candidate_roots(options, data_dir)
+    except DatasetNotFoundError:
+        return False
+    fname = "iemocap_data.pkl" if options.variant == "aligned" else "iemocap_data_noalign.pkl"
+    has_tree = any((r / "target").is_dir() or (r / "A").is_dir() for r in roots)
+    return not has_tree and any((r / fname).is_file() for r in roots)
+
+
 def build(options: IemocapOptions, data_dir: str | Path | None = None) -> MultimodalData:
+    if options.format == "mmin" and _mult_pickle_without_tree(options, data_dir):
+        options = dataclasses.replace(options, format="mult")
     if options.format == "mmin":
         splits, info = load_mmin(options, data_dir)
         default_names = [f"class_{i}" for i in range(4)]

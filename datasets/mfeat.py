@@ -78,22 +78,38 @@ def load_arrays(path: Path | None = None) -> dict[str, np.ndarray]:
     if str(path) not in _VERIFIED:
         expected_file = path.with_name("mfeat.sha256")
         found = hashlib.sha256(path.read_bytes()).hexdigest()
-        if expected_file.is_file():
-            expected = expected_file.read_text().strip()
-            if found != expected:
-                raise DatasetFormatError(f"mfeat: {PACKAGE_FILE} SHA-256 {found} does not match {expected}")
+        if not expected_file.is_file():  # a missing checksum is an error, never a skipped check
+            raise DatasetFormatError(f"mfeat: integrity file {expected_file} is missing, so {path} cannot be "
+                                     "verified; the installation is incomplete, reinstall mmbalance")
+        expected = expected_file.read_text().strip()
+        if found != expected:
+            raise DatasetFormatError(f"mfeat: {PACKAGE_FILE} SHA-256 {found} does not match {expected} "
+                                     f"({expected_file}); the file is corrupt, reinstall mmbalance")
         _VERIFIED.add(str(path))
-    with np.load(path) as npz:
+    try:
+        npz_file = np.load(path)
+    except Exception as exc:  # truncated / not an npz
+        raise DatasetFormatError(f"mfeat: {path} is not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    with npz_file as npz:
         out = {}
         for key, dim in [*VIEW_DIMS.items(), ("labels", None)]:
             if key not in npz:
                 raise DatasetFormatError(f"mfeat: {path} has no key {key!r} (expected keys "
                                          f"{', '.join([*VIEW_DIMS, 'labels'])})")
-            arr = npz[key]
+            try:
+                arr = npz[key]
+            except Exception as exc:
+                raise DatasetFormatError(f"mfeat: {path} key {key!r} is unreadable ({type(exc).__name__}: {exc})") from None
             want = (2000,) if dim is None else (2000, dim)
             if arr.shape != want:
                 raise DatasetFormatError(f"mfeat: {path} key {key!r} has shape {arr.shape}, expected {want} "
                                          f"({'int64' if dim is None else 'float32'})")
+            if dim is not None and not np.isfinite(arr).all():
+                raise DatasetFormatError(f"mfeat: {path} key {key!r} holds {int((~np.isfinite(arr)).sum())} "
+                                         "non-finite value(s)")
+            if dim is None and (arr.min() < 0 or arr.max() > 9):
+                raise DatasetFormatError(f"mfeat: {path} key 'labels' has values outside 0..9 "
+                                         f"(min {arr.min()}, max {arr.max()})")
             out[key] = arr
     return out
 

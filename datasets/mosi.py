@@ -63,6 +63,10 @@ CGGM_DEFAULTS: dict[str, dict[str, float]] = {
 }
 # Canonical model (mosi.md §2): width 40, 5 heads, nlevels 5 (fusion 3 layers), dropouts
 # attention 0.15, ReLU 0.15, embedding 0.2, residual 0.1, output 0.1.
+# ReconBoost sample weights w1/w2 = 1.0/0.25: the official MSA script (huacong/ReconBoost train_MSA.py;
+# methods/reconboost.md §4); the method's own default 5/1 is the CREMA-D command.
+RECONBOOST_DEFAULTS: dict[str, float] = {"w1": 1.0, "w2": 0.25}
+
 MODEL_KWARGS: dict[str, Any] = {"d_model": 40, "num_heads": 5, "nlevels": 5, "attn_dropout": 0.15,
                                 "relu_dropout": 0.15, "embed_dropout": 0.2, "res_dropout": 0.1, "out_dropout": 0.1}
 
@@ -96,7 +100,8 @@ def candidate_paths(options: MosiOptions, data_dir: str | Path | None) -> list[P
             + HOW_TO_GET)
     mult = "mosi_data.pkl" if options.variant == "aligned" else "mosi_data_noalign.pkl"
     mmsa = f"{options.variant}_50.pkl"
-    return [p for r in roots for p in (r / mult, r / "MOSI" / "Processed" / mmsa, r / "Processed" / mmsa)]
+    # the MMSA pickle is also found directly in the folder (where users put a downloaded aligned_50.pkl)
+    return [p for r in roots for p in (r / mult, r / "MOSI" / "Processed" / mmsa, r / "Processed" / mmsa, r / mmsa)]
 
 
 def detect_flavour(obj: dict[str, Any], path: Path, wanted: str) -> str:
@@ -120,6 +125,9 @@ def labels_array(value: Any, n: int, split: str, path: Path, key: str) -> np.nda
     y = arr.reshape(n).astype(np.float32)
     if not np.isfinite(y).all():
         raise DatasetFormatError(f"mosi: {path}: split {split!r} key {key!r} holds non-finite labels")
+    if y.size and (y.min() < -3 or y.max() > 3):  # sentiment is annotated on [-3, 3]
+        raise DatasetFormatError(f"mosi: {path}: split {split!r} key {key!r} has labels outside [-3, 3] (min "
+                                 f"{y.min():.4g}, max {y.max():.4g}); MOSI sentiment is on [-3, 3] (scaled labels?)")
     return y
 
 
@@ -149,6 +157,9 @@ def read_splits(obj: Any, path: Path, flavour: str, use_length_masks: bool) -> t
         if use_length_masks and flavour == "mmsa" and "audio_lengths" in d and "vision_lengths" in d:
             for m in ("audio", "vision"):
                 lens = np.asarray(d[f"{m}_lengths"]).reshape(-1)
+                if lens.dtype.kind not in "iuf" or (lens.size and not np.isfinite(lens.astype(np.float64)).all()):
+                    raise DatasetFormatError(f"mosi: {path}: split {key!r} key '{m}_lengths' must hold numbers, got "
+                                             f"dtype {lens.dtype} (first values {lens[:3].tolist()})")
                 if lens.shape != (n,):
                     raise DatasetFormatError(f"mosi: {path}: split {key!r} key '{m}_lengths' has {lens.shape[0]} "
                                              f"entries for {n} samples")
@@ -183,7 +194,7 @@ def build(options: MosiOptions, data_dir: str | Path | None = None) -> Multimoda
         input_shapes={m: tuple(splits["train"].inputs[m].shape[1:]) for m in MODALITIES}, out_dim=1,
         model=ModelSpec("msa_transformer", kwargs),
         train_defaults=dict(TRAIN_DEFAULTS[options.hparam_source]),
-        method_defaults={"cggm": dict(CGGM_DEFAULTS[options.hparam_source])},
+        method_defaults={"cggm": dict(CGGM_DEFAULTS[options.hparam_source]), "reconboost": dict(RECONBOOST_DEFAULTS)},
         info={"source": "CMU-MOSI (Zadeh et al. 2016)", "path": str(path), "sha256": sha256_of(path),
               "flavour": flavour, "variant": options.variant, "split_sizes": sizes,
               "hparam_source": options.hparam_source, **stats},
@@ -239,7 +250,7 @@ def build_synth(options: MosiSynthOptions, data_dir: str | Path | None = None) -
         input_shapes={m: (o.seq_len, d) for m, d in SYNTH_DIMS.items()}, out_dim=1,
         model=ModelSpec("msa_transformer", dict(MODEL_KWARGS)),
         train_defaults=dict(TRAIN_DEFAULTS[o.hparam_source]),
-        method_defaults={"cggm": dict(CGGM_DEFAULTS[o.hparam_source])},
+        method_defaults={"cggm": dict(CGGM_DEFAULTS[o.hparam_source]), "reconboost": dict(RECONBOOST_DEFAULTS)},
         info={"synthetic": True, "description": "SYNTHETIC CMU-MOSI shape-alike (text strong, audio/vision weak)",
               "split_seed": o.split_seed, "split_sizes": {"train": len(tr), "val": len(va), "test": len(te)},
               "hparam_source": o.hparam_source},
@@ -250,4 +261,5 @@ def build_synth(options: MosiSynthOptions, data_dir: str | Path | None = None) -
 build_synth.options_cls = MosiSynthOptions  # type: ignore[attr-defined]
 register_dataset("mosi-synth", "SYNTHETIC CMU-MOSI shape-alike (regression, text strong)")(build_synth)
 
-__all__ = ["MosiOptions", "MosiSynthOptions", "build", "build_synth", "TRAIN_DEFAULTS", "CGGM_DEFAULTS"]
+__all__ = ["MosiOptions", "MosiSynthOptions", "build", "build_synth", "TRAIN_DEFAULTS", "CGGM_DEFAULTS",
+           "RECONBOOST_DEFAULTS"]

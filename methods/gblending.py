@@ -21,7 +21,7 @@ from mmbalance.interface import BalancingMethod, StepContext, StepOutput
 from mmbalance.registry import register_method
 from mmbalance.search import Choice
 
-from .qmf import PixelHead, UnimodalHeads
+from .qmf import PixelHead, UnimodalHeads, segmentation_head
 
 
 @dataclass
@@ -202,8 +202,8 @@ class GBlending(BalancingMethod):
         n = len(model.modalities) + 1
         heads: dict[str, nn.Module] = {}
         for m in model.modalities:
-            if ctx.task.name == "segmentation":
-                heads[m] = PixelHead(model.feature_dims[m], ctx.data.out_dim)
+            if ctx.task.name == "segmentation":  # the dataset's per-modality decoder (gblending.md §5)
+                heads[m] = segmentation_head(model, m, ctx.data.out_dim)
             else:
                 heads[m] = model.make_unimodal_head(m, "linear")
         ctx.add_module("gb_heads", UnimodalHeads(heads), own_optimizer=False)

@@ -2,7 +2,8 @@
 ICML 2022; official code nyukat/greedy_multimodal_learning@a190e03, ``Bias_Mitigation_Strong``).
 
 Model: the ``mmtm`` variant of the canonical model (``mmbalance.models.mmtm``; ``configure_model``
-switches mlp_concat → mlp_mmtm, seq_transformer → seq_mmtm, conv_seg → conv_mmtm). Loss Σ_m ℓ(ŷ_m, y);
+switches mlp_concat → mlp_mmtm, seq_transformer → seq_mmtm, conv_seg → conv_mmtm, msa_transformer → msa_mmtm
+(MOSI, IEMOCAP, Food-101), deeplab_multi → deeplab_mmtm (BraTS)). Loss Σ_m ℓ(ŷ_m, y);
 prediction mean_m ŷ_m (greedy.md §2.2). After each backward: conditional learning speeds from the
 (all-reduced) gradients of the main/bypass parameter groups decide whether the next ``window`` steps
 re-balance (the caring branch's gates replaced by their running average; §2.3).
@@ -23,7 +24,8 @@ from mmbalance.registry import register_method
 from mmbalance.search import LogUniform
 
 MMTM_VARIANTS = {"mlp_concat": "mlp_mmtm", "mlp_transformer_fusion": "mlp_mmtm", "seq_transformer": "seq_mmtm",
-                 "conv_seg": "conv_mmtm", "av_gru_mlp": "av_gru_mlp_mmtm"}
+                 "conv_seg": "conv_mmtm", "av_gru_mlp": "av_gru_mlp_mmtm", "msa_transformer": "msa_mmtm",
+                 "deeplab_multi": "deeplab_mmtm"}
 
 
 def group_ratio(params: list[torch.nn.Parameter]) -> float:
@@ -113,14 +115,17 @@ class Greedy(BalancingMethod):
         if spec.name.endswith("_mmtm"):
             return replace(spec, kwargs=kwargs)
         if spec.name not in MMTM_VARIANTS:
-            raise MethodNotApplicable(f"greedy: model {spec.name!r} has no mmtm variant; use model.variant=mmtm "
-                                      f"(known: {', '.join(sorted(MMTM_VARIANTS))})")
+            raise MethodNotApplicable(f"greedy: model {spec.name!r} has no MMTM variant (Greedy needs MMTM mid-fusion "
+                                      f"blocks and one head per branch); models with one: "
+                                      f"{', '.join(sorted(MMTM_VARIANTS))}")
         return replace(spec, name=MMTM_VARIANTS[spec.name], kwargs=kwargs)
 
     def setup(self, ctx: StepContext) -> None:
         model = ctx.raw_model
         if not isinstance(model, MMTMModel) or not len(model.mmtm_blocks):
-            raise MethodNotApplicable("greedy: model exposes no MMTM blocks; use model.variant=mmtm")
+            raise MethodNotApplicable(f"greedy: model {type(model).__name__} exposes no MMTM blocks; leave model.name "
+                                      f"unset (Greedy selects the MMTM variant itself) or name one of "
+                                      f"{', '.join(sorted(set(MMTM_VARIANTS.values())))}")
         self._groups = model.greedy_groups()
         self._mods = list(model.modalities)
 

@@ -111,15 +111,25 @@ class UnimodalHeads(nn.Module):
         return out
 
 
+def segmentation_head(model: nn.Module, m: str, out_dim: int) -> nn.Module:
+    """The dataset's unimodal segmentation head (qmf.md §2, gblending.md §5): the model's own one-input
+    decoder where it has one (BraTS: DeepLabV3+ decoder on (ASPP_m, layer1_m), as CGGM's classifier),
+    else a 1×1-conv :class:`PixelHead` (models whose z_m are full-resolution maps, e.g. ``conv_seg``)."""
+    from mmbalance.models.heads import dense_unimodal_head
+
+    head = dense_unimodal_head(model, m)
+    return head if head is not None else PixelHead(model.feature_dims[m], out_dim)
+
+
 def make_heads(model: nn.Module, task: str, out_dim: int) -> UnimodalHeads:
     """Linear head on pooled z_m (classification, ``make_unimodal_head``), a (μ, log σ²) head
-    (regression), or a 1×1-conv pixel head (segmentation)."""
+    (regression), or the dataset's segmentation head (:func:`segmentation_head`)."""
     from mmbalance.models.heads import UnimodalHead
 
     heads: dict[str, nn.Module] = {}
     for m in model.modalities:
         if task == "segmentation":
-            heads[m] = PixelHead(model.feature_dims[m], out_dim)
+            heads[m] = segmentation_head(model, m, out_dim)
         elif task == "regression":
             heads[m] = UnimodalHead(model.feature_kinds[m], model.feature_dims[m], 2, "linear")
         else:

@@ -1,8 +1,9 @@
 """ReconBoost (specs/methods/reconboost.md; Hua et al., ICML 2024; official code huacong/ReconBoost@14ab57a).
 
 Model (``reconboost_late``, reconboost.md §2): the canonical encoders φ_m, no fusion module, one head H
-shared by all modalities (Linear(d, 256) → ReLU → Linear(256, C); for feature maps a 3×3-conv → ReLU →
-1×1-conv decoder), learners f_m = H∘φ_m and a learnable scalar β; F(x) = β·Σ_m f_m(x_m).
+shared by all modalities (Linear(d, 256) → ReLU → Linear(256, C); for feature maps the dataset model's
+one-input decoder — BraTS: DeepLabV3+ decoder, upsampled to the label size — or, for models without one,
+a 3×3-conv → ReLU → 1×1-conv head), learners f_m = H∘φ_m and a learnable scalar β; F(x) = β·Σ_m f_m(x_m).
 
 Engine mapping. Stage t = two engine phases: ``s<t>_boost_<m>`` (phase 1, ``e1`` epochs, not evaluated)
 and ``s<t>_rectify`` (phase 2, ``e2`` epochs, the last epoch evaluated on VALIDATION, so the engine's
@@ -16,7 +17,7 @@ phase 2: everything). Inactive encoders also get no gradient in phase 1 (F_{−m
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -28,6 +29,7 @@ from mmbalance.engine import LRSchedule
 from mmbalance.errors import ConfigError, MethodNotApplicable
 from mmbalance.interface import BalancingMethod, ModelOutput, Phase, StepContext, StepOutput
 from mmbalance.models.base import MultimodalModel, pool_feature
+from mmbalance.models.heads import dense_unimodal_head
 from mmbalance.registry import create_model, register_method, register_model
 from mmbalance.search import Uniform
 
@@ -54,14 +56,14 @@ class ReconBoostModel(MultimodalModel):
     gradient and every other learner under ``no_grad`` (phase 1: F_{−m} without gradient)."""
 
     def __init__(self, encoders: dict[str, nn.Module], feature_kinds: dict[str, str], feature_dims: dict[str, int],
-                 out_dim: int, head_hidden: int, beta_init: float) -> None:
+                 out_dim: int, head_hidden: int, beta_init: float, head: nn.Module | None = None) -> None:
         dims = set(feature_dims.values())
         kinds = set(feature_kinds.values())
         if len(dims) != 1 or len(kinds) != 1:
             raise MethodNotApplicable(f"reconboost: the shared head needs equal encoder widths and feature kinds; "
                                       f"got widths {feature_dims} and kinds {feature_kinds}")
         kind, dim = kinds.pop(), dims.pop()
-        super().__init__(encoders, nn.Identity(), SharedHead(kind, dim, out_dim, head_hidden),
+        super().__init__(encoders, nn.Identity(), head if head is not None else SharedHead(kind, dim, out_dim, head_hidden),
                          feature_kinds=feature_kinds, feature_dims=feature_dims, out_dim=out_dim)
         self.beta = nn.Parameter(torch.tensor(float(beta_init)))
         self.variant = "late"
@@ -89,9 +91,15 @@ class ReconBoostModel(MultimodalModel):
 @register_model("reconboost_late", "ReconBoost: canonical encoders, shared head H, scalar β (no fusion)")
 def reconboost_late(*, modalities: list[str], input_shapes: dict[str, tuple[int, ...]], out_dim: int, base: str,
                     head_hidden: int = 256, beta_init: float = 1.0, **base_kwargs: Any) -> ReconBoostModel:
+    """Feature maps: H is the canonical model's own one-input decoder when it has one (reconboost.md §5; BraTS:
+    the DeepLabV3+ decoder on (ASPP_m, layer1_m), logits at the label resolution), shared by every modality;
+    otherwise :class:`SharedHead`."""
     canonical = create_model(base, modalities=modalities, input_shapes=input_shapes, out_dim=out_dim, **base_kwargs)
+    head = None
+    if set(canonical.feature_kinds.values()) == {"map"}:
+        head = dense_unimodal_head(canonical, canonical.modalities[0])
     return ReconBoostModel(dict(canonical.encoders), canonical.feature_kinds, canonical.feature_dims, out_dim,
-                           head_hidden, beta_init)
+                           head_hidden, beta_init, head)
 
 
 @dataclass
@@ -220,10 +228,16 @@ class ReconBoost(BalancingMethod):
         groups = [{"params": list(model.encoders[m].parameters()), "name": f"enc:{m}"} for m in model.modalities]
         groups.append({"params": list(model.head.parameters()), "name": "head"})
         groups.append({"params": [model.beta], "name": "beta"})
-        if self.hp.optimizer == "official":  # official SGD settings for both phases (reconboost.md §2)
-            for g in groups:
-                g.update(lr=0.01, momentum=0.9, weight_decay=5e-4)
         return groups
+
+    def train_config(self, cfg: Any) -> Any:
+        """``optimizer=official``: SGD lr 0.01, momentum 0.9, weight decay 5e-4 for both phases, whatever the
+        dataset's optimizer, and no dataset lr schedule (the official stage decay is applied through the
+        group multipliers, :meth:`_lr_factor`; reconboost.md §2 "Learning rates")."""
+        if self.hp.optimizer != "official":
+            return cfg
+        return replace(cfg, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, scheduler="none",
+                       warmup_epochs=0, warmup_start_lr=0.0)
 
     def phases(self) -> list[Phase]:
         if not self._phases:

@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import runfiles
+from . import preempt, runfiles
 from .config import RunConfig, TrainConfig, config_hash, to_jsonable
 from .data import TensorBatcher, TensorSplit, carve_heldout, eval_index_shards, make_loader
 from .data.batching import collate_dicts
 from .data.splits import quantile_bins
 from .diagnostics import Diagnostics, total_seconds
-from .errors import ConfigError, NonFiniteLossError
+from .errors import ConfigError, NonFiniteLossError, RunInterrupted
 from .interface import BalancingMethod, BatchGroup, Phase, StepContext
 from .registry import create_model
 from .tasks import Task, create_task
@@ -141,7 +141,7 @@ class Trainer:
                  run_dir: Path, *, resume: bool = False, accelerator=None, quiet: bool = False,
                  log_with: list[str] | None = None) -> None:
         self.config = config
-        self.cfg = train_cfg
+        self.cfg = method.train_config(train_cfg)  # a preset's own optimizer settings (default: unchanged)
         self.data = data
         self.method = method
         self.run_dir = Path(run_dir)
@@ -228,9 +228,23 @@ class Trainer:
         rest, held = carve_heldout(keys, self.method.heldout_fraction, seed)
         return split.subset(torch.as_tensor(rest)), split.subset(torch.as_tensor(held))
 
+    def _per_process_batch(self, batch_size: int) -> int:
+        """``train.batch_semantics``: ``global`` (default) splits ``batch_size`` over the processes, so one
+        optimizer step sees the same number of samples on 1 and N processes; ``per_process`` is the
+        batch of each process (N× the global batch)."""
+        world = self.accelerator.num_processes
+        if world == 1 or self.cfg.batch_semantics == "per_process":
+            return batch_size
+        if batch_size % world:
+            raise ConfigError(f"batch_size={batch_size} is the global batch (train.batch_semantics=global) and must "
+                              f"be divisible by the {world} processes; choose a multiple of {world}, or set "
+                              "train.batch_semantics=per_process")
+        return batch_size // world
+
     def _make_train_iterable(self, split, batch_size: int, shuffle: bool = True, seed: int | None = None):
         acc = self.accelerator
         seed = self.config.seed if seed is None else seed
+        batch_size = self._per_process_batch(batch_size)
         if isinstance(split, TensorSplit):
             return TensorBatcher(split, batch_size, shuffle=shuffle, seed=seed, rank=acc.process_index,
                                  world_size=acc.num_processes, device=acc.device)
@@ -334,10 +348,7 @@ class Trainer:
 
     def _save(self, name: str, payload: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.ckpt_dir / f".{name}.{os.getpid()}.tmp"
-            torch.save(payload, tmp)
-            os.replace(tmp, self.ckpt_dir / name)
+            runfiles.atomic_torch_save(payload, self.ckpt_dir / name)
         self.accelerator.wait_for_everyone()
 
     def _save_last(self, pos: Position, schedule: LRSchedule) -> None:
@@ -360,10 +371,19 @@ class Trainer:
         path = self.ckpt_dir / "last.pt"
         if not path.is_file():
             return None
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = self._read_checkpoint(path, "--resume: ")
         if payload.get("config_hash") != self.hash:
-            raise ConfigError(f"--resume: checkpoint {path} was written for another configuration "
-                              f"(hash {payload.get('config_hash')} != {self.hash}); use another --output-dir")
+            from .runfolder import identity, setting_differences
+
+            try:
+                old = runfiles.read_json(self.run_dir / runfiles.CONFIG_FILE)
+            except (OSError, ValueError):
+                old = {}
+            diffs = setting_differences(old, identity(self.config)) if old.get("config_hash") == payload.get("config_hash") else []
+            raise ConfigError(f"--resume: checkpoint {path} was written for another configuration (hash "
+                              f"{payload.get('config_hash')} != {self.hash})"
+                              + (": " + "; ".join(diffs) if diffs else "") + "; resume it with its own settings or "
+                              "run these settings in another --run-dir")
         ctx = self.ctx
         self._load_weights(payload["weights"])
         ctx.optimizer.load_state_dict(payload["optimizer"])
@@ -380,6 +400,49 @@ class Trainer:
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         return Position(**payload["position"])
+
+    @staticmethod
+    def _read_checkpoint(path: Path, prefix: str = "") -> dict[str, Any]:
+        """A checkpoint written by :meth:`_save`, or a clear error (exit 2) naming the file."""
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # truncated/empty/garbage file: zipfile, pickle, EOF, runtime errors
+            raise ConfigError(f"{prefix}checkpoint {str(path)!r} is unreadable ({type(exc).__name__}: {exc}); it was not "
+                              "written by a finished checkpoint step (the run was killed while copying it?). "
+                              "Delete it, or re-run with --overwrite to start the run again") from None
+        if not isinstance(payload, dict):
+            raise ConfigError(f"checkpoint {str(path)!r} does not hold a mmbalance checkpoint (got {type(payload).__name__})")
+        return payload
+
+    def _check_finite_eval(self, pos: Position, metrics: dict[str, float], what: str) -> None:
+        """Validation/test outputs must be finite: a model that diverged on the last step evaluates to
+        NaN while every training loss was finite; such a run is failed, never ok."""
+        bad = [k for k in ("loss", self.task.primary_metric)
+               if isinstance(metrics.get(k), float) and not math.isfinite(metrics[k])]
+        if bad:
+            self._fail(pos, f"non-finite {what} ({', '.join(f'{k}={metrics[k]}' for k in bad)}): the model "
+                            "diverged (or the split holds non-finite inputs); the run is marked failed")
+
+    def _interrupt_if_requested(self, pos: Position) -> None:
+        """At a safe point (epoch checkpoint written): stop if SIGTERM/SIGINT arrived (on any rank)."""
+        acc = self.accelerator
+        signum = preempt.requested() or 0
+        if acc.num_processes > 1:
+            signum = int(acc.reduce(torch.tensor([signum], device=acc.device), reduction="max").item())
+        if not signum:
+            return
+        import signal
+
+        name = signal.Signals(signum).name
+        msg = (f"interrupted by {name} after {len(pos.history)} epoch(s); the checkpoint is saved, continue with "
+               "--resume (same command)")
+        if acc.is_main_process:
+            runfiles.atomic_write_json(self.run_dir / runfiles.RESULT_FILE, {
+                "status": "interrupted", "resumable": True, "signal": name, "message": msg,
+                "epochs_done": len(pos.history), "method": self.config.method, "dataset": self.config.dataset,
+                "seed": self.config.seed, "config_hash": self.hash})
+        acc.wait_for_everyone()
+        raise RunInterrupted(signum, msg)
 
     # ------------------------------------------------------------------ the loop
     def _write_metrics(self, pos: Position) -> None:
@@ -492,8 +555,7 @@ class Trainer:
                     bad = bool(acc.reduce(torch.tensor([float(bad)], device=acc.device), reduction="sum") > 0)
                 if bad:
                     self._fail(pos, f"non-finite training loss ({loss_value}) at phase {phase.name!r}, epoch "
-                                    f"{pos.epoch}, step {step}; the run is marked failed (try a lower lr or "
-                                    "mixed_precision=no)")
+                                    f"{pos.epoch}, step {step}; the run is marked failed ({self._nan_hint(batch)})")
                 acc.backward(loss)
                 self._unscale(all_opts)  # every sub-step is a real step: unscaled once, stepped, scale updated
                 self.diag.after_backward()
@@ -524,6 +586,14 @@ class Trainer:
         logs = {"train_loss": loss_sum / max(1, n_steps)}
         logs.update(ctx.pop_logs())
         return logs
+
+    @staticmethod
+    def _nan_hint(batch: dict[str, Any]) -> str:
+        """Blame the data when the batch itself holds the non-finite value, else the optimisation."""
+        bad = [k for k, v in batch.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            return f"the batch's own values are non-finite in {', '.join(bad)}: fix the data, not the lr"
+        return "try a lower lr or mixed_precision=no"
 
     def _plan_batches(self, plan: list[BatchGroup], key: int) -> Iterator[tuple[dict[str, torch.Tensor], tuple[str, ...]]]:
         """Batches of a method's epoch plan (interface ``epoch_plan``): the groups in order; inside a
@@ -556,7 +626,7 @@ class Trainer:
                 idx = idx.repeat(-(-total // len(idx)))[:total]
                 idx = idx[acc.process_index::acc.num_processes]
             shards.append((idx, present))
-        bsz = cfg.batch_size
+        bsz = self._per_process_batch(cfg.batch_size)
         for idx, present in shards:
             for start in range(0, len(idx), bsz):
                 chunk = idx[start:start + bsz]
@@ -611,6 +681,9 @@ class Trainer:
                 if phase.evaluate:
                     val = self.evaluate(self.data.val)
                     row["val"] = val
+                    if not all(math.isfinite(val.get(k, 0.0)) for k in ("loss", self.task.primary_metric)):
+                        pos.history.append(row)
+                        self._check_finite_eval(pos, val, f"validation metrics at phase {phase.name!r}, epoch {pos.epoch}")
                     if self.cfg.modality_eval == "epoch":
                         row["val_per_modality"] = self.evaluate_per_modality(self.data.val)
                     schedule.observe_val_loss(val.get("loss", math.inf))
@@ -625,6 +698,7 @@ class Trainer:
                 stop_after = os.environ.get("MMBALANCE_STOP_AFTER_EPOCHS")  # test hook: simulate a killed run
                 if stop_after and len(pos.history) >= int(stop_after):
                     raise KeyboardInterrupt(f"stopped after {stop_after} epochs (MMBALANCE_STOP_AFTER_EPOCHS)")
+                self._interrupt_if_requested(pos)
                 if progress is not None:
                     progress.epoch_done(row, self.task.primary_metric)
                 self._track(row, len(pos.history))
@@ -636,6 +710,13 @@ class Trainer:
         self._progress_bar = None
         self._dump_final_parameters()
         return self._finish(pos, time.perf_counter() - t_start)
+
+    def _final_method_metrics(self, pos: Position) -> dict[str, Any]:
+        """The method's metrics at the end of training: the live values, completed by the last epoch's
+        row (a run resumed in its finish stage has trained no epoch in this process)."""
+        last = pos.history[-1] if pos.history else {}
+        recorded = {k[len("method/"):]: v for k, v in last.items() if k.startswith("method/")}
+        return {**recorded, **self.method.metrics()}
 
     def _dump_final_parameters(self) -> None:
         """Test hook: with MMBALANCE_DUMP_PARAMS_DIR set, each rank saves its final (last-epoch, not
@@ -696,11 +777,12 @@ class Trainer:
     def _finish(self, pos: Position, wall: float) -> dict[str, Any]:
         if pos.best is None:
             raise RuntimeError("no phase evaluated on validation; nothing to select")
-        best = torch.load(self.ckpt_dir / "best.pt", map_location="cpu", weights_only=False)
+        best = self._read_checkpoint(self.ckpt_dir / "best.pt")
         self._load_weights(best)
         test, test_pm = None, None  # tuning trials: the test split is never touched
         if self.cfg.evaluate_test:
             test = self.evaluate(self.data.test)
+            self._check_finite_eval(pos, test, "test metrics of the selected model")
             test_pm = self.evaluate_per_modality(self.data.test) if self.cfg.modality_eval != "none" else {}
         val_pm = self.evaluate_per_modality(self.data.val) if self.cfg.modality_eval != "none" else {}
         diagnostics = self.diag.final(test=test, val=pos.best["val"], test_pm=test_pm, val_pm=val_pm,
@@ -712,7 +794,7 @@ class Trainer:
             "higher_is_better": self.task.higher_is_better, "modalities": self.ctx.modalities,
             "selected": {k: pos.best[k] for k in ("phase", "epoch")},
             "val": pos.best["val"], "test": test, "val_per_modality": val_pm, "test_per_modality": test_pm,
-            "method_metrics": self.method.metrics(), "synthetic": self.data.synthetic,
+            "method_metrics": self._final_method_metrics(pos), "synthetic": self.data.synthetic,
             "timings": {"train_seconds": pos.train_seconds, "seconds_per_epoch": pos.train_seconds / n_epochs,
                         "wall_seconds_this_process": wall, "epochs": len(pos.history),
                         "diagnostics_seconds": total_seconds(diagnostics)},

@@ -46,3 +46,16 @@ class InsufficientDiskError(MMBalanceError, OSError):
 
 class NonFiniteLossError(MMBalanceError, FloatingPointError):
     """The training loss became NaN or inf."""
+
+
+class RunInterrupted(Exception):
+    """The run stopped at a safe point after SIGTERM/SIGINT; its folder resumes with ``--resume``.
+    Not an :class:`MMBalanceError`: the CLI exits with 128 + the signal number, not 2."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class RunFileWriteError(MMBalanceError, OSError):
+    """A run or report file could not be written (full disk, no permission); the previous file is intact."""

@@ -39,6 +39,7 @@ from .models.base import ModelOutput
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from .config import TrainConfig
     from .data import ModelSpec, MultimodalData
     from .tasks import Task
 
@@ -256,6 +257,12 @@ class BalancingMethod:
         if self.max_modalities is not None and n > self.max_modalities:
             raise MethodNotApplicable(f"method {label!r} supports at most {self.max_modalities} modalities; "
                                       f"dataset {data.name!r} gives {n}")
+
+    def train_config(self, cfg: TrainConfig) -> TrainConfig:
+        """The training settings the main optimizer and the lr schedule are built from (default: the
+        dataset's, unchanged). A preset that prescribes its own optimizer returns a modified copy
+        (``reconboost_official_schedule``: SGD 0.01/0.9/5e-4); ``config.json`` records what was used."""
+        return cfg
 
     def configure_model(self, spec: ModelSpec, data: MultimodalData) -> ModelSpec:
         """Change the model spec before it is built (modality subset, model variant)."""

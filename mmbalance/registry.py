@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import RegistryError
+from .errors import MMBalanceError, RegistryError
 
 PLUGINS_ENV = "MMBALANCE_PLUGINS"
 
@@ -221,7 +221,16 @@ def create_dataset(name: str, data_dir: Any = None, **options: Any):
 
     entry = DATASETS.get(name)
     opts = build_hparams(entry.factory.options_cls, {**entry.defaults, **options}, where=f"dataset {name!r}")
-    data = entry.factory(opts, data_dir)
+    try:
+        data = entry.factory(opts, data_dir)
+    except MMBalanceError:
+        raise
+    except (OSError, EOFError, ValueError, KeyError, TypeError, IndexError) as exc:
+        # a loader met a file it could not parse (truncated, wrong type): exit 2 with the reason, not a traceback
+        from .errors import DatasetFormatError
+
+        raise DatasetFormatError(f"dataset {name!r}: its files could not be read ({type(exc).__name__}: {exc}); "
+                                 f"data dir {data_dir!r}, options {options or '{}'}") from exc
     data.name = name
     return data
 

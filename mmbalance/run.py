@@ -1,8 +1,11 @@
 """Command line: ``python -m mmbalance.run`` / ``accelerate launch -m mmbalance.run``.
 
 Configuration precedence: dataset preset ◄ method (preset) defaults ◄ ``--config`` file ◄ CLI flags
-(``--set`` included). Exit codes: 0 ok, 2 bad input (nothing written), 3 run failed (non-finite loss;
-``result.json`` says ``failed``).
+(``--set`` included). Exit codes: 0 ok, 2 bad input (nothing written; also a run folder that is in use, or that holds a
+finished result and neither ``--resume`` nor ``--overwrite`` is given), 3 run failed (non-finite loss
+or evaluation; ``result.json`` says ``failed``), 4 a run file could not be written (full disk, no
+permission; the previous files are intact), 128 + N stopped by signal N at a safe point (130 Ctrl-C,
+143 SIGTERM; ``result.json`` says ``interrupted``, continue with ``--resume``).
 """
 from __future__ import annotations
 
@@ -14,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig, TrainConfig, build_hparams, load_config_file, parse_set_items
-from .errors import ConfigError, MethodNotApplicable, MMBalanceError, NonFiniteLossError
+from .errors import (
+    ConfigError,
+    MethodNotApplicable,
+    MMBalanceError,
+    NonFiniteLossError,
+    RunFileWriteError,
+    RunInterrupted,
+)
 
 DATA_ENV = "MMBALANCE_DATA"
 
@@ -37,12 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
     p.add_argument("--output-dir", help="parent folder of run directories (default: runs/)")
-    p.add_argument("--run-dir", help="exact run directory (default: OUTPUT_DIR/DATASET/METHOD/seedSEED)")
+    p.add_argument("--run-dir", help="exact run directory (default: OUTPUT_DIR/DATASET/METHOD/seedSEED-HASH, "
+                                    "HASH = the first 8 hex digits of the config hash)")
     p.add_argument("--data-dir", help=f"root folder of on-disk datasets (default: ${DATA_ENV})")
     p.add_argument("--config", help="YAML or TOML file with train/method/dataset/model sections")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="override a method hyperparameter (NAME) or dataset.NAME, model.NAME, train.NAME")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished or unfinished run in RUN_DIR (a finished result is kept in "
+                        "RUN_DIR/previous/ until the new run finishes)")
     p.add_argument("--list", action="store_true", help="list methods and datasets and exit")
     p.add_argument("--show-space", action="store_true",
                    help="print the tuning search space of --method (and the shared training space) and exit")
@@ -150,13 +164,18 @@ def resolve(args: argparse.Namespace):
     method = cls(hp)
     method.registered_name = method_name
     output_dir = args.output_dir or top.get("output_dir") or "runs"
-    run_dir = Path(args.run_dir) if args.run_dir else Path(output_dir) / dataset_name / method_name.replace(":", "-") / f"seed{seed}"
+    run_dir = Path(args.run_dir) if args.run_dir else None
     config = RunConfig(method=method_name, dataset=dataset_name, seed=seed, train={}, method_options=method_values,
                        dataset_options=dataset_options, model={**file_cfg["model"], **sets["model"]},
                        output_dir=str(output_dir), run_dir=str(run_dir), data_dir=str(data_dir) if data_dir else None)
     from .config import to_jsonable
 
     config.train = to_jsonable(train_cfg)
+    if run_dir is None:  # named after the settings, so that other settings never share it
+        from .runfolder import default_run_dir
+
+        run_dir = default_run_dir(output_dir, config)
+        config.run_dir = str(run_dir)
     return config, train_cfg, data, method, run_dir
 
 
@@ -173,8 +192,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if args.show_space:
         print_space(args.method or "baseline")
         return {}
-    from .engine import Trainer
-
     if args.seed is not None and args.seed < 0:
         raise ConfigError(f"--seed {args.seed}: expected a non-negative integer")
     if args.log_with:
@@ -188,20 +205,16 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if args.print_config and not args.dry_run:
         print(json.dumps(resolved_config(config, train_cfg, method), indent=2, sort_keys=True, default=str))
         return {}
-    trainer = Trainer(config, train_cfg, data, method, run_dir, resume=args.resume, quiet=args.quiet,
-                      log_with=args.log_with)
     if args.dry_run:
+        from .engine import Trainer
+
+        trainer = Trainer(config, train_cfg, data, method, run_dir, resume=args.resume, quiet=args.quiet,
+                          log_with=args.log_with)
         print(json.dumps({**resolved_config(config, train_cfg, method), "parameters": trainer._parameter_counts(),
                           "num_train_samples": len(trainer.train_split)}, indent=2, sort_keys=True, default=str))
         return {}
-    try:
-        result = trainer.fit()
-    except (MMBalanceError, KeyboardInterrupt):
-        raise
-    except Exception as exc:  # a crash inside a method or the engine: leave a failed record, then re-raise
-        trainer.record_crash(exc)
-        raise
-    if trainer.accelerator.is_main_process:
+    result, is_main = _run_in_folder(args, config, train_cfg, data, method, run_dir)
+    if is_main:
         print(result_line(config, result, run_dir))
     return result
 
@@ -240,7 +253,77 @@ def _say(message: str) -> None:
         print(message, file=sys.stderr)
 
 
+def _created_parents(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet (removed again if the run writes nothing)."""
+    out = []
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        out.append(p)
+        p = p.parent
+    return out
+
+
+def _run_in_folder(args: argparse.Namespace, config: RunConfig, train_cfg: TrainConfig, data: Any, method: Any,
+                   run_dir: Path) -> tuple[dict[str, Any], bool]:
+    """Train under the run folder's lock (one writer per folder) after :func:`runfolder.prepare` said the
+    folder may be used; SIGTERM/SIGINT stop at the next epoch checkpoint. Returns (result, is_main)."""
+    from . import preempt, runfiles, runfolder
+    from .engine import Trainer
+    from .locks import folder_lock
+
+    is_main = int(os.environ.get("RANK", "0")) == 0  # before the Accelerator exists; torchrun sets RANK
+    created = _created_parents(run_dir)
+    try:
+        with folder_lock(run_dir, take=is_main):
+            if is_main:
+                runfolder.clean_temp_files(run_dir)
+                action = runfolder.prepare(run_dir, config, resume=args.resume, overwrite=args.overwrite)
+            else:  # the main rank decides and acts; the others only need to know whether to train
+                finished = args.resume and runfolder.inspect(run_dir, runfolder.identity_hash(config)).kind == "finished"
+                action = "finished" if finished else ("resume" if args.resume else "fresh")
+            if action == "finished":
+                result = runfiles.read_json(run_dir / runfiles.RESULT_FILE)
+                if is_main:
+                    print(f"--resume: {run_dir} has already finished; nothing to do (its result is unchanged)",
+                          file=sys.stderr)
+                return result, is_main
+            with preempt.handling():
+                try:
+                    trainer = Trainer(config, train_cfg, data, method, run_dir, resume=args.resume, quiet=args.quiet,
+                                      log_with=args.log_with)
+                    try:
+                        result = trainer.fit()
+                    except (MMBalanceError, KeyboardInterrupt, RunInterrupted):
+                        raise
+                    except Exception as exc:  # a crash inside a method or the engine: leave a failed record
+                        trainer.record_crash(exc)
+                        raise
+                except RunInterrupted as exc:  # stopped before its first epoch (teacher training): say so
+                    previous = runfolder.inspect(run_dir, runfolder.identity_hash(config))
+                    if is_main and (previous.result or {}).get("status") != "interrupted":
+                        runfiles.atomic_write_json(run_dir / runfiles.RESULT_FILE, {
+                            "status": "interrupted", "resumable": True, "message": str(exc), "epochs_done": 0,
+                            "config_hash": runfolder.identity_hash(config), "method": config.method,
+                            "dataset": config.dataset, "seed": config.seed})
+                    raise
+            if is_main and result.get("status") == "ok":
+                runfolder.drop_previous(run_dir)
+            return result, is_main
+    except BaseException:
+        if is_main:  # a run refused before writing anything leaves no folder behind
+            for p in created:
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
+    if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .procs import die_with_parent  # a rank of `accelerate launch`: never outlive the launcher
+
+        die_with_parent(9)  # SIGKILL: the launcher (and its store) is gone; the last checkpoint stays valid
     try:
         out = run(argv)
         if out and out.get("_exit_code"):
@@ -248,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as exc:
         _say(f"error: run failed: {exc}")
         return 3
+    except RunInterrupted as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except RunFileWriteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 4
     except MethodNotApplicable as exc:  # same exit code; the prefix lets the leaderboard show n/a
         _say(f"error: not applicable: {exc}")
         return 2

@@ -12,8 +12,11 @@ import math
 import os
 import platform
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .errors import RunFileWriteError
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -32,20 +35,61 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask is set-and-return)."""
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write_error(path: Path, exc: BaseException) -> RunFileWriteError:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return RunFileWriteError(f"cannot write {str(path)!r}: {reason}; the previous version of the file (if any) "
+                             "is unchanged (free disk space or fix the folder's permissions, then re-run; "
+                             "--resume continues from the last complete checkpoint)")
+
+
+def _atomic_write(path: str | Path, write: Callable[[Any], None], binary: bool) -> None:
+    """Write through ``write(fh)`` to a temporary file in the same folder, fsync, rename into place.
+    The file gets the permissions a plain ``open`` would (0666 less the umask; mkstemp's are 0600).
+    Any failure (ENOSPC, EACCES, ...) removes the temporary file and raises :class:`RunFileWriteError`."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~current_umask())
+        with os.fdopen(fd, "wb" if binary else "w") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports write failures as RuntimeError
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise _write_error(path, exc) from exc
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    _atomic_write(path, lambda fh: fh.write(text), binary=False)
+
+
+def atomic_torch_save(payload: Any, path: str | Path) -> None:
+    """``torch.save`` with the same write-then-rename guarantee as the JSON run files."""
+    import torch
+
+    _atomic_write(path, lambda fh: torch.save(payload, fh), binary=True)
 
 
 def atomic_write_json(path: str | Path, payload: Any) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import runfiles, runfolder
 from .config import RunConfig, TrainConfig, build_hparams, config_hash, to_jsonable
 from .registry import create_model
 
@@ -115,6 +115,9 @@ def _cache_lock(folder: Path, take: bool) -> Iterator[None]:
     with open(folder / ".lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
+            # holding the lock, no live writer owns a temporary file here: remove those of killed ones
+            for d in (folder, folder / "run"):
+                runfolder.clean_temp_files(d)
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
@@ -143,12 +146,9 @@ def _train_if_missing(ctx: Any, modality: str, key: str, folder: Path, file: Pat
         payload = {"key": key, "modality": modality, "state_dict": state, "val": result["val"],
                    "train_seconds": result["timings"]["train_seconds"], "version": CACHE_VERSION}
         if acc.is_main_process:
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{TEACHER_FILE}.tmp"
-            torch.save(payload, tmp)
-            os.replace(tmp, file)
-            (folder / "key.json").write_text(json.dumps({"key": key, "modality": modality, "dataset": config.dataset,
-                                                         "seed": config.seed}, indent=1))
+            runfiles.atomic_torch_save(payload, file)
+            runfiles.atomic_write_text(folder / "key.json", json.dumps(
+                {"key": key, "modality": modality, "dataset": config.dataset, "seed": config.seed}, indent=1))
         acc.wait_for_everyone()
         trained_now = True
     return trained_now

@@ -30,6 +30,9 @@ def run_cli(tmp_path):
 
     def _run(method="baseline", dataset="mfeat", *, seed=0, epochs=1, sets=None, extra=None, run_dir=None):
         rd = Path(run_dir) if run_dir else tmp_path / f"{dataset}-{method.replace(':', '-')}-s{seed}"
+        extra = list(extra or [])
+        if "--resume" not in extra:  # tests re-use folders; a real user's re-run is refused instead
+            extra.append("--overwrite")
         code = main(cli_args(method, dataset, seed=seed, epochs=epochs, run_dir=rd, sets=sets, extra=extra))
         res = rd / "result.json"
         return code, rd, (json.loads(res.read_text()) if res.is_file() else None)

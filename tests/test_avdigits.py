@@ -416,3 +416,12 @@ def test_two_process_cggm_on_avdigits(tmp_path):
     res = json.loads((rd / "result.json").read_text())
     assert res["world_size"] == 2 and res["status"] == "ok"
     assert abs(res["test"]["accuracy"] * 40 - round(res["test"]["accuracy"] * 40)) < 1e-9
+
+
+def test_avdigits_leaderboard_suite_plans_every_preset(tmp_path):
+    from mmbalance.leaderboard.plan import plan_runs
+    from mmbalance.leaderboard.suite import load_suite
+
+    specs = plan_runs(load_suite(REPO / "leaderboard" / "suites" / "avdigits.toml"), tmp_path, validate=True)
+    assert {s.dataset for s in specs} == {"avdigits", "avdigits-small", "avdigits-noisy"}
+    assert {"baseline", "unimodal:audio", "unimodal:image", "greedy", "cggm"} <= {s.row for s in specs}

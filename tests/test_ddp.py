@@ -113,3 +113,28 @@ def test_two_process_methods_keep_replicas_identical(tmp_path, method):
     check = STATE_CHECKS.get(method)
     if check is not None:
         assert check(st0, res)
+
+
+@pytest.mark.ddp
+def test_two_process_diagnostics_equal_one_process_on_the_same_checkpoint(tmp_path):
+    """The distributed diagnostics (sharded, gathered evaluation passes; probes on the main process)
+    equal a single-process recomputation from the same selected checkpoint; replicas stay identical."""
+    from mmbalance.diagnostics.cli import recompute
+    from mmbalance.diagnostics.collect import load_run
+
+    rd = tmp_path / "run"
+    proc = launch_2proc(["--method", "ogm_ge", "--dataset", "mfeat", "--epochs", "2", "--set",
+                         "dataset.limit_per_class=20", "--run-dir", str(rd), "--quiet"], tmp_path / "dump")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_identical_ranks(tmp_path / "dump")
+    ddp = json.loads((rd / "result.json").read_text())["diagnostics"]
+    one = recompute(load_run(rd))
+    for split in ("test", "val"):
+        for m, phi in ddp["shapley"][split]["phi"].items():
+            assert abs(phi - one["shapley"][split]["phi"][m]) <= 1e-6
+        for m, r in ddp["probe"][split].items():
+            assert abs(r["accuracy"] - one["probe"][split][m]["accuracy"]) <= 1e-6
+    for m, d in ddp["permutation"]["test"]["drop"].items():
+        assert abs(d - one["permutation"]["test"]["drop"][m]) <= 1e-6
+    rows = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["diag"]["conflict_rate"]["fac"] <= 1 for r in rows)

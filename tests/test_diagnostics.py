@@ -418,3 +418,27 @@ def test_diagnose_bad_input(tmp_path, capsys):
     ref = _result(_tiny_run(tmp_path, "fresh", epochs=1))["diagnostics"]
     assert d["shapley"]["test"]["phi"] == ref["shapley"]["test"]["phi"]
     assert d["probe"]["test"] == ref["probe"]["test"]
+
+
+def test_full_level_logs_validation_probe_curves(run_cli):
+    """full: validation probes every diag_probe_every epochs and at the last epoch."""
+    code, rd, res = run_cli("baseline", "synthetic", epochs=3,
+                            sets={**SYN, "train.diagnostics": "full", "train.diag_probe_every": 2})
+    assert code == 0 and res["diagnostics"]["level"] == "full"
+    has = ["probe_val" in r["diag"] for r in _rows(rd)]
+    assert has == [False, True, True]  # epoch 2 (every 2) and the last epoch (3)
+    last = _rows(rd)[-1]["diag"]["probe_val"]
+    assert set(last) == {"m0", "m1", "m2"} and 0 <= last["m0"]["accuracy"] <= 1
+
+
+def test_regression_and_segmentation_analogues(run_cli):
+    code, _, res = run_cli("baseline", "synthetic-regression", epochs=1, sets=SYN)
+    assert code == 0
+    d = res["diagnostics"]
+    assert d["probe"]["solver"] == "ridge" and "mae" in d["probe"]["test"]["m0"]
+    # oriented: v = −MAE, so Σφ = −MAE(test) − (−MAE(prior))
+    assert sum(d["shapley"]["test"]["phi"].values()) == pytest.approx(-res["test"]["mae"] - d["shapley"]["test"]["v"]["none"], abs=1e-9)
+    code, _, res = run_cli("baseline", "synthetic-seg", epochs=1, sets={"dataset.n_samples": 40})
+    assert code == 0
+    d = res["diagnostics"]
+    assert "dice_mean" in d["probe"]["test"]["m0"] and d["probe"]["n_fit"] > 0

@@ -127,3 +127,25 @@ def test_substeps_run_one_update_each_and_the_schedule_counts_batches(tmp_path):
     assert tr.method.calls == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert tr.ctx.global_step == 2
     assert all(p.grad is None for p in tr.ctx.raw_model.parameters())  # the batch ends with no gradient
+
+
+def test_plan_on_a_map_style_dataset_gives_training_positions_as_idx():
+    """The DataLoader path (image/volume datasets): the same sharding; ``idx`` = positions in the
+    training split, and the rows are the dataset's items at those positions."""
+    from torch.utils.data import Dataset
+
+    class Rows(Dataset):
+        def __len__(self):
+            return 30
+
+        def __getitem__(self, i):
+            return {"a": torch.tensor([float(i)]), "label": torch.tensor(i % 3)}
+
+    groups = [BatchGroup(torch.arange(10, 21), ("a",), shuffle=False)]
+    fake = SimpleNamespace(accelerator=SimpleNamespace(num_processes=2, process_index=1, device=torch.device("cpu")),
+                           cfg=SimpleNamespace(batch_size=4), train_split=Rows(),
+                           ctx=SimpleNamespace(modalities=["a"]), config=SimpleNamespace(seed=0))
+    batches = [b for b, _ in Trainer._plan_batches(fake, groups, key=0)]
+    idx = [i for b in batches for i in b["idx"].tolist()]
+    assert idx == [11, 13, 15, 17, 19, 10]  # rank 1 of 2: odd positions of 10..20, padded by wrap-around
+    assert all(torch.equal(b["a"].reshape(-1), b["idx"].float()) for b in batches)

@@ -21,7 +21,7 @@ def test_gates_replaced_by_running_average_exactly_on_scheduled_steps(tmp_path):
     """§2.3 schedule (ε < 0 forces a decision after every normal step from epoch 0, Q = 2) and §8 test 3."""
     tr = build_trainer("greedy", "mfeat", run_dir=tmp_path / "g", epochs=1,
                        sets={**SMALL_MFEAT, "epsilon": -1.0, "start_epoch": 0, "window": 2, "train.batch_size": 16,
-                             "train.modality_eval": "none", "train.diagnostics": "none"})  # count training forwards only
+                             "train.modality_eval": "none", "train.diagnostics": "none"})  # count Greedy's forwards only
     block = tr.ctx.raw_model.mmtm_blocks[0]
     seen, batch_means = [], []
 
@@ -180,3 +180,119 @@ def test_state_round_trip_keeps_accumulated_speeds():
     h.load_state_dict(torch.load(buf, weights_only=False))
     assert h.state.acc == {"bypass_a": 0.2, "main_a": 1.0, "bypass_b": 0.1, "main_b": 2.0}
     assert h.metrics()["speed_a"] == pytest.approx(math.log10(0.2)) and h.state.normal_steps == 1
+
+
+# ---------------------------------------------------------------- MMTM variants of the paper datasets' models
+def _open_gates(model):
+    """Every MMTM gate exactly 1 (σ(1e4) == 1 in float32): the branches then compute what the canonical
+    encoders compute."""
+    with torch.no_grad():
+        for block in model.mmtm_blocks:
+            for ex in block.excite:
+                ex.weight.zero_()
+                ex.bias.fill_(1e4)
+
+
+def _copy_in_order(src, dst):
+    """Copy src's state into dst entry by entry (same order and shapes: the MMTM branch holds the
+    canonical encoder's modules, only regrouped into stages)."""
+    a, b = src.state_dict(), dst.state_dict()
+    assert [v.shape for v in a.values()] == [v.shape for v in b.values()]
+    dst.load_state_dict(dict(zip(b, a.values())))
+
+
+def _call_order(model, stage_names):
+    order = []
+    for m in model.modalities[:1]:
+        for s, stage in enumerate(model.encoders[m]):
+            stage.register_forward_hook(lambda *_a, s=s: order.append(stage_names[s]))
+    for b in model.mmtm_blocks:
+        b.register_forward_hook(lambda *_a: order.append("MMTM"))
+    return order
+
+
+@pytest.mark.parametrize("nlevels,after", [(5, ["L3", "L4", "L5"]), (4, ["L2", "L3", "L4"])])
+def test_msa_mmtm_blocks_after_the_last_three_layers_and_branches_equal_the_canonical_encoders(nlevels, after):
+    """greedy.md §3.1: MOSI (5 layers) MMTM after layers 3, 4, 5; IEMOCAP/Food-101 (4 layers) after 2, 3, 4.
+    With every gate at 1 each branch is exactly the canonical msa_transformer encoder (projection, √D
+    scaling, MulT padding positions, key-padding mask, final LayerNorm) and its head the residual head on
+    position 0."""
+    mods, shapes = ["text", "audio"], {"text": (7, 12), "audio": (5, 3)}
+    kw = dict(d_model=10, num_heads=2, nlevels=nlevels, key_padding=["audio"])
+    torch.manual_seed(0)
+    canon = create_model("msa_transformer", modalities=mods, input_shapes=shapes, out_dim=3, **kw)
+    mm = create_model("msa_mmtm", modalities=mods, input_shapes=shapes, out_dim=3, **kw)
+    names = ["in"] + [f"L{i}" for i in range(1, nlevels + 1)]
+    order = _call_order(mm, names)
+    for m in mods:
+        _copy_in_order(canon.encoders[m], mm.encoders[m])
+    _open_gates(mm)
+    canon.eval(), mm.eval()
+    x = {m: torch.randn(4, *shapes[m]) for m in mods}
+    x["audio"][:, 3:] = 0  # padded steps: position 0 and masked keys
+    out = mm(x)
+    want_order = []
+    for n in names:
+        want_order.append(n)
+        if n in after:
+            want_order.append("MMTM")
+    assert order == want_order
+    assert len(mm.mmtm_blocks) == 3 and all(b.dims == [10, 10] for b in mm.mmtm_blocks)
+    for k, m in enumerate(mods):
+        h = canon.encoders[m](x[m])
+        torch.testing.assert_close(out.features[m], h, rtol=0, atol=1e-6)
+        head = mm.heads[m].head
+        manual = head.out_layer(h[:, 0] + head.proj2(torch.relu(head.proj1(h[:, 0]))))
+        torch.testing.assert_close(out.fused[:, k], manual, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.logits, out.fused.mean(1))
+    # the key-padding mask matters: without it the audio branch differs
+    mm.key_padding = []
+    assert not torch.allclose(mm(x).features["audio"], out.features["audio"], atol=1e-4)
+
+
+TINY_DEEPLAB = dict(backbone="resnet18", width=8, blocks=[1, 1, 1, 1], aspp_width=16, decoder_width=16, low_reduced=8)
+
+
+@pytest.mark.parametrize("backbone,widths", [("resnet18", [16, 32, 64]),  # stem width 8: 16/32/64
+                                             ("smp:resnet18", [128, 256, 512])])  # smp keeps ResNet-18 widths
+def test_deeplab_mmtm_blocks_after_layer2_to_4_and_branches_equal_the_canonical_encoders(backbone, widths):
+    """greedy.md §3.1 BraTS row: branch = ResNet + ASPP of one modality, MMTM (spatial squeeze) after layer2,
+    layer3 and layer4, each branch its own one-input DeepLabV3+ decoder with logits at the input size.
+    With every gate at 1, z_m is the canonical DeepLabEncoder's cat(up(ASPP_m), layer1_m)."""
+    if backbone.startswith("smp:"):
+        pytest.importorskip("segmentation_models_pytorch")
+    mods = ["flair", "t1ce"]
+    shapes = {m: (1, 32, 32) for m in mods}
+    kw = {**TINY_DEEPLAB, "backbone": backbone}
+    torch.manual_seed(0)
+    canon = create_model("deeplab_multi", modalities=mods, input_shapes=shapes, out_dim=4, **kw)
+    mm = create_model("deeplab_mmtm", modalities=mods, input_shapes=shapes, out_dim=4, **kw)
+    order = _call_order(mm, ["stem+layer1", "layer2", "layer3", "layer4", "aspp"])
+    for m in mods:
+        _copy_in_order(canon.encoders[m], mm.encoders[m])
+    _open_gates(mm)
+    canon.eval(), mm.eval()
+    x = {m: torch.randn(2, *shapes[m]) for m in mods}
+    out = mm(x)
+    assert order == ["stem+layer1", "layer2", "MMTM", "layer3", "MMTM", "layer4", "MMTM", "aspp"]
+    assert [b.dims for b in mm.mmtm_blocks] == [[c, c] for c in widths]
+    for m in mods:
+        torch.testing.assert_close(out.features[m], canon.encoders[m](x[m]), rtol=0, atol=1e-5)
+    assert out.fused.shape == (2, 2, 4, 32, 32) and out.logits.shape == (2, 4, 32, 32)
+    groups = mm.greedy_groups()  # each branch's decoder is in its main group
+    assert {id(p) for p in mm.heads["flair"].parameters()} <= {id(p) for p in groups["main_flair"]}
+
+
+def test_greedy_refuses_models_without_mmtm_with_an_accurate_message(tmp_path):
+    """The message names the models that have an MMTM variant and no longer suggests a nonexistent option."""
+    from mmbalance.methods.greedy import Greedy
+
+    from mmbalance.data import ModelSpec
+
+    with pytest.raises(MethodNotApplicable) as exc:
+        Greedy().configure_model(ModelSpec("no_such_model", {}), None)
+    msg = str(exc.value)
+    assert "model.variant" not in msg and "msa_transformer" in msg and "deeplab_multi" in msg
+    with pytest.raises(MethodNotApplicable) as exc:
+        build_trainer("greedy", "mfeat", run_dir=tmp_path / "g", epochs=1, sets={**SMALL_MFEAT, "model.name": "mlp_concat"})
+    assert "model.variant" not in str(exc.value) and "mlp_mmtm" in str(exc.value)

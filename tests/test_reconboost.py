@@ -87,6 +87,7 @@ def test_memory_consolidation_switch(tmp_path):
 
 def test_stage_selection_on_validation_and_single_test(tmp_path):
     """§8 test 6: validation sequence (0.5, 0.7, 0.6) → stage 1's model; test evaluated exactly once."""
+    # diagnostics off: their extra validation passes would consume the mocked metric sequence
     tr = _rb(tmp_path, epochs=6, sets={"train.modality_eval": "none", "train.diagnostics": "none"})
     real = tr.evaluate
     seq = iter([0.5, 0.7, 0.6])
@@ -237,3 +238,44 @@ def test_beta_carries_over_phases_and_momentum_is_reset_each_phase(tmp_path):
     assert len(starts) == 4 and ends[1] != 1.0
     assert starts[1:] == ends[:-1]  # β at each phase start = β at the previous phase's end
     assert states == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("dataset,w", [("mosi-synth", (1.0, 0.25)), ("iemocap-synth", (1.0, 0.25)),
+                                       ("food101-synth", (5.0, 1.0)), ("brats-synth", (5.0, 1.0))])
+@pytest.mark.parametrize("method", ["reconboost", "reconboost_official_schedule"])
+def test_sample_weight_defaults_per_dataset(method, dataset, w):
+    """reconboost.md §4: w1/w2 = 1.0/0.25 on MOSI and IEMOCAP (official MSA script), 5/1 elsewhere; set by
+    the dataset method defaults (every preset), a user value still wins."""
+    from mmbalance.run import build_parser, resolve
+
+    small = {"mosi-synth": ["dataset.n_samples=20", "dataset.seq_len=2"],
+             "iemocap-synth": ["dataset.n_samples=40", "dataset.seq_len=2"],
+             "food101-synth": ["dataset.num_classes=2", "dataset.n_samples=20", "dataset.image_tokens=2",
+                               "dataset.text_tokens=2"],
+             "brats-synth": ["dataset.n_samples=20", "dataset.image_size=16"]}[dataset]
+    argv = ["--method", method, "--dataset", dataset] + [a for s in small for a in ("--set", s)]
+    *_, meth, _ = resolve(build_parser().parse_args(argv))
+    assert (meth.hp.w1, meth.hp.w2) == w
+    *_, meth, _ = resolve(build_parser().parse_args(argv + ["--set", "w1=2.5"]))
+    assert (meth.hp.w1, meth.hp.w2) == (2.5, w[1])
+
+
+def test_official_schedule_runs_sgd_001_09_5e4_whatever_the_dataset_optimizer(tmp_path):
+    """reconboost.md §2: ``optimizer=official`` = SGD lr 0.01, momentum 0.9, weight decay 5e-4 in both
+    phases (MOSI's dataset optimizer is Adam 1e-3 with a plateau schedule); the plain preset keeps it."""
+    import json
+
+    sets = {"dataset.n_samples": 20, "dataset.seq_len": 4, "train.max_steps_per_epoch": 1, "train.modality_eval": "none"}
+    tr = _rb(tmp_path, epochs=8, dataset="mosi-synth", method="reconboost_official_schedule",
+             sets={**sets, "max_stages": 1})
+    opt = tr.ctx.optimizer.optimizer
+    assert type(opt) is torch.optim.SGD
+    assert {(g["lr"], g["momentum"], g["weight_decay"]) for g in opt.param_groups} == {(0.01, 0.9, 5e-4)}
+    tr.fit()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all(r["lr"] == pytest.approx(0.01, rel=1e-12) for r in rows)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert (cfg["optimizer"], cfg["lr"], cfg["momentum"], cfg["weight_decay"]) == ("sgd", 0.01, 0.9, 5e-4)
+    plain = _rb(tmp_path, epochs=2, dataset="mosi-synth", sets=sets, name="plain")
+    assert type(plain.ctx.optimizer.optimizer) is torch.optim.Adam
+    assert {g["lr"] for g in plain.ctx.optimizer.optimizer.param_groups} == {1e-3}

@@ -51,7 +51,7 @@ def test_readme_adding_a_method_runs_as_written(tmp_path):
         res = subprocess.run(line, shell=True, cwd=tmp_path, env=_env(MMBALANCE_NO_PROGRESS="1"),
                              capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, f"{line}\n{res.stdout}\n{res.stderr}"
-    run_dir = tmp_path / "runs_example" / "mfeat" / "grad_eq" / "seed0"
+    (run_dir,) = (tmp_path / "runs_example" / "mfeat" / "grad_eq").glob("seed0-*")  # seed0-<config hash>
     assert json.loads((run_dir / "result.json").read_text())["status"] == "ok"
     assert json.loads((run_dir / "config.json").read_text())["method_hparams"]["alpha"] == 0.8
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

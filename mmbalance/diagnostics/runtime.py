@@ -15,7 +15,7 @@ from .dynamics import GradNormMeter, Outputs, gradient_alignment, ratio_to_other
 from .final import all_absent_value, final_diagnostics, oriented, prior_metrics, run_probes
 from .isolation import isolated
 from .seeds import fingerprint, seed_hash, stratified_subset
-from .shapley import exact_shapley, share_and_index, subset_key
+from .shapley import exact_shapley, subset_key
 from .splits import batches, split_labels, stratify_keys, subset
 
 LEVELS = ("default", "none", "full")

@@ -2,18 +2,22 @@
 locally in parallel workers or as SLURM jobs through submitit; outcomes recorded in ``status.json``."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..locks import FolderBusyError, FolderLock
 from ..runfiles import CHECKPOINT_DIR, RESULT_FILE, atomic_write_json
 from .plan import LOG_FILE, NA_PREFIX, STATUS_FILE, RunSpec, RunState, read_json_or_none, read_state, utc_now
 
@@ -34,11 +38,14 @@ def _free_port() -> int:
 
 
 def build_command(spec: RunSpec, *, resume: bool, data_dir: str | None = None) -> list[str]:
-    args = spec.run_args() + ["--run-dir", spec.run_dir, "--quiet"]
+    # --output-dir: shared artefacts (unimodal teacher caches) stay inside the results folder
+    results_root = Path(spec.run_dir).parents[2] if len(Path(spec.run_dir).parents) > 2 else Path(spec.run_dir).parent
+    args = spec.run_args() + ["--run-dir", spec.run_dir, "--output-dir", str(results_root), "--quiet"]
     if data_dir:
         args += ["--data-dir", data_dir]
-    if resume:
-        args.append("--resume")
+    # The sweep owns the folder: a from-scratch attempt replaces what is there (a finished result of an
+    # older plan is kept in previous/ by the engine until the new run finishes).
+    args.append("--resume" if resume else "--overwrite")
     if spec.launcher and spec.launcher[0] == "accelerate":
         n = int(spec.launcher[1].split("=", 1)[1])
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n),
@@ -71,11 +78,61 @@ def _killed(exit_code: Any) -> bool:
     return isinstance(exit_code, int) and (exit_code < 0 or exit_code in (130, 137, 143))
 
 
+#: The live run subprocesses of this sweep (stopped when the sweep itself is interrupted).
+_LIVE: set[subprocess.Popen] = set()
+_LIVE_LOCK = threading.Lock()
+SWEEP_LOCK = ".sweep.lock"
+
+
+def stop_live_runs(grace: float = 30.0) -> None:
+    """SIGTERM every live run (each checkpoints at its next epoch end and exits), SIGKILL after ``grace``."""
+    with _LIVE_LOCK:
+        procs = list(_LIVE)
+    for p in procs:
+        with contextlib.suppress(OSError):
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def _call(argv: list[str], **kwargs: Any) -> int:
+    """Run ``argv`` to completion through :mod:`mmbalance.procs`, so that it dies with this process."""
+    wrapped = [sys.executable, "-m", "mmbalance.procs", str(os.getpid()), "SIGTERM", "--", *argv]
+    proc = subprocess.Popen(wrapped, **kwargs)
+    with _LIVE_LOCK:
+        _LIVE.add(proc)
+    try:
+        return proc.wait()
+    finally:
+        with _LIVE_LOCK:
+            _LIVE.discard(proc)
+
+
 def execute_run(spec: RunSpec | dict[str, Any], *, data_dir: str | None = None, env: dict[str, str] | None = None,
                 retry_failed: bool = True) -> RunState:
-    """Run one planned run unless it is done; record its outcome in ``status.json``. Picklable for submitit."""
+    """Run one planned run unless it is done; record its outcome in ``status.json``. Picklable for submitit.
+
+    The run folder's sweep lock is held throughout, so two sweeps on one suite never run a cell twice:
+    the second finds the cell ``busy`` and leaves it to the first."""
     if isinstance(spec, dict):
         spec = RunSpec.from_dict(spec)
+    try:
+        lock = FolderLock(spec.run_dir, SWEEP_LOCK, what="leaderboard run folder")
+        lock.acquire()
+    except FolderBusyError:
+        return RunState(spec, "busy", None, None)
+    try:
+        return _execute_locked(spec, data_dir=data_dir, env=env, retry_failed=retry_failed)
+    finally:
+        lock.release()
+
+
+def _execute_locked(spec: RunSpec, *, data_dir: str | None, env: dict[str, str] | None,
+                    retry_failed: bool) -> RunState:
     before = read_state(spec)
     if before.done or (before.state == "failed" and not retry_failed):
         return before
@@ -97,8 +154,8 @@ def execute_run(spec: RunSpec | dict[str, Any], *, data_dir: str | None = None, 
             log.flush()
             t0 = time.perf_counter()
             try:
-                code = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env={**os.environ, **(env or {})})
+                code = _call(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             env={**os.environ, **(env or {})})
             except OSError as exc:  # the runner could not be started at all
                 log.write(f"error: cannot start {argv[0]!r}: {exc}\n")
                 code = 127
@@ -221,9 +278,10 @@ def run_local(specs: list[RunSpec], *, workers: int = 1, data_dir: str | None = 
                 bar.set_postfix_str(f"{st.spec.dataset}/{st.spec.row}/seed{st.spec.seed}: {st.state}")
                 if on_done is not None:
                     on_done(st)
-        except BaseException:
+        except BaseException:  # Ctrl-C / an error in the sweep: stop the runs it started, then re-raise
             for f in futures:
                 f.cancel()
+            stop_live_runs()
             raise
         finally:
             bar.close()

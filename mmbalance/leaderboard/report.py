@@ -17,6 +17,8 @@ import csv
 import io
 import math
 import os
+import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,8 +28,9 @@ from typing import Any
 import numpy as np
 
 from .. import stats
+from ..errors import RunFileWriteError
+from ..runfiles import RESULT_FILE, atomic_write_text, current_umask
 from . import diagnostics as lb_diag
-from ..runfiles import RESULT_FILE, atomic_write_text
 from .plan import RunSpec, RunState, read_state
 from .suite import Suite
 
@@ -585,36 +588,64 @@ def bar_chart(ds: DatasetSummary, path: Path) -> bool:
 
 def write_report(rep: Report, out_dir: str | Path, extra: list[str] | None = None) -> dict[str, Path]:
     """Write README.md, results.csv and figures/ into ``out_dir``; returns the written paths. ``extra``:
-    further markdown lines (see :func:`render_markdown`)."""
+    further markdown lines (see :func:`render_markdown`).
+
+    Everything is rendered into a private staging folder inside ``out_dir`` first and moved into place
+    only when all of it was written, so a build that fails half-way (full disk, no permission, a
+    plotting error) leaves the previous README.md, results.csv and figures as they were."""
     out = Path(out_dir)
-    fig_dir = out / "figures"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".build.", suffix=".tmp", dir=out))
+    except OSError as exc:
+        raise RunFileWriteError(f"cannot write the report into {str(out)!r}: {exc.strerror or exc}") from None
+    try:
+        try:
+            names = _render_into(rep, stage, extra)
+        except OSError as exc:
+            raise RunFileWriteError(f"cannot write the report into {str(out)!r}: {exc.strerror or exc}; the "
+                                    "previous README.md, results.csv and figures are unchanged") from None
+        fig_dir = out / "figures"
+        fig_dir.mkdir(exist_ok=True)
+        written: dict[str, Path] = {}
+        for key, name in names.items():
+            os.replace(stage / "figures" / name, fig_dir / name)
+            written[key] = fig_dir / name
+        for stale in fig_dir.glob("*.png"):  # figures of datasets no longer in the suite
+            if stale.name not in set(names.values()):
+                os.unlink(stale)
+        os.replace(stage / "results.csv", out / "results.csv")
+        os.replace(stage / "README.md", out / "README.md")
+        written["readme"] = out / "README.md"
+        written["csv"] = out / "results.csv"
+        return written
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _render_into(rep: Report, stage: Path, extra: list[str] | None = None) -> dict[str, str]:
+    """README.md, results.csv and figures/*.png in ``stage``; returns {written key: figure file name}."""
+    fig_dir = stage / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     figures: dict[str, str] = {}
-    written: dict[str, Path] = {}
-    expected: set[str] = set()
+    names: dict[str, str] = {}
     for ds in rep.datasets:
         name = f"{ds.name}.png"
         if ds.metric and bar_chart(ds, fig_dir / name):
             figures[ds.name] = f"figures/{name}"
-            expected.add(name)
-            written[f"figure:{ds.name}"] = fig_dir / name
+            names[f"figure:{ds.name}"] = name
         name = f"{ds.name}_weak_probe.png"
         if ds.metric and lb_diag.scatter_figure(ds, ds.diag, fig_dir / name):
             figures[f"{ds.name}:weak_probe"] = f"figures/{name}"
-            expected.add(name)
-            written[f"figure:{ds.name}:weak_probe"] = fig_dir / name
+            names[f"figure:{ds.name}:weak_probe"] = name
     cross = rep.cross
     if cross.friedman is not None:
         stats.cd_diagram(dict(zip(cross.rows, cross.friedman.avg_ranks)), cross.cd, fig_dir / "cd_diagram.png",
                          title=f"Nemenyi CD (alpha 0.05), {len(cross.datasets)} datasets")
         figures["cd_diagram"] = "figures/cd_diagram.png"
-        expected.add("cd_diagram.png")
-        written["figure:cd_diagram"] = fig_dir / "cd_diagram.png"
-    for stale in fig_dir.glob("*.png"):  # figures of datasets no longer in the suite
-        if stale.name not in expected:
-            os.unlink(stale)
-    atomic_write_text(out / "README.md", render_markdown(rep, figures, extra))
-    atomic_write_text(out / "results.csv", render_csv(rep))
-    written["readme"] = out / "README.md"
-    written["csv"] = out / "results.csv"
-    return written
+        names["figure:cd_diagram"] = "cd_diagram.png"
+    atomic_write_text(stage / "README.md", render_markdown(rep, figures, extra))
+    atomic_write_text(stage / "results.csv", render_csv(rep))
+    for name in names.values():  # savefig follows the umask too, but be explicit: readable like the README
+        os.chmod(fig_dir / name, 0o666 & ~current_umask())
+    return names

@@ -72,3 +72,15 @@ class UnimodalHead(nn.Module):
 
     def final_layer(self) -> nn.Module:
         return self.out
+
+
+def dense_unimodal_head(model: nn.Module, m: str) -> nn.Module | None:
+    """The model's own per-modality segmentation decoder, ``make_unimodal_head(m, "dense")``, when its
+    class defines that factory (BraTS ``deeplab_multi``: the one-input DeepLabV3+ decoder on (ASPP_m,
+    layer1_m) + final 1×1 conv, logits upsampled to the input size); None for models without one (the
+    caller then builds a light head for full-resolution feature maps)."""
+    from .base import MultimodalModel
+
+    if type(model).make_unimodal_head is MultimodalModel.make_unimodal_head:
+        return None
+    return model.make_unimodal_head(m, "dense")

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..registry import register_model
 from .base import MultimodalModel
+from .mmtm import MMTMModel
 
 
 def fairseq_sinusoids(num: int, dim: int) -> torch.Tensor:
@@ -29,6 +30,15 @@ def fairseq_sinusoids(num: int, dim: int) -> torch.Tensor:
         table = torch.cat([table, torch.zeros(num, 1)], dim=1)
     table[0] = 0.0
     return table
+
+
+def padded_positions(x: torch.Tensor, d: int) -> torch.Tensor:
+    """Sinusoidal embeddings for a [B, L, d] input: position t+1 for step t, 0 (zero vector) where the
+    first channel is exactly 0 (MulT padding rule)."""
+    length = x.shape[1]
+    pos = torch.arange(1, length + 1, device=x.device).expand(x.shape[0], length)
+    pos = pos.masked_fill(x[..., 0] == 0, 0)
+    return fairseq_sinusoids(length + 1, d).to(x.device, x.dtype)[pos]
 
 
 def _xavier_linear(d_in: int, d_out: int) -> nn.Linear:
@@ -72,11 +82,7 @@ class MSATransformerEncoder(nn.Module):
         self.norm = nn.LayerNorm(d)
 
     def positions(self, x: torch.Tensor) -> torch.Tensor:
-        """Position t+1 for step t, 0 (zero vector) where the first channel is exactly 0 (MulT padding rule)."""
-        length = x.shape[1]
-        pos = torch.arange(1, length + 1, device=x.device).expand(x.shape[0], length)
-        pos = pos.masked_fill(x[..., 0] == 0, 0)
-        return fairseq_sinusoids(length + 1, self.d).to(x.device, x.dtype)[pos]
+        return padded_positions(x, self.d)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.embed_dropout(self.scale * x + self.positions(x))
@@ -205,3 +211,110 @@ def msa_transformer(*, modalities: list[str], input_shapes: dict[str, tuple[int,
     return MSAModel(encoders, fusion, MSAHead(d_model, out_dim, out_dropout), block=block,
                     feature_kinds={m: "sequence" for m in modalities}, feature_dims={m: d_model for m in modalities},
                     out_dim=out_dim, fusion_input="features")
+
+
+# ------------------------------------------------------------------------------------ MMTM variant (Greedy)
+class MSAInputStage(nn.Module):
+    """First stage of an MMTM branch: the modality's Conv1d projection, then √D·x + positions(x) and
+    the embedding dropout of its :class:`MSATransformerEncoder` (the same computation as the canonical
+    encoder up to its first layer)."""
+
+    def __init__(self, proj: nn.Conv1d, body: MSATransformerEncoder) -> None:
+        super().__init__()
+        self.proj = proj
+        self.d, self.scale = body.d, body.scale
+        self.embed_dropout = body.embed_dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x.to(self.proj.weight.dtype).transpose(1, 2)).transpose(1, 2)
+        return self.embed_dropout(self.scale * h + padded_positions(h, self.d))
+
+
+class MSALastStage(nn.Module):
+    """Last stage of an MMTM branch: the encoder's last layer followed by its final LayerNorm, so the
+    MMTM block after the last layer gates the encoder output h_m."""
+
+    def __init__(self, layer: MSALayer, norm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.layer = layer
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.norm(self.layer(x, key_padding_mask))
+
+
+class MSABranchHead(nn.Module):
+    """Branch head of the MMTM variant: position 0 of h_m → the residual head (greedy.md §3.1)."""
+
+    def __init__(self, head: MSAHead) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.head(z[:, 0])
+
+    def final_layer(self) -> nn.Module:
+        return self.head.out_layer
+
+
+class MSAMMTMModel(MMTMModel):
+    """:class:`MMTMModel` whose branch stages are [input stage, layer 1, …, layer L−1, layer L + norm].
+    Layer stages receive the branch's key-padding mask (computed from the raw input as in
+    :class:`MSAModalityEncoder`), so ``key_padding`` behaves as in the canonical model."""
+
+    def __init__(self, *args: Any, key_padding: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.key_padding = [m for m in self.modalities if m in set(key_padding)]
+
+    def encode(self, inputs: dict[str, torch.Tensor], absent: Any = ()) -> dict[str, torch.Tensor]:
+        absent = set(absent)
+        unknown = absent - set(self.modalities)
+        if unknown:
+            raise KeyError(f"absent modalities {sorted(unknown)} are not in the model ({self.modalities})")
+        x = {m: self.neutral_input(m, inputs[m]) if m in absent else inputs[m] for m in self.modalities}
+        masks: dict[str, torch.Tensor | None] = {}
+        for m in self.modalities:
+            mask = None
+            if m in self.key_padding:
+                mask = (x[m] == 0).all(dim=-1)
+                mask = mask & ~mask.all(dim=1, keepdim=True)  # a fully padded (absent) sequence stays unmasked
+            masks[m] = mask
+        h = x
+        blocks = iter(self.mmtm_blocks)
+        for s in range(len(self.encoders[self.modalities[0]])):
+            h = {m: self.encoders[m][s](h[m]) if s == 0 else self.encoders[m][s](h[m], masks[m])
+                 for m in self.modalities}
+            if s in self.positions:
+                h = dict(zip(self.modalities, next(blocks)([h[m] for m in self.modalities])))
+        return h
+
+
+@register_model("msa_mmtm", "mmtm variant of msa_transformer: per-modality MulT encoders as branches, MMTM "
+                "(mean over time) after the last 3 encoder layers, residual head per branch (Greedy)")
+def msa_mmtm(*, modalities: list[str], input_shapes: dict[str, tuple[int, ...]], out_dim: int,
+             d_model: int = 40, num_heads: int = 5, nlevels: int = 5, fusion_layers: int | None = None,
+             attn_dropout: float = 0.15, relu_dropout: float = 0.15, res_dropout: float = 0.1,
+             embed_dropout: float = 0.2, out_dropout: float = 0.1, key_padding: Sequence[str] = (),
+             proj_bias: bool = False, ratio: int = 4) -> MSAMMTMModel:
+    """greedy.md §3.1 MOSI / IEMOCAP / Food-101 rows. Branch m = the canonical modality encoder of
+    :func:`msa_transformer` (same projection, ``nlevels`` pre-LN layers and final LayerNorm); MMTM blocks
+    (ratio 4, squeeze = mean over time) after the last three layers — layers 3, 4, 5 for MOSI
+    (``nlevels`` 5), 2, 3, 4 for IEMOCAP and Food-101 (4), every layer when there are fewer; the block
+    after the last layer gates h_m after the final LayerNorm. Branch head: position 0 → the canonical
+    residual head (Linear(d, out_dim) last). No fusion encoder (``fusion_layers`` is accepted and unused,
+    so that the dataset's model options apply unchanged)."""
+    block = {"d": d_model, "heads": num_heads, "attn_dropout": attn_dropout, "relu_dropout": relu_dropout,
+             "res_dropout": res_dropout, "embed_dropout": embed_dropout}
+    branches, heads, dims = {}, {}, {}
+    for m in modalities:
+        body = MSATransformerEncoder(layers=nlevels, **block)
+        proj = nn.Conv1d(input_shapes[m][-1], d_model, kernel_size=1, bias=proj_bias)
+        layers = list(body.layers)
+        stages: list[nn.Module] = [MSAInputStage(proj, body), *layers[:-1], MSALastStage(layers[-1], body.norm)]
+        branches[m] = nn.ModuleList(stages)
+        heads[m] = MSABranchHead(MSAHead(d_model, out_dim, out_dropout))
+        dims[m] = [d_model] * len(stages)
+    positions = list(range(max(1, nlevels - 2), nlevels + 1))
+    return MSAMMTMModel(branches, heads, positions, dims, feature_kinds={m: "sequence" for m in modalities},
+                        feature_dims={m: d_model for m in modalities}, out_dim=out_dim, ratio=ratio,
+                        key_padding=key_padding)

@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import BackboneNotFoundError, ConfigError
 from ..registry import register_model
 from .base import MultimodalModel
+from .mmtm import MMTMModel
 
 RESNET_BLOCKS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
     "resnet18": ("basic", (2, 2, 2, 2)),
@@ -116,6 +117,7 @@ class ResNetBackbone(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.low_channels = width * block.expansion
         self.out_channels = width * 8 * block.expansion
+        self.stage_channels = [width * 2 ** i * block.expansion for i in range(4)]  # layer1..layer4 outputs
         for mod in self.modules():
             if isinstance(mod, nn.Conv2d):
                 nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
@@ -369,3 +371,76 @@ def deeplab_multi(*, modalities: list[str], input_shapes: dict[str, tuple[int, .
                            {m: e.low_channels for m, e in encoders.items()}, decoder_width, low_reduced)
     return DeepLabMultiModel(encoders, fusion, SegOutput(decoder_width, out_dim), out_dim=out_dim,
                              decoder_width=decoder_width, low_reduced=low_reduced)
+
+
+# --------------------------------------------------------------------------- MMTM variant (Greedy)
+_RESNET_PARTS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+
+def resnet_stages(backbone: nn.Module) -> tuple[list[nn.Module], list[int]]:
+    """A DeepLab ResNet backbone cut into its four stages [stem + layer1, layer2, layer3, layer4] and their
+    output channels. Works for :class:`ResNetBackbone` and for segmentation-models-pytorch ResNet encoders
+    (same attribute names, same forward order); other smp encoders have no ResNet stages."""
+    net = backbone.encoder if isinstance(backbone, SmpBackbone) else backbone
+    if not all(hasattr(net, a) for a in _RESNET_PARTS):
+        raise ConfigError(f"deeplab_mmtm: backbone {type(net).__name__} has no ResNet stages (conv1 … layer4); "
+                          "MMTM blocks sit after ResNet layer2, layer3 and layer4 — use a resnet* backbone")
+    if isinstance(backbone, SmpBackbone):
+        channels = [int(c) for c in net.out_channels[2:6]]
+    else:
+        channels = list(backbone.stage_channels)
+    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
+    return [stem, net.layer2, net.layer3, net.layer4], channels
+
+
+class DeepLabMMTMModel(MMTMModel):
+    """:class:`MMTMModel` for BraTS: branch m = [stem + layer1, layer2, layer3, layer4, ASPP] of its own
+    ResNet and ASPP; MMTM blocks (spatial squeeze) after layer2, layer3 and layer4; z_m =
+    cat(up(ASPP_m), layer1_m) as in the canonical model (the low-level layer1 features are not gated);
+    head m = the one-input DeepLabV3+ decoder + final 1×1 conv, upsampled to the input size."""
+
+    def encode(self, inputs: dict[str, torch.Tensor], absent: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+        absent = set(absent)
+        unknown = absent - set(self.modalities)
+        if unknown:
+            raise KeyError(f"absent modalities {sorted(unknown)} are not in the model ({self.modalities})")
+        x = {m: self.neutral_input(m, inputs[m]) if m in absent else inputs[m] for m in self.modalities}
+        low = {m: self.encoders[m][0](x[m]) for m in self.modalities}
+        h = dict(low)
+        blocks = iter(self.mmtm_blocks)
+        for s in (1, 2, 3):
+            h = {m: self.encoders[m][s](h[m]) for m in self.modalities}
+            if s in self.positions:
+                h = dict(zip(self.modalities, next(blocks)([h[m] for m in self.modalities])))
+        out = {}
+        for m in self.modalities:
+            aspp = F.interpolate(self.encoders[m][4](h[m]), size=low[m].shape[-2:], mode="bilinear", align_corners=True)
+            out[m] = torch.cat([aspp, low[m]], dim=1)
+        return out
+
+
+@register_model("deeplab_mmtm", "mmtm variant of deeplab_multi: per-modality ResNet+ASPP branches, MMTM after "
+                "layer2-4 (spatial squeeze), one-input DeepLabV3+ decoder per branch (Greedy)")
+def deeplab_mmtm(*, modalities: list[str], input_shapes: dict[str, tuple[int, ...]], out_dim: int,
+                 backbone: str = "resnet101", width: int = 64, blocks: list[int] | None = None,
+                 aspp_width: int = 256, decoder_width: int = 256, low_reduced: int = 48,
+                 encoder_weights: str | None = None, ratio: int = 4) -> DeepLabMMTMModel:
+    """greedy.md §3.1 BraTS row: each branch is the canonical modality encoder of :func:`deeplab_multi`
+    (same backbone options and weights), MMTM blocks (ratio 4) after ResNet layer2, layer3 and layer4 (the
+    official Greedy code places them after ResNet-18 stages 2–4), and its own one-input DeepLabV3+ decoder
+    (the prediction averages the branch logit maps)."""
+    branches, heads, dims = {}, {}, {}
+    for m in modalities:
+        cin = int(input_shapes[m][0])
+        bb: nn.Module = (SmpBackbone(backbone.split(":", 1)[1], cin) if backbone.startswith("smp:")
+                         else ResNetBackbone(backbone, cin, width, blocks))
+        if encoder_weights:
+            load_backbone_weights(bb, encoder_weights)
+        stages, chans = resnet_stages(bb)
+        aspp = ASPP(chans[-1], aspp_width)
+        branches[m] = nn.ModuleList([*stages, aspp])
+        dims[m] = [*chans, aspp_width]
+        heads[m] = DeepLabUnimodalHead(aspp_width, chans[0], out_dim, "dense", decoder_width, low_reduced)
+    return DeepLabMMTMModel(branches, heads, [1, 2, 3], dims, feature_kinds={m: "map" for m in modalities},
+                            feature_dims={m: aspp_width + dims[m][0] for m in modalities}, out_dim=out_dim,
+                            ratio=ratio)
