@@ -12,7 +12,7 @@ epoch-e model is the one that competes in model selection, as in the official co
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -21,6 +21,7 @@ import torch
 from mmbalance.errors import ConfigError
 from mmbalance.interface import BalancingMethod, StepContext
 from mmbalance.registry import register_method
+from mmbalance.search import LogUniform
 
 __all__ = ["Relearning", "RelearningHParams", "purity", "reinit_alpha", "diagnosis_epochs", "auto_reinit_every",
            "regression_bins", "soft_reinit_"]
@@ -43,7 +44,7 @@ class RelearningHParams:
       re-initialised parameters (variant).
     """
 
-    lam: float = 3.0
+    lam: float = field(default=3.0, metadata={"search": LogUniform(0.5, 10.0)})
     reinit_every: int | Literal["auto"] = "auto"
     reinit_num: int = 3
     kmeans_n_init: int | Literal["auto"] = 10

@@ -191,8 +191,8 @@ class TrainConfig:
     # imbalance diagnostics (mmbalance/diagnostics, docs/diagnostics.md); never change training
     diagnostics: Literal["default", "none", "full"] = "default"
     diag_permutations: int = 5
-    diag_cos_per_epoch: int = 2
-    diag_subset: int = 1024
+    diag_cos_per_epoch: int = 1
+    diag_subset: int = 256
     diag_probe_max: int = 20_000
     diag_mc_permutations: int = 64
     diag_probe_pixels: int = 256

@@ -169,7 +169,8 @@ def test_methods_all_is_every_registered_method_plus_unimodal_rows(tmp_path):
     expected = {m for m in list_methods() if m != "unimodal"} | {"unimodal:fac", "unimodal:fou", "unimodal:mor"}
     assert rows == expected
     assert {s.row for s in specs if s.dataset == "mfeat-hard"} >= {"unimodal:zer"}
-    assert {s.dataset for s in specs} == {"mfeat", "mfeat-hard"}
+    assert {s.dataset for s in specs} == {"mfeat", "mfeat-hard", "avdigits-small"}
+    assert {s.row for s in specs if s.dataset == "avdigits-small"} >= {"unimodal:audio", "unimodal:image"}
     for name in ("paper", "tiny"):
         assert plan_runs(load_suite(REPO / "leaderboard" / "suites" / f"{name}.toml"), tmp_path)
 

@@ -101,7 +101,10 @@ class Diagnostics:
         d["conf"] = conf
         d["conf_ratio"] = ratio_to_others(conf)
         d.update(self._alignment_summary(acc))
-        if "val_per_modality" in row and "val" in row and 1 < len(self.mods) <= 3:
+        # validation φ per epoch: free for M = 2 (the epoch's passes are every coalition); M = 3 needs three
+        # more validation passes per epoch, so only with `full`
+        max_m = 3 if self.level == "full" else 2
+        if "val_per_modality" in row and "val" in row and 1 < len(self.mods) <= max_m:
             d["shapley_val"] = self._shapley_val(row["val"], row["val_per_modality"])
         elif "val" in row and len(self.mods) == 1:
             d["shapley_val"] = {self.mods[0]: oriented(self.trainer.task, row["val"]) - self._prior_val()}
