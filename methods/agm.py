@@ -1,4 +1,4 @@
-"""AGM: Adaptive Gradient Modulation (specs/methods/agm.md).
+"""AGM: Adaptive Gradient Modulation (docs/methods/agm.md).
 
 Li et al., "Boosting Multi-modal Model Performance with Adaptive Gradient Modulation", ICCV 2023;
 official code lihong2303/AGM_ICCV2023 (commit 5a65542, ``GradMod`` in model/CREMAD_net.py, 3-modality

@@ -1,4 +1,4 @@
-"""CGGM — Classifier-Guided Gradient Modulation (specs/methods/cggm.md; Guo et al., NeurIPS 2024).
+"""CGGM — Classifier-Guided Gradient Modulation (docs/methods/cggm.md; Guo et al., NeurIPS 2024).
 
 Every modality m gets an auxiliary classifier f_m on its DETACHED encoder output z_m (trained only by
 its own loss, own optimizer, lr ``cls_lr``). After each backward the change of the classifiers' batch

@@ -1,4 +1,4 @@
-"""Greedy — balanced multimodal learning against greedy learning (specs/methods/greedy.md; Wu et al.,
+"""Greedy — balanced multimodal learning against greedy learning (docs/methods/greedy.md; Wu et al.,
 ICML 2022; official code nyukat/greedy_multimodal_learning@a190e03, ``Bias_Mitigation_Strong``).
 
 Model: the ``mmtm`` variant of the canonical model (``mmbalance.models.mmtm``; ``configure_model``

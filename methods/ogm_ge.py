@@ -1,4 +1,4 @@
-"""OGM-GE and OGM: on-the-fly gradient modulation (specs/methods/ogm_ge.md).
+"""OGM-GE and OGM: on-the-fly gradient modulation (docs/methods/ogm_ge.md).
 
 Peng et al., "Balanced Multimodal Learning via On-the-fly Gradient Modulation", CVPR 2022; official
 code GeWu-Lab/OGM-GE_CVPR2022 (commit 343dc1d). Per step: per-modality scores s_m (true-class

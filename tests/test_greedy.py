@@ -1,4 +1,4 @@
-"""Greedy and the MMTM model variant (specs/methods/greedy.md §8)."""
+"""Greedy and the MMTM model variant (docs/methods/greedy.md §8)."""
 from __future__ import annotations
 
 import math
@@ -296,3 +296,20 @@ def test_greedy_refuses_models_without_mmtm_with_an_accurate_message(tmp_path):
     with pytest.raises(MethodNotApplicable) as exc:
         build_trainer("greedy", "mfeat", run_dir=tmp_path / "g", epochs=1, sets={**SMALL_MFEAT, "model.name": "mlp_concat"})
     assert "model.variant" not in str(exc.value) and "mlp_mmtm" in str(exc.value)
+
+
+def test_gate_running_averages_use_the_reduced_sums_and_counts(tmp_path):
+    """ḡ_m comes from gate sums and batch sizes SUM-reduced across processes: with a fake reduction that
+    adds another rank's n samples whose gates are all 1, ḡ = (Σ g + n)/(B + n) after the first step."""
+    tr = build_trainer("greedy", "mfeat", run_dir=tmp_path / "g", epochs=1, sets={**SMALL_MFEAT, "train.diagnostics": "none"})
+    ctx, block = tr.ctx, tr.ctx.raw_model.mmtm_blocks[0]
+    n_other = 5.0
+    ctx.reduce_sum = lambda x: torch.as_tensor(x, dtype=torch.float64).clone() + n_other
+    seen = []
+    block.register_forward_hook(lambda mod, args, out: seen.append(([s.detach().clone() for s in mod.last_gate_sum],
+                                                                     mod.last_count)) if mod.training else None)
+    tr.method.training_step(ctx, first_batch(tr))
+    sums, count = seen[-1]
+    for k, s in enumerate(sums):
+        want = (s.double() + n_other) / (count + n_other)
+        torch.testing.assert_close(block.gate_avg(k).double(), want, rtol=1e-5, atol=1e-6)
