@@ -174,7 +174,7 @@ class Greedy(BalancingMethod):
                 continue
             flat = torch.cat([s.detach() for s in block.last_gate_sum]).to(torch.float64)
             total = ctx.reduce_sum(flat)
-            count = float(block.last_count) if ctx.world_size == 1 else float(ctx.reduce_sum(float(block.last_count)))
+            count = float(ctx.reduce_sum(float(block.last_count)))
             sums = list(torch.split(total.to(block.gate_avg(0).device), block.dims))
             block.update_running_average(sums, count, self.hp.gate_avg, self.hp.ema_beta)
             block.last_gate_sum = None
