@@ -1,4 +1,4 @@
-"""Modality Random Dropout (specs/methods/mrd.md): per-sample modality dropping during training.
+"""Modality Random Dropout (docs/methods/mrd.md): per-sample modality dropping during training.
 
 The standard ModDrop form (Neverova et al., TPAMI 2016) as used as a baseline by CGGM (its exact
 configuration is unverified, mrd.md §1): with probability ``p_drop`` a sample loses one uniformly

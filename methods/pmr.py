@@ -1,4 +1,4 @@
-"""PMR — Prototypical Modal Rebalance (specs/methods/pmr.md; Fan et al., CVPR 2023).
+"""PMR — Prototypical Modal Rebalance (docs/methods/pmr.md; Fan et al., CVPR 2023).
 
 Default = official code (``fanyunfeng-bit/Modal-Imbalance-PMR`` @ 3615e48, ``main_Prototype_grad.py``):
 per-class prototypes of each modality's pooled embedding, recomputed at every epoch start from ≈10% of

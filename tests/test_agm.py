@@ -1,4 +1,4 @@
-"""Behavioural tests of AGM (specs/methods/agm.md §8)."""
+"""Behavioural tests of AGM (docs/methods/agm.md §8)."""
 from __future__ import annotations
 
 import itertools

@@ -1,4 +1,4 @@
-"""Behavioural tests of CGGM (specs/methods/cggm.md §8)."""
+"""Behavioural tests of CGGM (docs/methods/cggm.md §8)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Behavioural tests of Gradient-Blending (specs/methods/gblending.md §8)."""
+"""Behavioural tests of Gradient-Blending (docs/methods/gblending.md §8)."""
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,4 @@
-"""Greedy and the MMTM model variant (specs/methods/greedy.md §8)."""
+"""Greedy and the MMTM model variant (docs/methods/greedy.md §8)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Behavioural tests of Modality Random Dropout (specs/methods/mrd.md §8)."""
+"""Behavioural tests of Modality Random Dropout (docs/methods/mrd.md §8)."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""Behavioural tests of MSLR (specs/methods/mslr.md §8)."""
+"""Behavioural tests of MSLR (docs/methods/mslr.md §8)."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""Behavioural tests of OGM-GE / OGM (specs/methods/ogm_ge.md §8)."""
+"""Behavioural tests of OGM-GE / OGM (docs/methods/ogm_ge.md §8)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Behavioural tests of PMR (specs/methods/pmr.md §8)."""
+"""Behavioural tests of PMR (docs/methods/pmr.md §8)."""
 from __future__ import annotations
 
 import pytest

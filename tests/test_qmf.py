@@ -1,4 +1,4 @@
-"""Behavioural tests of QMF (specs/methods/qmf.md §8)."""
+"""Behavioural tests of QMF (docs/methods/qmf.md §8)."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""ReconBoost (specs/methods/reconboost.md §8)."""
+"""ReconBoost (docs/methods/reconboost.md §8)."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""UME and UMT (specs/methods/ume.md §8, umt.md §8) and the shared unimodal-model cache."""
+"""UME and UMT (docs/methods/ume.md §8, umt.md §8) and the shared unimodal-model cache."""
 from __future__ import annotations
 
 import pytest
