@@ -69,7 +69,7 @@ def _same(a, b) -> bool:
 
 
 #: Per-rank quantities that MUST differ across ranks (each rank draws its own rows of the global mask).
-RANK_OWN = {"mrd": [f"method_metrics.drop_rate_{m}" for m in ("fac", "fou", "mor")]}
+RANK_OWN = {"mrd": ["method_metrics.drop_rate_total"] + [f"method_metrics.drop_rate_{m}" for m in ("fac", "fou", "mor")]}
 #: Per-method structural checks of the dumped state (a rank-local update would fail them too).
 STATE_CHECKS = {
     # QMF: every rank applies every rank's (idx, loss) pairs, so the history covers all of TRAIN
