@@ -2,7 +2,7 @@
 (registered as model ``msa_transformer``), pickle/array checks, fixed-length padding and the
 generator of the synthetic shape-alikes.
 
-Model (``specs/datasets/mosi.md`` §2, shared by ``iemocap.md`` §2): MulT/fairseq-style transformer
+Model (``docs/datasets/mosi.md`` §2, shared by ``iemocap.md`` §2): MulT/fairseq-style transformer
 blocks — batch-first here ([B, L, D]; the official code is sequence-first, which changes no value) —
 input scaled by √D, sinusoidal positions starting at 1 with a zero vector at padding steps (a step
 whose first channel is exactly 0), embedding dropout, pre-LayerNorm layers, final LayerNorm, no

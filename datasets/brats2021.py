@@ -1,4 +1,4 @@
-"""BraTS 2021 brain-tumour segmentation as 2-D axial slices (``specs/datasets/brats2021.md``).
+"""BraTS 2021 brain-tumour segmentation as 2-D axial slices (``docs/datasets/brats2021.md``).
 
 Registry names: ``brats2021`` (canonical DeepLabV3+/ResNet-101 model, CGGM ``DeepLabMultiInput``),
 ``brats2021_lite`` (ResNet-18 backbones, CPU and quick runs) and ``brats-synth`` (SYNTHETIC phantom

@@ -1,4 +1,4 @@
-"""UPMC Food-101 (image + text, 101 classes) on frozen-backbone features (specs/datasets/food101.md).
+"""UPMC Food-101 (image + text, 101 classes) on frozen-backbone features (docs/datasets/food101.md).
 
 X. Wang, D. Kumar, N. Thome, M. Cord, F. Precioso, "Recipe Recognition with Large Multimodal Food
 Dataset", ICME Workshops 2015. Not ETH Food-101 (image only; never a substitute). mmbalance does not

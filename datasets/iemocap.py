@@ -1,4 +1,4 @@
-"""IEMOCAP 4-class emotion recognition (``specs/datasets/iemocap.md``) and its synthetic shape-alike.
+"""IEMOCAP 4-class emotion recognition (``docs/datasets/iemocap.md``) and its synthetic shape-alike.
 
 Busso et al., "IEMOCAP: Interactive Emotional Dyadic Motion Capture Database", LRE 42(4), 2008.
 Modalities ``text``, ``audio``, ``vision``; single-label 4-class classification. Not redistributed:

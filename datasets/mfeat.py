@@ -1,4 +1,4 @@
-"""UCI Multiple Features — the embedded default dataset (specs/datasets/mfeat.md).
+"""UCI Multiple Features — the embedded default dataset (docs/datasets/mfeat.md).
 
 Six feature extractors applied to the same 2000 handwritten digits (multi-view data, not different
 sensors); they differ strongly in informativeness, which makes the set useful for imbalance studies.
@@ -26,7 +26,7 @@ TRAIN_DEFAULTS = {  # mfeat.md §9 (mmbalance choice): SGD so gradient-scaling m
     "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 64, "epochs": 50,
     "scheduler": "none", "grad_clip": None, "eval_batch_size": 512,
 }
-# Method hyperparameters specific to mfeat (values and how they were chosen: the method specs/notes).
+# Method hyperparameters specific to mfeat (values and how they were chosen: docs/methods/ and docs/datasets/mfeat.md).
 METHOD_DEFAULTS: dict[str, dict] = {}
 # CGGM (cggm.md §4): rho 1.3, lambda 0.2 (paper Table 7 values for its 3-modality sets), classifiers with
 # SGD at the main lr 1e-2 and weight decay 1e-4. Checked on VALIDATION only (never test): a sweep of

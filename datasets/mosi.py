@@ -1,4 +1,4 @@
-"""CMU-MOSI multimodal sentiment regression (``specs/datasets/mosi.md``) and its synthetic shape-alike.
+"""CMU-MOSI multimodal sentiment regression (``docs/datasets/mosi.md``) and its synthetic shape-alike.
 
 Zadeh et al., "MOSI: Multimodal Corpus of Sentiment Intensity and Subjectivity Analysis in Online
 Opinion Videos", IEEE Intelligent Systems 2016. Modalities ``text``, ``audio``, ``vision``; target

@@ -1,4 +1,4 @@
-"""AGM: Adaptive Gradient Modulation (specs/methods/agm.md).
+"""AGM: Adaptive Gradient Modulation (docs/methods/agm.md).
 
 Li et al., "Boosting Multi-modal Model Performance with Adaptive Gradient Modulation", ICCV 2023;
 official code lihong2303/AGM_ICCV2023 (commit 5a65542, ``GradMod`` in model/CREMAD_net.py, 3-modality
@@ -79,11 +79,13 @@ def permutation_coefficients(M: int, K: int, generator: torch.Generator) -> dict
     return coef
 
 
-def mono_responses(passes: dict[int, torch.Tensor], coef: dict[int, torch.Tensor], M: int) -> list[torch.Tensor]:
+def mono_responses(passes: dict[int, torch.Tensor], coef: dict[int, torch.Tensor | list[float]],
+                   M: int) -> list[torch.Tensor]:
     """m_m = Σ_S coef[S][m]·f(S) (float32)."""
     res: list[torch.Tensor] = []
+    host = {S: (c.tolist() if isinstance(c, torch.Tensor) else c) for S, c in coef.items()}  # host floats
     for m in range(M):
-        terms = [passes[S].float() * float(c[m]) for S, c in coef.items() if float(c[m]) != 0.0]
+        terms = [passes[S].float() * c[m] for S, c in host.items() if c[m] != 0.0]
         res.append(torch.stack(terms).sum(0))
     return res
 
@@ -106,10 +108,10 @@ def agm_coefficients(s: torch.Tensor, s_bar: torch.Tensor, alpha: float, cap: fl
     return r, r_bar, kappa
 
 
-def per_modality_accuracy(mono: dict[str, torch.Tensor], y: torch.Tensor) -> dict[str, float]:
+def per_modality_accuracy(mono: dict[str, torch.Tensor], y: torch.Tensor) -> dict[str, torch.Tensor]:
     """Accuracy of each modality's own response, counted separately (regression test for the official
-    swapped report, agm.md bug 7.1)."""
-    return {m: float((u.argmax(-1) == y).float().mean()) for m, u in mono.items()}
+    swapped report, agm.md bug 7.1); 0-d device tensors (no host sync)."""
+    return {m: (u.argmax(-1) == y).float().mean() for m, u in mono.items()}
 
 
 @dataclass
@@ -171,6 +173,7 @@ class AGM(BalancingMethod):
         self.s_bar = torch.zeros(self.M, dtype=torch.float64)
         self.kappa = torch.ones(self.M, dtype=torch.float64)
         self.exact = shapley_coefficients(self.M) if self.hp.shapley == "exact" else None
+        self._exact_host = None if self.exact is None else {S: c.tolist() for S, c in self.exact.items()}
 
     def in_window(self, ctx: StepContext) -> bool:
         end = self.hp.end_epoch if self.hp.end_epoch is not None else math.inf
@@ -228,7 +231,8 @@ class AGM(BalancingMethod):
             if task == "regression":
                 yy = y.reshape(y.shape[0]).float()
                 v = {S: -(f.detach().float().reshape(f.shape[0]) - yy).abs() for S, f in passes.items()}
-                num = torch.stack([-sum(float(c[m]) * v[S] for S, c in coef.items()).sum() for m in range(self.M)])
+                host = {S: (c.tolist() if isinstance(c, torch.Tensor) else c) for S, c in coef.items()}
+                num = torch.stack([-sum(c[m] * v[S] for S, c in host.items()).sum() for m in range(self.M)])
                 count = float(y.shape[0])
             else:
                 nums = []
@@ -253,9 +257,10 @@ class AGM(BalancingMethod):
         passes = {full_mask: full.logits, **self.coalition_passes(ctx, batch, masks, full)}
         if self.hp.absent == "feature_mean":  # after the passes: the mean of EARLIER batches stands in (like S̄)
             self._update_feature_means(ctx, full)
-        mono = mono_responses(passes, coef, M)
+        host = self._exact_host if self.exact is not None else {S: c.tolist() for S, c in coef.items()}
+        mono = mono_responses(passes, host, M)
 
-        s = self.scores(ctx, mono, passes, coef, y)
+        s = self.scores(ctx, mono, passes, host, y)
         r, r_bar, kappa = agm_coefficients(s, self.s_bar, self.hp.alpha, self.hp.C, self.hp.kappa_clamp)
         self.t += 1
         if self.hp.avg == "cumulative" or self.t == 1:
@@ -264,14 +269,15 @@ class AGM(BalancingMethod):
             self.s_bar = self.hp.ema_beta * self.s_bar + (1 - self.hp.ema_beta) * s
         self.kappa = kappa if self.in_window(ctx) else torch.ones_like(kappa)
 
-        out = sum(GradScale.apply(mono[i], float(self.kappa[i])) for i in range(M))  # float32, = f(N)
+        kap = self.kappa.tolist()  # a host tensor (s came back once, in scores): no device sync
+        out = sum(GradScale.apply(mono[i], kap[i]) for i in range(M))  # float32, = f(N)
         loss = ctx.task.loss(out, y)
         logs: dict[str, float | torch.Tensor] = {}
-        for i, m in enumerate(self.modalities):
-            logs[f"agm/s_{m}"] = float(s[i])
-            logs[f"agm/r_{m}"] = float(r[i])
-            logs[f"agm/rbar_{m}"] = float(r_bar[i])
-            logs[f"agm/kappa_{m}"] = float(self.kappa[i])
+        for i, m in enumerate(self.modalities):  # host tensors, averaged by ctx.log at the epoch's end
+            logs[f"agm/s_{m}"] = s[i]
+            logs[f"agm/r_{m}"] = r[i]
+            logs[f"agm/rbar_{m}"] = r_bar[i]
+            logs[f"agm/kappa_{m}"] = self.kappa[i]
         if ctx.task.name == "classification":
             accs = per_modality_accuracy({m: mono[i].detach() for i, m in enumerate(self.modalities)}, y)
             logs.update({f"agm/acc_{m}": a for m, a in accs.items()})
@@ -286,9 +292,15 @@ class AGM(BalancingMethod):
         w = getattr(ctx.raw_model.final_layer(), "weight", None)
         if w is None or w.grad is None:
             return
-        gmax = float(w.grad.detach().abs().max())
-        if math.isfinite(gmax) and gmax > c:
-            nn.utils.clip_grad_norm_([p for p in ctx.raw_model.parameters() if p.grad is not None], c)
+        # Decided on the device (no host sync): the factor is clip_grad_norm_'s min(1, c/(‖g‖+1e-6)) when
+        # the condition holds and exactly 1 otherwise.
+        gmax = w.grad.detach().abs().max()
+        grads = [p.grad for p in ctx.raw_model.parameters() if p.grad is not None]
+        total = nn.utils.get_total_norm(grads, 2.0)
+        factor = torch.clamp(c / (total + 1e-6), max=1.0)
+        cond = torch.isfinite(gmax) & (gmax > c)
+        factor = torch.where(cond.to(factor.device), factor, torch.ones_like(factor))
+        torch._foreach_mul_(grads, factor)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

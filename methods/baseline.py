@@ -1,4 +1,4 @@
-"""Joint late-fusion baseline and unimodal ``<m>-only`` runs (specs/methods/baseline.md)."""
+"""Joint late-fusion baseline and unimodal ``<m>-only`` runs (docs/methods/baseline.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace

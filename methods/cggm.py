@@ -1,4 +1,4 @@
-"""CGGM — Classifier-Guided Gradient Modulation (specs/methods/cggm.md; Guo et al., NeurIPS 2024).
+"""CGGM — Classifier-Guided Gradient Modulation (docs/methods/cggm.md; Guo et al., NeurIPS 2024).
 
 Every modality m gets an auxiliary classifier f_m on its DETACHED encoder output z_m (trained only by
 its own loss, own optimizer, lr ``cls_lr``). After each backward the change of the classifiers' batch
@@ -236,7 +236,7 @@ class CGGM(BalancingMethod):
         self._lgm_snapshot: dict[str, Any] | None = None  # values behind lgm_prev (checkpointing)
         self._parts: torch.Tensor | None = None  # [2, M] numerators/denominators of ε (this rank)
         self._b: torch.Tensor | None = None  # coefficients of the current step (B or B^p)
-        self._latest: dict[str, float] = {}
+        self._latest: dict[str, float | torch.Tensor] = {}
         self.lgm_now: torch.Tensor | None = None
         self._last_aux: dict[str, torch.Tensor] | None = None
         self.guard_hits = 0
@@ -310,12 +310,12 @@ class CGGM(BalancingMethod):
                                       guard_tol=self.hp.guard_tol)
         self.guard_hits += int(hit)
         ctx.log("cggm/guard_hit", float(hit))
-        for k, m in enumerate(self.modalities):
-            ctx.log(f"cggm/eps/{m}", float(eps[k]))
-            ctx.log(f"cggm/delta/{m}", float(delta[k]))
-            ctx.log(f"cggm/B/{m}", float(b[k]))
-            self._latest[f"eps/{m}"] = float(eps[k])
-            self._latest[f"B/{m}"] = float(b[k])
+        for k, m in enumerate(self.modalities):  # host tensors (eps came back once): read at the epoch's end
+            ctx.log(f"cggm/eps/{m}", eps[k])
+            ctx.log(f"cggm/delta/{m}", delta[k])
+            ctx.log(f"cggm/B/{m}", b[k])
+            self._latest[f"eps/{m}"] = eps[k]
+            self._latest[f"B/{m}"] = b[k]
         self._latest["guard_hits"] = float(self.guard_hits)
         self._b = b
         return b
@@ -365,7 +365,7 @@ class CGGM(BalancingMethod):
                 loss = loss + hp.lam * lgm
                 self.lgm_now = lgm  # with its graph (inspection/tests)
                 logs["cggm/lgm"] = lgm.detach()
-                self._latest["lgm"] = float(lgm.detach())
+                self._latest["lgm"] = lgm.detach()
         elif self.lgm_prev is not None and direction_on:
             loss = loss + hp.lam * self.lgm_prev
             logs["cggm/lgm_added"] = self.lgm_prev.detach()
@@ -386,21 +386,25 @@ class CGGM(BalancingMethod):
         # B was computed before the backward with grads_same_step (§2.1), here otherwise (step 7a-7c)
         b = self._b if hp.cos_source == "grads_same_step" else self._update_coefficients(ctx)
         factors = b if hp.rho_in_b else hp.rho * b  # Eq. 8-9: ρ·B_m, or B_m^p that already holds ρ
+        host = factors.tolist() if isinstance(factors, torch.Tensor) else list(factors)  # B lives on the host
         for k, m in enumerate(self.modalities):
             params = [p for p in self._scoped[m] if p.grad is not None]
-            raw = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])) if params else 0.0
-            f = float(factors[k])
-            for p in params:
-                p.grad.mul_(f)  # Eq. 8-9: magnitude modulation, in place after the full backward
-            ctx.log(f"cggm/grad_norm_raw/{m}", float(raw))
-            ctx.log(f"cggm/grad_norm/{m}", abs(f) * float(raw))
+            f = host[k]
+            if params:  # logged as device tensors: no host sync per step
+                raw = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad.detach() for p in params])))
+                ctx.log(f"cggm/grad_norm_raw/{m}", raw)
+                ctx.log(f"cggm/grad_norm/{m}", abs(f) * raw)
+                torch._foreach_mul_([p.grad for p in params], f)  # Eq. 8-9: magnitude modulation, in place
+            else:
+                ctx.log(f"cggm/grad_norm_raw/{m}", 0.0)
+                ctx.log(f"cggm/grad_norm/{m}", 0.0)
             ctx.log(f"cggm/factor/{m}", f)
             self._latest[f"factor/{m}"] = f
         self.lgm_now, self._last_aux = None, None  # release the same-step graph before the next forward
         if hp.cos_source == "weights_stale":
             self.lgm_prev = self._stale_lgm(ctx)
-            ctx.log("cggm/lgm", float(self.lgm_prev.detach()))
-            self._latest["lgm"] = float(self.lgm_prev.detach())
+            ctx.log("cggm/lgm", self.lgm_prev.detach())
+            self._latest["lgm"] = self.lgm_prev.detach()
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -424,4 +428,4 @@ class CGGM(BalancingMethod):
 
     def metrics(self) -> dict[str, float]:
         """Latest B_m, ε_m, magnitude factors, L_gm and the guard counter."""
-        return dict(self._latest)
+        return {k: float(v) for k, v in self._latest.items()}

@@ -1,4 +1,4 @@
-"""Gradient-Blending (specs/methods/gblending.md; Wang, Tran, Feiszli, CVPR 2020, Algorithms 1–3).
+"""Gradient-Blending (docs/methods/gblending.md; Wang, Tran, Feiszli, CVPR 2020, Algorithms 1–3).
 
 Unimodal heads C_1..C_M next to the fused head C_{M+1}; the training loss is L = Σ_i w_i·ℓ(C_i, y)
 with w_i ∝ G_i/O_i² estimated by GB_Estimate: short trainings of copies of each sub-network (encoder_i

@@ -1,4 +1,4 @@
-"""Greedy — balanced multimodal learning against greedy learning (specs/methods/greedy.md; Wu et al.,
+"""Greedy — balanced multimodal learning against greedy learning (docs/methods/greedy.md; Wu et al.,
 ICML 2022; official code nyukat/greedy_multimodal_learning@a190e03, ``Bias_Mitigation_Strong``).
 
 Model: the ``mmtm`` variant of the canonical model (``mmbalance.models.mmtm``; ``configure_model``
@@ -31,9 +31,27 @@ MMTM_VARIANTS = {"mlp_concat": "mlp_mmtm", "mlp_transformer_fusion": "mlp_mmtm",
 def group_ratio(params: list[torch.nn.Parameter]) -> float:
     """r_G = Σ_{p∈G} ‖∇p‖² / Σ_{p∈G} ‖p‖² (ratio of sums, greedy.md §2.3); parameters without a
     gradient contribute 0 to the numerator."""
-    num = sum(float(p.grad.detach().float().pow(2).sum()) for p in params if p.grad is not None)
-    den = sum(float(p.detach().float().pow(2).sum()) for p in params)
-    return num / den if den > 0 else 0.0
+    return group_ratios({"g": params})["g"]
+
+
+def group_ratios(groups: dict[str, list[torch.nn.Parameter]]) -> dict[str, float]:
+    """``group_ratio`` of every group with ONE host read: the per-parameter float32 sums of squares are
+    computed on the device, stacked, read once, and summed in Python in the same order (identical)."""
+    parts: list[torch.Tensor] = []
+    layout: list[tuple[str, int, int]] = []
+    for name, params in groups.items():
+        nums = [p.grad.detach().float().pow(2).sum() for p in params if p.grad is not None]
+        dens = [p.detach().float().pow(2).sum() for p in params]
+        layout.append((name, len(nums), len(dens)))
+        parts += nums + dens
+    host = torch.stack(parts).tolist() if parts else []
+    out, i = {}, 0
+    for name, n_num, n_den in layout:
+        num = sum(host[i:i + n_num])
+        den = sum(host[i + n_num:i + n_num + n_den])
+        i += n_num + n_den
+        out[name] = num / den if den > 0 else 0.0
+    return out
 
 
 def speeds(acc: dict[str, float], modalities: list[str]) -> list[float]:
@@ -171,7 +189,7 @@ class Greedy(BalancingMethod):
                 if st.remaining <= 0:
                     st.caring, st.remaining = None, 0
             return
-        ratios = {name: group_ratio(params) for name, params in self._groups.items()}
+        ratios = group_ratios(self._groups)  # the next step's mode is a host decision: one read per step
         if not all(math.isfinite(r) for r in ratios.values()):  # fp16 overflow step: skipped by the scaler
             return
         self.observe(ratios, ctx.epoch)

@@ -1,4 +1,4 @@
-"""Modality Random Dropout (specs/methods/mrd.md): per-sample modality dropping during training.
+"""Modality Random Dropout (docs/methods/mrd.md): per-sample modality dropping during training.
 
 The standard ModDrop form (Neverova et al., TPAMI 2016) as used as a baseline by CGGM (its exact
 configuration is unverified, mrd.md §1): with probability ``p_drop`` a sample loses one uniformly
@@ -110,6 +110,7 @@ class MRD(BalancingMethod):
         model = ctx.raw_model
         mods = ctx.modalities
         self.drop_counts = torch.zeros(len(mods), dtype=torch.float64)
+        self._mods = list(mods)
         if self.hp.fill == "learned_token":
             shapes = {}
             with torch.no_grad():
@@ -187,7 +188,10 @@ class MRD(BalancingMethod):
         self.samples_seen = 0
 
     def metrics(self) -> dict[str, float]:
-        """This epoch's fraction of (sample, modality) drops per sample, on this rank."""
+        """This epoch's fraction of (sample, modality) drops per sample, in all and per modality, on
+        this rank (ranks draw different rows of the global mask, so these differ between ranks)."""
         if self.drop_counts is None or self.samples_seen == 0:
             return {}
-        return {"drop_rate_total": float(self.drop_counts.sum()) / self.samples_seen}
+        out = {"drop_rate_total": float(self.drop_counts.sum()) / self.samples_seen}
+        out.update({f"drop_rate_{m}": float(c) / self.samples_seen for m, c in zip(self._mods, self.drop_counts)})
+        return out

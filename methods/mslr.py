@@ -1,4 +1,4 @@
-"""MSLR: Modality-Specific Learning Rates (specs/methods/mslr.md).
+"""MSLR: Modality-Specific Learning Rates (docs/methods/mslr.md).
 
 Yao & Mihalcea, "Modality-specific Learning Rates for Effective Multimodal Additive Late-fusion",
 Findings of ACL 2022; reference implementation in lihong2303/AGM_ICCV2023 (commit 5a65542,

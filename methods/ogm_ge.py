@@ -1,4 +1,4 @@
-"""OGM-GE and OGM: on-the-fly gradient modulation (specs/methods/ogm_ge.md).
+"""OGM-GE and OGM: on-the-fly gradient modulation (docs/methods/ogm_ge.md).
 
 Peng et al., "Balanced Multimodal Learning via On-the-fly Gradient Modulation", CVPR 2022; official
 code GeWu-Lab/OGM-GE_CVPR2022 (commit 343dc1d). Per step: per-modality scores s_m (true-class
@@ -146,7 +146,7 @@ def ogm_coefficients(rho: torch.Tensor, alpha: float, form: str = "official") ->
     return torch.where(rho > 1, 1 - torch.tanh(alpha * arg), torch.ones_like(rho))
 
 
-def modulate_gradients(params: dict[str, list[nn.Parameter]], k: dict[str, float], *, ge: bool,
+def modulate_gradients(params: dict[str, list[nn.Parameter]], k: dict[str, float | torch.Tensor], *, ge: bool,
                        generator: torch.Generator | None, scale_grad: bool = True,
                        noise_std_source: str = "pre", scope: str = "all") -> int:
     """ogm_ge.md §2 step 7: g ← k_m·g (+ ξ ~ N(0, (σ + 1e-8)²) with σ = std(g) when ``ge``).
@@ -156,7 +156,9 @@ def modulate_gradients(params: dict[str, list[nn.Parameter]], k: dict[str, float
     device tensor: no host sync and no host-to-device copy per tensor."""
     n = 0
     for m, plist in params.items():
-        km = float(k[m]) if scale_grad else 1.0
+        km = k[m] if scale_grad else 1.0  # a Python float or a 0-d device tensor (no host read)
+        if isinstance(km, torch.Tensor):
+            km = km.to(torch.float32)
         for p in plist:
             g = p.grad
             if g is None or (scope == "conv4d" and g.dim() != 4):
@@ -165,8 +167,8 @@ def modulate_gradients(params: dict[str, list[nn.Parameter]], k: dict[str, float
             sigma = None
             if ge and noise_std_source == "pre":
                 sigma = _std(g)
-            if km != 1.0:
-                g.mul_(km)
+            if isinstance(km, torch.Tensor) or km != 1.0:
+                g.mul_(km.to(g.device) if isinstance(km, torch.Tensor) else km)
             if ge:
                 if noise_std_source == "post":
                     sigma = _std(g)
@@ -280,13 +282,14 @@ class OGMGE(BalancingMethod):
             s = ctx.reduce_sum(score_sums(ctx.task.name, u, y, self.tau))  # SUM over ranks (§9)
             rho = discrepancy_ratios(s, self.hp.ratio)
             k = ogm_coefficients(rho, self.hp.alpha, self.hp.coef_form)
-        self.k = {m: float(k[i]) for i, m in enumerate(self.modalities)}
+        # k stays on the device (no host sync per step); apply_to=lr needs Python floats for the lr.
+        self.k = {m: (float(k[i]) if self.hp.apply_to == "lr" else k[i]) for i, m in enumerate(self.modalities)}
         for i, m in enumerate(self.modalities):
-            logs[f"ogm/s_{m}"] = float(s[i])
-            logs[f"ogm/rho_{m}"] = float(rho[i])
-            logs[f"ogm/k_{m}"] = self.k[m]
+            logs[f"ogm/s_{m}"] = s[i]
+            logs[f"ogm/rho_{m}"] = rho[i]
+            logs[f"ogm/k_{m}"] = k[i]
             if ctx.task.name == "classification":
-                logs[f"ogm/acc_{m}"] = float((u[m].argmax(-1) == y).float().mean())
+                logs[f"ogm/acc_{m}"] = (u[m].argmax(-1) == y).float().mean()
         return StepOutput(loss, out, logs)
 
     def after_backward(self, ctx: StepContext) -> None:
@@ -327,4 +330,4 @@ class OGMGE(BalancingMethod):
             self._noise_gen.set_state(self._noise_state)
 
     def metrics(self) -> dict[str, float]:
-        return dict(self.last)
+        return {key: float(v) for key, v in self.last.items()}

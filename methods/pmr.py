@@ -1,4 +1,4 @@
-"""PMR — Prototypical Modal Rebalance (specs/methods/pmr.md; Fan et al., CVPR 2023).
+"""PMR — Prototypical Modal Rebalance (docs/methods/pmr.md; Fan et al., CVPR 2023).
 
 Default = official code (``fanyunfeng-bit/Modal-Imbalance-PMR`` @ 3615e48, ``main_Prototype_grad.py``):
 per-class prototypes of each modality's pooled embedding, recomputed at every epoch start from ≈10% of
@@ -214,7 +214,12 @@ class PMR(BalancingMethod):
             logs[f"pmr/beta_{m}"] = float(beta[j])
             logs[f"pmr/rho_{m}"] = float(rho[j])
             logs[f"pmr/proto_acc_{m}"] = float(acc[j])
+        self._last = {f"{k}_{m}": float(v[j]) for k, v in (("beta", beta), ("rho", rho)) for j, m in enumerate(mods)}
         return StepOutput(total, out, logs)
+
+    def metrics(self) -> dict[str, float]:
+        """The last step's β_m and ρ_m (from the SUM-reduced scores: identical on every rank)."""
+        return dict(getattr(self, "_last", {}))
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""QMF — Quality-aware Multimodal Fusion (specs/methods/qmf.md; Zhang et al., ICML 2023).
+"""QMF — Quality-aware Multimodal Fusion (docs/methods/qmf.md; Zhang et al., ICML 2023).
 
 Default = official text-image code (``QingyangZhang/QMF`` @ fe6c4c6, ``late_fusion.py``,
 ``train_qmf.py``): per-modality heads, energy confidence w_m = LSE(o_m)/10, fused logits

@@ -1,4 +1,4 @@
-"""ReconBoost (specs/methods/reconboost.md; Hua et al., ICML 2024; official code huacong/ReconBoost@14ab57a).
+"""ReconBoost (docs/methods/reconboost.md; Hua et al., ICML 2024; official code huacong/ReconBoost@14ab57a).
 
 Model (``reconboost_late``, reconboost.md §2): the canonical encoders φ_m, no fusion module, one head H
 shared by all modalities (Linear(d, 256) → ReLU → Linear(256, C); for feature maps the dataset model's

@@ -1,4 +1,4 @@
-"""UME — Uni-Modal Ensemble (specs/methods/ume.md; Du et al., ICML 2023, arXiv 2305.01233).
+"""UME — Uni-Modal Ensemble (docs/methods/ume.md; Du et al., ICML 2023, arXiv 2305.01233).
 
 Phase U (shared with UMT, ``mmbalance.teachers``): each ``<m>-only`` model is trained alone, selected on
 validation, and cached. No joint training: the run's model *is* the ensemble of the M cached unimodal

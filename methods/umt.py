@@ -1,4 +1,4 @@
-"""UMT — Uni-Modal Teacher (specs/methods/umt.md; Du et al., ICML 2023, arXiv 2305.01233), and the
+"""UMT — Uni-Modal Teacher (docs/methods/umt.md; Du et al., ICML 2023, arXiv 2305.01233), and the
 UMT/UME choice rule (umt.md §2 "Choice between UMT and UME").
 
 Phase U: the ``<m>-only`` models (``mmbalance.teachers``; shared, cached, selected on validation) are

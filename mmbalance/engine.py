@@ -41,11 +41,70 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, lr: float | 
         g.setdefault("lr", lr)
         g["base_lr"] = g["lr"]
         g.setdefault("lr_mult", 1.0)
+    kw = _fused_kwargs(groups, cfg.optimizer)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **kw)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kw)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kw)
+
+
+def _fused_kwargs(groups: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    """Adam/AdamW: ``fused=True`` (one kernel over all parameters; same update to float rounding);
+    SGD: ``foreach=True`` (torch 2.14's fused SGD fails when a parameter first gets a gradient after
+    its momentum buffers were created, e.g. MLA's per-modality sub-steps). Only when every parameter
+    is a dense floating-point tensor on one CPU/CUDA device; ``MMBALANCE_FUSED_OPTIMIZER=0`` restores
+    the per-parameter loop."""
+    if os.environ.get("MMBALANCE_FUSED_OPTIMIZER", "1") == "0":
+        return {}
+    for g in groups:  # materialise generators once (torch does the same) before looking at them
+        g["params"] = [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])
+    params = [p for g in groups for p in g["params"]]
+    if not params or len({p.device for p in params}) != 1 or params[0].device.type not in ("cpu", "cuda"):
+        return {}
+    if any(p.is_sparse or not p.is_floating_point() for p in params):
+        return {}
+    return {"foreach": True} if kind == "sgd" else {"fused": True}
+
+
+class LossWatch:
+    """Per-epoch training-loss bookkeeping kept on the device (no host sync per step): the float64 sum
+    of the losses (bit-identical to summing their Python floats) and the first step whose loss was not
+    finite, with that loss. Read once, at the end of the epoch."""
+
+    NONE = 2**62
+
+    def __init__(self, device: torch.device) -> None:
+        self.sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.first = torch.full((), self.NONE, dtype=torch.long, device=device)
+        self.value = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        v = loss.detach().reshape(()).double()
+        self.sum += v
+        new = (~torch.isfinite(v)) & (self.first == self.NONE)
+        self.first = torch.where(new, torch.full_like(self.first, step), self.first)
+        self.value = torch.where(new, v, self.value)
+
+    def mean(self, n_steps: int) -> float:
+        return float(self.sum) / max(1, n_steps)
+
+    def first_bad(self, acc, collective: bool = True) -> tuple[int | None, float]:
+        """(first bad step over all ranks, its loss; NaN when another rank saw it) or (None, 0.0); one
+        all-reduce under DDP when ``collective`` (every rank must stop together)."""
+        first = self.first
+        if collective and acc.num_processes > 1:
+            first = _all_min(first)
+        step = int(first)
+        if step == self.NONE:
+            return None, 0.0
+        return step, float(self.value) if int(self.first) == step else float("nan")
+
+
+def _all_min(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return t
 
 
 @dataclass
@@ -511,7 +570,7 @@ class Trainer:
             g["lr"] = g["base_lr"] * factor * g.get("lr_mult", 1.0)
 
     def _train_epoch(self, pos: Position, phase: Phase, schedule: LRSchedule) -> dict[str, float]:
-        acc, ctx, method, cfg = self.accelerator, self.ctx, self.method, self.cfg
+        acc, ctx, method = self.accelerator, self.ctx, self.method
         model = ctx.model
         model.train()
         loader = self.loader_train
@@ -526,14 +585,40 @@ class Trainer:
         main_opt = self._fast_optimizer(ctx.optimizer)
         all_opts = [main_opt, *extra_opts]
         to_none = bool(getattr(method, "substep_set_to_none", True))
-        loss_sum = 0.0
+        watch = LossWatch(acc.device)
         n_steps = 0
         # Clipped together (one norm): everything the main optimizer trains — the model and the method's
         # modules that joined it (G-Blending/QMF/multitask heads, MRD tokens, UMT projectors), as the
         # official codes clip model.parameters() with their heads inside. Modules with their own
         # optimizer (CGGM classifiers, OGM-GE/MSLR probes) are not clipped (their specs: "no clipping").
         params = [p for g in main_opt.param_groups for p in g["params"]]
+        try:
+            n_steps = self._train_steps(pos, loader, plan, watch, params, all_opts, main_opt, extra_opts,
+                                        to_none, schedule)
+        except Exception:
+            self._check_finite(pos, phase, watch, collective=False)  # a crash caused by a NaN loss reports it
+            raise
+        self._check_finite(pos, phase, watch)  # once per epoch: one host read (+ one all-reduce under DDP)
+        method.on_epoch_end(ctx)
+        logs = {"train_loss": watch.mean(n_steps)}
+        logs.update(ctx.pop_logs())
+        return logs
+
+    def _check_finite(self, pos: Position, phase: Phase, watch: LossWatch, collective: bool = True) -> None:
+        """Fail the run (every rank together) with the first step whose training loss was not finite."""
+        first, value = watch.first_bad(self.accelerator, collective)
+        if first is not None:
+            split = self.train_split
+            data = {**getattr(split, "inputs", {}), "label": getattr(split, "labels", None)}
+            self._fail(pos, f"non-finite training loss ({value}) at phase {phase.name!r}, epoch {pos.epoch}, "
+                            f"step {first}; the run is marked failed ({self._nan_hint(data)})")
+
+    def _train_steps(self, pos, loader, plan, watch, params, all_opts, main_opt, extra_opts, to_none,
+                     schedule) -> int:
+        """The steps of one epoch (see :meth:`_train_epoch`); returns the number of batches taken."""
+        acc, ctx, method, cfg = self.accelerator, self.ctx, self.method, self.cfg
         all_present = tuple(ctx.modalities)
+        n_steps = 0
         for step, batch in enumerate(loader):
             if cfg.max_steps_per_epoch is not None and step >= cfg.max_steps_per_epoch:
                 break
@@ -549,13 +634,7 @@ class Trainer:
             for sub, out in enumerate(subs):  # one update per StepOutput (MLA: one per modality)
                 ctx.substep = sub
                 loss = out.loss
-                loss_value = loss.item()  # one host sync per step: NaN check and epoch mean together
-                bad = not math.isfinite(loss_value)
-                if acc.num_processes > 1:  # every rank must stop together
-                    bad = bool(acc.reduce(torch.tensor([float(bad)], device=acc.device), reduction="sum") > 0)
-                if bad:
-                    self._fail(pos, f"non-finite training loss ({loss_value}) at phase {phase.name!r}, epoch "
-                                    f"{pos.epoch}, step {step}; the run is marked failed ({self._nan_hint(batch)})")
+                watch.add(loss, step)  # on the device: no host sync, no all-reduce per step
                 acc.backward(loss)
                 self._unscale(all_opts)  # every sub-step is a real step: unscaled once, stepped, scale updated
                 self.diag.after_backward()
@@ -568,7 +647,6 @@ class Trainer:
                 main_opt.zero_grad(set_to_none=to_none)
                 for opt in extra_opts:
                     opt.zero_grad(set_to_none=to_none)
-                loss_sum += loss_value
                 for k, v in out.logs.items():
                     ctx.log(k, v)
             if not to_none:  # sub-steps kept zero-filled gradients; the batch ends with none
@@ -582,10 +660,7 @@ class Trainer:
             n_steps += 1
             pos.global_step += 1
             ctx.global_step = pos.global_step
-        method.on_epoch_end(ctx)
-        logs = {"train_loss": loss_sum / max(1, n_steps)}
-        logs.update(ctx.pop_logs())
-        return logs
+        return n_steps
 
     @staticmethod
     def _nan_hint(batch: dict[str, Any]) -> str:

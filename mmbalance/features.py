@@ -1,5 +1,5 @@
 """Frozen-backbone feature extraction, cached once to Arrow with Hugging Face ``datasets``
-(specs/datasets/food101.md §3).
+(docs/datasets/food101.md §3).
 
 Pipeline: records (id, image_path, text, label) per split → frozen text model (``transformers``
 AutoModel/AutoTokenizer) and frozen image model (``transformers`` ViT or ``timm``) → ``Dataset.map``

@@ -1,10 +1,10 @@
 """Tasks: loss, prediction, per-batch score and full-split metrics for each problem type.
 
 A :class:`Task` turns model logits into a loss (training), a prediction, a cheap per-batch score
-(CGGM's ε, ``specs/methods/cggm.md`` section 3 step 7a) and a :class:`MetricMeter` that accumulates
+(CGGM's ε, ``docs/methods/cggm.md`` section 3 step 7a) and a :class:`MetricMeter` that accumulates
 full-split metrics over (already gathered) evaluation batches.
 
-Definitions (all from the dataset specs under ``specs/datasets/``):
+Definitions (all from the dataset specs under ``docs/datasets/``):
 
 - classification (``mfeat.md`` §8, ``iemocap.md`` §3, ``food101.md`` §5): cross-entropy; accuracy,
   macro-F1 and support-weighted F1 from the confusion matrix (per-class F1 = 2PR/(P+R), 0 when

@@ -1,4 +1,4 @@
-"""Behavioural tests of AGM (specs/methods/agm.md §8)."""
+"""Behavioural tests of AGM (docs/methods/agm.md §8)."""
 from __future__ import annotations
 
 import itertools
@@ -258,3 +258,65 @@ def test_scores_are_sum_reduced_before_dividing(monkeypatch):
     out = method.training_step(ctx, toy_batch(2, B=16))
     assert len(calls) == 1 and calls[0].shape == (3,) and float(calls[0][-1]) == 16  # two CE sums + count
     assert out.logs["agm/s_m0"] == pytest.approx(float(calls[0][0]) / 16)
+
+
+# ---------------------------------------------------------------- independent oracles, state (mutation-tested)
+def test_scores_are_true_class_cross_entropy_of_hand_built_responses():
+    """s_m = mean_i −log softmax(m_m,i)[y_i] with m_a = ½(f(av) − f(v) + f(a)), m_v = ½(f(av) − f(a) + f(v))
+    built here from separate passes (train-mode full pass, eval-mode coalitions)."""
+    model = toy_model(2)
+    batch = toy_batch(2)
+    method, ctx = method_for(model, cond_clip=None)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(5)
+    out = method.training_step(ctx, batch)
+    model.load_state_dict(state)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        full = ctx.forward(batch).logits
+        model.eval()
+        fa, fv = ctx.forward(batch, ("m1",)).logits, ctx.forward(batch, ("m0",)).logits
+        model.train()
+    y = batch["label"]
+    for name, mono in (("m0", 0.5 * (full - fv + fa)), ("m1", 0.5 * (full - fa + fv))):
+        logp = torch.log_softmax(mono.double(), dim=1)
+        s = -sum(float(logp[i, int(y[i])]) for i in range(len(y))) / len(y)
+        assert out.logs[f"agm/s_{name}"] == pytest.approx(s, rel=1e-5)
+
+
+def test_running_mean_persists_across_epochs_and_resume():
+    """S̄ is the mean over every previous step of the run: an epoch boundary (on_epoch_start) and a
+    checkpoint round trip (state_dict → fresh method → load_state_dict) change nothing."""
+    import io
+
+    model = toy_model(2)
+    method, ctx = method_for(model)
+    scores = []
+    for step in range(3):
+        out = method.training_step(ctx, toy_batch(2, B=16 + step))
+        scores.append([out.logs["agm/s_m0"], out.logs["agm/s_m1"]])
+    method.on_epoch_start(ctx)
+    ctx.epoch = 1
+    buf = io.BytesIO()
+    torch.save(method.state_dict(), buf)
+    buf.seek(0)
+    resumed = AGM(AGMHParams())
+    resumed.setup(ctx)
+    resumed.load_state_dict(torch.load(buf, weights_only=False))
+    resumed.on_epoch_start(ctx)
+    prev = torch.tensor(scores, dtype=torch.float64).mean(0)
+    for meth in (method, resumed):
+        assert meth.t == 3 and meth.s_bar.tolist() == pytest.approx(prev.tolist(), rel=1e-12)
+    out = resumed.training_step(ctx, toy_batch(2, B=20))
+    f = 2.0  # M/(M−1)
+    rbar0 = math.exp(f * (float(prev.mean()) - float(prev[0])))
+    assert out.logs["agm/rbar_m0"] == pytest.approx(rbar0, rel=1e-9)
+
+
+def test_window_is_inclusive():
+    model = toy_model(2)
+    method, ctx = method_for(model, start_epoch=1, end_epoch=2, alpha=2.0)
+    for epoch, active in ((0, False), (1, True), (2, True), (3, False)):
+        ctx.epoch = epoch
+        method.training_step(ctx, toy_batch(2, B=16 + epoch))
+        assert bool((method.kappa != 1).any()) == active, epoch

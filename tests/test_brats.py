@@ -1,4 +1,4 @@
-"""BraTS 2021 loader, converter, DeepLabV3+ model and the SYNTHETIC shape-alike (specs/datasets/brats2021.md §8)."""
+"""BraTS 2021 loader, converter, DeepLabV3+ model and the SYNTHETIC shape-alike (docs/datasets/brats2021.md §8)."""
 from __future__ import annotations
 
 import hashlib

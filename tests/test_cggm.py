@@ -1,4 +1,4 @@
-"""Behavioural tests of CGGM (specs/methods/cggm.md §8)."""
+"""Behavioural tests of CGGM (docs/methods/cggm.md §8)."""
 from __future__ import annotations
 
 import json
@@ -336,6 +336,10 @@ def test_two_process_ddp_identical_parameters(tmp_path):
     assert_identical_ranks(tmp_path / "dump")
     res = json.loads((rd / "result.json").read_text())
     assert res["world_size"] == 2 and res["status"] == "ok"
+    # the method state of each rank (ε memory, coefficients) is the global-batch one
+    s0, s1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert torch.equal(s0["method_state"]["eps_prev"], s1["method_state"]["eps_prev"])
+    assert s0["method_metrics"] == s1["method_metrics"] and "B/fac" in s0["method_metrics"]
 
 
 def test_curves_can_be_drawn_from_a_run(run_cli, tmp_path):
@@ -354,3 +358,81 @@ def test_curves_can_be_drawn_from_a_run(run_cli, tmp_path):
     subprocess.run([sys.executable, str(REPO / "tools" / "plot_cggm_curves.py"), str(rd), "--out", str(out)],
                    check=True, capture_output=True)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- oracles and state (mutation-tested)
+def test_eps_is_each_classifiers_accuracy_by_hand(tmp_path):
+    """ε_m = top-1 accuracy of classifier m's own output on sg(z_m) (not the fused head's)."""
+    tr, ctx, meth, batch = make(tmp_path, dataset="mfeat", sets=SMALL_MFEAT)
+    torch.manual_seed(11)
+    out = backward_step(ctx, meth, batch)
+    meth.after_backward(ctx)
+    logs = ctx.pop_logs()
+    heads = clf_module(ctx).heads
+    y = batch["label"]
+    fused_acc = float((out.output.logits.argmax(1) == y).float().mean())
+    accs = []
+    with torch.no_grad():
+        for m in meth.modalities:
+            heads[m].eval()  # the classifiers of the mfeat model have no dropout: eval = train output
+            acc = sum(int(int(heads[m](out.output.features[m])[i].argmax()) == int(y[i])) for i in range(len(y))) / len(y)
+            heads[m].train()
+            assert logs[f"cggm/eps/{m}"] == pytest.approx(acc, abs=1e-9), m
+            accs.append(acc)
+    assert any(a != fused_acc for a in accs)
+
+
+def test_eps_memory_persists_across_epochs_and_resume(tmp_path):
+    """ε^prev carries over an epoch boundary and a checkpoint round trip: the first Δ of the next epoch
+    compares with the last batch of the previous one."""
+    import io
+
+    tr, ctx, meth, batch = make(tmp_path, sets={**SEQ3})
+    meth._batch_eps = fixed_eps([0.5, 0.25, 0.75])
+    backward_step(ctx, meth, batch)
+    meth.after_backward(ctx)
+    ctx.pop_logs()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    buf = io.BytesIO()
+    torch.save(meth.state_dict(), buf)
+    buf.seek(0)
+    for resumed in (False, True):
+        if resumed:
+            meth.load_state_dict(torch.load(buf, weights_only=False))
+        meth.on_epoch_start(ctx)
+        ctx.epoch = 1
+        meth._batch_eps = fixed_eps([0.625, 0.25, 0.5])
+        backward_step(ctx, meth, batch)
+        meth.after_backward(ctx)
+        logs = ctx.pop_logs()
+        ctx.optimizer.zero_grad(set_to_none=True)
+        assert [logs[f"cggm/delta/{m}"] for m in meth.modalities] == pytest.approx([0.125, 0.0, -0.25]), resumed
+        meth.eps_prev = torch.tensor([0.5, 0.25, 0.75], dtype=torch.float64)  # rewind for the resumed pass
+
+
+def test_direction_term_from_start_epoch_inclusive(tmp_path):
+    tr, ctx, meth, batch = make(tmp_path, sets={**SEQ3, "start_epoch": 1})
+    for epoch, on in ((0, False), (1, True)):
+        ctx.epoch = epoch
+        out = backward_step(ctx, meth, batch)
+        meth.after_backward(ctx)
+        ctx.optimizer.zero_grad(set_to_none=True)
+        assert ("cggm/lgm_added" in out.logs) == on, epoch
+
+
+def test_stale_direction_term_sends_gradient_to_the_fusion_weight(tmp_path):
+    """The λ·L_gm(t−1) term added at step t carries its graph to W_F: ∂loss/∂W_F minus the task part
+    equals λ·∂L_gm/∂W_F ≠ 0 (a detached term would contribute nothing)."""
+    tr, ctx, meth, batch = make(tmp_path, sets={**SEQ3, "lam": 0.5})
+    backward_step(ctx, meth, batch)
+    meth.after_backward(ctx)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    assert meth.lgm_prev is not None
+    wf = ctx.raw_model.final_layer().weight
+    g_lgm = torch.autograd.grad(meth.lgm_prev, wf, retain_graph=True)[0]
+    assert float(g_lgm.abs().sum()) > 0
+    out = meth.training_step(ctx, batch)
+    assert "cggm/lgm_added" in out.logs
+    g_total = torch.autograd.grad(out.loss, wf, retain_graph=True)[0]
+    g_task = torch.autograd.grad(ctx.task.loss(out.output.logits, batch["label"]), wf)[0]  # aux terms: no W_F
+    torch.testing.assert_close(g_total - g_task, 0.5 * g_lgm, rtol=1e-4, atol=1e-7)

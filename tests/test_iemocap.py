@@ -1,4 +1,4 @@
-"""IEMOCAP loader (MMIN feature tree and MulT pickle) and iemocap-synth (specs/datasets/iemocap.md §1, §6, §7).
+"""IEMOCAP loader (MMIN feature tree and MulT pickle) and iemocap-synth (docs/datasets/iemocap.md §1, §6, §7).
 
 Fixtures are generated in tmp_path with h5py / NumPy in the exact MMIN and MulT layouts (tiny N,
 real file names, key names and feature widths 1024 / 130 / 342 and 300 / 74 / 35).

@@ -1,4 +1,4 @@
-"""The vendored mfeat file and its loader (specs/datasets/mfeat.md §3, §5, §12)."""
+"""The vendored mfeat file and its loader (docs/datasets/mfeat.md §3, §5, §12)."""
 from __future__ import annotations
 
 import hashlib

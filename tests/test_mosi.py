@@ -1,4 +1,4 @@
-"""CMU-MOSI loader, canonical model and mosi-synth (specs/datasets/mosi.md §1, §2, §6, §7).
+"""CMU-MOSI loader, canonical model and mosi-synth (docs/datasets/mosi.md §1, §2, §6, §7).
 
 Fixtures are written in tmp_path in the exact MulT / MMSA pickle layouts with the installed NumPy
 (tiny N, real key names and feature dimensions). Metric values are covered by tests/test_tasks.py.

@@ -1,4 +1,4 @@
-"""Behavioural tests of Modality Random Dropout (specs/methods/mrd.md §8)."""
+"""Behavioural tests of Modality Random Dropout (docs/methods/mrd.md §8)."""
 from __future__ import annotations
 
 import pytest
@@ -108,3 +108,33 @@ def test_p0_equals_baseline_bit_for_bit_and_p05_differs(tmp_path):
 def test_runs_on_synthetic_modalities_and_tasks(run_cli, sets):
     code, _, result = run_cli("mrd", "synthetic", epochs=1, sets={**FAST_SYNTH, **sets})
     assert code == 0 and result["status"] == "ok"
+
+
+# ---------------------------------------------------------------- oracles (mutation-tested)
+def test_bernoulli_redraw_is_unbiased_across_modalities():
+    """Re-drawing all-dropped samples keeps the per-modality drop rates equal (a fallback that always
+    keeps modality 0 would make it dropped far less often)."""
+    mask = draw_drop_mask(20_000, 3, MRDHParams(p_drop=0.9, mode="bernoulli"), torch.Generator().manual_seed(4))
+    rates = mask.float().mean(0)
+    assert not bool(mask.all(1).any())
+    assert float(rates.max() - rates.min()) < 0.02, rates.tolist()
+
+
+def test_input_level_replaces_only_the_dropped_inputs(tmp_path):
+    tr = _trainer(tmp_path, level="input")
+    ctx, method = tr.ctx, tr.method
+    batch = {k: v[:2] for k, v in first_batch(tr).items()}
+    forced = torch.tensor([[False, True, False], [False, False, False]])
+    method.draw = lambda ctx, b: forced
+    seen = {}
+    hooks = [ctx.raw_model.encoders[m].register_forward_pre_hook(
+        lambda mod, args, m=m: seen.__setitem__(m, args[0].detach().clone())) for m in ctx.modalities]
+    method.training_step(ctx, batch)
+    for h in hooks:
+        h.remove()
+    m0, m1, m2 = ctx.modalities
+    neutral = ctx.raw_model.neutral_input(m1, batch[m1])
+    assert torch.equal(seen[m1][0], neutral[0]) and not torch.equal(seen[m1][0], batch[m1][0])
+    assert torch.equal(seen[m1][1], batch[m1][1])
+    for m in (m0, m2):
+        assert torch.equal(seen[m], batch[m])

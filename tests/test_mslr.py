@@ -1,4 +1,4 @@
-"""Behavioural tests of MSLR (specs/methods/mslr.md §8)."""
+"""Behavioural tests of MSLR (docs/methods/mslr.md §8)."""
 from __future__ import annotations
 
 import pytest
@@ -163,3 +163,51 @@ def test_bf16_autocast_run(run_cli):
 def test_refuses_one_modality(run_cli, capsys):
     code, _, _ = run_cli("mslr", "synthetic", epochs=1, sets={**SYN, "dataset.n_modalities": 1})
     assert code == 2 and "at least 2 modalities" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- oracles and state (mutation-tested)
+def test_memory_slides_and_survives_a_state_round_trip():
+    mem = MemoryRatio(3)
+    rs = [mem.update(a) for a in (0.2, 0.4, 0.6, 0.8, 1.0)]
+    assert rs == pytest.approx([1, 1, 1, 0.8 / 0.4, 1.0 / 0.6])  # means of the previous 3 only
+    fresh = MemoryRatio(3)
+    fresh.load(mem.state())
+    assert fresh.update(0.9) == pytest.approx(mem.update(0.9)) == pytest.approx(0.9 / 0.8)
+
+
+def test_method_state_round_trip_keeps_the_memory(tmp_path):
+    t = build_trainer("mslr", "mfeat", run_dir=tmp_path, sets={**SMALL_MFEAT, **FAST, "window": 2})
+    for a in (0.5, 0.7):
+        t.method.update_ratios(dict.fromkeys(("fac", "fou", "mor"), a))
+    state = t.method.state_dict()
+    u = build_trainer("mslr", "mfeat", run_dir=tmp_path / "u", sets={**SMALL_MFEAT, **FAST, "window": 2})
+    u.method.load_state_dict(state)
+    u.method.update_ratios(dict.fromkeys(("fac", "fou", "mor"), 0.9))
+    assert u.method.r["fac"] == pytest.approx(0.9 / 0.6)
+
+
+def test_heldout_metric_by_hand_in_eval_mode_per_modality(tmp_path):
+    """a_m = accuracy of modality m's probe on the held-out rows, model in eval mode (dropout off),
+    each value assigned to its own modality."""
+    t = build_trainer("mslr", "mfeat", run_dir=tmp_path, sets={**SMALL_MFEAT, **FAST, "model.dropout": 0.5})
+    ctx = t.ctx
+    probes = ctx.modules["mslr_probes"]
+    h = ctx.heldout
+    model = ctx.raw_model.eval()
+    with torch.no_grad():
+        pooled = model({m: h.inputs[m] for m in ctx.modalities}).pooled
+        # make the probes clearly different: the first one fitted (least squares) to the held-out labels
+        m0 = ctx.modalities[0]
+        x = torch.cat([pooled[m0], torch.ones(len(h.labels), 1)], 1)
+        sol = torch.linalg.lstsq(x, torch.nn.functional.one_hot(h.labels, 10).float()).solution
+        probes.probes[m0].weight.copy_(sol[:-1].T)
+        probes.probes[m0].bias.copy_(sol[-1])
+    model.train()
+    a = t.method.heldout_metrics(ctx)
+    assert ctx.model.training
+    model.eval()
+    with torch.no_grad():
+        want = {m: float((probes.probes[m](pooled[m]).argmax(1) == h.labels).float().mean()) for m in ctx.modalities}
+    model.train()
+    assert len(set(want.values())) > 1
+    assert a == pytest.approx(want, abs=1e-6)

@@ -1,4 +1,4 @@
-"""Behavioural tests of OGM-GE / OGM (specs/methods/ogm_ge.md §8)."""
+"""Behavioural tests of OGM-GE / OGM (docs/methods/ogm_ge.md §8)."""
 from __future__ import annotations
 
 import math
@@ -227,3 +227,51 @@ def test_apply_to_lr_sets_group_multipliers_and_scores_are_sum_reduced(tmp_path,
         assert all(torch.equal(a, b) for a, b in zip(before[m], after[m]))
     mults = {g["modality"]: g["lr_mult"] for g in ctx.optimizer.param_groups if "modality" in g}
     assert mults == t.method.k and min(mults.values()) < 1
+
+
+# ---------------------------------------------------------------- independent oracles (mutation-tested)
+def _hand_k(t, batch, alpha):
+    """k_m from the spec's formulas, computed here from the head weights (not the method's functions):
+    u_m = z̄_m·W_mᵀ + b/M, s_m = Σ_i softmax(u_m,i)[y_i] (true class, softmax over classes),
+    ρ_m = s_m / mean_{k≠m} s_k, k_m = 1 − tanh(α·ρ_m) if ρ_m > 1 else 1 (paper Eq. 10)."""
+    model = t.ctx.raw_model
+    mods = list(model.modalities)
+    with torch.no_grad():
+        out = t.ctx.forward(batch)
+        W, b = model.final_layer().weight.double(), model.final_layer().bias.double()
+        split = model.split_head()
+        s = []
+        for m in mods:
+            u = out.pooled[m].double() @ W[:, split[m]].T + b / len(mods)
+            p = torch.exp(u - torch.logsumexp(u, dim=1, keepdim=True))
+            s.append(sum(float(p[i, int(batch["label"][i])]) for i in range(len(u))))
+    k = {}
+    for j, m in enumerate(mods):
+        rho = s[j] / (sum(s[:j] + s[j + 1:]) / (len(mods) - 1))
+        k[m] = 1 - math.tanh(alpha * rho) if rho > 1 else 1.0
+    return k, s
+
+
+def test_dominant_modality_scaled_by_hand_computed_k(tmp_path):
+    """The edit equals k_m·g with k_m computed by hand from the head split (true-class probability,
+    softmax over classes, ratio to the OTHER modalities, the right modality)."""
+    t = build_trainer("ogm", "mfeat", run_dir=tmp_path, sets={**SMALL_MFEAT, **FAST, "alpha": 0.8})
+    batch = first_batch(t)
+    k, s = _hand_k(t, batch, 0.8)
+    assert min(k.values()) < 1 == max(k.values())
+    before, after = _step_and_grads(t)
+    for i, m in enumerate(t.ctx.modalities):
+        assert t.method.k[m] == pytest.approx(k[m], abs=1e-6), m
+        for g0, g1 in zip(before[m], after[m]):
+            assert torch.allclose(g1, k[m] * g0, atol=1e-6, rtol=1e-5)
+
+
+def test_window_is_inclusive_at_both_ends(tmp_path):
+    t = build_trainer("ogm", "mfeat", run_dir=tmp_path, sets={**SMALL_MFEAT, **FAST, "alpha": 0.8, "start_epoch": 1,
+                                                               "end_epoch": 2})
+    for epoch, active in ((0, False), (1, True), (2, True), (3, False)):
+        t.ctx.optimizer.zero_grad()
+        t.ctx.epoch = epoch
+        before, after = _step_and_grads(t)
+        changed = any(not torch.equal(a, b) for m in before for a, b in zip(before[m], after[m]))
+        assert changed == active, epoch

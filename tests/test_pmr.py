@@ -1,4 +1,4 @@
-"""Behavioural tests of PMR (specs/methods/pmr.md §8)."""
+"""Behavioural tests of PMR (docs/methods/pmr.md §8)."""
 from __future__ import annotations
 
 import pytest
@@ -167,3 +167,48 @@ def test_runs_on_synthetic_modalities_and_tasks(run_cli, method, sets):
     assert code == 0 and result["status"] == "ok"
     row = (rd / "metrics.jsonl").read_text().splitlines()[0]
     assert "pmr/beta_m0" in row
+
+
+# ---------------------------------------------------------------- independent oracles (mutation-tested)
+def test_scores_and_ratios_by_hand(tmp_path):
+    """ρ_m from s_m = Σ_i softmax_k(−‖z̄_m,i − P_m[k]‖₂)[y_i] (true class, softmax over classes) and
+    ρ_m = s_m / mean_{k≠m} s_k, written out here from the step's own pooled embeddings."""
+    tr = _trainer(tmp_path)
+    ctx, method = tr.ctx, tr.method
+    protos = method.compute_prototypes(ctx).double()
+    batch = first_batch(tr)
+    out = method.training_step(ctx, batch)
+    y = batch["label"]
+    s = []
+    for j, m in enumerate(ctx.modalities):
+        z = out.output.pooled[m].detach().double()
+        d = torch.cdist(z, protos[j, :, : z.shape[1]])
+        p = torch.exp(-d - torch.logsumexp(-d, dim=1, keepdim=True))
+        s.append(sum(float(p[i, int(y[i])]) for i in range(len(y))))
+    for j, m in enumerate(ctx.modalities):
+        rho = s[j] / (sum(s) - s[j]) * (len(s) - 1)
+        assert out.logs[f"pmr/rho_{m}"] == pytest.approx(rho, rel=1e-5)
+    assert method.metrics() == {**{f"beta_{m}": out.logs[f"pmr/beta_{m}"] for m in ctx.modalities},
+                                **{f"rho_{m}": out.logs[f"pmr/rho_{m}"] for m in ctx.modalities}}
+
+
+def test_prototype_subset_is_reshuffled_every_epoch(tmp_path):
+    tr = _trainer(tmp_path)
+    ctx, method = tr.ctx, tr.method
+    method.compute_prototypes(ctx)
+    subsets = []
+    for epoch in (1, 2):
+        ctx.epoch = epoch
+        method.compute_prototypes(ctx)
+        subsets.append(method.last_subset_idx.clone())
+    assert len(subsets[0]) == len(subsets[1]) and not torch.equal(subsets[0], subsets[1])
+
+
+def test_window_is_inclusive(tmp_path):
+    tr = _trainer(tmp_path, start_epoch=1, end_epoch=2)
+    ctx, method = tr.ctx, tr.method
+    method.compute_prototypes(ctx)
+    batch = first_batch(tr)
+    for epoch, active in ((0, 0.0), (1, 1.0), (2, 1.0), (3, 0.0)):
+        ctx.epoch = epoch
+        assert method.training_step(ctx, batch).logs["pmr/active"] == active, epoch

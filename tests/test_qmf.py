@@ -1,4 +1,4 @@
-"""Behavioural tests of QMF (specs/methods/qmf.md §8)."""
+"""Behavioural tests of QMF (docs/methods/qmf.md §8)."""
 from __future__ import annotations
 
 import pytest
@@ -45,10 +45,14 @@ def test_history_accumulates_per_sample_losses(tmp_path):
     ctx, method = tr.ctx, tr.method
     batch = first_batch(tr)
     ce = None
+    y = batch["label"]
     for _ in range(2):
         method.training_step(ctx, batch)
-        _, logits = method._unimodal(ctx, batch)
-        ce = method._per_sample_losses(ctx, logits, batch["label"])
+        with torch.no_grad():  # the oracle: −log softmax(o_m)[y] per sample, written out here
+            out = ctx.forward(batch)
+            heads = ctx.modules["qmf_heads"].heads
+            ce = torch.stack([torch.stack([-torch.log_softmax(heads[m](out.features[m]).double()[i], 0)[int(y[i])]
+                                           for i in range(len(y))]) for m in ctx.modalities], 1)
     idx = batch["idx"]
     assert torch.allclose(method.history[:, idx].t(), 2 * ce, atol=1e-6)
     others = torch.ones(method.history.shape[1], dtype=torch.bool)
@@ -125,3 +129,57 @@ def test_prediction_uses_the_training_confidences(tmp_path):
 def test_runs_on_synthetic_modalities_and_tasks(run_cli, method, sets):
     code, _, result = run_cli(method, "synthetic", epochs=1, sets={**FAST_SYNTH, **sets})
     assert code == 0 and result["status"] == "ok"
+
+
+def test_history_persists_across_epochs_and_resume(tmp_path):
+    import io
+
+    from mmbalance.methods.qmf import QMF, QMFHParams
+
+    tr = _trainer(tmp_path)
+    ctx, method = tr.ctx, tr.method
+    method.training_step(ctx, first_batch(tr))
+    h = method.history.clone()
+    assert float(h.abs().sum()) > 0
+    method.on_epoch_start(ctx)
+    ctx.epoch = 1
+    assert torch.equal(method.history, h)
+    buf = io.BytesIO()
+    torch.save(method.state_dict(), buf)
+    buf.seek(0)
+    fresh = QMF(QMFHParams())
+    fresh.history = torch.zeros_like(h)
+    fresh.load_state_dict(torch.load(buf, weights_only=False))
+    assert torch.equal(fresh.history, h)
+
+
+def test_rank_term_by_hand_with_whole_history_normalisation(tmp_path):
+    """L_rank from a planted history (normalised over the WHOLE array, not the batch), energy
+    confidences LSE(o_m)/10 and circular pairs (i, i+1), all written out here."""
+    tr = _trainer(tmp_path, history_update="after")
+    ctx, method = tr.ctx, tr.method
+    batch = first_batch(tr)
+    idx = batch["idx"].long()
+    g = torch.Generator().manual_seed(3)
+    hist = torch.rand(method.history.shape, generator=g, dtype=torch.float64) * 0.2 + 0.4
+    hist[:, 0], hist[:, -1] = 0.0, 1.0  # global min/max outside the batch's range
+    method.history = hist.clone()
+    with torch.no_grad():
+        out = ctx.forward(batch)
+        heads = ctx.modules["qmf_heads"].heads
+        expected = 0.0
+        for k, m in enumerate(ctx.modalities):
+            o = heads[m](out.features[m]).double()
+            w = torch.log(torch.exp(o - o.max(1, keepdim=True).values).sum(1)) + o.max(1).values
+            w = w / 10
+            hk = hist[k]
+            hn = ((hk - hk.min()) / (hk.max() - hk.min() + 1e-8))[idx]
+            terms = []
+            for i in range(len(idx)):
+                j = (i + 1) % len(idx)
+                t = float(torch.sign(hn[i] - hn[j]))
+                terms.append(max(0.0, t * float(w[i] - w[j]) - float(abs(hn[i] - hn[j]))))
+            expected += sum(terms) / len(terms)
+    res = method.training_step(ctx, batch)
+    assert expected > 0
+    assert res.logs["qmf/rank_loss"] == pytest.approx(expected, rel=1e-4, abs=1e-7)

@@ -1,4 +1,4 @@
-"""ReconBoost (specs/methods/reconboost.md §8)."""
+"""ReconBoost (docs/methods/reconboost.md §8)."""
 from __future__ import annotations
 
 import pytest
@@ -193,6 +193,51 @@ def test_ddp_two_ranks_identical_parameters_reconboost_and_greedy(tmp_path):
         assert res["world_size"] == 2 and res["status"] == "ok"
     gate = [k for k in r0 if "gate_avg" in k]
     assert gate and any(r0[k].abs().sum() > 0 for k in gate)
+
+
+# ---------------------------------------------------------------- oracles and state (mutation-tested)
+def test_boost_loss_by_hand_with_beta_and_the_other_learners(tmp_path):
+    """L_b = mean_i a_i·CE(f_m(x_i), y_i)/C, a_i = w1 − w2·softmax(β·Σ_{k≠m} f_k(x_i))[y_i] (true class,
+    softmax over classes, the OTHER learners only, β included), written out here with β = 2."""
+    tr = _rb(tmp_path)
+    ctx, meth, model = tr.ctx, tr.method, tr.ctx.raw_model
+    ctx.phase_index = 0  # stage 0 boosts 'fac'
+    with torch.no_grad():
+        model.beta.fill_(2.0)
+    batch = first_batch(tr)
+    out = meth.training_step(ctx, batch)
+    y = batch["label"]
+    with torch.no_grad():
+        f = {m: model.head(model.encoders[m](batch[m])).double() for m in ctx.modalities}
+        others = 2.0 * (f["fou"] + f["mor"])
+        p = torch.exp(others - torch.logsumexp(others, 1, keepdim=True))
+        s = torch.stack([p[i, int(y[i])] for i in range(len(y))])
+        a = 5.0 - 1.0 * s
+        ce = torch.stack([-torch.log_softmax(f["fac"][i], 0)[int(y[i])] for i in range(len(y))])
+        want = (a * ce).mean() / 10
+    assert float(out.loss) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_beta_carries_over_phases_and_momentum_is_reset_each_phase(tmp_path):
+    tr = _rb(tmp_path, epochs=4)
+    ctx, meth, model = tr.ctx, tr.method, tr.ctx.raw_model
+    ends, starts, states = [], [], []
+    orig_end, orig_start = meth.on_phase_end, meth.on_phase_start
+
+    def end(c):
+        ends.append(float(model.beta))
+        orig_end(c)
+
+    def start(c):
+        orig_start(c)
+        starts.append(float(model.beta))
+        states.append(len(getattr(c.optimizer, "optimizer", c.optimizer).state))
+
+    meth.on_phase_end, meth.on_phase_start = end, start
+    tr.fit()
+    assert len(starts) == 4 and ends[1] != 1.0
+    assert starts[1:] == ends[:-1]  # β at each phase start = β at the previous phase's end
+    assert states == [0, 0, 0, 0]
 
 
 @pytest.mark.parametrize("dataset,w", [("mosi-synth", (1.0, 0.25)), ("iemocap-synth", (1.0, 0.25)),

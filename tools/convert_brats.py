@@ -1,4 +1,4 @@
-"""Convert the raw BraTS 2021 NIfTI release to mmbalance's prepared layout (specs/datasets/brats2021.md §2).
+"""Convert the raw BraTS 2021 NIfTI release to mmbalance's prepared layout (docs/datasets/brats2021.md §2).
 
 Usage: python tools/convert_brats.py --raw <dir with BraTS2021_<id>/ folders> --out <prepared dir> [--split-seed 0]
 (the same as ``python -m mmbalance.datasets.brats2021``; the converter lives in datasets/brats2021.py).

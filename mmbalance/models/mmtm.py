@@ -1,5 +1,5 @@
 """MMTM mid-fusion blocks generalised to M branches and the ``mmtm`` variant of the canonical models
-(specs/methods/greedy.md §2.1, §3.1; MMTM of Joze et al. as used by Wu et al., ICML 2022).
+(docs/methods/greedy.md §2.1, §3.1; MMTM of Joze et al. as used by Wu et al., ICML 2022).
 
 Each modality is a branch of stages with its own head; branches exchange information only through
 MMTM blocks placed after chosen stages. Registered builders: ``mlp_mmtm`` (mfeat / vector synthetic:

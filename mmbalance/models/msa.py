@@ -2,7 +2,7 @@
 
 ``msa_transformer``: per-modality 1×1 projection to ``d_model``, pre-LN MulT transformer encoders,
 transformer fusion over the time-concatenated sequences (position 0 out), residual head
-(``specs/datasets/mosi.md`` §2, ``iemocap.md`` §2, ``food101.md`` §4).
+(``docs/datasets/mosi.md`` §2, ``iemocap.md`` §2, ``food101.md`` §4).
 """
 from __future__ import annotations
 

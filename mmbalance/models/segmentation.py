@@ -1,4 +1,4 @@
-"""Multimodal DeepLabV3+ for BraTS (``specs/datasets/brats2021.md`` §4; CGGM ``DeepLabMultiInput``).
+"""Multimodal DeepLabV3+ for BraTS (``docs/datasets/brats2021.md`` §4; CGGM ``DeepLabMultiInput``).
 
 Pure PyTorch (no torchvision import, README "Implementation constraints"). Per modality m:
 ResNet backbone_m (one input channel; strides [1, 2, 2, 1], dilations [1, 1, 1, 2], multi-grid

@@ -1,0 +1,569 @@
+"""Mutation testing for the balancing methods and the engine (run by hand, never in CI).
+
+Each mutant is a realistic planted bug: (file, exact original snippet, mutated snippet, description,
+bug class). The tool copies the working tree to a scratch directory (the working tree itself is never
+touched), applies ONE mutant at a time to the copy, runs the tests of the mutated method, and records
+whether they fail (killed) or pass (survived). It prints a per-method score table and writes JSON.
+
+    python tools/mutation.py                       # every mutant, 1 worker
+    python tools/mutation.py --method agm --method pmr --jobs 2 --json runs/mutation.json
+    python tools/mutation.py --list                # the mutants, nothing run
+    python tools/mutation.py --check               # every snippet still matches exactly once
+
+Bug classes: ``rank-local`` (a cross-process reduction dropped), ``state-reset`` (state lost at an epoch
+boundary or on resume), ``wrong-quantity`` (the coefficient driven by the wrong quantity), ``wrong-split``
+(wrong split or wrong train/eval mode), ``off-by-one``, ``swapped`` (modalities swapped), ``sign`` (a
+sign flip), ``detach`` (a missing or extra detach). A mutant whose snippet no longer matches exactly
+once is reported as ``stale`` (the code moved on: update the snippet), not silently skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("rank-local", "state-reset", "wrong-quantity", "wrong-split", "off-by-one", "swapped", "sign", "detach")
+
+DDP_NODE = "tests/test_ddp.py::test_two_process_methods_keep_replicas_identical[{}]"
+
+#: The tests run for each method's mutants (the method's own file). Mutants of class ``rank-local``
+#: also run the method's 2-process DDP test (slow; it compares per-rank method state).
+TESTS: dict[str, list[str]] = {
+    "cggm": ["tests/test_cggm.py"],
+    "ogm_ge": ["tests/test_ogm_ge.py"],
+    "agm": ["tests/test_agm.py"],
+    "pmr": ["tests/test_pmr.py"],
+    "gblending": ["tests/test_gblending.py"],
+    "greedy": ["tests/test_greedy.py"],
+    "umt": ["tests/test_ume_umt.py"],
+    "ume": ["tests/test_ume_umt.py"],
+    "qmf": ["tests/test_qmf.py"],
+    "reconboost": ["tests/test_reconboost.py"],
+    "mrd": ["tests/test_mrd.py"],
+    "mslr": ["tests/test_mslr.py"],
+    "engine": ["tests/test_engine.py", "tests/test_cli.py"],
+}
+DDP_TESTS: dict[str, list[str]] = {m: [DDP_NODE.format(m)] for m in
+                                   ("ogm_ge", "agm", "pmr", "gblending", "qmf", "mslr", "mrd", "greedy")}
+DDP_TESTS["engine"] = ["tests/test_ddp.py::test_two_process_baseline"]
+
+
+@dataclass
+class Mutant:
+    method: str
+    file: str
+    original: str
+    mutated: str
+    description: str
+    bug_class: str
+    tests: list[str] | None = None  # default: TESTS[method]
+    id: str = field(default="")
+
+    def test_targets(self) -> list[str]:
+        targets = list(self.tests or TESTS[self.method])
+        if self.bug_class == "rank-local":
+            targets += DDP_TESTS.get(self.method, [])
+        return targets
+
+
+def M(method: str, file: str, original: str, mutated: str, description: str, bug_class: str,
+      tests: list[str] | None = None) -> Mutant:
+    assert bug_class in CLASSES, bug_class
+    return Mutant(method, file, original, mutated, description, bug_class, tests)
+
+
+# ------------------------------------------------------------------------------------------ mutants
+CG, OG, AG, PM, GB, GR = ("methods/cggm.py", "methods/ogm_ge.py", "methods/agm.py", "methods/pmr.py",
+                          "methods/gblending.py", "methods/greedy.py")
+UT, UE, QM, RB, MR, MS = ("methods/umt.py", "methods/ume.py", "methods/qmf.py", "methods/reconboost.py",
+                          "methods/mrd.py", "methods/mslr.py")
+EN = "mmbalance/engine.py"
+
+MUTANTS: list[Mutant] = [
+    # ---------------------------------------------------------------- CGGM
+    M("cggm", CG, "parts = ctx.reduce_sum(self._parts)", "parts = self._parts.double()",
+      "epsilon from this rank's batch only (numerator/denominator not SUM-reduced)", "rank-local"),
+    M("cggm", CG, "        self._pending_snapshot = None\n\n    def metrics",
+      "        self._pending_snapshot = None\n        self.eps_prev = None\n\n    def metrics",
+      "epsilon memory reset at every epoch start (first step of each epoch sees Delta = epsilon)", "state-reset"),
+    M("cggm", CG, '"eps_prev": None if self.eps_prev is None else self.eps_prev.clone()', '"eps_prev": None',
+      "epsilon memory not checkpointed (lost on resume)", "state-reset"),
+    M("cggm", CG, "            b = (s - delta) / s\n    else:", "            b = delta / s\n    else:",
+      "B_m = Delta_m / sum Delta (the modality itself instead of the others, Eq. 7)", "wrong-quantity"),
+    M("cggm", CG, "    delta = eps - prev\n", "    delta = prev - eps\n",
+      "Delta epsilon with the sign flipped", "sign"),
+    M("cggm", CG, "parts = [self._score_parts(ctx, aux[m].detach(), y) for m in self.modalities]",
+      "parts = [self._score_parts(ctx, out.logits.detach(), y) for m in self.modalities]",
+      "epsilon scored on the fused head instead of the modality's classifier", "wrong-quantity"),
+    M("cggm", CG, "aux = ctx.modules[self.MODULE]({m: _detach(out.features[m]) for m in self.modalities})",
+      "aux = ctx.modules[self.MODULE]({m: out.features[m] for m in self.modalities})",
+      "classifier inputs not detached (classifier losses train the encoders)", "detach"),
+    M("cggm", CG, "direction_on = ctx.epoch >= hp.start_epoch", "direction_on = ctx.epoch > hp.start_epoch",
+      "direction term starts one epoch late", "off-by-one"),
+    M("cggm", CG, "            loss = loss + hp.lam * self.lgm_prev\n",
+      "            loss = loss + hp.lam * self.lgm_prev.detach()\n",
+      "stale L_gm added detached (no gradient reaches W_F)", "detach"),
+    M("cggm", CG, "            f = float(factors[k])\n", "            f = float(factors[len(self.modalities) - 1 - k])\n",
+      "gradient factors applied to the wrong (reversed) modalities", "swapped"),
+    # ---------------------------------------------------------------- OGM-GE
+    M("ogm_ge", OG, "s = ctx.reduce_sum(score_sums(ctx.task.name, u, y, self.tau))",
+      "s = score_sums(ctx.task.name, u, y, self.tau).double()",
+      "scores from this rank's batch only (no SUM over ranks)", "rank-local"),
+    M("ogm_ge", OG, "out.append(um.softmax(-1).gather(1, y.long()[:, None]).sum())",
+      "out.append(um.softmax(-1).max(-1).values.sum())",
+      "max-class probability instead of the true-class probability", "wrong-quantity"),
+    M("ogm_ge", OG, "out.append(um.softmax(-1).gather(1, y.long()[:, None]).sum())",
+      "out.append(um.softmax(0).gather(1, y.long()[:, None]).sum())",
+      "softmax over the batch axis", "wrong-quantity"),
+    M("ogm_ge", OG, "        den = (s.sum() - s) / (M - 1)\n", "        den = s.sum() / M\n",
+      "the modality itself counted in its own ratio's denominator", "wrong-quantity"),
+    M("ogm_ge", OG, "torch.where(rho > 1, 1 - torch.tanh(alpha * arg), torch.ones_like(rho))",
+      "torch.where(rho < 1, 1 - torch.tanh(alpha * arg), torch.ones_like(rho))",
+      "the weaker modality is suppressed (condition flipped)", "sign"),
+    M("ogm_ge", OG, "return self.hp.start_epoch <= epoch <= self.hp.end_epoch",
+      "return self.hp.start_epoch <= epoch < self.hp.end_epoch",
+      "modulation window excludes its last epoch", "off-by-one"),
+    M("ogm_ge", OG, "self.k = {m: float(k[i]) for i, m in enumerate(self.modalities)}",
+      "self.k = {m: float(k[len(self.modalities) - 1 - i]) for i, m in enumerate(self.modalities)}",
+      "coefficients assigned to the wrong modalities", "swapped"),
+    M("ogm_ge", OG, "scale = (sigma.double() + 1e-8).float()", "scale = (sigma.double() * km + 1e-8).float()",
+      "GE noise std taken after scaling instead of before (official: before)", "wrong-quantity"),
+    M("ogm_ge", OG, 'return {m: (out.features[m] if kinds[m] == "map" else out.pooled[m]).detach().float() for m in kinds}',
+      'return {m: (out.features[m] if kinds[m] == "map" else out.pooled[m]).float() for m in kinds}',
+      "probe inputs not detached (probe losses train the encoders)", "detach",
+      ["tests/test_ogm_ge.py", "tests/test_mslr.py"]),
+    # ---------------------------------------------------------------- AGM
+    M("agm", AG, "tot = ctx.reduce_sum(torch.cat([num.double()", "tot = (torch.cat([num.double()",
+      "scores from this rank's batch only (no SUM over ranks)", "rank-local"),
+    M("agm", AG, "    def after_backward(self, ctx: StepContext) -> None:\n        \"\"\"Conditional clip",
+      "    def on_epoch_start(self, ctx: StepContext) -> None:\n        self.t = 0\n"
+      "        self.s_bar = torch.zeros_like(self.s_bar)\n\n"
+      "    def after_backward(self, ctx: StepContext) -> None:\n        \"\"\"Conditional clip",
+      "running mean S-bar reset at every epoch start", "state-reset"),
+    M("agm", AG, '"s_bar": self.s_bar, "kappa"', '"s_bar": torch.zeros_like(self.s_bar), "kappa"',
+      "running mean S-bar not checkpointed (lost on resume)", "state-reset"),
+    M("agm", AG, "picked = logp.gather(1, y.long().unsqueeze(1)).clamp_min(LOG_FLOOR)",
+      "picked = logp.max(1, keepdim=True).values.clamp_min(LOG_FLOOR)",
+      "max-class log-probability instead of the true class", "wrong-quantity"),
+    M("agm", AG, "    diff = r_bar - r\n", "    diff = r - r_bar\n", "kappa exponent with the sign flipped", "sign"),
+    M("agm", AG, "self.s_bar = self.s_bar * (self.t - 1) / self.t + s / self.t",
+      "self.s_bar = self.s_bar * self.t / (self.t + 1) + s / (self.t + 1)",
+      "cumulative mean divides by one more step than it has seen", "off-by-one"),
+    M("agm", AG, 'if self.hp.coalition_mode == "eval":\n            model.eval()',
+      'if self.hp.coalition_mode == "train":\n            model.eval()',
+      "coalition passes run in train mode (dropout on)", "wrong-split"),
+    M("agm", AG, "out = sum(GradScale.apply(mono[i], float(self.kappa[i])) for i in range(M))",
+      "out = sum(GradScale.apply(mono[i], float(self.kappa[M - 1 - i])) for i in range(M))",
+      "kappa of another modality scales each response", "swapped"),
+    M("agm", AG, "return self.hp.start_epoch <= ctx.epoch <= end", "return self.hp.start_epoch <= ctx.epoch < end",
+      "modulation window excludes its last epoch", "off-by-one"),
+    M("agm", AG, "            w = math.factorial(r) * math.factorial(M - r - 1) / math.factorial(M)\n",
+      "            w = 1.0 / M\n", "Shapley weights replaced by uniform 1/M", "wrong-quantity"),
+    # ---------------------------------------------------------------- PMR
+    M("pmr", PM, "s = ctx.reduce_sum(torch.stack(scores))", "s = torch.stack(scores).double()",
+      "scores from this rank's batch only (no SUM over ranks)", "rank-local"),
+    M("pmr", PM, "sums, counts = ctx.reduce_sum(sums), ctx.reduce_sum(counts)", "sums, counts = sums, counts",
+      "prototypes from this rank's subset only", "rank-local"),
+    M("pmr", PM, "torch.where(rho < 1, torch.full_like(rho, alpha), torch.zeros_like(rho))",
+      "torch.where(rho > 1, torch.full_like(rho, alpha), torch.zeros_like(rho))",
+      "PCE applied to the leading modality instead of the lagging one", "sign"),
+    M("pmr", PM, "    others = (s.sum() - s) / max(1, n - 1)\n", "    others = s.sum() / n\n",
+      "the modality itself counted in its own ratio's denominator", "wrong-quantity"),
+    M("pmr", PM, "true_p = p.gather(1, y[:, None])[:, 0].detach()", "true_p = p.max(1).values.detach()",
+      "max-class probability instead of the true-class probability", "wrong-quantity"),
+    M("pmr", PM, "            p = logits.softmax(-1)\n", "            p = logits.softmax(0)\n",
+      "prototype softmax over the batch axis", "wrong-quantity"),
+    M("pmr", PM, "key=1_000_000 + ctx.phase_index * 10_007 + ctx.epoch)", "key=1_000_000 + ctx.phase_index * 10_007)",
+      "prototype subset not reshuffled per epoch (same batches every epoch)", "wrong-split"),
+    M("pmr", PM, "        model.eval()\n        first = self.prototypes is None",
+      "        model.train()\n        first = self.prototypes is None",
+      "prototypes computed in train mode (dropout on)", "wrong-split"),
+    M("pmr", PM, "return -diff.pow(2).sum(-1).clamp_min(1e-12).sqrt()", "return -diff.pow(2).sum(-1).clamp_min(1e-12)",
+      "squared distance instead of the Euclidean distance", "wrong-quantity"),
+    M("pmr", PM, "return self.hp.start_epoch <= ctx.epoch <= end", "return self.hp.start_epoch <= ctx.epoch < end",
+      "PCE window excludes its last epoch", "off-by-one"),
+    M("pmr", PM, "protos = (1 - self.hp.momentum) * new + self.hp.momentum * old",
+      "protos = self.hp.momentum * new + (1 - self.hp.momentum) * old",
+      "prototype momentum applied the wrong way round", "swapped"),
+    # ---------------------------------------------------------------- G-Blending
+    M("gblending", GB, 'enumerate(ctx.train_batches(split="train", shuffle=True, key=key))',
+      'enumerate(ctx.train_batches(split="heldout", shuffle=True, key=key))',
+      "sub-networks trained on the held-out split V", "wrong-split"),
+    M("gblending", GB, "g_list.append(lv0 - lv1)", "g_list.append(lv1 - lv0)", "generalisation gain with the sign flipped", "sign"),
+    M("gblending", GB, "o_list.append((lv1 - lt1) - (lv0 - lt0))", "o_list.append(lv1 - lt1)",
+      "overfitting measured as O_{N+n} instead of Delta O", "wrong-quantity"),
+    M("gblending", GB, "    denom = o.pow(2) + 1e-8\n", "    denom = o.abs() + 1e-8\n",
+      "weights G/|O| instead of G/O^2", "wrong-quantity"),
+    M("gblending", GB, "total = float(w[k]) * lm if total is None else total + float(w[k]) * lm",
+      "total = float(w[len(mods) - 1 - k]) * lm if total is None else total + float(w[len(mods) - 1 - k]) * lm",
+      "unimodal weights applied to the wrong heads", "swapped"),
+    M("gblending", GB, "key = 50_000_000 + tag * 10_007 + e", "key = 50_000_000 + tag * 10_007",
+      "sub-network training not reshuffled per epoch", "wrong-split"),
+    M("gblending", GB, "        net.eval()\n        for batch in ctx.train_batches(split=split",
+      "        net.train()\n        for batch in ctx.train_batches(split=split",
+      "sub-networks measured in train mode (dropout on)", "wrong-split"),
+    M("gblending", GB, "total, count = ctx.reduce_sum(total), ctx.reduce_sum(count)", "total, count = total, count",
+      "held-out losses from this rank's shard only", "rank-local"),
+    M("gblending", GB, "    out, e = [0], first\n", "    out, e = [0], first + 1\n",
+      "first re-estimate one epoch late", "off-by-one"),
+    M("gblending", GB, "        torch.set_rng_state(rng)\n", "        pass\n",
+      "estimate consumes the main RNG stream (not restored)", "state-reset"),
+    # ---------------------------------------------------------------- Greedy
+    M("greedy", GR, "            total = ctx.reduce_sum(flat)\n            count = float(ctx.reduce_sum(float(block.last_count)))",
+      "            total = flat\n            count = float(block.last_count)",
+      "gate running averages from this rank's batch only", "rank-local"),
+    M("greedy", GR, "math.log10(b / a) if a > 0 and b > 0", "math.log10(a / b) if a > 0 and b > 0",
+      "conditional learning speed with the sign flipped", "sign"),
+    M("greedy", GR, "return max(range(len(s)), key=lambda k: (s[k], -k))", "return min(range(len(s)), key=lambda k: (s[k], -k))",
+      "the slowest branch is chosen as caring branch", "swapped"),
+    M("greedy", GR, "st.caring, st.remaining = c, self.hp.window", "st.caring, st.remaining = c, self.hp.window + 1",
+      "re-balancing window one step too long", "off-by-one"),
+    M("greedy", GR, 'if self.hp.mode != "guided" or epoch < self.hp.start_epoch:',
+      'if self.hp.mode != "guided" or epoch <= self.hp.start_epoch:',
+      "re-balancing starts one epoch late", "off-by-one"),
+    M("greedy", GR, "        ctx.raw_model.set_rebalance(None)\n        return ctx.forward(batch, absent).logits",
+      "        return ctx.forward(batch, absent).logits",
+      "evaluation keeps the training re-balancing mode", "wrong-split"),
+    M("greedy", GR, "    return num / den if den > 0 else 0.0", "    return num if den > 0 else 0.0",
+      "speed ratio without the parameter-norm denominator", "wrong-quantity"),
+    M("greedy", GR, 'return {"greedy": dict(self.state.__dict__, acc=dict(self.state.acc))}',
+      'return {"greedy": dict(self.state.__dict__, acc={})}',
+      "accumulated speeds not checkpointed (lost on resume)", "state-reset"),
+    M("greedy", GR, "losses = [ctx.task.loss(out.fused[:, k], y) for k in range(len(self._mods))]",
+      "losses = [ctx.task.loss(out.logits, y) for k in range(len(self._mods))]",
+      "loss on the averaged prediction instead of each branch", "wrong-quantity"),
+    M("greedy", GR, "        if self._rebalanced_this_step:  # no accumulation during re-balancing steps\n"
+      "            st.rebalance_steps += 1\n",
+      "        if self._rebalanced_this_step:  # no accumulation during re-balancing steps\n"
+      "            st.rebalance_steps += 1\n            self.observe({n: group_ratio(p) for n, p in self._groups.items()}, ctx.epoch)\n",
+      "speeds accumulated during re-balancing steps too", "wrong-split"),
+    # ---------------------------------------------------------------- UMT
+    M("umt", UT, "t_feats = teacher.encode({m: batch[m]})[m]", "t_feats = teacher.train().encode({m: batch[m]})[m]",
+      "teachers run in train mode (dropout on)", "wrong-split"),
+    M("umt", UT, "loss = task_loss + self.hp.lam * distill", "loss = task_loss + distill", "lambda ignored", "wrong-quantity"),
+    M("umt", UT, "loss = task_loss + self.hp.lam * distill", "loss = task_loss - self.hp.lam * distill",
+      "distillation term with the sign flipped", "sign"),
+    M("umt", UT, 'if self.hp.student_init == "teacher":', 'if self.hp.student_init == "scratch":',
+      "student initialised from the teachers by default", "wrong-split"),
+    M("umt", UT, "mse = F.mse_loss(z.float(), t.detach().float())", "mse = F.mse_loss(z.float(), t.detach().float(), reduction=\"sum\")",
+      "MSE summed instead of averaged", "wrong-quantity"),
+    M("umt", UT, "mse = F.mse_loss(z.float(), t.detach().float())", "mse = F.mse_loss(z.detach().float(), t.detach().float())",
+      "student features detached (distillation sends no gradient)", "detach"),
+    M("umt", UT, "            teacher = ctx.modules[f\"umt_teacher_{m}\"]\n",
+      "            teacher = ctx.modules[f\"umt_teacher_{m}\"].train()\n",
+      "teacher left in train mode after the first step", "wrong-split"),
+    # ---------------------------------------------------------------- UME
+    M("ume", UE, "w = weights or {m: 1.0 / len(members) for m in members}", "w = weights or {m: 1.0 for m in members}",
+      "weights sum to M instead of 1", "wrong-quantity"),
+    M("ume", UE, "            model.members[m].load_state_dict(teacher.state_dict())\n", "            pass\n",
+      "members never loaded from the trained unimodal models", "state-reset"),
+    M("ume", UE, "torch.zeros_like(inputs[m]) if m in absent else inputs[m]", "torch.zeros_like(inputs[m]) if m not in absent else inputs[m]",
+      "absent modalities swapped with present ones", "swapped"),
+    M("ume", UE, "probs = sum(w[k] * o.float().softmax(dim=1) for k, o in enumerate(outputs))",
+      "probs = sum(w[k] * o.float().softmax(dim=0) for k, o in enumerate(outputs))",
+      "probability average with softmax over the batch axis", "wrong-quantity"),
+    M("ume", UE, "return probs.clamp_min(1e-12).log()", "return probs.clamp_min(1e-12)",
+      "averaged probabilities returned without the log (wrong validation loss)", "wrong-quantity"),
+    M("ume", UE, 'return [{"params": list(model.parameters()), "name": "ensemble", "lr_mult": 0.0}]',
+      'return [{"params": list(model.parameters()), "name": "ensemble", "lr_mult": 1.0}]',
+      "ensemble parameters not frozen", "wrong-split"),
+    M("ume", UE, "        return sum(w[k] * o for k, o in enumerate(outputs))\n",
+      "        return sum(w[len(outputs) - 1 - k] * o for k, o in enumerate(outputs))\n",
+      "member weights applied in reversed modality order", "swapped"),
+    # ---------------------------------------------------------------- QMF
+    M("qmf", QM, "        if ctx.world_size > 1:\n            idx, losses = ctx.accelerator.gather(",
+      "        if False:\n            idx, losses = ctx.accelerator.gather(",
+      "loss history updated from this rank's samples only", "rank-local"),
+    M("qmf", QM, "    t = torch.sign(h - h_j)\n", "    t = torch.sign(h_j - h)\n", "ranking target with the sign flipped", "sign"),
+    M("qmf", QM, "h_norm = normalise_history(self.history[k])[idx.cpu().long()]",
+      "h_norm = normalise_history(self.history[k][idx.cpu().long()])",
+      "history normalised over the batch instead of the whole array", "wrong-quantity"),
+    M("qmf", QM, "        w = weights[m].detach() if detach else weights[m]\n", "        w = weights[m]\n",
+      "confidence weights not detached in the fused logits", "detach"),
+    M("qmf", QM, "return torch.logsumexp(logits.float(), dim=dim) / scale",
+      "return logits.float().max(dim=dim).values / scale",
+      "max logit instead of the energy (log-sum-exp)", "wrong-quantity"),
+    M("qmf", QM, "    w_j, h_j = w.roll(-1), h.roll(-1)\n", "    w_j, h_j = w.roll(-1), h.roll(1)\n",
+      "ranking pairs misaligned by one", "off-by-one"),
+    M("qmf", QM, 'return {"history": None if self.history is None else self.history.clone()}', 'return {"history": None}',
+      "loss history not checkpointed (lost on resume)", "state-reset"),
+    M("qmf", QM, "    @torch.no_grad()\n    def predict(", "    def on_epoch_start(self, ctx: StepContext) -> None:\n"
+      "        self.history.zero_()\n\n    @torch.no_grad()\n    def predict(",
+      "loss history reset at every epoch start", "state-reset"),
+    M("qmf", QM, '        if self.hp.history_update == "before":\n', '        if self.hp.history_update == "never":\n',
+      "history updated after the rank loss by default (off by one step)", "off-by-one"),
+    M("qmf", QM, "            cols.append(F.cross_entropy(o.float(), y.long(), reduction=\"none\"))\n",
+      "            cols.append(1 - o.float().softmax(-1).gather(1, y.long()[:, None])[:, 0])\n",
+      "history records 1 - p(true class) instead of the cross-entropy", "wrong-quantity"),
+    # ---------------------------------------------------------------- ReconBoost
+    M("reconboost", RB, "        if fresh:\n            opt = getattr(ctx.optimizer, \"optimizer\", ctx.optimizer)\n",
+      "        ctx.raw_model.beta.data.fill_(1.0)\n        if fresh:\n            opt = getattr(ctx.optimizer, \"optimizer\", ctx.optimizer)\n",
+      "beta reset at every phase start", "state-reset"),
+    M("reconboost", RB, "    return w1 - w2 * s\n", "    return w1 - w2 * (1 - s)\n",
+      "sample weights rise with agreement instead of falling", "sign"),
+    M("reconboost", RB, "others = out.fused.detach().sum(dim=1) - out.fused[:, k].detach()",
+      "others = out.fused.detach().sum(dim=1)",
+      "agreement of F including the boosted learner itself", "wrong-quantity"),
+    M("reconboost", RB, "return logits.softmax(dim=1).gather(1, y.long().unsqueeze(1)).squeeze(1)",
+      "return logits.softmax(dim=1).max(1).values",
+      "max-class probability instead of the true class", "wrong-quantity"),
+    M("reconboost", RB, "return logits.softmax(dim=1).gather(1, y.long().unsqueeze(1)).squeeze(1)",
+      "return logits.softmax(dim=0).gather(1, y.long().unsqueeze(1)).squeeze(1)",
+      "agreement softmax over the batch axis", "wrong-quantity"),
+    M("reconboost", RB, "        logits = (beta * others).float()\n", "        logits = others.float()\n",
+      "agreement of F_{-m} without beta", "wrong-quantity"),
+    M("reconboost", RB, '            g["lr_mult"] = factor if active else 0.0\n', '            g["lr_mult"] = factor\n',
+      "inactive encoders keep learning in phase 1", "wrong-split"),
+    M("reconboost", RB, "            loss_b = loss_b / ctx.raw_model.out_dim\n", "            loss_b = loss_b\n",
+      "boosting loss without the official 1/C factor", "wrong-quantity"),
+    M("reconboost", RB, "            m = order[t % len(order)]\n", "            m = order[(t + 1) % len(order)]\n",
+      "stage modality order shifted by one", "off-by-one"),
+    M("reconboost", RB, "            opt.state.clear()\n", "            pass\n",
+      "optimizer momentum carried across phases", "state-reset"),
+    M("reconboost", RB, "torch.is_grad_enabled() and (active is None or m == active)",
+      "torch.is_grad_enabled() and (active is None or m != active)",
+      "gradient to the other learners instead of the boosted one", "swapped"),
+    # ---------------------------------------------------------------- MRD
+    M("mrd", MR, "return full[rank * batch_size:(rank + 1) * batch_size]", "return full[:batch_size]",
+      "every rank uses the same rows of the global mask", "rank-local"),
+    M("mrd", MR, "drop = torch.rand(batch_size, generator=generator) < hp.p_drop",
+      "drop = torch.rand(batch_size, generator=generator) > hp.p_drop",
+      "drop probability 1 - p instead of p", "sign"),
+    M("mrd", MR, "which = torch.randint(n_modalities, (batch_size,), generator=generator)",
+      "which = torch.randint(max(1, n_modalities - 1), (batch_size,), generator=generator)",
+      "the last modality is never dropped", "off-by-one"),
+    M("mrd", MR, "scale = keep * (len(mods) / n_kept)", "scale = keep * (n_kept / len(mods))",
+      "rescale factor inverted", "wrong-quantity"),
+    M("mrd", MR, "self._scale = {m: scale[:, k] for k, m in enumerate(mods)}",
+      "self._scale = {m: scale[:, len(mods) - 1 - k] for k, m in enumerate(mods)}",
+      "mask columns applied to the wrong modalities", "swapped"),
+    M("mrd", MR, "batch[m] = torch.where(s > 0, x * s, neutral)", "batch[m] = torch.where(s > 0, neutral, x * s)",
+      "input level: kept inputs replaced, dropped ones kept", "swapped"),
+    M("mrd", MR, "    for _ in range(1000):  # re-draw", "    for _ in range(0):  # re-draw",
+      "all-dropped samples not re-drawn (always keep the first modality)", "wrong-quantity"),
+    M("mrd", MR, "            if self._scale is None or not module.training:\n", "            if self._scale is None:\n",
+      "masks also applied to forwards outside training", "wrong-split"),
+    M("mrd", MR, "                    out_z = out_z + (1 - keep) * token.to(z.dtype)\n",
+      "                    out_z = out_z + keep * token.to(z.dtype)\n",
+      "learned token added to kept samples instead of dropped ones", "swapped"),
+    # ---------------------------------------------------------------- MSLR
+    M("mslr", MS, 'for batch in ctx.train_batches(split="heldout", shuffle=False):',
+      'for batch in ctx.train_batches(split="train", shuffle=False):',
+      "unimodal metric measured on the training batches instead of the held-out split", "wrong-split"),
+    M("mslr", MS, "        total, count = ctx.reduce_sum(total), ctx.reduce_sum(count)\n",
+      "        total, count = total, count\n",
+      "held-out metric sums from this rank's shard only", "rank-local"),
+    M("mslr", MS, "        if len(self.memory) < self.K:\n", "        if len(self.memory) <= self.K:\n",
+      "window of K + 1 epochs", "off-by-one"),
+    M("mslr", MS, "ratio = a / mean if mean > 0 else 1.0", "ratio = mean / a if a > 0 else 1.0",
+      "ratio inverted", "sign"),
+    M("mslr", MS, "        self.memory.popleft()\n", "        pass\n", "memory never drops its oldest value", "off-by-one"),
+    M("mslr", MS, "        mean = sum(self.memory) / len(self.memory)\n",
+      "        mean = (sum(self.memory) + a) / (len(self.memory) + 1)\n",
+      "the current metric included in its own reference mean", "wrong-quantity"),
+    M("mslr", MS, "        model.eval()\n        probes.eval()\n", "        model.train()\n        probes.eval()\n",
+      "held-out metric measured with the model in train mode", "wrong-split"),
+    M("mslr", MS, "return {m: metric_value(ctx.task.name, float(mean[j]), k) for j, m in enumerate(mods)}",
+      "return {m: metric_value(ctx.task.name, float(mean[len(mods) - 1 - j]), k) for j, m in enumerate(mods)}",
+      "held-out metrics assigned to the wrong modalities", "swapped"),
+    M("mslr", MS, '"mem": {m: s.state() for m, s in self.mem.items()}',
+      '"mem": {m: MemoryRatio(self.hp.window, self.hp.accumulate).state() for m in self.mem}',
+      "metric memory not checkpointed (lost on resume)", "state-reset"),
+    # ---------------------------------------------------------------- engine
+    M("engine", "mmbalance/data/batching.py", "    for start in range(0, total, chunk):\n",
+      "    for start in range(0, total - chunk + 1, chunk):\n", "evaluation drops the last partial batch", "off-by-one"),
+    M("engine", EN, "loader.set_epoch(pos.phase_index * 100_003 + pos.epoch)", "loader.set_epoch(pos.phase_index * 100_003)",
+      "no reshuffle per epoch", "wrong-split"),
+    M("engine", EN, "                    val = self.evaluate(self.data.val)\n", "                    val = self.evaluate(self.data.test)\n",
+      "checkpoint selected on the test split", "wrong-split"),
+    M("engine", EN, "            return cmp > 0\n", "            return cmp < 0\n", "selection keeps the worse epoch", "sign"),
+    M("engine", EN, "self.train_split, ctx.heldout = self._carve_heldout(self.data.train)",
+      "ctx.heldout = self._carve_heldout(self.data.train)[1]",
+      "held-out part not removed from the training split", "wrong-split"),
+    M("engine", EN, "                method.after_backward(ctx)\n                self.diag.after_edit()\n"
+      "                if cfg.grad_clip:\n                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)\n",
+      "                if cfg.grad_clip:\n                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)\n"
+      "                method.after_backward(ctx)\n                self.diag.after_edit()\n",
+      "gradients clipped before the method's gradient edits", "wrong-split"),
+    M("engine", EN, '        ctx.generator.set_state(rng["method"])\n', "        pass\n",
+      "method generator not restored on resume", "state-reset"),
+    M("engine", EN, "                for opt in extra_opts:\n                    opt.zero_grad(set_to_none=to_none)\n", "",
+      "method-owned modules' gradients never cleared (accumulate across steps)", "state-reset"),
+    M("engine", EN, "            it.set_epoch(key)\n", "            it.set_epoch(0)\n",
+      "extra train passes ignore the shuffle key", "wrong-split"),
+    M("engine", EN, "        ctx.model.eval()\n        for ex in ctx.extra.values():\n            ex.module.eval()\n",
+      "        for ex in ctx.extra.values():\n            ex.module.eval()\n",
+      "evaluation with the model in train mode", "wrong-split"),
+    M("engine", EN, 'g["lr"] = g["base_lr"] * factor * g.get("lr_mult", 1.0)', 'g["lr"] = g["base_lr"] * factor',
+      "per-group lr multipliers ignored", "wrong-quantity"),
+]
+
+for _i, _m in enumerate(MUTANTS):
+    _m.id = f"{_m.method}-{sum(1 for x in MUTANTS[:_i] if x.method == _m.method) + 1:02d}"
+
+
+# ------------------------------------------------------------------------------------------ running
+def check(mutants: list[Mutant], root: Path = REPO) -> list[str]:
+    """Mutants whose original snippet does not occur exactly once (stale)."""
+    bad = []
+    for m in mutants:
+        text = (root / m.file).read_text()
+        n = text.count(m.original)
+        if n != 1:
+            bad.append(f"{m.id}: snippet occurs {n}x in {m.file}")
+    return bad
+
+
+def copy_tree(dest: Path, rev: str | None = None) -> None:
+    """Tracked and untracked-but-not-ignored files of the working tree → ``dest`` (no .git); with
+    ``rev``, the files of that git revision instead (e.g. to score the suite of an older commit)."""
+    if rev is not None:
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", rev], cwd=REPO, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest), "--exclude=leaderboard/results"], input=archive, check=True)
+        return
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for f in files:
+        if not f or f.startswith("leaderboard/results/"):
+            continue
+        src = REPO / f
+        if src.is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / f)
+
+
+def existing_targets(tree: Path, targets: list[str]) -> list[str]:
+    """Drop test nodes that do not exist in ``tree`` (e.g. scoring an older revision of the suite)."""
+    out = []
+    for t in targets:
+        file, _, node = t.partition("::")
+        if not (tree / file).is_file():
+            continue
+        text = (tree / file).read_text()
+        if node and f"def {node.split('[')[0]}(" not in text:
+            continue
+        if "[" in node and f'"{node.split("[")[1].rstrip("]")}"' not in text:
+            continue
+        out.append(t)
+    return out
+
+
+def run_tests(tree: Path, targets: list[str], timeout: float) -> tuple[int | None, float, str]:
+    targets = existing_targets(tree, targets)
+    env = {**os.environ, "PYTHONPATH": str(tree), "MMBALANCE_NO_PROGRESS": "1", "PYTHONDONTWRITEBYTECODE": "1",
+           "OMP_NUM_THREADS": "1"}
+    env.pop("MMBALANCE_DUMP_PARAMS_DIR", None)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *targets]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+        return proc.returncode, time.perf_counter() - t0, (proc.stdout + proc.stderr)[-1500:]
+    except subprocess.TimeoutExpired:
+        return None, time.perf_counter() - t0, "timeout"
+
+
+def run_mutant(m: Mutant, tree: Path, timeout: float) -> dict:
+    path = tree / m.file
+    original = path.read_text()
+    if original.count(m.original) != 1:
+        return {**asdict(m), "status": "stale", "seconds": 0.0, "tail": ""}
+    path.write_text(original.replace(m.original, m.mutated))
+    try:
+        rc, secs, tail = run_tests(tree, m.test_targets(), timeout)
+    finally:
+        path.write_text(original)
+    status = ("killed" if rc in (1, 2, 3) else "survived" if rc == 0 else "timeout" if rc is None else f"rc{rc}")
+    return {**asdict(m), "status": status, "returncode": rc, "seconds": round(secs, 1), "tail": tail}
+
+
+def score_table(results: list[dict]) -> str:
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    lines = [f"{'method':<12} {'killed':>6} / {'total':<5} {'score':>6}   survived", "-" * 72]
+    for meth in methods:
+        rs = [r for r in results if r["method"] == meth]
+        killed = sum(r["status"] in {"killed", "timeout"} for r in rs)
+        surv = [r["id"] for r in rs if r["status"] == "survived"]
+        other = [f"{r['id']}({r['status']})" for r in rs if r["status"] not in {"killed", "timeout", "survived"}]
+        lines.append(f"{meth:<12} {killed:>6} / {len(rs):<5} {killed / len(rs):>6.0%}   {' '.join(surv + other)}")
+    tot = sum(r["status"] in {"killed", "timeout"} for r in results)
+    lines.append("-" * 72)
+    lines.append(f"{'all':<12} {tot:>6} / {len(results):<5} {tot / max(1, len(results)):>6.0%}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--method", action="append", help="only this method's mutants (repeatable; 'engine' too)")
+    ap.add_argument("--id", action="append", help="only these mutant ids (e.g. agm-03)")
+    ap.add_argument("--jobs", type=int, default=1, help="mutants run in parallel (one scratch tree each)")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant's test run (timeout = killed)")
+    ap.add_argument("--json", type=Path, default=Path("runs/mutation.json"), help="where the results go")
+    ap.add_argument("--list", action="store_true", help="print the mutants and exit")
+    ap.add_argument("--check", action="store_true", help="only check that every snippet matches once")
+    ap.add_argument("--rev", help="score the tree of this git revision instead of the working tree")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated test run")
+    args = ap.parse_args(argv)
+
+    unknown = set(args.method or []) - set(TESTS)
+    if unknown:
+        print(f"unknown method(s) {sorted(unknown)}; known: {', '.join(TESTS)}", file=sys.stderr)
+        return 2
+    chosen = [m for m in MUTANTS if (not args.method or m.method in args.method) and (not args.id or m.id in args.id)]
+    if args.list:
+        for m in chosen:
+            print(f"{m.id:<14} {m.bug_class:<15} {m.file:<24} {m.description}")
+        return 0
+    stale = check(chosen) if args.rev is None else []
+    if args.check or stale:
+        print("\n".join(stale) or f"all {len(chosen)} snippets match exactly once")
+        return 1 if stale else 0
+
+    with tempfile.TemporaryDirectory(prefix="mmbalance-mutation-") as tmp:
+        trees = []
+        for k in range(max(1, args.jobs)):
+            tree = Path(tmp) / f"tree{k}"
+            copy_tree(tree, args.rev)
+            trees.append(tree)
+        if not args.no_baseline:  # the unmutated tree must pass, or every mutant would count as killed
+            for meth in dict.fromkeys(m.method for m in chosen):
+                rc, secs, tail = run_tests(trees[0], TESTS[meth] + DDP_TESTS.get(meth, []), args.timeout)
+                print(f"baseline {meth}: rc={rc} ({secs:.0f} s)", flush=True)
+                if rc != 0:
+                    print(tail, file=sys.stderr)
+                    return 1
+        free = list(trees)
+        results: list[dict] = []
+
+        def work(m: Mutant) -> dict:
+            tree = free.pop()
+            try:
+                r = run_mutant(m, tree, args.timeout)
+            finally:
+                free.append(tree)
+            print(f"{r['id']:<14} {r['status']:<9} {r['seconds']:>6.1f} s  {m.description}", flush=True)
+            return r
+
+        with ThreadPoolExecutor(max_workers=len(trees)) as pool:
+            results = list(pool.map(work, chosen))
+    table = score_table(results)
+    print(table)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    tmp_json = args.json.with_suffix(".json.tmp")
+    tmp_json.write_text(json.dumps({"results": results, "table": table}, indent=1))
+    os.replace(tmp_json, args.json)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
