@@ -88,7 +88,8 @@ def test_plan_sharding_across_ranks_pads_and_equalises_steps():
         fake = SimpleNamespace(accelerator=SimpleNamespace(num_processes=2, process_index=rank,
                                                            device=torch.device("cpu")),
                                cfg=SimpleNamespace(batch_size=16), train_split=split,
-                               ctx=SimpleNamespace(modalities=["a"]), config=SimpleNamespace(seed=3))
+                               ctx=SimpleNamespace(modalities=["a"]), config=SimpleNamespace(seed=3),
+                               _per_process_batch=lambda bs: bs)  # each rank takes 16 (per-process batch)
         per_rank.append([b["idx"].tolist() for b, _ in Trainer._plan_batches(fake, groups, key=5)])
     assert [len(b) for b in per_rank[0]] == [len(b) for b in per_rank[1]] == [16, 16, 4, 3]
     g1 = [i for r in per_rank for b in r[:3] for i in b]
@@ -144,7 +145,8 @@ def test_plan_on_a_map_style_dataset_gives_training_positions_as_idx():
     groups = [BatchGroup(torch.arange(10, 21), ("a",), shuffle=False)]
     fake = SimpleNamespace(accelerator=SimpleNamespace(num_processes=2, process_index=1, device=torch.device("cpu")),
                            cfg=SimpleNamespace(batch_size=4), train_split=Rows(),
-                           ctx=SimpleNamespace(modalities=["a"]), config=SimpleNamespace(seed=0))
+                           ctx=SimpleNamespace(modalities=["a"]), config=SimpleNamespace(seed=0),
+                           _per_process_batch=lambda bs: bs)
     batches = [b for b, _ in Trainer._plan_batches(fake, groups, key=0)]
     idx = [i for b in batches for i in b["idx"].tolist()]
     assert idx == [11, 13, 15, 17, 19, 10]  # rank 1 of 2: odd positions of 10..20, padded by wrap-around

@@ -227,9 +227,8 @@ def test_ogm_ge_noise_same_cpu_numbers_and_no_host_sync(monkeypatch, source):
     """GE noise drawn where the gradient lives with σ kept on the device: on CPU the numbers are the
     published formula g·k + ξ·(std + 1e-8) with ξ from the same-seeded generator (by hand), and the
     edit makes no host sync (no float()/item() per tensor)."""
-    from torch import nn
-
     from mmbalance.methods.ogm_ge import modulate_gradients
+    from torch import nn
 
     torch.manual_seed(0)
     grads = [torch.randn(7, 5), torch.randn(3), torch.randn(1)]  # a 1-element tensor: σ = 0
@@ -288,8 +287,9 @@ def test_mslr_heldout_metric_counts_each_sample_once_under_padding(tmp_path):
     """With 2 ranks the held-out split (odd size) is padded by one duplicate; the summed metric must
     still be the probe metric on exactly the held-out samples. Both ranks' shards are fed in one
     process (a sum over ranks = a sum over their batches); oracle: 1/(1 + MAE) over the split by hand."""
-    from mmbalance.data import TensorBatcher
     from mmbalance.methods.ogm_ge import probe_outputs
+
+    from mmbalance.data import TensorBatcher
 
     tr = build_trainer("mslr", "synthetic-regression", run_dir=tmp_path / "r", epochs=1,
                        sets={"dataset.n_samples": 300, "train.max_steps_per_epoch": 1})

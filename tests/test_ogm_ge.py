@@ -260,7 +260,7 @@ def test_dominant_modality_scaled_by_hand_computed_k(tmp_path):
     k, s = _hand_k(t, batch, 0.8)
     assert min(k.values()) < 1 == max(k.values())
     before, after = _step_and_grads(t)
-    for i, m in enumerate(t.ctx.modalities):
+    for m in t.ctx.modalities:
         assert t.method.k[m] == pytest.approx(k[m], abs=1e-6), m
         for g0, g1 in zip(before[m], after[m]):
             assert torch.allclose(g1, k[m] * g0, atol=1e-6, rtol=1e-5)

@@ -220,7 +220,7 @@ def test_boost_loss_by_hand_with_beta_and_the_other_learners(tmp_path):
 
 def test_beta_carries_over_phases_and_momentum_is_reset_each_phase(tmp_path):
     tr = _rb(tmp_path, epochs=4)
-    ctx, meth, model = tr.ctx, tr.method, tr.ctx.raw_model
+    meth, model = tr.method, tr.ctx.raw_model
     ends, starts, states = [], [], []
     orig_end, orig_start = meth.on_phase_end, meth.on_phase_start
 
