@@ -26,7 +26,7 @@ from typing import Any, Literal
 from .errors import ConfigError
 
 __all__ = ["Uniform", "LogUniform", "IntUniform", "Choice", "Distribution", "search_space", "training_space",
-           "distribution_from_json", "distribution_from_suite", "seed_hash", "space_to_json", "space_hash"]
+           "distribution_from_json", "seed_hash", "space_to_json", "space_hash"]
 
 
 def seed_hash(*parts: Any) -> int:
@@ -132,8 +132,6 @@ def distribution_from_json(raw: Any, where: str = "space") -> Distribution:
         raise ConfigError(f"{where}: expected [\"log\"|\"uniform\"|\"int\", lo, hi] or [\"choice\", [values]], "
                           f"got {raw!r} ({exc})") from None
 
-
-distribution_from_suite = distribution_from_json
 
 
 def _numeric_type(tp: Any) -> type | None:

@@ -6,11 +6,7 @@ import hashlib
 
 import numpy as np
 
-
-def seed_hash(*parts: object) -> int:
-    """``int(sha256("|".join(parts))[:8], 16)``: stable across processes and Python versions (never
-    Python's salted ``hash``)."""
-    return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8], 16)
+from ..search import seed_hash  # noqa: F401 - re-exported: one definition for diagnostics and tuning draws
 
 
 def stratified_subset(keys: np.ndarray, k: int, seed: int) -> np.ndarray:
