@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--methods", nargs="+")
     ap.add_argument("--where", type=int, default=0, metavar="N",
-                    help="also list the N call sites with the most device reads per method")
+                    help="also list the N call sites with the most device reads / h2d copies per method")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from mmbalance.hostsyncs import count_host_syncs
@@ -54,8 +54,6 @@ def main() -> None:
         if args.where:
             for site, n in rep.epoch.where.most_common(args.where):
                 print(f"|  | {n} × {site} | | | | | |")
-            for kind, n in rep.epoch.h2d.most_common(args.where):
-                print(f"|  | h2d {n} × {kind} | | | | | |")
 
 
 if __name__ == "__main__":

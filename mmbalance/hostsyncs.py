@@ -117,11 +117,11 @@ class DeviceTracker(TorchFunctionMode):
     def _add(self, what: str, kind: str) -> None:
         if not self.windows:
             return
-        site = _call_site() if what == "device" else None
+        site = _call_site() if what in ("device", "h2d") else None
         for w in self.windows:
             getattr(w, what)[kind] += 1
             if site is not None:
-                w.where[f"{kind} {site}"] += 1
+                w.where[f"{what} {kind} {site}"] += 1
 
     def _read(self, name: str, t: torch.Tensor) -> None:
         if not self.windows:
