@@ -327,8 +327,8 @@ class Trainer:
         acc = self.accelerator
         seed = self.config.seed if seed is None else seed
         batch_size = self._per_process_batch(batch_size)
-        if isinstance(split, TensorSplit):
-            return TensorBatcher(split, batch_size, shuffle=shuffle, seed=seed, rank=acc.process_index,
+        if isinstance(split, TensorSplit):  # the split's device copy is made once per run (extra passes reuse it)
+            return TensorBatcher(self._on_device(split), batch_size, shuffle=shuffle, seed=seed, rank=acc.process_index,
                                  world_size=acc.num_processes, device=acc.device)
         return acc.prepare_data_loader(make_loader(split, batch_size, shuffle=shuffle, seed=seed,
                                                    num_workers=self.cfg.num_workers))
