@@ -12,7 +12,10 @@ TINY = {"dataset.limit_per_class": 6, "train.batch_size": 12}
 # Device reads allowed inside the training steps, per step (a host decision the algorithm needs: Greedy's
 # next-step mode from the learning speeds). Everything else reads nothing per step.
 BUDGET = {"baseline": 0, "gblending": 0, "gblending_offline_robust": 0, "pmr": 0, "pmr_paper": 0, "qmf": 0,
-          "qmf_rgbd": 0, "mla": 0, "mla_alternate": 0, "mmpareto": 0, "greedy": 1, "greedy_random": 1, "ogm_ge": 0}
+          "qmf_rgbd": 0, "mla": 0, "mla_alternate": 0, "mmpareto": 0, "greedy": 1, "greedy_random": 1, "ogm_ge": 0,
+          "umt": 0, "inforeg_official": 0, "remix": 0, "mrd": 0}
+# Host→device copies allowed per step: MRD's drop mask is drawn on the CPU generator (one copy per step).
+H2D = {"mrd": 1}
 
 
 @pytest.mark.parametrize("method", list(BUDGET))
@@ -23,7 +26,7 @@ def test_training_steps_stay_within_the_host_sync_budget(method):
     assert steps.total("device") <= BUDGET[method] * rep.steps, steps.where.most_common(5)
     assert steps.total("reads") <= 2 * rep.steps, steps.reads  # host reads included
     # no host→device copy per step either; one per epoch: the loader's shuffled order, copied as it starts
-    assert steps.total("h2d") <= 1, steps.where.most_common(5)
+    assert steps.total("h2d") <= H2D.get(method, 0) * rep.steps + 1, steps.where.most_common(5)
 
 
 def _tracked(fn):
