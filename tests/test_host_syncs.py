@@ -58,8 +58,13 @@ def test_counter_tells_device_reads_from_host_reads():
         float(back)  # ... and the value is then on the host
         buf = torch.zeros(2)
         buf[0] = loss.detach()  # a device value written into a host tensor: a sync
+        out = model(torch.ones(4, 3)).detach()
+        out[out > 0]  # boolean-mask indexing: the output size is a device value (a sync, no conversion)
+        out.nonzero()  # likewise
+        out[out > 0] = 0.0  # a masked fill: no sync
+        out[torch.tensor([0, 1])]  # integer indexing: no sync
     w = _tracked(body)
-    assert w.device == {"__float__": 2, "item": 1, "cpu": 1, "__setitem__": 1}, w.device
+    assert w.device == {"__float__": 2, "item": 1, "cpu": 1, "__setitem__": 1, "__getitem__": 1, "nonzero": 1}, w.device
     assert w.host == {"__float__": 2, "tolist": 1}, w.host
     assert w.h2d == {"to": 1, "tensor": 1}, w.h2d
     assert w.total("reads") == 6  # every conversion, whatever the device (the former single count)
