@@ -85,3 +85,22 @@ def test_planted_per_step_read_is_caught(monkeypatch):
     rep = count_host_syncs("qmf", "mfeat", epochs=1, sets=TINY)
     assert rep.in_steps.total("device") == rep.steps
     assert rep.in_steps.where.most_common(1)[0][0].startswith("device __float__ tests/test_host_syncs.py")
+
+
+def test_segmentation_pixel_draws_are_made_on_the_device():
+    """PMR on segmentation samples pixels every step: from ``ctx.device_generator`` on the device (on the
+    CPU that generator is ``ctx.generator``, so the numbers are those of a CPU draw), not drawn on the
+    CPU and copied per step."""
+    rep = count_host_syncs("pmr", "synthetic", epochs=1, sets={
+        "dataset.n_samples": 40, "train.batch_size": 8, "train.max_steps_per_epoch": 3, "dataset.task": "segmentation",
+        "pixels_per_image": 16})
+    assert rep.steps == 3
+    assert rep.in_steps.total("device") == 0, rep.in_steps.where.most_common(3)
+    assert rep.in_steps.total("h2d") <= 1, rep.in_steps.where.most_common(3)
+
+
+def test_device_generator_is_the_method_generator_on_the_cpu(tmp_path):
+    from mmbalance.testing import build_trainer
+
+    ctx = build_trainer("baseline", "mfeat", run_dir=tmp_path / "r", epochs=1, sets=TINY).ctx
+    assert ctx.device_generator is ctx.generator
