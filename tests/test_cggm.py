@@ -195,11 +195,12 @@ def test_paper_preset_same_step_gradient_cosine(tmp_path):
     tr, ctx, meth, batch = make(tmp_path, method="cggm_paper", sets={**VEC2, "rho": 1.3, "lam": 0.2})
     assert meth.hp.cos_source == "grads_same_step" and meth.hp.rho_in_b
     meth._batch_eps = fixed_eps([0.5, 0.25])  # Δ = (0.5, 0.25): B = (1/3, 2/3), B^p = 1.3·B
-    hidden = {}
-    for m, head in clf_module(ctx).heads.items():
-        head.final_layer().register_forward_hook(lambda mod, inp, out, m=m: hidden.__setitem__(m, inp[0].detach()))
     out = meth.training_step(ctx, batch)
     lgm = meth.lgm_now
+    # the input of each classifier's final layer, from the head itself (the method runs the heads grouped)
+    heads = clf_module(ctx).heads
+    with torch.no_grad():
+        hidden = {m: heads[m].body(out.output.features[m]) for m in meth.modalities}
     # closed form of L_gm on a linear head with cross-entropy: ∂CE/∂W = (softmax − onehot)ᵀ·input / N
     y = batch["label"]
     n = len(y)
