@@ -107,7 +107,7 @@ def balance_coefficients(delta: torch.Tensor, *, rho: float = 1.0, rho_in_b: boo
     s = delta.sum()
     if guard:
         hit = s.abs() < guard_tol
-        b = torch.where(hit, torch.ones_like(delta), (s - delta) / s)
+        b = torch.where(hit, 1.0, (s - delta) / s)
     else:
         hit = torch.zeros((), dtype=torch.bool, device=delta.device)
         s = s + 1e-8
@@ -131,35 +131,37 @@ def direction_loss_and_grad(w_f: torch.Tensor, w_i: list[torch.Tensor] | torch.T
     f̂ = f/max(‖f‖, ε) and c_m = ⟨ŵ_m, f̂_m⟩ (Eq. 12's similarity), for ‖f_m‖ > ε
 
         ∂c_m/∂f_m = (ŵ_m − c_m·f̂_m)/‖f_m‖,
-        L_gm = (1/M)(Σ_m |B_m| − Σ_m B_m·c_m)   ⇒   ∂L_gm/∂f_m = −(B_m/M)·(ŵ_m − c_m·f̂_m)/‖f_m‖,
+        L_gm = (1/M)(Σ_m |B_m| − Σ_m B_m·c_m)   ⇒   ∂L_gm/∂f_m = −(B_m/M)·(ŵ_m − c_m·f̂_m)/‖f_m‖
+                                                             = α_m·w_m + β_m·f_m,
+        α_m = −B_m/(M·‖w_m‖·‖f_m‖),   β_m = B_m·c_m/(M·‖f_m‖²),
 
     and ∂L_gm/∂W_F is the sum of these over m, each placed on its block (``full``: on the whole W_F).
-    B gets no gradient (it comes from the classifiers' metrics). The cosines are evaluated for all M
-    modalities at once when every block has one shape (one stacked tensor), else one by one.
+    B gets no gradient (it comes from the classifiers' metrics). All M modalities are evaluated at once
+    when the blocks are W_F itself or W_F's consecutive equal column blocks in modality order (W_F
+    viewed as [C, M, d], no copy); otherwise one by one.
     """
     M = len(pairing)
-    blocks = [w_f if s is None else w_f[:, s] for s in pairing]
     wis = list(w_i.unbind(0)) if isinstance(w_i, torch.Tensor) else list(w_i)
-    bb = b.to(device=w_f.device, dtype=w_f.dtype)
+    bb = b.to(device=w_f.device, dtype=w_f.dtype)  # L_gm in W_F's precision, as direction_loss
+    full = all(s is None for s in pairing)
+    if w_f.dim() == 2 and all(w.shape == wis[0].shape for w in wis) and (
+            (full and wis[0].shape == w_f.shape) or _consecutive_blocks(pairing, w_f.shape[1], wis[0].shape)):
+        C = w_f.shape[0]
+        W = torch.stack(wis, dim=1).to(w_f)  # [C, M, d]
+        Fb = w_f.unsqueeze(1) if full else w_f.view(C, M, -1)  # [C, 1 or M, d]
+        dot = (W * Fb).sum((0, 2))
+        nw = torch.linalg.vector_norm(W, dim=(0, 2)).clamp_min(eps)
+        nf = torch.linalg.vector_norm(Fb, dim=(0, 2)).clamp_min(eps)
+        cos = dot / (nw * nf)
+        alpha = bb * (-1.0 / M) / (nw * nf)
+        beta = bb * cos / (M * nf * nf)
+        g = W * alpha.view(1, -1, 1) + Fb * beta.view(1, -1, 1)  # [C, M, d]
+        grad = g.sum(1) if full else g.reshape(w_f.shape)
+        return direction_loss(bb, cos), grad
     grad = torch.zeros_like(w_f)
-    if all(blk.shape == blocks[0].shape for blk in blocks) and all(w.shape == blocks[0].shape for w in wis):
-        W = w_i.to(w_f) if isinstance(w_i, torch.Tensor) else torch.stack(wis).to(w_f)
-        Fb = w_f.unsqueeze(0).expand(M, *w_f.shape) if all(s is None for s in pairing) else torch.stack(blocks)
-        dims = tuple(range(1, W.dim()))
-        shape = (M,) + (1,) * len(dims)
-        nf = torch.linalg.vector_norm(Fb, dim=dims, keepdim=True).clamp_min(eps)
-        wn = W / torch.linalg.vector_norm(W, dim=dims, keepdim=True).clamp_min(eps)
-        fn = Fb / nf
-        cos = (wn * fn).sum(dims)
-        gb = (-bb / M).view(shape) * (wn - cos.view(shape) * fn) / nf
-        if all(s is None for s in pairing):
-            grad = gb.sum(0)
-        else:
-            for k, s in enumerate(pairing):
-                grad[:, s] += gb[k]
-        return direction_loss(b, cos), grad
     cos_list = []
-    for k, (w, blk, s) in enumerate(zip(wis, blocks, pairing)):
+    for k, (w, s) in enumerate(zip(wis, pairing)):
+        blk = w_f if s is None else w_f[:, s]
         w = w.to(w_f)
         nf = torch.linalg.vector_norm(blk).clamp_min(eps)
         wn, fn = w / torch.linalg.vector_norm(w).clamp_min(eps), blk / nf
@@ -170,7 +172,16 @@ def direction_loss_and_grad(w_f: torch.Tensor, w_i: list[torch.Tensor] | torch.T
         else:
             grad[:, s] += g
         cos_list.append(c)
-    return direction_loss(b, torch.stack(cos_list)), grad
+    return direction_loss(bb, torch.stack(cos_list)), grad
+
+
+def _consecutive_blocks(pairing: list[slice | None], width: int, shape: tuple[int, ...]) -> bool:
+    """Whether the block slices are W_F's columns cut into len(pairing) consecutive blocks of the
+    classifier weights' width, in modality order."""
+    if len(shape) != 2 or any(s is None or s.step not in (None, 1) for s in pairing):
+        return False
+    d = shape[1]
+    return d * len(pairing) == width and all(s.start == k * d and s.stop == (k + 1) * d for k, s in enumerate(pairing))
 
 
 def with_gradient(value: torch.Tensor, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -348,6 +359,7 @@ class CGGM(BalancingMethod):
         self.lgm_now: torch.Tensor | None = None
         self._last_aux: dict[str, torch.Tensor] | None = None
         self._guard_hits: int | torch.Tensor = 0  # a device counter during training (no host read per step)
+        self._coef_logs: tuple[torch.Tensor, ...] | None = None  # ε, Δ, B, guard flag of the step (logged once)
         self._stacked = False
 
     @property
@@ -419,50 +431,45 @@ class CGGM(BalancingMethod):
 
     def _update_coefficients(self, ctx: StepContext) -> torch.Tensor:
         """Steps 7a–7c on the device: ε (global batch) → Δ = ε − ε^prev → B (Eq. 7); nothing is read
-        back to the host (the logged values are device tensors, averaged at the epoch's end)."""
-        eps = self._batch_eps(ctx).to(torch.float64)
+        back to the host (logged in :meth:`after_backward` as one device vector per step)."""
+        eps = self._batch_eps(ctx)
         prev = torch.zeros_like(eps) if self.eps_prev is None else self.eps_prev.to(eps)
         delta = eps - prev
         self.eps_prev = eps
         b, hit = balance_coefficients(delta, rho=self.hp.rho, rho_in_b=self.hp.rho_in_b, guard=self.hp.guard,
                                       guard_tol=self.hp.guard_tol)
-        self._guard_hits = self._guard_hits + hit.to(torch.long)
-        ctx.log("cggm/guard_hit", hit.to(torch.float64))
-        self._log_each(ctx, "eps", eps)
-        self._log_each(ctx, "delta", delta)
-        self._log_each(ctx, "B", b)
+        self._guard_hits = self._guard_hits + hit  # a long device tensor after the first step
+        self._coef_logs = (eps, delta, b, hit)
         self._latest["eps"], self._latest["B"] = eps, b
         self._b = b
         return b
 
-    def _log_each(self, ctx: StepContext, name: str, vec: torch.Tensor) -> None:
-        """ctx.log("cggm/NAME/m", vec[k]) for every modality (0-d device tensors: no host sync)."""
-        for m, v in zip(self.modalities, vec.unbind(0)):
-            ctx.log(f"cggm/{name}/{m}", v)
+    def _log_keys(self) -> tuple[str, ...]:
+        """Keys of the per-step log vector (cached per modality list)."""
+        cached = getattr(self, "_log_keys_cached", None)
+        if cached is None or cached[0] != self.modalities:
+            keys = tuple(f"cggm/{name}/{m}" for name in ("eps", "delta", "B", "grad_norm_raw", "grad_norm", "factor")
+                         for m in self.modalities) + ("cggm/guard_hit",)
+            cached = self._log_keys_cached = (list(self.modalities), keys)
+        return cached[1]
 
-    def _final_weights(self, ctx: StepContext) -> torch.Tensor | list[torch.Tensor]:
-        """sg(W_m) of every classifier, copied: one [M, …] tensor when they share a shape, else a list."""
-        ws = [self._w_i(ctx, m).detach() for m in self.modalities]
-        if all(w.shape == ws[0].shape for w in ws):
-            return torch.stack(ws)
-        return [w.clone() for w in ws]
-
-    def _stale_lgm(self, ctx: StepContext, wf_value: torch.Tensor | None = None) -> torch.Tensor:
-        """L_gm(t) from weights (official): c_m = cos(vec(sg(W_m)), vec(W̃_F)), W̃_F = the value of W_F now
-        (or, after a resume, the saved value). Value and ∂L_gm/∂W_F in closed form
-        (:func:`direction_loss_and_grad`); the returned tensor carries that gradient to W_F
-        (:func:`with_gradient`) and to nothing else, however W_F changes before it is used (stale by one step)."""
+    def _stale_lgm(self, ctx: StepContext) -> torch.Tensor:
+        """L_gm(t) from weights (official): c_m = cos(vec(sg(W_m)), vec(W̃_F)) with W̃_F the value of W_F
+        now. Value and ∂L_gm/∂W_F in closed form (:func:`direction_loss_and_grad`, no graph); the
+        returned tensor carries that gradient to W_F only (:func:`with_gradient`), however W_F changes
+        before the next step adds it (stale by one step). The snapshot (value, gradient) is what a
+        checkpoint saves to rebuild the term exactly on resume."""
         wf = self._w_f(ctx)
-        if wf_value is None:
-            wt, wis = wf.detach().clone(), self._final_weights(ctx)
-        else:
-            wt, wis = wf_value.to(wf), self._lgm_snapshot["w_i"]
-        b = self._b
-        value, grad = direction_loss_and_grad(wt, wis, b, [self.pairing[m] for m in self.modalities])
+        value, grad = direction_loss_and_grad(wf.detach(), [self._w_i(ctx, m).detach() for m in self.modalities],
+                                              self._b, [self.pairing[m] for m in self.modalities])
+        self._lgm_snapshot = {"value": value, "grad": grad, "b": self._b}
+        return self._lgm_from_snapshot(ctx)
+
+    def _lgm_from_snapshot(self, ctx: StepContext) -> torch.Tensor:
+        wf = self._w_f(ctx)
+        snap = self._lgm_snapshot
         with torch.enable_grad():
-            lgm = with_gradient(value, wf, grad)
-        self._lgm_snapshot = {"w_f": wt, "w_i": wis, "b": b}
-        return lgm
+            return with_gradient(snap["value"].to(wf.device), wf, snap["grad"].to(wf))
 
     # ---------------------------------------------------------------- training
     def _aux_outputs(self, ctx: StepContext, out: Any, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor,
@@ -502,10 +509,13 @@ class CGGM(BalancingMethod):
         task_loss = ctx.task.loss(out.logits, y)
         aux, aux_sum, stacked = self._aux_outputs(ctx, out, y)
         aux_loss = aux_sum / len(self.modalities) if hp.aux_loss_reduction == "mean" else aux_sum
+        if stacked is not None:
+            od = stacked.detach()
+            self._last_aux = dict(zip(self.modalities, od.unbind(0)))
+        else:
+            od, self._last_aux = None, {m: o.detach() for m, o in aux.items()}
         with torch.no_grad():
-            self._parts = self._eps_parts(ctx, {m: o.detach() for m, o in aux.items()},
-                                          None if stacked is None else stacked.detach(), y)
-        self._last_aux = {m: o.detach() for m, o in aux.items()}
+            self._parts = self._eps_parts(ctx, self._last_aux, od, y)
         loss = task_loss + aux_loss
         logs: dict[str, float | torch.Tensor] = {"cggm/task_loss": task_loss.detach(), "cggm/aux_loss": aux_loss.detach()}
         direction_on = ctx.epoch >= hp.start_epoch
@@ -550,13 +560,12 @@ class CGGM(BalancingMethod):
                                                                               sq).sqrt()
             per_factor = f.unbind(0)
             torch._foreach_mul_(grads, [per_factor[k] for k in owner])  # Eq. 8-9: magnitude modulation, in place
-            self._log_each(ctx, "grad_norm_raw", raw)
-            self._log_each(ctx, "grad_norm", f.abs() * raw)
+            scaled = f.abs() * raw
         else:
-            zero = torch.zeros(M, dtype=torch.float32, device=factors.device)
-            self._log_each(ctx, "grad_norm_raw", zero)
-            self._log_each(ctx, "grad_norm", zero)
-        self._log_each(ctx, "factor", factors)
+            raw = scaled = torch.zeros(M, dtype=torch.float32, device=factors.device)
+        eps, delta, _, hit = self._coef_logs
+        # one device vector per step: ε, Δ, B, raw and modulated encoder gradient norms, factors, guard flag
+        ctx.log_many(self._log_keys(), torch.cat([eps, delta, b, raw, scaled, factors, hit.reshape(1)]))
         self._latest["factor"] = factors
         self.lgm_now, self._last_aux = None, None  # release the same-step graph before the next forward
         if hp.cos_source == "weights_stale":
@@ -577,8 +586,7 @@ class CGGM(BalancingMethod):
         snap = self._lgm_snapshot
         return {"eps_prev": None if self.eps_prev is None else self.eps_prev.cpu().clone(),
                 "guard_hits": self.guard_hits,
-                "lgm_snapshot": None if snap is None else {"w_f": snap["w_f"].cpu(), "w_i": [w.cpu() for w in snap["w_i"]],
-                                                           "b": snap["b"].cpu()}}
+                "lgm_snapshot": None if snap is None else {k: v.cpu() for k, v in snap.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.eps_prev = state.get("eps_prev")
@@ -588,9 +596,15 @@ class CGGM(BalancingMethod):
     def on_epoch_start(self, ctx: StepContext) -> None:
         snap = getattr(self, "_pending_snapshot", None)
         if snap is not None and self.hp.cos_source == "weights_stale":  # resume: rebuild the stale term exactly
-            self._lgm_snapshot = {"w_i": [w.to(ctx.device) for w in snap["w_i"]]}
-            self._b = snap["b"]
-            self.lgm_prev = self._stale_lgm(ctx, snap["w_f"].to(ctx.device))
+            self._b = snap["b"].to(ctx.device)
+            if "grad" in snap:
+                self._lgm_snapshot = {"value": snap["value"].to(ctx.device), "grad": snap["grad"].to(ctx.device),
+                                      "b": self._b}
+            else:  # a checkpoint of an earlier version keeps the weights behind the term: recompute it from them
+                value, grad = direction_loss_and_grad(snap["w_f"].to(ctx.device), [w.to(ctx.device) for w in snap["w_i"]],
+                                                      self._b, [self.pairing[m] for m in self.modalities])
+                self._lgm_snapshot = {"value": value, "grad": grad, "b": self._b}
+            self.lgm_prev = self._lgm_from_snapshot(ctx)
         self._pending_snapshot = None
 
     def metrics(self) -> dict[str, float]:

@@ -160,9 +160,13 @@ def test_default_direction_term_reaches_only_final_weight(tmp_path, dataset, set
     assert all((s is None) == (pairing == "full") for s in meth.pairing.values())
     backward_step(ctx, meth, batch)
     meth.after_backward(ctx)
-    lgm, snap = meth.lgm_prev, meth._lgm_snapshot
+    lgm = meth.lgm_prev
     value = float(lgm.detach())
     wf = ctx.raw_model.final_layer().weight
+    # the values the term was computed from (the hook changes neither W_F nor the classifiers)
+    heads = clf_module(ctx).heads
+    snap = {"w_f": wf.detach().clone(), "w_i": [heads[m].final_layer().weight.detach().clone() for m in meth.modalities],
+            "b": meth._b.clone()}
     with torch.no_grad():  # the optimizer step changes W_F; the stale term must not follow it
         wf.add_(0.3 * torch.randn_like(wf))
     names, params = zip(*all_params(ctx).items())
