@@ -9,6 +9,7 @@ response's gradient by κ_m = exp(α·min(r̄_m − r_m, C)).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from mmbalance.interface import BalancingMethod, StepContext, StepOutput
 from mmbalance.registry import register_method
 from mmbalance.search import LogUniform
 
-__all__ = ["AGM", "AGMHParams", "GradScale", "shapley_coefficients", "permutation_coefficients",
+__all__ = ["AGM", "AGMHParams", "GradScale", "ScaledSum", "shapley_coefficients", "permutation_coefficients",
            "mono_responses", "agm_coefficients", "per_modality_accuracy"]
 
 LOG_FLOOR = math.log(1e-8)  # official: −log p with p floored at 1e-8 (agm.md §2 step 4)
@@ -30,16 +31,37 @@ LOG_FLOOR = math.log(1e-8)  # official: −log p with p floored at 1e-8 (agm.md 
 
 class GradScale(torch.autograd.Function):
     """Identity forward; backward multiplies the incoming gradient by κ (agm.md §2 step 10; an autograd
-    Function, not a module backward hook: bug 7.4)."""
+    Function, not a module backward hook: bug 7.4). κ is a number or a 0-d tensor (kept on the device)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, kappa: float) -> torch.Tensor:
-        ctx.kappa = float(kappa)
+    def forward(ctx: Any, x: torch.Tensor, kappa: float | torch.Tensor) -> torch.Tensor:
+        ctx.kappa = kappa.detach() if isinstance(kappa, torch.Tensor) else float(kappa)
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad * ctx.kappa, None
+
+
+class ScaledSum(torch.autograd.Function):
+    """Σ_m GradScale_{κ_m}(m_m) for stacked responses [M, …]: forward Σ_m m_m, backward κ_m·g to
+    response m (agm.md §2 step 10, the M GradScale calls in one node; κ a device vector)."""
+
+    @staticmethod
+    def forward(ctx: Any, mono: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
+        ctx.kappa = kappa.detach().to(mono.dtype).view(-1, *([1] * (mono.dim() - 1)))
+        return mono.sum(0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad.unsqueeze(0) * ctx.kappa, None
+
+
+def _autocast(ctx: Any) -> Any:
+    """The accelerator's autocast (what the prepared model's forward runs under), for calls into the
+    raw model's pieces; a no-op without an accelerator (unit-test contexts)."""
+    acc = getattr(ctx, "accelerator", None)
+    return acc.autocast() if acc is not None else contextlib.nullcontext()
 
 
 def _mask(subset: tuple[int, ...] | list[int]) -> int:
@@ -174,6 +196,7 @@ class AGM(BalancingMethod):
         self.kappa = torch.ones(self.M, dtype=torch.float64)
         self.exact = shapley_coefficients(self.M) if self.hp.shapley == "exact" else None
         self._exact_host = None if self.exact is None else {S: c.tolist() for S, c in self.exact.items()}
+        self._coef_cache: dict[Any, torch.Tensor] = {}
 
     def in_window(self, ctx: StepContext) -> bool:
         end = self.hp.end_epoch if self.hp.end_epoch is not None else math.inf
@@ -182,12 +205,21 @@ class AGM(BalancingMethod):
     # ------------------------------------------------------------------ coalition passes
     def coalition_passes(self, ctx: StepContext, batch: dict[str, torch.Tensor], masks: list[int],
                          full) -> dict[int, torch.Tensor]:
-        """f(S) for each proper coalition mask, with autograd, in eval mode (``coalition_mode``)."""
+        """f(S) for each proper coalition mask, with autograd, in eval mode (``coalition_mode``).
+
+        Eval mode with zero (neutral) inputs: every coalition in ONE batched forward
+        (:meth:`batched_coalition_logits`); each sample's output does not depend on the other rows
+        in eval mode (BatchNorm uses its running statistics, dropout is off), so this equals the
+        passes one by one to float rounding. ``coalition_mode=train`` (batch statistics, dropout
+        masks) and ``absent=feature_mean`` run them one by one."""
         model = ctx.model
         was_training = model.training
         if self.hp.coalition_mode == "eval":
             model.eval()
         try:
+            if self.hp.coalition_mode == "eval" and (self.hp.absent == "zeros" or self.feat_count == 0) and masks:
+                logits = self.batched_coalition_logits(ctx, batch, masks)
+                return dict(zip(masks, logits.unbind(0)))
             res = {}
             for S in masks:
                 absent = tuple(m for i, m in enumerate(self.modalities) if not S >> i & 1)
@@ -199,10 +231,49 @@ class AGM(BalancingMethod):
             model.train(was_training)
         return res
 
+    def batched_coalition_logits(self, ctx: StepContext, batch: dict[str, torch.Tensor],
+                                 masks: list[int]) -> torch.Tensor:
+        """[K, B, …] logits of the K coalitions ``masks`` (modality i present iff bit i is set, the
+        others on their neutral input), with autograd, from one forward of the (eval-mode) model.
+
+        A model on the standard contract (the base ``encode``/``forward``: each encoder sees only its
+        own modality) runs each encoder twice, on the real and on the neutral input of its B
+        samples, and the fusion and head once on the K·B rows the coalitions combine from these;
+        any other model runs once on its inputs stacked along the batch dimension (K·B rows). Both
+        are, per sample, the computation of ``ctx.forward(batch, absent)``."""
+        from mmbalance.models.base import MultimodalModel
+
+        raw = ctx.raw_model
+        K, B = len(masks), batch["label"].shape[0]
+        bits = [[bool(S >> i & 1) for S in masks] for i in range(self.M)]
+        if (isinstance(raw, MultimodalModel) and type(raw).encode is MultimodalModel.encode
+                and type(raw).forward is MultimodalModel.forward):
+            with _autocast(ctx):  # the prepared forward's mixed precision
+                feats = {}
+                for i, m in enumerate(self.modalities):
+                    x = batch[m]
+                    z = {True: raw.encoders[m](x) if any(bits[i]) else None,
+                         False: raw.encoders[m](raw.neutral_input(m, x)) if not all(bits[i]) else None}
+                    # float32 rows: each encoder output's gradient (summed over the coalitions using it)
+                    # accumulates in float32 under bf16/fp16 autocast, as the separate passes' did
+                    z = {k: v if v is None or v.dtype == torch.float64 else v.float() for k, v in z.items()}
+                    feats[m] = torch.cat([z[b] for b in bits[i]])
+                pooled = {m: raw.pool(m, z) for m, z in feats.items()}
+                logits = raw.fuse_and_head(feats, pooled)[1]
+        else:
+            inputs = {}
+            for i, m in enumerate(self.modalities):
+                x = batch[m]
+                neutral = raw.neutral_input(m, x) if not all(bits[i]) else None
+                inputs[m] = torch.cat([x if b else neutral for b in bits[i]])
+            logits = ctx.model(inputs).logits
+        return logits.reshape(K, B, *logits.shape[1:])
+
     def _feature_mean_pass(self, ctx: StepContext, full, absent: set[str]) -> torch.Tensor:
         raw = ctx.raw_model
         feats = {m: (self._feature_mean(m, z) if m in absent else z) for m, z in full.features.items()}
-        return raw.fuse_and_head(feats)[1]
+        with _autocast(ctx):  # the prepared model's mixed precision (bf16 crashed here before)
+            return raw.fuse_and_head(feats)[1]
 
     def _feature_mean(self, m: str, z: torch.Tensor) -> torch.Tensor:
         mean = self.feat_sum[m] / max(self.feat_count, 1.0)
@@ -220,12 +291,12 @@ class AGM(BalancingMethod):
         self.feat_count += float(n)
 
     # ------------------------------------------------------------------ scores
-    def scores(self, ctx: StepContext, mono: list[torch.Tensor], passes: dict[int, torch.Tensor],
+    def scores(self, ctx: StepContext, mono: list[torch.Tensor] | torch.Tensor, passes: dict[int, torch.Tensor],
                coef: dict[int, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
         """s_m (agm.md §2 step 4 and §5): mean cross-entropy of m_m (probability floored at 1e-8) for
         classification (per pixel for segmentation); loss-space Shapley −c_m for regression (v(∅) := 0,
         which shifts every s_m equally and leaves r, r̄, κ unchanged). Numerators and counts are
-        SUM-reduced across processes before dividing."""
+        SUM-reduced across processes before dividing. A float64 tensor on the device (no host read)."""
         task = ctx.task.name
         with torch.no_grad():
             if task == "regression":
@@ -235,16 +306,25 @@ class AGM(BalancingMethod):
                 num = torch.stack([-sum(c[m] * v[S] for S, c in host.items()).sum() for m in range(self.M)])
                 count = float(y.shape[0])
             else:
-                nums = []
-                for u in mono:
-                    logp = F.log_softmax(u.detach().float(), dim=1)
-                    picked = logp.gather(1, y.long().unsqueeze(1)).clamp_min(LOG_FLOOR)
-                    nums.append(-picked.sum())
-                num = torch.stack(nums)
+                u = mono.detach().float() if isinstance(mono, torch.Tensor) else torch.stack([x.detach().float() for x in mono])
+                logp = F.log_softmax(u, dim=2)  # [M, B, C, ...]: the class dimension of every response
+                idx = y.long().unsqueeze(1).unsqueeze(0).expand(self.M, *y.shape[:1], 1, *y.shape[1:])
+                picked = logp.gather(2, idx).clamp_min(LOG_FLOOR)
+                num = -picked.flatten(1).sum(1)
                 count = float(y.numel())
             tot = ctx.reduce_sum(torch.cat([num.double().reshape(-1), torch.tensor([count], dtype=torch.float64,
                                                                                    device=num.device)]))
-        return (tot[:-1] / tot[-1]).cpu()
+        return tot[:-1] / tot[-1]
+
+    def _coef_matrix(self, coef: dict[int, torch.Tensor], keys: list[int], device: torch.device) -> torch.Tensor:
+        """[M, K] float32 matrix A with m_m = Σ_k A[m, k]·f(keys[k]) (cached for the exact weights)."""
+        cache_key = (tuple(keys), device) if coef is self.exact else None
+        if cache_key is not None and cache_key in self._coef_cache:
+            return self._coef_cache[cache_key]
+        a = torch.stack([coef[S].to(torch.float64) for S in keys], dim=1).to(device=device, dtype=torch.float32)
+        if cache_key is not None:
+            self._coef_cache[cache_key] = a
+        return a
 
     # ------------------------------------------------------------------ step
     def training_step(self, ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutput:
@@ -257,30 +337,33 @@ class AGM(BalancingMethod):
         passes = {full_mask: full.logits, **self.coalition_passes(ctx, batch, masks, full)}
         if self.hp.absent == "feature_mean":  # after the passes: the mean of EARLIER batches stands in (like S̄)
             self._update_feature_means(ctx, full)
-        host = self._exact_host if self.exact is not None else {S: c.tolist() for S, c in coef.items()}
-        mono = mono_responses(passes, host, M)
+        keys = [full_mask, *masks]
+        # m_m = Σ_S coef[S][m]·f(S) for every m at once: [M, K] × [K, B·C] (float32)
+        P = torch.stack([passes[S].float() for S in keys])
+        A = self._coef_matrix(coef, keys, P.device)
+        mono = (A @ P.reshape(len(keys), -1)).reshape(M, *P.shape[1:])
 
+        host = self._exact_host if self.exact is not None else {S: c.tolist() for S, c in coef.items()}  # CPU weights
         s = self.scores(ctx, mono, passes, host, y)
-        r, r_bar, kappa = agm_coefficients(s, self.s_bar, self.hp.alpha, self.hp.C, self.hp.kappa_clamp)
+        s_bar = self.s_bar.to(s)
+        r, r_bar, kappa = agm_coefficients(s, s_bar, self.hp.alpha, self.hp.C, self.hp.kappa_clamp)
         self.t += 1
         if self.hp.avg == "cumulative" or self.t == 1:
-            self.s_bar = self.s_bar * (self.t - 1) / self.t + s / self.t
+            self.s_bar = s_bar * (self.t - 1) / self.t + s / self.t
         else:
-            self.s_bar = self.hp.ema_beta * self.s_bar + (1 - self.hp.ema_beta) * s
-        self.kappa = kappa if self.in_window(ctx) else torch.ones_like(kappa)
+            self.s_bar = self.hp.ema_beta * s_bar + (1 - self.hp.ema_beta) * s
+        self.kappa = kappa.to(s) if self.in_window(ctx) else torch.ones_like(s)
 
-        kap = self.kappa.tolist()  # a host tensor (s came back once, in scores): no device sync
-        out = sum(GradScale.apply(mono[i], kap[i]) for i in range(M))  # float32, = f(N)
+        out = ScaledSum.apply(mono, self.kappa)  # Σ_m GradScale_{κ_m}(m_m), float32, = f(N)
         loss = ctx.task.loss(out, y)
         logs: dict[str, float | torch.Tensor] = {}
-        for i, m in enumerate(self.modalities):  # host tensors, averaged by ctx.log at the epoch's end
-            logs[f"agm/s_{m}"] = s[i]
-            logs[f"agm/r_{m}"] = r[i]
-            logs[f"agm/rbar_{m}"] = r_bar[i]
-            logs[f"agm/kappa_{m}"] = self.kappa[i]
+        vals = torch.stack([s, r.to(s), r_bar.to(s), self.kappa]).unbind(0)
+        for name, vec in zip(("s", "r", "rbar", "kappa"), vals):  # device tensors, averaged at the epoch's end
+            for m, v in zip(self.modalities, vec.unbind(0)):
+                logs[f"agm/{name}_{m}"] = v
         if ctx.task.name == "classification":
-            accs = per_modality_accuracy({m: mono[i].detach() for i, m in enumerate(self.modalities)}, y)
-            logs.update({f"agm/acc_{m}": a for m, a in accs.items()})
+            accs = (mono.detach().argmax(-1) == y).float().mean(-1)  # per_modality_accuracy, all at once
+            logs.update({f"agm/acc_{m}": a for m, a in zip(self.modalities, accs.unbind(0))})
         return StepOutput(loss, full, logs)
 
     def after_backward(self, ctx: StepContext) -> None:
@@ -304,7 +387,7 @@ class AGM(BalancingMethod):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"t": self.t, "s_bar": self.s_bar, "kappa": self.kappa, "feat_sum": self.feat_sum,
+        return {"t": self.t, "s_bar": self.s_bar.cpu(), "kappa": self.kappa.cpu(), "feat_sum": self.feat_sum,
                 "feat_count": self.feat_count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -314,6 +397,7 @@ class AGM(BalancingMethod):
     def metrics(self) -> dict[str, float]:
         if self.kappa is None:
             return {}
-        out = {f"kappa_{m}": float(self.kappa[i]) for i, m in enumerate(self.modalities)}
-        out.update({f"s_bar_{m}": float(self.s_bar[i]) for i, m in enumerate(self.modalities)})
+        kappa, s_bar = self.kappa.tolist(), self.s_bar.tolist()  # once per epoch
+        out = {f"kappa_{m}": float(kappa[i]) for i, m in enumerate(self.modalities)}
+        out.update({f"s_bar_{m}": float(s_bar[i]) for i, m in enumerate(self.modalities)})
         return out
