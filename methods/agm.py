@@ -23,7 +23,7 @@ from mmbalance.interface import BalancingMethod, StepContext, StepOutput
 from mmbalance.registry import register_method
 from mmbalance.search import LogUniform
 
-__all__ = ["AGM", "AGMHParams", "GradScale", "ScaledSum", "shapley_coefficients", "permutation_coefficients",
+__all__ = ["AGM", "AGMHParams", "GradScale", "ScaledSum", "train_invariant", "shapley_coefficients", "permutation_coefficients",
            "mono_responses", "agm_coefficients", "per_modality_accuracy"]
 
 LOG_FLOOR = math.log(1e-8)  # official: −log p with p floored at 1e-8 (agm.md §2 step 4)
@@ -55,6 +55,25 @@ class ScaledSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad.unsqueeze(0) * ctx.kappa, None
+
+
+#: Layers whose output does not depend on train/eval mode (no dropout, no batch statistics).
+TRAIN_INVARIANT_LAYERS = (nn.Linear, nn.Identity, nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU,
+                          nn.ELU, nn.Flatten, nn.LayerNorm, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def train_invariant(module: nn.Module) -> bool:
+    """Whether ``module`` computes the same in train and eval mode: built only from
+    :data:`TRAIN_INVARIANT_LAYERS` inside plain ``nn.Sequential`` containers (a subclass that keeps
+    Sequential's forward counts). Conservative: any other module type (dropout, batch norm, attention,
+    custom forwards) answers False."""
+    for sub in module.modules():
+        if type(sub) in TRAIN_INVARIANT_LAYERS:
+            continue
+        if isinstance(sub, nn.Sequential) and type(sub).forward is nn.Sequential.forward:
+            continue
+        return False
+    return True
 
 
 def _autocast(ctx: Any) -> Any:
@@ -205,7 +224,12 @@ class AGM(BalancingMethod):
     # ------------------------------------------------------------------ coalition passes
     def coalition_passes(self, ctx: StepContext, batch: dict[str, torch.Tensor], masks: list[int],
                          full) -> dict[int, torch.Tensor]:
-        """f(S) for each proper coalition mask, with autograd, in eval mode (``coalition_mode``).
+        """f(S) for each proper coalition mask, with autograd, in eval mode (``coalition_mode``)."""
+        return dict(zip(masks, self.coalition_logits(ctx, batch, masks, full).unbind(0)))
+
+    def coalition_logits(self, ctx: StepContext, batch: dict[str, torch.Tensor], masks: list[int],
+                         full) -> torch.Tensor:
+        """[K, B, …] stacked f(S) of the K coalitions ``masks``, with autograd.
 
         Eval mode with zero (neutral) inputs: every coalition in ONE batched forward
         (:meth:`batched_coalition_logits`); each sample's output does not depend on the other rows
@@ -217,30 +241,32 @@ class AGM(BalancingMethod):
         if self.hp.coalition_mode == "eval":
             model.eval()
         try:
-            if self.hp.coalition_mode == "eval" and (self.hp.absent == "zeros" or self.feat_count == 0) and masks:
-                logits = self.batched_coalition_logits(ctx, batch, masks)
-                return dict(zip(masks, logits.unbind(0)))
-            res = {}
+            if self.hp.coalition_mode == "eval" and (self.hp.absent == "zeros" or self.feat_count == 0):
+                return self.batched_coalition_logits(ctx, batch, masks, full)
+            res = []
             for S in masks:
                 absent = tuple(m for i, m in enumerate(self.modalities) if not S >> i & 1)
                 if self.hp.absent == "zeros" or self.feat_count == 0:  # no earlier batch yet: zero input
-                    res[S] = ctx.forward(batch, absent).logits
+                    res.append(ctx.forward(batch, absent).logits)
                 else:
-                    res[S] = self._feature_mean_pass(ctx, full, set(absent))
+                    res.append(self._feature_mean_pass(ctx, full, set(absent)))
+            return torch.stack(res)
         finally:
             model.train(was_training)
-        return res
 
-    def batched_coalition_logits(self, ctx: StepContext, batch: dict[str, torch.Tensor],
-                                 masks: list[int]) -> torch.Tensor:
+    def batched_coalition_logits(self, ctx: StepContext, batch: dict[str, torch.Tensor], masks: list[int],
+                                 full=None) -> torch.Tensor:
         """[K, B, …] logits of the K coalitions ``masks`` (modality i present iff bit i is set, the
         others on their neutral input), with autograd, from one forward of the (eval-mode) model.
 
         A model on the standard contract (the base ``encode``/``forward``: each encoder sees only its
-        own modality) runs each encoder twice, on the real and on the neutral input of its B
-        samples, and the fusion and head once on the K·B rows the coalitions combine from these;
-        any other model runs once on its inputs stacked along the batch dimension (K·B rows). Both
-        are, per sample, the computation of ``ctx.forward(batch, absent)``."""
+        own modality) runs each encoder on the real and on the neutral input once, and the fusion
+        and head once on the K·B rows the coalitions combine from these. The real-input output is
+        the full pass's own ``full.features[m]`` when encoder m behaves the same in train and eval
+        mode (only Linear/conv/activation/LayerNorm layers: :func:`train_invariant`); the zero
+        neutral input (the base ``neutral_input``) is encoded on one row and broadcast. Any other
+        model runs once on its inputs stacked along the batch dimension (K·B rows). Both are, per
+        sample, the computation of ``ctx.forward(batch, absent)``."""
         from mmbalance.models.base import MultimodalModel
 
         raw = ctx.raw_model
@@ -248,14 +274,24 @@ class AGM(BalancingMethod):
         bits = [[bool(S >> i & 1) for S in masks] for i in range(self.M)]
         if (isinstance(raw, MultimodalModel) and type(raw).encode is MultimodalModel.encode
                 and type(raw).forward is MultimodalModel.forward):
+            zero_neutral = type(raw).neutral_input is MultimodalModel.neutral_input
+            reuse = self._train_invariant_encoders(raw) if full is not None else {}
             with _autocast(ctx):  # the prepared forward's mixed precision
                 feats = {}
                 for i, m in enumerate(self.modalities):
                     x = batch[m]
-                    z = {True: raw.encoders[m](x) if any(bits[i]) else None,
-                         False: raw.encoders[m](raw.neutral_input(m, x)) if not all(bits[i]) else None}
+                    z_real = z_neutral = None
+                    if any(bits[i]):
+                        z_real = full.features[m] if reuse.get(m) else raw.encoders[m](x)
+                    if not all(bits[i]):
+                        if zero_neutral:  # zeros for every sample: one row, the same output for each
+                            z_neutral = raw.encoders[m](raw.neutral_input(m, x[:1]))
+                            z_neutral = z_neutral.expand(B, *z_neutral.shape[1:])
+                        else:
+                            z_neutral = raw.encoders[m](raw.neutral_input(m, x))
                     # float32 rows: each encoder output's gradient (summed over the coalitions using it)
                     # accumulates in float32 under bf16/fp16 autocast, as the separate passes' did
+                    z = {True: z_real, False: z_neutral}
                     z = {k: v if v is None or v.dtype == torch.float64 else v.float() for k, v in z.items()}
                     feats[m] = torch.cat([z[b] for b in bits[i]])
                 pooled = {m: raw.pool(m, z) for m, z in feats.items()}
@@ -268,6 +304,12 @@ class AGM(BalancingMethod):
                 inputs[m] = torch.cat([x if b else neutral for b in bits[i]])
             logits = ctx.model(inputs).logits
         return logits.reshape(K, B, *logits.shape[1:])
+
+    def _train_invariant_encoders(self, raw: nn.Module) -> dict[str, bool]:
+        cached = getattr(self, "_invariant", None)
+        if cached is None or cached[0] is not raw:
+            cached = self._invariant = (raw, {m: train_invariant(raw.encoders[m]) for m in self.modalities})
+        return cached[1]
 
     def _feature_mean_pass(self, ctx: StepContext, full, absent: set[str]) -> torch.Tensor:
         raw = ctx.raw_model
@@ -334,12 +376,13 @@ class AGM(BalancingMethod):
         coef = self.exact if self.exact is not None else permutation_coefficients(M, self.hp.num_permutations,
                                                                                   ctx.generator)
         masks = sorted(S for S in coef if S != full_mask)
-        passes = {full_mask: full.logits, **self.coalition_passes(ctx, batch, masks, full)}
+        coal = self.coalition_logits(ctx, batch, masks, full)
         if self.hp.absent == "feature_mean":  # after the passes: the mean of EARLIER batches stands in (like S̄)
             self._update_feature_means(ctx, full)
         keys = [full_mask, *masks]
+        P = torch.cat([full.logits.float().unsqueeze(0), coal.float()])  # f(S) for S in keys: [K, B, …]
+        passes = dict(zip(keys, P.unbind(0))) if ctx.task.name == "regression" else {}
         # m_m = Σ_S coef[S][m]·f(S) for every m at once: [M, K] × [K, B·C] (float32)
-        P = torch.stack([passes[S].float() for S in keys])
         A = self._coef_matrix(coef, keys, P.device)
         mono = (A @ P.reshape(len(keys), -1)).reshape(M, *P.shape[1:])
 
