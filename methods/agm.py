@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import math
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -62,18 +63,49 @@ TRAIN_INVARIANT_LAYERS = (nn.Linear, nn.Identity, nn.ReLU, nn.GELU, nn.SiLU, nn.
                           nn.ELU, nn.Flatten, nn.LayerNorm, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def _invariant_layer(sub: nn.Module) -> bool:
+    """A layer of :data:`TRAIN_INVARIANT_LAYERS` (or a subclass keeping its forward), or a plain
+    ``nn.Sequential``: its forward never reads ``training``."""
+    for base in TRAIN_INVARIANT_LAYERS + (nn.Sequential,):
+        if isinstance(sub, base) and type(sub).forward is base.forward:
+            return True
+    return False
+
+
 def train_invariant(module: nn.Module) -> bool:
     """Whether ``module`` computes the same in train and eval mode: built only from
-    :data:`TRAIN_INVARIANT_LAYERS` inside plain ``nn.Sequential`` containers (a subclass that keeps
-    Sequential's forward counts). Conservative: any other module type (dropout, batch norm, attention,
-    custom forwards) answers False."""
-    for sub in module.modules():
-        if type(sub) in TRAIN_INVARIANT_LAYERS:
-            continue
-        if isinstance(sub, nn.Sequential) and type(sub).forward is nn.Sequential.forward:
-            continue
-        return False
-    return True
+    :data:`TRAIN_INVARIANT_LAYERS` inside plain ``nn.Sequential`` containers (subclasses that keep
+    the forward count). Conservative: any other module type (dropout, batch norm, attention, custom
+    forwards) answers False."""
+    return all(_invariant_layer(sub) for sub in module.modules())
+
+
+def _standard_model(raw: nn.Module) -> bool:
+    """A model on the base contract (each encoder sees only its own modality; forward = encode →
+    pool → fuse_and_head), whose pieces AGM may call directly."""
+    from mmbalance.models.base import MultimodalModel
+
+    return (isinstance(raw, MultimodalModel) and type(raw).encode is MultimodalModel.encode
+            and type(raw).forward is MultimodalModel.forward)
+
+
+def mode_sensitive(model: nn.Module) -> list[nn.Module]:
+    """The sub-modules whose forward may read ``training`` (every module but the invariant layers)."""
+    return [sub for sub in model.modules() if not _invariant_layer(sub)]
+
+
+@contextlib.contextmanager
+def _eval_mode(mods: list[nn.Module]) -> Iterator[None]:
+    """``model.eval()`` … restore for ``mods = mode_sensitive(model)``: the same forward, without
+    :meth:`nn.Module.train` walking the whole module tree twice every step."""
+    before = [sub.training for sub in mods]
+    try:
+        for sub in mods:
+            sub.training = False
+        yield
+    finally:
+        for sub, flag in zip(mods, before):
+            sub.training = flag
 
 
 def _autocast(ctx: Any) -> Any:
@@ -237,11 +269,18 @@ class AGM(BalancingMethod):
         passes one by one to float rounding. ``coalition_mode=train`` (batch statistics, dropout
         masks) and ``absent=feature_mean`` run them one by one."""
         model = ctx.model
+        batched = self.hp.coalition_mode == "eval" and (self.hp.absent == "zeros" or self.feat_count == 0)
+        if batched and _standard_model(ctx.raw_model):  # runs the raw model's pieces: switch only what reads the mode
+            cached = getattr(self, "_sensitive", None)
+            if cached is None or cached[0] is not ctx.raw_model:
+                cached = self._sensitive = (ctx.raw_model, mode_sensitive(ctx.raw_model))
+            with _eval_mode(cached[1]):
+                return self.batched_coalition_logits(ctx, batch, masks, full)
         was_training = model.training
         if self.hp.coalition_mode == "eval":
             model.eval()
         try:
-            if self.hp.coalition_mode == "eval" and (self.hp.absent == "zeros" or self.feat_count == 0):
+            if batched:
                 return self.batched_coalition_logits(ctx, batch, masks, full)
             res = []
             for S in masks:
@@ -266,14 +305,13 @@ class AGM(BalancingMethod):
         mode (only Linear/conv/activation/LayerNorm layers: :func:`train_invariant`); the zero
         neutral input (the base ``neutral_input``) is encoded on one row and broadcast. Any other
         model runs once on its inputs stacked along the batch dimension (K·B rows). Both are, per
-        sample, the computation of ``ctx.forward(batch, absent)``."""
+        sample, the computation of ``ctx.forward(batch, absent)``. The caller sets eval mode."""
         from mmbalance.models.base import MultimodalModel
 
         raw = ctx.raw_model
         K, B = len(masks), batch["label"].shape[0]
         bits = [[bool(S >> i & 1) for S in masks] for i in range(self.M)]
-        if (isinstance(raw, MultimodalModel) and type(raw).encode is MultimodalModel.encode
-                and type(raw).forward is MultimodalModel.forward):
+        if _standard_model(raw):
             zero_neutral = type(raw).neutral_input is MultimodalModel.neutral_input
             reuse = self._train_invariant_encoders(raw) if full is not None else {}
             with _autocast(ctx):  # the prepared forward's mixed precision
