@@ -104,6 +104,13 @@ def cap_weights(w: torch.Tensor, cap: float) -> torch.Tensor:
     return w
 
 
+def _se_part(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """s²/n of the paired changes b − a (one term of :func:`overfit_standard_error`), as a float64 tensor
+    on the inputs' device (0 for fewer than 2 samples)."""
+    d = (b - a).double()
+    return d.var(unbiased=True) / len(d) if len(d) > 1 else d.new_zeros(())
+
+
 def overfit_standard_error(v0: torch.Tensor, v1: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor) -> float:
     """Standard error of ΔO = mean_V(v1 − v0) − mean_T′(t1 − t0) from per-sample losses before (0) and
     after (1) a sub-network's training, on the same samples: SE² = s²_V/|V| + s²_T′/|T′| with s² the
@@ -191,10 +198,21 @@ class GBlending(BalancingMethod):
         self.heldout_fraction = self.hp.heldout_fraction
         if self.hp.weights is not None:
             self.needs_heldout = False  # fixed weights (VMZ): no estimation, full training split
-        self.weights: torch.Tensor | None = None
+        self._weights: torch.Tensor | None = None
+        self._w_host: list[float] = []
         self.history: list[dict[str, Any]] = []
         self.subnet_epochs = 0
         self.t_prime: torch.Tensor | None = None
+
+    @property
+    def weights(self) -> torch.Tensor | None:
+        """[w_1..w_M, w_fused] (float64, host-side: set once per estimate, never read from a device)."""
+        return self._weights
+
+    @weights.setter
+    def weights(self, w: torch.Tensor | None) -> None:
+        self._weights = w
+        self._w_host = [] if w is None else w.tolist()  # the step's factors: Python floats, no read per step
 
     # ------------------------------------------------------------------ set-up
     def setup(self, ctx: StepContext) -> None:
@@ -227,8 +245,9 @@ class GBlending(BalancingMethod):
 
     @torch.no_grad()
     def measure_samples(self, ctx: StepContext, net: nn.Module, split: str) -> torch.Tensor:
-        """Per-sample losses (or scores) of ``net`` on V or T′, in position order (float64): per-position
-        SUM buffers are SUM-reduced across ranks, so padded duplicates count once."""
+        """Per-sample losses (or scores) of ``net`` on V or T′, in position order (float64, on ctx.device):
+        per-position SUM buffers are SUM-reduced across ranks, so padded duplicates count once. T′: every
+        batch is evaluated and the rows outside T′ get count 0 (no per-batch host decision or mask)."""
         # positions are < len(TRAIN) whether batches index the carved split or the original one
         n = len(ctx.data.train)
         total = torch.zeros(n, dtype=torch.float64, device=ctx.device)
@@ -242,21 +261,19 @@ class GBlending(BalancingMethod):
         net.eval()
         for batch in ctx.train_batches(split=split, batch_size=bs, shuffle=False):
             idx = batch["idx"].to(ctx.device).long()
-            if select is not None:
-                keep = select[idx]
-                if not bool(keep.any()):
-                    continue
-                batch = {k: v[keep] for k, v in batch.items()}
-                idx = idx[keep]
             logits = net(batch)
             fn = per_sample_score if self.hp.measure == "accuracy" else per_sample_loss
             vals = fn(ctx.task, logits, batch["label"]).double()
+            ones = torch.ones_like(vals)
+            if select is not None:
+                keep = select[idx]
+                vals, ones = torch.where(keep, vals, 0.0), keep.to(vals.dtype)
             total.index_put_((idx,), vals)
-            count.index_put_((idx,), torch.ones_like(vals))
+            count.index_put_((idx,), ones)
         net.train(was)
         total, count = ctx.reduce_sum(total), ctx.reduce_sum(count)
         seen = count > 0
-        return (total[seen] / count[seen]).cpu()
+        return total[seen] / count[seen]
 
     def _train_subnet(self, ctx: StepContext, net: nn.Module, epochs: int, lr: float, tag: int) -> None:
         """n epochs on TRAIN minus V with a fresh optimizer of the dataset's type at ``lr`` (no
@@ -310,15 +327,18 @@ class GBlending(BalancingMethod):
         g_list, o_list = [], []
         tag0 = len(self.history) * 101
         se_list = []
+        stats = []  # per sub-network, on the device: the 4 means and the 2 SE² parts, read once below
         for i, net in enumerate(self.subnetworks(ctx)):
             v0, t0 = sign * self.measure_samples(ctx, net, "heldout"), sign * self.measure_samples(ctx, net, "train")
             self._train_subnet(ctx, net, epochs, lr, tag0 + i)
             v1, t1 = sign * self.measure_samples(ctx, net, "heldout"), sign * self.measure_samples(ctx, net, "train")
-            lv0, lt0, lv1, lt1 = (float(x.mean()) for x in (v0, t0, v1, t1))
+            stats.append(torch.stack([v0.mean(), t0.mean(), v1.mean(), t1.mean(),
+                                      _se_part(v0, v1), _se_part(t0, t1)]))
+            del net
+        for lv0, lt0, lv1, lt1, se_v, se_t in torch.stack(stats).tolist():
             o_list.append((lv1 - lt1) - (lv0 - lt0))  # ΔO = O_{N+n} − O_N
             g_list.append(lv0 - lv1)  # ΔG = L^V_N − L^V_{N+n}
-            se_list.append(overfit_standard_error(v0, v1, t0, t1))
-            del net
+            se_list.append((se_v + se_t) ** 0.5)  # overfit_standard_error
         torch.set_rng_state(rng)
         g, o = torch.tensor(g_list, dtype=torch.float64), torch.tensor(o_list, dtype=torch.float64)
         o_se = torch.tensor(se_list, dtype=torch.float64)
@@ -350,26 +370,26 @@ class GBlending(BalancingMethod):
         out = ctx.forward(batch)
         y = batch["label"]
         mods = ctx.modalities
-        w = self.weights
+        w = self._w_host  # Python floats (host bookkeeping, set per estimate): no host read here
         size = tuple(y.shape[-2:]) if ctx.task.name == "segmentation" else None
-        uni = ctx.modules["gb_heads"]({m: out.features[m] for m in mods if float(w[mods.index(m)]) > 0}, size)
+        uni = ctx.modules["gb_heads"]({m: out.features[m] for m in mods if w[mods.index(m)] > 0}, size)
         total = None
         logs: dict[str, Any] = {}
         for k, m in enumerate(mods):
             if m in uni:
                 lm = ctx.task.loss(uni[m], y)
-                logs[f"gb/loss_{m}"] = float(lm.detach())
-                total = float(w[k]) * lm if total is None else total + float(w[k]) * lm
+                logs[f"gb/loss_{m}"] = lm.detach()
+                total = w[k] * lm if total is None else total + w[k] * lm
         fused = ctx.task.loss(out.logits, y)
-        if float(w[-1]) > 0:
-            total = float(w[-1]) * fused if total is None else total + float(w[-1]) * fused
-        logs["gb/loss_fused"] = float(fused.detach())
+        if w[-1] > 0:
+            total = w[-1] * fused if total is None else total + w[-1] * fused
+        logs["gb/loss_fused"] = fused.detach()
         return StepOutput(total, out, logs)
 
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {"subnet_epochs": float(self.subnet_epochs)}
         if self.weights is not None:
-            out.update({f"w_{i}": float(v) for i, v in enumerate(self.weights)})
+            out.update({f"w_{i}": v for i, v in enumerate(self._w_host)})
         if self.history:
             last = self.history[-1]
             for i, (g, o) in enumerate(zip(last["G"], last["O"])):

@@ -168,15 +168,17 @@ class Greedy(BalancingMethod):
         return StepOutput(loss, out, logs)
 
     def _update_gate_averages(self, ctx: StepContext, model: MMTMModel) -> None:
-        """ḡ_m from the SUM-reduced gate sums and batch sizes (greedy.md §9): identical on every rank."""
+        """ḡ_m from the SUM-reduced gate sums and batch sizes (greedy.md §9): identical on every rank.
+        The batch size rides in the same buffer as the sums (one reduction, made on the device: no host
+        read or host→device copy per step)."""
         for block in model.mmtm_blocks:
             if block.last_gate_sum is None:
                 continue
-            flat = torch.cat([s.detach() for s in block.last_gate_sum]).to(torch.float64)
-            total = ctx.reduce_sum(flat)
-            count = float(ctx.reduce_sum(float(block.last_count)))
-            sums = list(torch.split(total.to(block.gate_avg(0).device), block.dims))
-            block.update_running_average(sums, count, self.hp.gate_avg, self.hp.ema_beta)
+            sums = [s.detach() for s in block.last_gate_sum]
+            flat = torch.cat([*sums, sums[0].new_full((1,), float(block.last_count))]).to(torch.float64)
+            total = ctx.reduce_sum(flat).to(block.gate_avg(0).device)
+            parts = list(torch.split(total[:-1], block.dims))
+            block.update_running_average(parts, total[-1], self.hp.gate_avg, self.hp.ema_beta)
             block.last_gate_sum = None
 
     def after_backward(self, ctx: StepContext) -> None:

@@ -170,6 +170,7 @@ class MLA(BalancingMethod):
         self.n = 0  # sub-steps so far, over the whole run (utils.py: the first one is not projected)
         self._r: tuple[torch.Tensor, torch.Tensor] | None = None  # (Σ_b x̄, count) of the current sub-step
         self._alpha_last = float("nan")
+        self._fixed_w: dict[tuple[str, ...], torch.Tensor] = {}  # fusion=fixed weights per present set
 
     # ------------------------------------------------------------------ set-up
     def check_applicable(self, data, modalities) -> None:
@@ -198,7 +199,7 @@ class MLA(BalancingMethod):
         model.variant = "late"
         head = SharedHead(kinds, dims, ctx.data.out_dim, self.hp.projector == "linear")
         ctx.add_module("mla_head", head, own_optimizer=False)
-        self.P = torch.eye(head.dim, dtype=torch.float32)
+        self.P = torch.eye(head.dim, dtype=torch.float32, device=ctx.device)
         self.n = 0
         self.fusion = self.hp.fusion if self.hp.fusion != "auto" else (
             "fixed" if ctx.task.name == "regression" else "dynamic")
@@ -210,7 +211,7 @@ class MLA(BalancingMethod):
         o, x = ctx.modules["mla_head"](m, out.features[m], out.pooled[m], size)
         xd = x.detach().float()
         rows = xd if xd.dim() == 2 else xd.flatten(2).mean(-1)  # maps: mean over pixels, then over the batch
-        self._r = (rows.sum(0), torch.tensor(float(rows.shape[0]), device=rows.device))
+        self._r = (rows.sum(0), rows.new_full((), float(rows.shape[0])))  # the count made on the device
         loss = ctx.task.loss(o, batch["label"])
         return StepOutput(loss, None, {f"mla/loss_{m}": loss.detach()})
 
@@ -259,10 +260,12 @@ class MLA(BalancingMethod):
         if self.fusion == "dynamic":
             w = entropy_weights(outputs, self.hp.entropy_axis)
         else:
-            all_w = self.hp.fixed_weights or [1.0] * len(ctx.modalities)
-            a = torch.tensor([all_w[ctx.modalities.index(m)] for m in present], dtype=torch.float32,
-                             device=outputs[0].device)
-            w = a / a.sum()
+            w = self._fixed_w.get(present)
+            if w is None:  # built once per set of present modalities, not per batch
+                all_w = self.hp.fixed_weights or [1.0] * len(ctx.modalities)
+                a = torch.tensor([all_w[ctx.modalities.index(m)] for m in present], dtype=torch.float32,
+                                 device=outputs[0].device)
+                w = self._fixed_w[present] = a / a.sum()
         return fuse_outputs(outputs, w)
 
     # ------------------------------------------------------------------ state

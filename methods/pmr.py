@@ -95,6 +95,7 @@ class PMR(BalancingMethod):
         dims = ctx.raw_model.feature_dims
         self.dims = [dims[m] for m in ctx.modalities]
         self.num_classes = int(ctx.task.num_classes)
+        self._mods = list(ctx.modalities)
 
     # ------------------------------------------------------------------ prototypes
     def _pooled_and_labels(self, ctx: StepContext, out: Any, label: torch.Tensor, m: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +137,7 @@ class PMR(BalancingMethod):
                     if not first or bool((ctx.reduce_sum(counts) > 0).all()):
                         break
                 out = ctx.forward(batch)
-                used.append(batch["idx"].detach().cpu())
+                used.append(batch["idx"].detach())
                 for j, m in enumerate(mods):
                     z, y = self._pooled_and_labels(ctx, out, batch["label"], m)
                     sums[j, :, : z.shape[1]].index_add_(0, y, z.double())
@@ -144,7 +145,7 @@ class PMR(BalancingMethod):
         finally:
             model.train(was_training)
         sums, counts = ctx.reduce_sum(sums), ctx.reduce_sum(counts)
-        self.last_subset_idx = torch.cat(used) if used else torch.zeros(0, dtype=torch.long)
+        self.last_subset_idx = torch.cat(used).cpu() if used else torch.zeros(0, dtype=torch.long)  # one copy
         present = counts > 0
         new = (sums / counts.clamp_min(1)[..., None]).float()
         if first:
@@ -201,25 +202,32 @@ class PMR(BalancingMethod):
                 acc.append((logits.argmax(-1) == y).float().mean())
         s = ctx.reduce_sum(torch.stack(scores))
         beta, rho = coefficients(s, self.hp.alpha, self.hp.coef_rule)
+        # On the device, no host read (step 10): a zero β_m adds exactly 0 to the loss and 0·∇PCE_m to
+        # the gradients, the same numbers as skipping the term. β is float32 here, as a Python-float
+        # factor is in a float32 product.
+        beta_f = beta.to(pce[0].dtype)
         total = loss
         for j in range(len(mods)):
-            if float(beta[j]) != 0.0:
-                total = total + float(beta[j]) * pce[j]
+            total = total + beta_f[j] * pce[j]
         if self.hp.per_weight > 0 and ctx.epoch < self.hp.per_epochs:
-            for j in range(len(mods)):
-                if float(rho[j]) > 1:  # PER on the leading modality (pmr_paper, §2.1)
-                    total = total - self.hp.per_weight * ent[j]
+            for j in range(len(mods)):  # PER on the leading modalities ρ_m > 1 (pmr_paper, §2.1)
+                total = total - torch.where(rho[j] > 1, self.hp.per_weight * ent[j], torch.zeros_like(ent[j]))
         logs: dict[str, Any] = {"pmr/active": 1.0}
         for j, m in enumerate(mods):
-            logs[f"pmr/beta_{m}"] = float(beta[j])
-            logs[f"pmr/rho_{m}"] = float(rho[j])
-            logs[f"pmr/proto_acc_{m}"] = float(acc[j])
-        self._last = {f"{k}_{m}": float(v[j]) for k, v in (("beta", beta), ("rho", rho)) for j, m in enumerate(mods)}
+            logs[f"pmr/beta_{m}"] = beta[j]
+            logs[f"pmr/rho_{m}"] = rho[j]
+            logs[f"pmr/proto_acc_{m}"] = acc[j]
+        self._last = (beta.detach(), rho.detach())  # read by metrics() once per epoch
         return StepOutput(total, out, logs)
 
     def metrics(self) -> dict[str, float]:
-        """The last step's β_m and ρ_m (from the SUM-reduced scores: identical on every rank)."""
-        return dict(getattr(self, "_last", {}))
+        """The last step's β_m and ρ_m (from the SUM-reduced scores: identical on every rank); one host
+        read for all of them."""
+        last = getattr(self, "_last", None)
+        if last is None:
+            return {}
+        beta, rho = torch.stack(last).tolist()
+        return {**{f"beta_{m}": b for m, b in zip(self._mods, beta)}, **{f"rho_{m}": r for m, r in zip(self._mods, rho)}}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -148,7 +148,8 @@ class QMF(BalancingMethod):
 
     def __init__(self, hparams: QMFHParams | None = None) -> None:
         super().__init__(hparams)
-        self.history: torch.Tensor | None = None  # [M, N] cumulative per-sample loss
+        self.history: torch.Tensor | None = None  # [M, N] cumulative per-sample loss, on ctx.device
+        self._device = torch.device("cpu")
 
     def setup(self, ctx: StepContext) -> None:
         model = ctx.raw_model
@@ -158,7 +159,8 @@ class QMF(BalancingMethod):
         model.variant = "late"
         ctx.add_module("qmf_heads", make_heads(model, ctx.task.name, ctx.data.out_dim), own_optimizer=False)
         n = len(ctx.data.train) if ctx.heldout is None else len(ctx.data.train) - len(ctx.heldout)
-        self.history = torch.zeros(len(ctx.modalities), n, dtype=torch.float64)
+        self._device = ctx.device  # the history lives where the losses are: no copy per step
+        self.history = torch.zeros(len(ctx.modalities), n, dtype=torch.float64, device=ctx.device)
 
     # ------------------------------------------------------------------ pieces
     def _unimodal(self, ctx: StepContext, batch: dict[str, torch.Tensor], absent: tuple[str, ...] = ()):
@@ -200,7 +202,7 @@ class QMF(BalancingMethod):
         """H_m[idx] += loss (step 6); every rank applies the (idx, loss) pairs of all ranks (§9)."""
         if ctx.world_size > 1:
             idx, losses = ctx.accelerator.gather((idx.contiguous(), losses.contiguous()))
-        self.history.index_add_(1, idx.cpu().long(), losses.cpu().t())
+        self.history.index_add_(1, idx.long(), losses.t())
 
     # ------------------------------------------------------------------ hooks
     def training_step(self, ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutput:
@@ -225,16 +227,16 @@ class QMF(BalancingMethod):
             self._update_history(ctx, idx, per_sample)
         rank_terms = []
         for k, m in enumerate(logits):
-            h_norm = normalise_history(self.history[k])[idx.cpu().long()].to(conf[m].device)
+            h_norm = normalise_history(self.history[k])[idx.long()]
             w = conf[m] if conf[m].dim() == 1 else conf[m].flatten(1).mean(1)  # segmentation: per image
             rank_terms.append(rank_loss(w, h_norm, self.hp.margin))
         if self.hp.history_update == "after":
             self._update_history(ctx, idx, per_sample)
         rank = sum(rank_terms)
         loss = loss_cls + self.hp.lambda_rank * rank
-        logs: dict[str, Any] = {"qmf/rank_loss": float(rank.detach()), "qmf/task_loss": float(task_loss.detach())}
+        logs: dict[str, Any] = {"qmf/rank_loss": rank.detach(), "qmf/task_loss": task_loss.detach()}
         for m, c in conf.items():
-            logs[f"qmf/conf_{m}"] = float(c.detach().mean())
+            logs[f"qmf/conf_{m}"] = c.detach().mean()
         return StepOutput(loss, out, logs)
 
     @torch.no_grad()
@@ -246,8 +248,8 @@ class QMF(BalancingMethod):
         return self._fused(ctx, logits, self._confidences(ctx, logits), detach=True)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": None if self.history is None else self.history.clone()}
+        return {"history": None if self.history is None else self.history.cpu().clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("history") is not None:
-            self.history = state["history"].clone()
+            self.history = state["history"].to(self._device, copy=True)

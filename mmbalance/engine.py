@@ -68,37 +68,59 @@ def _fused_kwargs(groups: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 
 
 class LossWatch:
-    """Per-epoch training-loss bookkeeping kept on the device (no host sync per step): the float64 sum
-    of the losses (bit-identical to summing their Python floats) and the first step whose loss was not
-    finite, with that loss. Read once, at the end of the epoch."""
+    """Per-epoch training-loss bookkeeping kept on the device (no host sync per step): each step's loss is
+    kept detached (one cheap op per step, stacked into float64 chunks every ``CHUNK`` steps so the number
+    of live tensors stays bounded) and read to the host once, at the end of the epoch. The epoch mean is
+    the sequential float64 sum of the losses (bit-identical to summing their Python floats); the first
+    step whose loss was not finite is reported with that loss."""
 
     NONE = 2**62
+    CHUNK = 512
 
     def __init__(self, device: torch.device) -> None:
-        self.sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.first = torch.full((), self.NONE, dtype=torch.long, device=device)
-        self.value = torch.zeros((), dtype=torch.float64, device=device)
+        self.device = device
+        self._pending: list[torch.Tensor] = []  # detached losses since the last chunk
+        self._chunks: list[torch.Tensor] = []  # float64 [k] stacks of earlier losses
+        self._steps: list[int] = []  # the batch step of every loss, in order
+        self._values: list[float] | None = None  # the host copy, read once
 
     def add(self, loss: torch.Tensor, step: int) -> None:
-        v = loss.detach().reshape(()).double()
-        self.sum += v
-        new = (~torch.isfinite(v)) & (self.first == self.NONE)
-        self.first = torch.where(new, torch.full_like(self.first, step), self.first)
-        self.value = torch.where(new, v, self.value)
+        self._pending.append(loss.detach())
+        self._steps.append(step)
+        self._values = None
+        if len(self._pending) >= self.CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            k = len(self._pending)  # reshape: a loss must be a scalar (one value per step)
+            self._chunks.append(torch.stack(self._pending).reshape(k).to(torch.float64))
+            self._pending = []
+
+    def values(self) -> list[float]:
+        """Every loss of the epoch as Python floats: one device-to-host read, cached."""
+        if self._values is None:
+            self._flush()
+            self._values = torch.cat(self._chunks).tolist() if self._chunks else []
+        return self._values
 
     def mean(self, n_steps: int) -> float:
-        return float(self.sum) / max(1, n_steps)
+        total = 0.0
+        for v in self.values():  # sequential, as the per-step float64 sum it replaces
+            total += v
+        return total / max(1, n_steps)
 
     def first_bad(self, acc, collective: bool = True) -> tuple[int | None, float]:
         """(first bad step over all ranks, its loss; NaN when another rank saw it) or (None, 0.0); one
         all-reduce under DDP when ``collective`` (every rank must stop together)."""
-        first = self.first
+        vals = self.values()
+        own = next((i for i, v in enumerate(vals) if not math.isfinite(v)), None)
+        step = self.NONE if own is None else self._steps[own]
         if collective and acc.num_processes > 1:
-            first = _all_min(first)
-        step = int(first)
+            step = int(_all_min(torch.tensor(step, dtype=torch.long, device=acc.device)))
         if step == self.NONE:
             return None, 0.0
-        return step, float(self.value) if int(self.first) == step else float("nan")
+        return step, vals[own] if own is not None and self._steps[own] == step else float("nan")
 
 
 def _all_min(t: torch.Tensor) -> torch.Tensor:
@@ -208,6 +230,7 @@ class Trainer:
         self.quiet = quiet
         self.log_with = list(log_with or [])
         self._progress_bar = None
+        self._plain_backward: bool | None = None  # decided on the first step (see _backward)
         self.task: Task = create_task(data.task, **data.task_kwargs)
         self.accelerator = accelerator or make_accelerator(train_cfg.mixed_precision, method.find_unused_parameters,
                                                            self.log_with, self.run_dir / "trackers")
@@ -304,8 +327,8 @@ class Trainer:
         acc = self.accelerator
         seed = self.config.seed if seed is None else seed
         batch_size = self._per_process_batch(batch_size)
-        if isinstance(split, TensorSplit):
-            return TensorBatcher(split, batch_size, shuffle=shuffle, seed=seed, rank=acc.process_index,
+        if isinstance(split, TensorSplit):  # the split's device copy is made once per run (extra passes reuse it)
+            return TensorBatcher(self._on_device(split), batch_size, shuffle=shuffle, seed=seed, rank=acc.process_index,
                                  world_size=acc.num_processes, device=acc.device)
         return acc.prepare_data_loader(make_loader(split, batch_size, shuffle=shuffle, seed=seed,
                                                    num_workers=self.cfg.num_workers))
@@ -565,6 +588,23 @@ class Trainer:
                 "dataset": self.config.dataset, "seed": self.config.seed, "config_hash": self.hash,
                 "versions": runfiles.package_versions(), "code": runfiles.code_provenance()})
 
+    def _backward(self, loss: torch.Tensor) -> None:
+        """``accelerator.backward`` without its per-step ``loss / gradient_accumulation_steps`` (an extra
+        op and autograd node per step; a division by 1 here, so the gradients are bit-identical) when
+        nothing else in it applies: no gradient accumulation, no DeepSpeed/Megatron-LM engine, no LOMO
+        optimizer. fp16 keeps the loss scaling (``scaler.scale(loss).backward()``, as accelerate does)."""
+        acc = self.accelerator
+        if self._plain_backward is None:
+            from accelerate.utils import DistributedType
+
+            self._plain_backward = (acc.gradient_accumulation_steps == 1 and not getattr(acc, "has_lomo_optimizer", False)
+                                    and acc.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM))
+        if not self._plain_backward:
+            acc.backward(loss)
+            return
+        scaler = acc.scaler  # read every step: a test may inject one after construction
+        (loss if scaler is None else scaler.scale(loss)).backward()
+
     def _set_lrs(self, factor: float) -> None:
         for g in self.ctx.optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor * g.get("lr_mult", 1.0)
@@ -616,7 +656,7 @@ class Trainer:
     def _train_steps(self, pos, loader, plan, watch, params, all_opts, main_opt, extra_opts, to_none,
                      schedule) -> int:
         """The steps of one epoch (see :meth:`_train_epoch`); returns the number of batches taken."""
-        acc, ctx, method, cfg = self.accelerator, self.ctx, self.method, self.cfg
+        ctx, method, cfg = self.ctx, self.method, self.cfg
         all_present = tuple(ctx.modalities)
         n_steps = 0
         for step, batch in enumerate(loader):
@@ -635,7 +675,7 @@ class Trainer:
                 ctx.substep = sub
                 loss = out.loss
                 watch.add(loss, step)  # on the device: no host sync, no all-reduce per step
-                acc.backward(loss)
+                self._backward(loss)
                 self._unscale(all_opts)  # every sub-step is a real step: unscaled once, stepped, scale updated
                 self.diag.after_backward()
                 method.after_backward(ctx)

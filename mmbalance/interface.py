@@ -26,6 +26,7 @@ Two optional capabilities change what one "step" and one "epoch" are:
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -207,19 +208,27 @@ class StepContext:
         self._vec_logs.setdefault(tuple(keys), []).append(values.detach().reshape(len(keys)))
 
     def pop_logs(self) -> dict[str, float]:
-        out = {}
+        """The epoch means of the logged values, then a fresh log. A key's tensor values are summed on
+        their device (float64); the sums of every key are read to the host together: one
+        device-to-host transfer per device and epoch, however many keys are logged."""
+        out: dict[str, float] = {}
+        sums: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
         for k, v in self._logs.items():
             if not v:
                 continue
             dev = next((x.device for x in v if isinstance(x, torch.Tensor)), None)
             if dev is None:
                 out[k] = sum(v) / len(v)
-            else:  # one device-to-host transfer per key and epoch
+            else:
+                out[k] = math.nan  # placeholder: keeps the keys in logging order
                 vals = torch.stack([x.reshape(()).to(dev, torch.float64) if isinstance(x, torch.Tensor) else
                                     torch.tensor(x, dtype=torch.float64, device=dev) for x in v])
-                out[k] = float(vals.sum().cpu()) / len(v)
+                sums.setdefault(dev, []).append((k, vals.sum()))
+        for pairs in sums.values():
+            for (k, _), total in zip(pairs, torch.stack([t for _, t in pairs]).tolist()):
+                out[k] = total / len(self._logs[k])
         grouped: dict[str, tuple[float, int]] = {}
-        for keys, vs in self._vec_logs.items():  # one device-to-host transfer per log_many group and epoch
+        for keys, vs in self._vec_logs.items():  # log_many: one device-to-host transfer per group and epoch
             for k, total in zip(keys, torch.stack(vs).to(torch.float64).sum(0).tolist()):
                 t0, n0 = grouped.get(k, (0.0, 0))
                 grouped[k] = (t0 + total, n0 + len(vs))

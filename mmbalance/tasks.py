@@ -147,6 +147,15 @@ class Task:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(primary_metric={self.primary_metric!r})"
 
+    def _on(self, key: str, t: Tensor, device: torch.device) -> Tensor:
+        """``t`` (a constant of the task: class weights, region classes) on ``device``, copied there
+        once and cached, not once per loss call (on a GPU each copy is a blocking host→device copy)."""
+        cache = self.__dict__.setdefault("_device_copies", {})
+        hit = cache.get((key, device))
+        if hit is None or hit[0] is not t:
+            hit = cache[(key, device)] = (t, t.to(device))
+        return hit[1]
+
 
 # --------------------------------------------------------------------------- classification
 
@@ -180,7 +189,7 @@ class ClassificationTask(Task):
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
         """Cross-entropy in float32 (bf16/fp16 logits from autocast are upcast first, README rule 5)."""
         logits = logits.float()
-        w = None if self.class_weights is None else self.class_weights.to(logits.device)
+        w = None if self.class_weights is None else self._on("class_weights", self.class_weights, logits.device)
         return F.cross_entropy(logits, target.long(), weight=w, label_smoothing=self.label_smoothing)
 
     def prediction(self, logits: Tensor) -> Tensor:
@@ -189,7 +198,7 @@ class ClassificationTask(Task):
     def batch_score_parts(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """Top-1 accuracy: (correct count, sample count)."""
         correct = (self.prediction(logits) == target.long()).sum().to(torch.float32)
-        return correct, torch.tensor(float(target.shape[0]), device=logits.device)
+        return correct, correct.new_full((), float(target.shape[0]))  # made on the device: no copy
 
     def new_meter(self) -> MetricMeter:
         return _ClassificationMeter(self)
@@ -263,7 +272,7 @@ class RegressionTask(Task):
         """Sign accuracy, acc2_cggm convention: (#[(ŷ > 0) = (y > 0)], sample count)."""
         pred, y = self._flat(logits.float(), target)
         correct = ((pred > 0) == (y > 0)).sum().to(torch.float32)
-        return correct, torch.tensor(float(y.shape[0]), device=logits.device)
+        return correct, correct.new_full((), float(y.shape[0]))
 
     def new_meter(self) -> MetricMeter:
         return _RegressionMeter(self)
@@ -360,7 +369,7 @@ class SegmentationTask(Task):
         (2Σp_c·g_c + 0.01)/(Σp_c + Σg_c + 0.01), sums over all pixels of the batch."""
         logits = logits.float()
         target = target.long()
-        w = None if self.ce_weight is None else self.ce_weight.to(logits.device)
+        w = None if self.ce_weight is None else self._on("ce_weight", self.ce_weight, logits.device)
         ce = F.cross_entropy(logits, target, weight=w)
         p = logits.softmax(dim=1)[:, 1:]
         g = F.one_hot(target, self.num_classes).permute(0, 3, 1, 2)[:, 1:].to(p.dtype)
@@ -374,8 +383,8 @@ class SegmentationTask(Task):
     def region_dice(self, pred: Tensor, target: Tensor) -> Tensor:
         """[B, R] per-slice Dice (2|P∩G| + 1e-3)/(|P| + |G| + 1e-3) of class maps [B, H, W]."""
         cols = []
-        for classes in self.regions.values():
-            c = torch.tensor(classes, device=pred.device)
+        for key, classes in self.regions.items():
+            c = self._on(key, self._region_classes(key), pred.device)
             p, g = torch.isin(pred, c), torch.isin(target, c)
             inter = (p & g).sum(dim=(1, 2)).double()
             size = p.sum(dim=(1, 2)).double() + g.sum(dim=(1, 2)).double()
@@ -385,7 +394,15 @@ class SegmentationTask(Task):
     def batch_score_parts(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """Mean region Dice per slice: (sum over slices, slice count) (``cggm.md`` step 7a)."""
         per_slice = self.region_dice(self.prediction(logits), target.long()).mean(dim=1)
-        return per_slice.sum().to(torch.float32), torch.tensor(float(target.shape[0]), device=logits.device)
+        total = per_slice.sum().to(torch.float32)
+        return total, total.new_full((), float(target.shape[0]))
+
+    def _region_classes(self, key: str) -> Tensor:
+        """The classes of region ``key`` as a CPU tensor (built once)."""
+        cache = self.__dict__.setdefault("_region_tensors", {})
+        if key not in cache or cache[key][0] != self.regions[key]:
+            cache[key] = (list(self.regions[key]), torch.tensor(self.regions[key]))
+        return cache[key][1]
 
     def new_meter(self) -> MetricMeter:
         return _SegmentationMeter(self)

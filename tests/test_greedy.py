@@ -313,3 +313,28 @@ def test_gate_running_averages_use_the_reduced_sums_and_counts(tmp_path):
     for k, s in enumerate(sums):
         want = (s.double() + n_other) / (count + n_other)
         torch.testing.assert_close(block.gate_avg(k).double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["cumulative", "ema"])
+def test_gate_running_average_by_hand(mode):
+    """ḡ after batch-mean gates μ_1, μ_2, μ_3 (sums / count): cumulative = their mean; ema = μ_1 first,
+    then β·ḡ + (1 − β)·μ_t (greedy.md §2.1 step 5), with the count given as a device tensor."""
+    from mmbalance.models.mmtm import MMTMBlock
+
+    block = MMTMBlock([3, 2], ["vector", "vector"])
+    g = torch.Generator().manual_seed(0)
+    beta = 0.9
+    means = [[torch.rand(3, generator=g), torch.rand(2, generator=g)] for _ in range(3)]
+    counts = [4.0, 6.0, 5.0]
+    for mu, c in zip(means, counts):
+        block.update_running_average([m.double() * c for m in mu], torch.tensor(c, dtype=torch.float64), mode, beta)
+    for k in range(2):
+        seq = [mu[k].double() for mu in means]
+        if mode == "cumulative":
+            want = sum(seq) / 3
+        else:
+            want = seq[0]
+            for x in seq[1:]:
+                want = beta * want + (1 - beta) * x
+        torch.testing.assert_close(block.gate_avg(k).double(), want, rtol=1e-6, atol=1e-7)
+    assert int(block.gate_updates) == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections import Counter
 
 import pytest
@@ -119,6 +120,23 @@ def test_watch_sum_is_the_float_sum_of_the_losses():
     assert w.first_bad(type("A", (), {"num_processes": 1})()) == (None, 0.0)
 
 
+def test_watch_across_chunk_boundaries(monkeypatch):
+    """Losses stacked in chunks of 3: the mean is still the sequential float sum over every step, and the
+    first non-finite one (in the second chunk, after sub-steps repeat a step number) is reported."""
+    monkeypatch.setattr(engine.LossWatch, "CHUNK", 3)
+    w = engine.LossWatch(torch.device("cpu"))
+    losses = [0.5, 1.25, 2.0, 3.5, float("inf"), float("nan"), 4.0]
+    steps = [0, 1, 1, 2, 3, 3, 4]  # two sub-steps at steps 1 and 3
+    for v, s in zip(losses, steps):
+        w.add(torch.tensor(v), s)
+    assert w.first_bad(type("A", (), {"num_processes": 1})()) == (3, float("inf"))
+    w2 = engine.LossWatch(torch.device("cpu"))
+    for v, s in zip(losses[:4] + [4.0], steps[:4] + [4]):
+        w2.add(torch.tensor(v), s)
+    assert w2.mean(5) == (0.5 + 1.25 + 2.0 + 3.5 + 4.0) / 5
+    assert w2.first_bad(type("A", (), {"num_processes": 1})()) == (None, 0.0)
+
+
 @pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
 def test_fused_optimizers_match_the_per_parameter_loop(kind, monkeypatch):
     """Same updates (to float rounding) with the fused/foreach kernels, including a parameter that first
@@ -141,3 +159,57 @@ def test_fused_optimizers_match_the_per_parameter_loop(kind, monkeypatch):
         runs.append([p.detach().clone() for p in ps])
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_method_logs_stay_on_the_device_and_are_read_once_per_epoch(tmp_path, monkeypatch):
+    """ctx.log(tensor) from any method: no host read in the steps, one read for all keys per epoch, the
+    per-epoch mean of exactly that epoch's values (the log is reset at the epoch boundary)."""
+    tr = build_trainer("baseline", run_dir=tmp_path / "r", epochs=2, sets=SETS)
+    real = tr.method.training_step
+
+    def step(ctx, batch):
+        out = real(ctx, batch)
+        v = torch.tensor(float(100 * ctx.epoch + ctx.step))  # a CPU tensor built from host ints: no read
+        ctx.log("probe/a", v)
+        ctx.log("probe/b", 2 * v)
+        out.logs["probe/c"] = -v  # StepOutput.logs go through ctx.log too
+        ctx.log("probe/host", 1.5)
+        return out
+
+    tr.method.training_step = step
+    in_steps, in_epoch, steps = _count_syncs(tr, monkeypatch)
+    assert in_steps == 0
+    assert in_epoch <= 2 * 2  # per epoch: the losses, and the logged sums of all keys together
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    n = steps // 2
+    for epoch, row in enumerate(rows):
+        mean = 100 * epoch + (n - 1) / 2  # mean of 100·epoch + step over the epoch's steps 0..n-1
+        assert row["probe/a"] == pytest.approx(mean, abs=1e-12)
+        assert row["probe/b"] == pytest.approx(2 * mean, abs=1e-12)
+        assert row["probe/c"] == pytest.approx(-mean, abs=1e-12)
+        assert row["probe/host"] == 1.5
+
+
+@pytest.mark.ddp
+def test_ddp_training_steps_make_no_collective_call(tmp_path):
+    """2-process DDP: besides DDP's own gradient all-reduce (C++ reducer, not counted) the engine makes no
+    torch.distributed call inside the training steps, and at most one per epoch (the non-finite check)."""
+    from conftest import REPO
+    from test_ddp import launch_2proc
+
+    epochs = 2
+    count_dir = tmp_path / "counts"
+    plugin = REPO / "tests" / "_collective_counter.py"
+    os.environ["MMBALANCE_COUNT_DIR"] = str(count_dir)
+    try:
+        proc = launch_2proc(["--method", "baseline", "--dataset", "mfeat", "--epochs", str(epochs), "--set",
+                             "dataset.limit_per_class=20", "--run-dir", str(tmp_path / "run"), "--quiet",
+                             "--plugin", str(plugin)], tmp_path / "dump")
+    finally:
+        del os.environ["MMBALANCE_COUNT_DIR"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        c = json.loads((count_dir / f"rank{rank}.json").read_text())
+        assert c["n_steps"] >= 2 * epochs
+        assert c["steps"] == 0, c  # e.g. a per-step loss all-reduce or NaN flag reduction
+        assert c["epoch"] <= epochs, c

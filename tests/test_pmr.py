@@ -87,8 +87,8 @@ def test_pce_only_on_the_lagging_modality_and_only_into_its_encoder(tmp_path):
     assert not protos.requires_grad
     batch = first_batch(tr)
     out = method.training_step(ctx, batch)
-    betas = [out.logs[f"pmr/beta_{m}"] for m in ctx.modalities]
-    rhos = [out.logs[f"pmr/rho_{m}"] for m in ctx.modalities]
+    betas = [float(out.logs[f"pmr/beta_{m}"]) for m in ctx.modalities]  # logged as device tensors
+    rhos = [float(out.logs[f"pmr/rho_{m}"]) for m in ctx.modalities]
     assert betas == [2.0 if r < 1 else 0.0 for r in rhos] and 0 < sum(b > 0 for b in betas) < 3
     # total − task loss = Σ β_m·PCE_m, recomputed by hand
     o = out.output
@@ -187,10 +187,34 @@ def test_scores_and_ratios_by_hand(tmp_path):
         s.append(sum(float(p[i, int(y[i])]) for i in range(len(y))))
     for j, m in enumerate(ctx.modalities):
         rho = s[j] / (sum(s) - s[j]) * (len(s) - 1)
-        assert out.logs[f"pmr/rho_{m}"] == pytest.approx(rho, rel=1e-5)
-    assert method.metrics() == {**{f"beta_{m}": out.logs[f"pmr/beta_{m}"] for m in ctx.modalities},
-                                **{f"rho_{m}": out.logs[f"pmr/rho_{m}"] for m in ctx.modalities}}
+        assert float(out.logs[f"pmr/rho_{m}"]) == pytest.approx(rho, rel=1e-5)
+    assert method.metrics() == {**{f"beta_{m}": float(out.logs[f"pmr/beta_{m}"]) for m in ctx.modalities},
+                                **{f"rho_{m}": float(out.logs[f"pmr/rho_{m}"]) for m in ctx.modalities}}
 
+
+
+def test_per_subtracts_the_entropy_of_the_leading_modalities_only(tmp_path):
+    """pmr_paper PER (§2.1): loss = ℓ + Σ_m β_m·PCE_m − w·Σ_{m: ρ_m > 1} H_m, H_m the mean entropy of the
+    prototype softmax, written out here; after ``per_epochs`` the PER term is gone."""
+    tr = _trainer(tmp_path, method="pmr_paper", per_weight=0.3, per_epochs=1)
+    ctx, method = tr.ctx, tr.method
+    protos = method.compute_prototypes(ctx).double()
+    batch = first_batch(tr)
+    y = batch["label"]
+    for epoch, on in ((0, True), (1, False)):
+        ctx.epoch = epoch
+        out = method.training_step(ctx, batch)
+        o = out.output
+        expected = float(ctx.task.loss(o.logits, y))
+        rhos = [float(out.logs[f"pmr/rho_{m}"]) for m in ctx.modalities]
+        assert 0 < sum(r > 1 for r in rhos) < len(rhos)
+        for j, m in enumerate(ctx.modalities):
+            z = o.pooled[m].detach().double()
+            logp = torch.log_softmax(-torch.cdist(z, protos[j, :, : z.shape[1]]), dim=1)
+            expected += float(out.logs[f"pmr/beta_{m}"]) * float(-logp.gather(1, y[:, None]).mean())
+            if on and rhos[j] > 1:
+                expected -= 0.3 * float(-(logp.exp() * logp).sum(1).mean())
+        assert float(out.loss) == pytest.approx(expected, rel=1e-5, abs=1e-6), epoch
 
 def test_prototype_subset_is_reshuffled_every_epoch(tmp_path):
     tr = _trainer(tmp_path)

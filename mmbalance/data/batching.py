@@ -56,8 +56,8 @@ class TensorBatcher:
         order = self._indices()
         if self.device is not None:
             order = order.to(self.device)
-        for start in range(0, len(order), self.batch_size):
-            yield self.split.batch(order[start:start + self.batch_size])
+        for idx in order.split(self.batch_size):  # one op for every batch's positions (not a slice per step)
+            yield self.split.batch(idx)
 
 
 def eval_index_shards(n: int, batch_size: int, rank: int, world_size: int) -> list[torch.Tensor]:

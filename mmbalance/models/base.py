@@ -60,6 +60,8 @@ class MultimodalModel(nn.Module):
     def encode(self, inputs: dict[str, torch.Tensor], absent: Iterable[str] = (),
                only: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """z_m for every modality, or only for ``only`` (the other encoders do not run)."""
+        if only is None and not absent:  # the training hot path: no set building, nothing to check
+            return {m: self.encoders[m](inputs[m]) for m in self.modalities}
         absent = set(absent)
         mods = self.modalities if only is None else [m for m in self.modalities if m in set(only)]
         unknown = (absent | set(only or ())) - set(self.modalities)

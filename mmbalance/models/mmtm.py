@@ -88,17 +88,20 @@ class MMTMBlock(nn.Module):
         return out
 
     @torch.no_grad()
-    def update_running_average(self, gate_sums: list[torch.Tensor], count: float, mode: str = "cumulative",
-                               ema_beta: float = 0.99) -> None:
-        """ḡ_m ← cumulative mean (or EMA) of the batch-mean gates ``gate_sums[m]/count`` (greedy.md §2.1 step 5)."""
-        n = int(self.gate_updates)
+    def update_running_average(self, gate_sums: list[torch.Tensor], count: float | torch.Tensor,
+                               mode: str = "cumulative", ema_beta: float = 0.99) -> None:
+        """ḡ_m ← cumulative mean (or EMA) of the batch-mean gates ``gate_sums[m]/count`` (greedy.md §2.1 step 5).
+        On the device: the update count n stays a buffer (the EMA's first update, n = 0, is the mean,
+        chosen by ``torch.where``), so no host read per step."""
+        n = self.gate_updates
         for k, s in enumerate(gate_sums):
             mean = (s / count).to(self.gate_avg(k).dtype)
             avg = self.gate_avg(k)
-            if mode == "ema" and n > 0:
-                avg.mul_(ema_beta).add_((1 - ema_beta) * mean)
+            cumulative = avg + (mean - avg) / (n + 1)
+            if mode == "ema":
+                avg.copy_(torch.where(n > 0, avg * ema_beta + (1 - ema_beta) * mean, cumulative))
             else:
-                avg.add_((mean - avg) / (n + 1))
+                avg.copy_(cumulative)
         self.gate_updates += 1
 
 

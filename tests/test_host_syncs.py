@@ -1,0 +1,79 @@
+"""Host syncs per training step (issue 14 goal: at most 2 per step for every method): the counter of
+``mmbalance/hostsyncs.py`` (also ``benchmarks/host_syncs.py``) on tiny mfeat runs, and the counter's own
+device model (which reads a GPU would pay as a sync)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmbalance.hostsyncs import Counts, DeviceTracker, count_host_syncs
+
+TINY = {"dataset.limit_per_class": 6, "train.batch_size": 12}
+# Device reads allowed inside the training steps, per step (a host decision the algorithm needs: Greedy's
+# next-step mode from the learning speeds). Everything else reads nothing per step.
+BUDGET = {"baseline": 0, "gblending": 0, "gblending_offline_robust": 0, "pmr": 0, "pmr_paper": 0, "qmf": 0,
+          "qmf_rgbd": 0, "mla": 0, "mla_alternate": 0, "mmpareto": 0, "greedy": 1, "greedy_random": 1, "ogm_ge": 0}
+
+
+@pytest.mark.parametrize("method", list(BUDGET))
+def test_training_steps_stay_within_the_host_sync_budget(method):
+    rep = count_host_syncs(method, "mfeat", epochs=1, sets=TINY)
+    assert rep is not None and rep.steps >= 4
+    steps = rep.in_steps
+    assert steps.total("device") <= BUDGET[method] * rep.steps, steps.where.most_common(5)
+    assert steps.total("reads") <= 2 * rep.steps, steps.reads  # host reads included
+    # no host→device copy per step either; one per epoch: the loader's shuffled order, copied as it starts
+    assert steps.total("h2d") <= 1, steps.where.most_common(5)
+
+
+def _tracked(fn):
+    tracker = DeviceTracker()
+    tracker.dev = torch.device("cpu")
+    w = Counts()
+    with tracker:
+        tracker.windows.append(w)
+        fn(tracker)
+    return w
+
+
+def test_counter_tells_device_reads_from_host_reads():
+    def body(tr):
+        model = torch.nn.Linear(3, 2)
+        tr.tag_module(model)
+        loss = model(torch.ones(4, 3)).pow(2).mean()  # computed from a device parameter: on the device
+        float(loss)  # device read
+        loss.backward()
+        model.weight.grad.norm().item()  # .grad of a device parameter: device read
+        host = torch.tensor([1.0, 2.0])  # Python data, no device: host bookkeeping
+        float(host.sum())
+        host.tolist()  # host reads
+        on_dev = torch.zeros(2, device=tr.dev)  # created on ctx.device: on the device, no copy
+        moved = torch.arange(3.0).to(tr.dev)  # host → device copy
+        float((on_dev.sum() + moved.sum()))  # device read
+        torch.tensor([1.0, 2.0], device=loss.device)  # x.device of a device tensor is the device: a copy
+        back = loss.detach().cpu()  # device → host copy: one device read ...
+        float(back)  # ... and the value is then on the host
+        buf = torch.zeros(2)
+        buf[0] = loss.detach()  # a device value written into a host tensor: a sync
+    w = _tracked(body)
+    assert w.device == {"__float__": 2, "item": 1, "cpu": 1, "__setitem__": 1}, w.device
+    assert w.host == {"__float__": 2, "tolist": 1}, w.host
+    assert w.h2d == {"to": 1, "tensor": 1}, w.h2d
+    assert w.total("reads") == 6  # every conversion, whatever the device (the former single count)
+
+
+def test_planted_per_step_read_is_caught(monkeypatch):
+    """A method that reads its loss on the host every step (the bug the budget exists for) is caught."""
+    from mmbalance.methods.qmf import QMF
+
+    real = QMF.training_step
+
+    def reading(self, ctx, batch):
+        out = real(self, ctx, batch)
+        out.logs["qmf/loss_read"] = float(out.loss)
+        return out
+
+    monkeypatch.setattr(QMF, "training_step", reading)
+    rep = count_host_syncs("qmf", "mfeat", epochs=1, sets=TINY)
+    assert rep.in_steps.total("device") == rep.steps
+    assert rep.in_steps.where.most_common(1)[0][0].startswith("device __float__ tests/test_host_syncs.py")
