@@ -56,6 +56,7 @@ def main() -> None:
     p.add_argument("--method", default="baseline")
     p.add_argument("--dataset", default="mfeat")
     p.add_argument("--epochs", type=int, default=None, help="default: the dataset's (mfeat: 50)")
+    p.add_argument("--markdown", action="store_true", help="also print the ratios as a markdown table")
     args = p.parse_args()
     log: list[dict] = []
     cache: dict[str, tuple[float, float]] = {}
@@ -81,6 +82,11 @@ def main() -> None:
               f"{statistics.median(r['wall_seconds_this_process'] for r in rows):.2f} s, train_seconds "
               f"{statistics.median(r['train_seconds'] for r in rows):.2f} s, diagnostics_seconds "
               f"{statistics.median(r.get('diagnostics_seconds', 0.0) for r in rows):.2f} s")
+    if args.markdown:
+        fit = f"{statistics.median(fit_ratios):.3f} ({min(fit_ratios):.3f}–{max(fit_ratios):.3f})"
+        print(f"\n| run | process wall default/none | fit() wall default/none | goal | met? |\n|---|---|---|---|---|\n"
+              f"| {args.method} on {args.dataset}, {args.repeats} pairs | {proc.median:.3f} ({proc.low:.3f}–{proc.high:.3f}) "
+              f"| {fit} | ≤ 1.10 | {'yes' if proc.median <= 1.10 else 'no'} |\n")
     comps = [r["components"] for r in log if r["level"] == "default"]
     if comps:
         print("  diagnostics by component (median s): " + ", ".join(

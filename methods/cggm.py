@@ -26,7 +26,7 @@ from mmbalance.registry import register_method
 from mmbalance.search import LogUniform, Uniform
 
 __all__ = ["CGGM", "CGGMHParams", "CGGMClassifiers", "SegDecoderHead", "PAPER_TABLE7", "balance_coefficients",
-           "encoder_scope_parameters", "direction_loss"]
+           "encoder_scope_parameters", "direction_loss", "direction_loss_and_grad", "with_gradient"]
 
 #: Per-dataset method defaults, CGGM paper Table 7 (cggm.md §4; classifier weight decay: official code,
 #: IEMOCAP: AdamW default). Dataset modules import this into ``method_defaults["cggm"]``.
@@ -96,21 +96,20 @@ class CGGMHParams:
 
 
 def balance_coefficients(delta: torch.Tensor, *, rho: float = 1.0, rho_in_b: bool = False, guard: bool = True,
-                         guard_tol: float = 1e-3) -> tuple[torch.Tensor, bool]:
+                         guard_tol: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 7: B_m = Σ_{k≠m}Δ_k / Σ_kΔ_k (float64), and whether the guard fired (cggm.md §2 step 7c).
 
     guard: |S| < guard_tol → B = 1; raw: S' = S + 1e-8, B_m = (S' − Δ_m)/S'. ``rho_in_b``: B^p = ρ·B.
-    No clipping, no absolute value: B may be negative or > 1 (official behaviour).
+    No clipping, no absolute value: B may be negative or > 1 (official behaviour). Decided on the
+    tensors' device (no host read): ``hit`` is a 0-d bool tensor (``bool(hit)`` reads it).
     """
     delta = delta.to(torch.float64)
     s = delta.sum()
-    hit = False
     if guard:
-        if abs(float(s)) < guard_tol:
-            b, hit = torch.ones_like(delta), True
-        else:
-            b = (s - delta) / s
+        hit = s.abs() < guard_tol
+        b = torch.where(hit, 1.0, (s - delta) / s)
     else:
+        hit = torch.zeros((), dtype=torch.bool, device=delta.device)
         s = s + 1e-8
         b = (s - delta) / s
     return (rho * b if rho_in_b else b), hit
@@ -120,6 +119,77 @@ def direction_loss(b: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
     """Eq. 12: L_gm = (1/M)(Σ_m |B_m| − Σ_m B_m·c_m); the Σ|B| offset only matches the logged value."""
     b = b.to(cos.dtype)
     return (b.abs().sum() - (b * cos).sum()) / b.numel()
+
+
+def direction_loss_and_grad(w_f: torch.Tensor, w_i: list[torch.Tensor] | torch.Tensor, b: torch.Tensor,
+                            pairing: list[slice | None], eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 12 of the default (``weights_stale``) direction term and its gradient in closed form:
+    ``(L_gm, ∂L_gm/∂W_F)``, with no autograd graph.
+
+    f_m = W_F (``full`` pairing) or W_F's column block of modality m (``block``); w_m = sg(W_m), the
+    classifier's final weight. With F.cosine_similarity's definition ŵ = w/max(‖w‖, ε),
+    f̂ = f/max(‖f‖, ε) and c_m = ⟨ŵ_m, f̂_m⟩ (Eq. 12's similarity), for ‖f_m‖ > ε
+
+        ∂c_m/∂f_m = (ŵ_m − c_m·f̂_m)/‖f_m‖,
+        L_gm = (1/M)(Σ_m |B_m| − Σ_m B_m·c_m)   ⇒   ∂L_gm/∂f_m = −(B_m/M)·(ŵ_m − c_m·f̂_m)/‖f_m‖
+                                                             = α_m·w_m + β_m·f_m,
+        α_m = −B_m/(M·‖w_m‖·‖f_m‖),   β_m = B_m·c_m/(M·‖f_m‖²),
+
+    and ∂L_gm/∂W_F is the sum of these over m, each placed on its block (``full``: on the whole W_F).
+    B gets no gradient (it comes from the classifiers' metrics). All M modalities are evaluated at once
+    when the blocks are W_F itself or W_F's consecutive equal column blocks in modality order (W_F
+    viewed as [C, M, d], no copy); otherwise one by one.
+    """
+    M = len(pairing)
+    wis = list(w_i.unbind(0)) if isinstance(w_i, torch.Tensor) else list(w_i)
+    bb = b.to(device=w_f.device, dtype=w_f.dtype)  # L_gm in W_F's precision, as direction_loss
+    full = all(s is None for s in pairing)
+    if w_f.dim() == 2 and all(w.shape == wis[0].shape for w in wis) and (
+            (full and wis[0].shape == w_f.shape) or _consecutive_blocks(pairing, w_f.shape[1], wis[0].shape)):
+        C = w_f.shape[0]
+        W = torch.stack(wis, dim=1).to(w_f)  # [C, M, d]
+        Fb = w_f.unsqueeze(1) if full else w_f.view(C, M, -1)  # [C, 1 or M, d]
+        dot = (W * Fb).sum((0, 2))
+        nw = torch.linalg.vector_norm(W, dim=(0, 2)).clamp_min(eps)
+        nf = torch.linalg.vector_norm(Fb, dim=(0, 2)).clamp_min(eps)
+        cos = dot / (nw * nf)
+        alpha = bb * (-1.0 / M) / (nw * nf)
+        beta = bb * cos / (M * nf * nf)
+        g = W * alpha.view(1, -1, 1) + Fb * beta.view(1, -1, 1)  # [C, M, d]
+        grad = g.sum(1) if full else g.reshape(w_f.shape)
+        return direction_loss(bb, cos), grad
+    grad = torch.zeros_like(w_f)
+    cos_list = []
+    for k, (w, s) in enumerate(zip(wis, pairing)):
+        blk = w_f if s is None else w_f[:, s]
+        w = w.to(w_f)
+        nf = torch.linalg.vector_norm(blk).clamp_min(eps)
+        wn, fn = w / torch.linalg.vector_norm(w).clamp_min(eps), blk / nf
+        c = (wn * fn).sum()
+        g = -(bb[k] / M) * (wn - c * fn) / nf
+        if s is None:
+            grad += g
+        else:
+            grad[:, s] += g
+        cos_list.append(c)
+    return direction_loss(bb, torch.stack(cos_list)), grad
+
+
+def _consecutive_blocks(pairing: list[slice | None], width: int, shape: tuple[int, ...]) -> bool:
+    """Whether the block slices are W_F's columns cut into len(pairing) consecutive blocks of the
+    classifier weights' width, in modality order."""
+    if len(shape) != 2 or any(s is None or s.step not in (None, 1) for s in pairing):
+        return False
+    d = shape[1]
+    return d * len(pairing) == width and all(s.start == k * d and s.stop == (k + 1) * d for k, s in enumerate(pairing))
+
+
+def with_gradient(value: torch.Tensor, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``value`` as a tensor whose gradient with respect to ``param`` is ``grad``:
+    value + Σ (param − sg(param))·grad. The added term is exactly 0, so the value is unchanged; its
+    backward is one multiplication (the closed-form gradient of :func:`direction_loss_and_grad`
+    replaces the cosine graph)."""
+    return value + ((param - param.detach()) * grad.detach()).sum()
 
 
 def _cos(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -188,14 +258,63 @@ class SegDecoderHead(nn.Module):
 
 
 class CGGMClassifiers(nn.Module):
-    """The M auxiliary classifiers as one module (one DDP wrapper, one optimizer; cggm.md §9)."""
+    """The M auxiliary classifiers as one module (one DDP wrapper, one optimizer; cggm.md §9).
+
+    ``forward(features)`` runs them one by one and returns {m: o_m}. ``forward(features, stacked=True)``
+    returns o as one [M, B, C] tensor: when every classifier is the same vector MLP
+    (:class:`~mmbalance.models.heads.UnimodalHead`: Linear → ReLU → Linear, or one Linear) on features
+    of one width, the M heads run as one batched matrix product per layer (``torch.baddbmm`` over
+    their weights stacked at call time), else one by one and stacked. The parameters stay those of
+    the M heads (``heads.<m>.…``), so the state_dict, the optimizer state and old checkpoints keep
+    their layout; the outputs equal the per-head ones to float rounding.
+    """
 
     def __init__(self, heads: dict[str, nn.Module]) -> None:
         super().__init__()
         self.heads = nn.ModuleDict(heads)
+        self.grouped_layers = _grouped_layers(list(self.heads.values()))
 
-    def forward(self, features: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {m: head(features[m]) for m, head in self.heads.items()}
+    def forward(self, features: dict[str, Any], stacked: bool = False) -> dict[str, torch.Tensor] | torch.Tensor:
+        if not stacked:
+            return {m: head(features[m]) for m, head in self.heads.items()}
+        if self.grouped_layers is None:
+            return torch.stack([head(features[m]) for m, head in self.heads.items()])
+        h = torch.stack([features[m] for m in self.heads])  # [M, B, d]
+        n = len(self.grouped_layers)
+        for j, layers in enumerate(self.grouped_layers):
+            w = torch.stack([lin.weight for lin in layers])  # [M, out, in]
+            bias = torch.stack([lin.bias for lin in layers]).unsqueeze(1)  # [M, 1, out]
+            h = torch.baddbmm(bias, h, w.transpose(1, 2))  # y = x·Wᵀ + b for every head at once
+            if j < n - 1:
+                h = torch.relu(h)
+        return h
+
+
+def _grouped_layers(heads: list[nn.Module]) -> list[list[nn.Linear]] | None:
+    """Per layer, the M heads' Linear modules, when the heads can run as one batched product: every
+    head a vector :class:`UnimodalHead` without sequence encoder whose body is Identity or
+    Linear → ReLU, with biases, and all of one shape. None otherwise (sequence/map classifiers)."""
+    from mmbalance.models.heads import UnimodalHead
+
+    plans = []
+    for h in heads:
+        if type(h) is not UnimodalHead or h.encoder is not None or h.feature_kind != "vector":
+            return None
+        body = h.body
+        if isinstance(body, nn.Identity):
+            layers = [h.out]
+        elif (isinstance(body, nn.Sequential) and len(body) == 2 and type(body[0]) is nn.Linear
+              and type(body[1]) is nn.ReLU):
+            layers = [body[0], h.out]
+        else:
+            return None
+        if any(type(lin) is not nn.Linear or lin.bias is None for lin in layers):
+            return None
+        plans.append(layers)
+    shapes = [[tuple(lin.weight.shape) for lin in layers] for layers in plans]
+    if not plans or any(s != shapes[0] for s in shapes):
+        return None
+    return [list(layer) for layer in zip(*plans)]
 
 
 def build_classifier(model: nn.Module, m: str) -> nn.Module:
@@ -236,10 +355,17 @@ class CGGM(BalancingMethod):
         self._lgm_snapshot: dict[str, Any] | None = None  # values behind lgm_prev (checkpointing)
         self._parts: torch.Tensor | None = None  # [2, M] numerators/denominators of ε (this rank)
         self._b: torch.Tensor | None = None  # coefficients of the current step (B or B^p)
-        self._latest: dict[str, float | torch.Tensor] = {}
+        self._latest: dict[str, torch.Tensor] = {}  # latest eps/B/factor vectors and lgm, on the device
         self.lgm_now: torch.Tensor | None = None
         self._last_aux: dict[str, torch.Tensor] | None = None
-        self.guard_hits = 0
+        self._guard_hits: int | torch.Tensor = 0  # a device counter during training (no host read per step)
+        self._coef_logs: tuple[torch.Tensor, ...] | None = None  # ε, Δ, B, guard flag of the step (logged once)
+        self._stacked = False
+
+    @property
+    def guard_hits(self) -> int:
+        """How often the guard of Eq. 7 fired (reads the device counter)."""
+        return int(self._guard_hits)
 
     # ---------------------------------------------------------------- set-up
     def setup(self, ctx: StepContext) -> None:
@@ -254,6 +380,8 @@ class CGGM(BalancingMethod):
             if not self._scoped[m]:
                 raise MethodNotApplicable(f"cggm: encoder of modality {m!r} has no parameter in scope "
                                           f"{self.hp.scale_scope!r} (nothing to modulate)")
+        # vector MLP classifiers run as one batched product (CGGMClassifiers.forward(stacked=True))
+        self._stacked = self._raw_classifiers.grouped_layers is not None
 
     def _resolve_pairing(self, model: nn.Module, heads: dict[str, nn.Module]) -> dict[str, slice | None]:
         """m → None (full: the whole W_F) or the column slice of W_F paired with classifier m (block)."""
@@ -302,66 +430,99 @@ class CGGM(BalancingMethod):
         return parts[0] / parts[1].clamp_min(1e-12)
 
     def _update_coefficients(self, ctx: StepContext) -> torch.Tensor:
-        eps = self._batch_eps(ctx).to(torch.float64).cpu()
-        prev = torch.zeros_like(eps) if self.eps_prev is None else self.eps_prev
+        """Steps 7a–7c on the device: ε (global batch) → Δ = ε − ε^prev → B (Eq. 7); nothing is read
+        back to the host (logged in :meth:`after_backward` as one device vector per step)."""
+        eps = self._batch_eps(ctx)
+        prev = torch.zeros_like(eps) if self.eps_prev is None else self.eps_prev.to(eps)
         delta = eps - prev
         self.eps_prev = eps
         b, hit = balance_coefficients(delta, rho=self.hp.rho, rho_in_b=self.hp.rho_in_b, guard=self.hp.guard,
                                       guard_tol=self.hp.guard_tol)
-        self.guard_hits += int(hit)
-        ctx.log("cggm/guard_hit", float(hit))
-        for k, m in enumerate(self.modalities):  # host tensors (eps came back once): read at the epoch's end
-            ctx.log(f"cggm/eps/{m}", eps[k])
-            ctx.log(f"cggm/delta/{m}", delta[k])
-            ctx.log(f"cggm/B/{m}", b[k])
-            self._latest[f"eps/{m}"] = eps[k]
-            self._latest[f"B/{m}"] = b[k]
-        self._latest["guard_hits"] = float(self.guard_hits)
+        self._guard_hits = self._guard_hits + hit  # a long device tensor after the first step
+        self._coef_logs = (eps, delta, b, hit)
+        self._latest["eps"], self._latest["B"] = eps, b
         self._b = b
         return b
 
-    def _stale_lgm(self, ctx: StepContext, wf_value: torch.Tensor | None = None) -> torch.Tensor:
-        """L_gm(t) from weights (official): c_m = cos(vec(sg(W_m)), vec(W̃_F)), W̃_F = clone of W_F now
-        (or, after a resume, the saved value with W_F's autograd edge)."""
+    def _log_keys(self) -> tuple[str, ...]:
+        """Keys of the per-step log vector (cached per modality list)."""
+        cached = getattr(self, "_log_keys_cached", None)
+        if cached is None or cached[0] != self.modalities:
+            keys = tuple(f"cggm/{name}/{m}" for name in ("eps", "delta", "B", "grad_norm_raw", "grad_norm", "factor")
+                         for m in self.modalities) + ("cggm/guard_hit",)
+            cached = self._log_keys_cached = (list(self.modalities), keys)
+        return cached[1]
+
+    def _stale_lgm(self, ctx: StepContext) -> torch.Tensor:
+        """L_gm(t) from weights (official): c_m = cos(vec(sg(W_m)), vec(W̃_F)) with W̃_F the value of W_F
+        now. Value and ∂L_gm/∂W_F in closed form (:func:`direction_loss_and_grad`, no graph); the
+        returned tensor carries that gradient to W_F only (:func:`with_gradient`), however W_F changes
+        before the next step adds it (stale by one step). The snapshot (value, gradient) is what a
+        checkpoint saves to rebuild the term exactly on resume."""
         wf = self._w_f(ctx)
+        value, grad = direction_loss_and_grad(wf.detach(), [self._w_i(ctx, m).detach() for m in self.modalities],
+                                              self._b, [self.pairing[m] for m in self.modalities])
+        self._lgm_snapshot = {"value": value, "grad": grad, "b": self._b}
+        return self._lgm_from_snapshot(ctx)
+
+    def _lgm_from_snapshot(self, ctx: StepContext) -> torch.Tensor:
+        wf = self._w_f(ctx)
+        snap = self._lgm_snapshot
         with torch.enable_grad():
-            if wf_value is None:
-                wt = wf.clone()
-                wis = [self._w_i(ctx, m).detach().clone() for m in self.modalities]
-            else:
-                wt = wf + (wf_value.to(wf) - wf).detach()
-                wis = self._lgm_snapshot["w_i"]
-            cos = torch.stack([_cos(w_i.to(wt), self._block(wt, m)) for w_i, m in zip(wis, self.modalities)])
-            lgm = direction_loss(self._b.to(wt.device), cos)
-        self._lgm_snapshot = {"w_f": wt.detach().clone(), "w_i": wis, "b": self._b.clone()}
-        return lgm
+            return with_gradient(snap["value"].to(wf.device), wf, snap["grad"].to(wf))
 
     # ---------------------------------------------------------------- training
+    def _aux_outputs(self, ctx: StepContext, out: Any, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor,
+                                                                                  torch.Tensor | None]:
+        """o_m = f_m(sg(z_m)) and Σ_m ℓ(o_m, y); with grouped classifiers also o as one [M, B, C] tensor."""
+        feats = {m: _detach(out.features[m]) for m in self.modalities}
+        task = ctx.task
+        if self._stacked:
+            o = ctx.modules[self.MODULE](feats, stacked=True)
+            aux = dict(zip(self.modalities, o.unbind(0)))
+            if task.name == "classification":  # Σ_m mean_i CE(o_m,i) = M·mean over the M·B rows (same labels)
+                total = task.loss(o.flatten(0, 1), y.repeat(len(self.modalities))) * len(self.modalities)
+            else:
+                total = torch.stack([task.loss(a, y) for a in aux.values()]).sum()
+            return aux, total, o
+        aux = ctx.modules[self.MODULE](feats)
+        if task.name == "segmentation":
+            aux = {m: o if o.shape[-2:] == y.shape[-2:] else
+                   F.interpolate(o, size=y.shape[-2:], mode="bilinear", align_corners=False) for m, o in aux.items()}
+        return aux, sum(task.loss(aux[m], y) for m in self.modalities), None
+
+    def _eps_parts(self, ctx: StepContext, aux: dict[str, torch.Tensor], stacked: torch.Tensor | None,
+                   y: torch.Tensor) -> torch.Tensor:
+        """[2, M]: numerators and denominators of ε_m on this rank's batch (step 7a)."""
+        M = len(self.modalities)
+        if stacked is not None and ctx.task.name == "classification" and self.hp.metric == "auto":
+            num = (ctx.task.prediction(stacked) == y.long()).sum(-1).to(torch.float32)  # top-1 hits per classifier
+            return torch.stack([num, torch.full((M,), float(y.shape[0]), device=num.device)])
+        parts = [self._score_parts(ctx, aux[m], y) for m in self.modalities]
+        return torch.stack([torch.stack([n.float() for n, _ in parts]),
+                            torch.stack([d.float().to(parts[0][0].device) for _, d in parts])])
+
     def training_step(self, ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutput:
         hp = self.hp
         y = batch["label"]
         out = ctx.forward(batch)
         task_loss = ctx.task.loss(out.logits, y)
-        aux = ctx.modules[self.MODULE]({m: _detach(out.features[m]) for m in self.modalities})
-        if ctx.task.name == "segmentation":
-            aux = {m: o if o.shape[-2:] == y.shape[-2:] else
-                   F.interpolate(o, size=y.shape[-2:], mode="bilinear", align_corners=False) for m, o in aux.items()}
-        aux_losses = {m: ctx.task.loss(aux[m], y) for m in self.modalities}
-        aux_loss = sum(aux_losses.values())
-        if hp.aux_loss_reduction == "mean":
-            aux_loss = aux_loss / len(self.modalities)
+        aux, aux_sum, stacked = self._aux_outputs(ctx, out, y)
+        aux_loss = aux_sum / len(self.modalities) if hp.aux_loss_reduction == "mean" else aux_sum
+        if stacked is not None:
+            od = stacked.detach()
+            self._last_aux = dict(zip(self.modalities, od.unbind(0)))
+        else:
+            od, self._last_aux = None, {m: o.detach() for m, o in aux.items()}
         with torch.no_grad():
-            parts = [self._score_parts(ctx, aux[m].detach(), y) for m in self.modalities]
-            self._parts = torch.stack([torch.stack([n.float() for n, _ in parts]),
-                                       torch.stack([d.float().to(parts[0][0].device) for _, d in parts])])
-        self._last_aux = {m: o.detach() for m, o in aux.items()}
+            self._parts = self._eps_parts(ctx, self._last_aux, od, y)
         loss = task_loss + aux_loss
         logs: dict[str, float | torch.Tensor] = {"cggm/task_loss": task_loss.detach(), "cggm/aux_loss": aux_loss.detach()}
         direction_on = ctx.epoch >= hp.start_epoch
         if hp.cos_source == "grads_same_step":
             b = self._update_coefficients(ctx)  # steps 7a-7c moved before the backward (§2.1)
             if hp.lam != 0 and direction_on:
-                lgm = self._same_step_lgm(ctx, task_loss, aux_losses, b)
+                lgm = self._same_step_lgm(ctx, task_loss, aux_sum, b)
                 loss = loss + hp.lam * lgm
                 self.lgm_now = lgm  # with its graph (inspection/tests)
                 logs["cggm/lgm"] = lgm.detach()
@@ -371,14 +532,13 @@ class CGGM(BalancingMethod):
             logs["cggm/lgm_added"] = self.lgm_prev.detach()
         return StepOutput(loss, out, logs)
 
-    def _same_step_lgm(self, ctx: StepContext, task_loss: torch.Tensor, aux_losses: dict[str, torch.Tensor],
+    def _same_step_lgm(self, ctx: StepContext, task_loss: torch.Tensor, aux_sum: torch.Tensor,
                        b: torch.Tensor) -> torch.Tensor:
-        """§2.1: g_F = ∂ℓ(ŷ)/∂W_F (create_graph), g_m = ∂ℓ(o_m)/∂W_m (detached); c_m = cos(g_m, g_F block)."""
+        """§2.1: g_F = ∂ℓ(ŷ)/∂W_F (create_graph), g_m = ∂ℓ(o_m)/∂W_m (detached); c_m = cos(g_m, g_F block).
+        g_m for every m from one call: W_m enters only ℓ(o_m), so ∂(Σ_k ℓ(o_k))/∂W_m = ∂ℓ(o_m)/∂W_m."""
         g_f = torch.autograd.grad(task_loss, self._w_f(ctx), create_graph=True, retain_graph=True)[0]
-        cos = []
-        for m in self.modalities:
-            g_m = torch.autograd.grad(aux_losses[m], self._w_i(ctx, m), retain_graph=True)[0].detach()
-            cos.append(_cos(g_m, self._block(g_f, m)))
+        g_ms = torch.autograd.grad(aux_sum, [self._w_i(ctx, m) for m in self.modalities], retain_graph=True)
+        cos = [_cos(g_m.detach(), self._block(g_f, m)) for g_m, m in zip(g_ms, self.modalities)]
         return direction_loss(b.to(g_f.device), torch.stack(cos))
 
     def after_backward(self, ctx: StepContext) -> None:
@@ -386,46 +546,77 @@ class CGGM(BalancingMethod):
         # B was computed before the backward with grads_same_step (§2.1), here otherwise (step 7a-7c)
         b = self._b if hp.cos_source == "grads_same_step" else self._update_coefficients(ctx)
         factors = b if hp.rho_in_b else hp.rho * b  # Eq. 8-9: ρ·B_m, or B_m^p that already holds ρ
-        host = factors.tolist() if isinstance(factors, torch.Tensor) else list(factors)  # B lives on the host
+        grads, owner = [], []
         for k, m in enumerate(self.modalities):
-            params = [p for p in self._scoped[m] if p.grad is not None]
-            f = host[k]
-            if params:  # logged as device tensors: no host sync per step
-                raw = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad.detach() for p in params])))
-                ctx.log(f"cggm/grad_norm_raw/{m}", raw)
-                ctx.log(f"cggm/grad_norm/{m}", abs(f) * raw)
-                torch._foreach_mul_([p.grad for p in params], f)  # Eq. 8-9: magnitude modulation, in place
-            else:
-                ctx.log(f"cggm/grad_norm_raw/{m}", 0.0)
-                ctx.log(f"cggm/grad_norm/{m}", 0.0)
-            ctx.log(f"cggm/factor/{m}", f)
-            self._latest[f"factor/{m}"] = f
+            for p in self._scoped[m]:
+                if p.grad is not None:
+                    grads.append(p.grad)
+                    owner.append(k)
+        M = len(self.modalities)
+        if grads:  # one foreach norm and one foreach scaling for every encoder's parameters
+            f = factors.to(device=grads[0].device, dtype=grads[0].dtype)
+            sq = torch.stack(torch._foreach_norm(grads)).square()
+            raw = torch.zeros(M, dtype=sq.dtype, device=sq.device).index_add_(0, self._owner_index(owner, sq.device),
+                                                                              sq).sqrt()
+            per_factor = f.unbind(0)
+            torch._foreach_mul_(grads, [per_factor[k] for k in owner])  # Eq. 8-9: magnitude modulation, in place
+            scaled = f.abs() * raw
+        else:
+            raw = scaled = torch.zeros(M, dtype=torch.float32, device=factors.device)
+        eps, delta, _, hit = self._coef_logs
+        # one device vector per step: ε, Δ, B, raw and modulated encoder gradient norms, factors, guard flag
+        ctx.log_many(self._log_keys(), torch.cat([eps, delta, b, raw, scaled, factors, hit.reshape(1)]))
+        self._latest["factor"] = factors
         self.lgm_now, self._last_aux = None, None  # release the same-step graph before the next forward
         if hp.cos_source == "weights_stale":
             self.lgm_prev = self._stale_lgm(ctx)
             ctx.log("cggm/lgm", self.lgm_prev.detach())
             self._latest["lgm"] = self.lgm_prev.detach()
 
+    def _owner_index(self, owner: list[int], device: torch.device) -> torch.Tensor:
+        """The modality index of every scaled gradient as a device tensor, built once per layout."""
+        key = (tuple(owner), device)
+        cached = getattr(self, "_owner_cached", None)
+        if cached is None or cached[0] != key:
+            cached = self._owner_cached = (key, torch.tensor(owner, device=device))
+        return cached[1]
+
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         snap = self._lgm_snapshot
-        return {"eps_prev": None if self.eps_prev is None else self.eps_prev.clone(), "guard_hits": self.guard_hits,
-                "lgm_snapshot": None if snap is None else {"w_f": snap["w_f"].cpu(), "w_i": [w.cpu() for w in snap["w_i"]],
-                                                           "b": snap["b"].cpu()}}
+        return {"eps_prev": None if self.eps_prev is None else self.eps_prev.cpu().clone(),
+                "guard_hits": self.guard_hits,
+                "lgm_snapshot": None if snap is None else {k: v.cpu() for k, v in snap.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.eps_prev = state.get("eps_prev")
-        self.guard_hits = int(state.get("guard_hits", 0))
+        self._guard_hits = int(state.get("guard_hits", 0))
         self._pending_snapshot = state.get("lgm_snapshot")
 
     def on_epoch_start(self, ctx: StepContext) -> None:
         snap = getattr(self, "_pending_snapshot", None)
         if snap is not None and self.hp.cos_source == "weights_stale":  # resume: rebuild the stale term exactly
-            self._lgm_snapshot = {"w_i": [w.to(ctx.device) for w in snap["w_i"]]}
-            self._b = snap["b"]
-            self.lgm_prev = self._stale_lgm(ctx, snap["w_f"].to(ctx.device))
+            self._b = snap["b"].to(ctx.device)
+            if "grad" in snap:
+                self._lgm_snapshot = {"value": snap["value"].to(ctx.device), "grad": snap["grad"].to(ctx.device),
+                                      "b": self._b}
+            else:  # a checkpoint of an earlier version keeps the weights behind the term: recompute it from them
+                value, grad = direction_loss_and_grad(snap["w_f"].to(ctx.device), [w.to(ctx.device) for w in snap["w_i"]],
+                                                      self._b, [self.pairing[m] for m in self.modalities])
+                self._lgm_snapshot = {"value": value, "grad": grad, "b": self._b}
+            self.lgm_prev = self._lgm_from_snapshot(ctx)
         self._pending_snapshot = None
 
     def metrics(self) -> dict[str, float]:
-        """Latest B_m, ε_m, magnitude factors, L_gm and the guard counter."""
-        return {k: float(v) for k, v in self._latest.items()}
+        """Latest B_m, ε_m, magnitude factors, L_gm and the guard counter (read once, at the epoch's end)."""
+        out: dict[str, float] = {}
+        for name in ("eps", "B"):
+            if name in self._latest:
+                out.update({f"{name}/{m}": float(v) for m, v in zip(self.modalities, self._latest[name].tolist())})
+        if "eps" in self._latest:
+            out["guard_hits"] = float(self.guard_hits)
+        if "factor" in self._latest:
+            out.update({f"factor/{m}": float(v) for m, v in zip(self.modalities, self._latest["factor"].tolist())})
+        if "lgm" in self._latest:
+            out["lgm"] = float(self._latest["lgm"])
+        return out

@@ -160,9 +160,13 @@ def test_default_direction_term_reaches_only_final_weight(tmp_path, dataset, set
     assert all((s is None) == (pairing == "full") for s in meth.pairing.values())
     backward_step(ctx, meth, batch)
     meth.after_backward(ctx)
-    lgm, snap = meth.lgm_prev, meth._lgm_snapshot
+    lgm = meth.lgm_prev
     value = float(lgm.detach())
     wf = ctx.raw_model.final_layer().weight
+    # the values the term was computed from (the hook changes neither W_F nor the classifiers)
+    heads = clf_module(ctx).heads
+    snap = {"w_f": wf.detach().clone(), "w_i": [heads[m].final_layer().weight.detach().clone() for m in meth.modalities],
+            "b": meth._b.clone()}
     with torch.no_grad():  # the optimizer step changes W_F; the stale term must not follow it
         wf.add_(0.3 * torch.randn_like(wf))
     names, params = zip(*all_params(ctx).items())
@@ -195,11 +199,12 @@ def test_paper_preset_same_step_gradient_cosine(tmp_path):
     tr, ctx, meth, batch = make(tmp_path, method="cggm_paper", sets={**VEC2, "rho": 1.3, "lam": 0.2})
     assert meth.hp.cos_source == "grads_same_step" and meth.hp.rho_in_b
     meth._batch_eps = fixed_eps([0.5, 0.25])  # Δ = (0.5, 0.25): B = (1/3, 2/3), B^p = 1.3·B
-    hidden = {}
-    for m, head in clf_module(ctx).heads.items():
-        head.final_layer().register_forward_hook(lambda mod, inp, out, m=m: hidden.__setitem__(m, inp[0].detach()))
     out = meth.training_step(ctx, batch)
     lgm = meth.lgm_now
+    # the input of each classifier's final layer, from the head itself (the method runs the heads grouped)
+    heads = clf_module(ctx).heads
+    with torch.no_grad():
+        hidden = {m: heads[m].body(out.output.features[m]) for m in meth.modalities}
     # closed form of L_gm on a linear head with cross-entropy: ∂CE/∂W = (softmax − onehot)ᵀ·input / N
     y = batch["label"]
     n = len(y)

@@ -1,0 +1,96 @@
+"""The benchmark scripts' CPU-side parts: the plain loop does the engine's exact work, the goal logic of the
+method table, run_all.sh's and gpu.sh's argument handling, gpu.sh's no-GPU exit, and the GPU throughput
+helper's whole path on CPU (``--cpu-smoke``)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def _sh(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["bash", str(REPO / "benchmarks" / script), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_plain_loop_ends_with_the_engines_parameters():
+    """A plain loop that drifted from the engine (another batch order, init seed, optimizer, gather) would
+    make the ratio meaningless; the benchmark refuses above 1e-6, here it must be exact."""
+    import loop_overhead
+
+    from mmbalance.registry import create_dataset
+
+    assert loop_overhead.check_same_work(create_dataset("mfeat"), 1) == 0.0
+
+
+def test_method_table_goals_per_dataset_column():
+    from _paired import Ratio
+    from method_overhead import GOALS, met
+
+    mfeat, seq = GOALS["cggm"]
+    assert (mfeat, seq) == (1.5, 1.3)
+    assert met([Ratio(1.45, 1.4, 1.5, 3), Ratio(1.25, 1.2, 1.3, 3)], (mfeat, seq)) == "yes"
+    assert met([Ratio(1.45, 1.4, 1.5, 3), Ratio(1.35, 1.2, 1.4, 3)], (mfeat, seq)) == "no"  # seq goal is 1.3
+    assert met([Ratio(1.45, 1.4, 1.5, 3), "n/a"], (mfeat, seq)) == "yes"  # n/a is not a failure
+    assert met(["n/a", "n/a"], (mfeat, seq)) == "—"
+
+
+def test_run_all_dry_run_lists_every_benchmark_and_the_estimate():
+    ok = _sh("run_all.sh", "--dry-run", "--out", "x.md")
+    assert ok.returncode == 0, ok.stderr
+    for script in ("loop_overhead.py", "method_overhead.py", "host_syncs.py", "diagnostics_overhead.py"):
+        assert script in ok.stdout
+    assert "total ~14 min" in ok.stdout and not (REPO / "x.md").exists()
+    bad = _sh("run_all.sh", "--bogus")
+    assert bad.returncode == 2 and "'--bogus'" in bad.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
+def test_gpu_sh_arguments_and_no_gpu_exit(tmp_path):
+    assert "Exit codes" in _sh("gpu.sh", "--help").stdout
+    bad = _sh("gpu.sh", "--methods")
+    assert bad.returncode == 2 and "--methods needs a value" in bad.stderr
+    bad = _sh("gpu.sh", "--steps", "0")
+    assert bad.returncode == 2 and "'0'" in bad.stderr
+    bad = _sh("gpu.sh", "--frobnicate")
+    assert bad.returncode == 2 and "'--frobnicate'" in bad.stderr
+    out = tmp_path / "gpu.md"
+    none = _sh("gpu.sh", "--out", str(out))
+    assert none.returncode == 3
+    assert "no CUDA device" in none.stderr and "nothing was measured" in none.stderr
+    assert not out.exists()
+
+
+def test_gpu_throughput_helper_runs_on_cpu(tmp_path, monkeypatch, capsys):
+    import gpu_throughput
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    threads = torch.get_num_threads()
+    try:
+        assert gpu_throughput.main(["--cpu-smoke"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert sum("steps/s" in x for x in lines) == 2 and " no x1 " in lines[0] and "bf16 x1" in lines[1]
+        assert lines[2].startswith("bf16/fp32 samples/s: ")
+        report = tmp_path / "r.json"
+        assert gpu_throughput.main(["--steps", "1", "--epochs", "2", "--batch-size", "4", "--seq-len", "2",
+                                    "--samples", "40", "--json", str(report)]) == 0
+        capsys.readouterr()
+        import json
+
+        r = json.loads(report.read_text())
+        assert r["status"] == "ok" and r["steps_per_epoch"] == 1 and r["timed_epochs"] == 1
+        assert r["samples_per_s"] == pytest.approx(4 * r["steps_per_s"])
+        assert gpu_throughput.main(["--ratio", str(report), str(report)]) == 0
+        assert capsys.readouterr().out.strip() == "1.000"
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(SystemExit) as exc:
+        gpu_throughput.main(["--steps", "0"])
+    assert exc.value.code == 2
