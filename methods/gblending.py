@@ -272,8 +272,8 @@ class GBlending(BalancingMethod):
             count.index_put_((idx,), ones)
         net.train(was)
         total, count = ctx.reduce_sum(total), ctx.reduce_sum(count)
-        seen = count > 0
-        return total[seen] / count[seen]
+        seen = (count > 0).nonzero().squeeze(1)  # one sync per pass (the number of samples seen)
+        return total.index_select(0, seen) / count.index_select(0, seen)
 
     def _train_subnet(self, ctx: StepContext, net: nn.Module, epochs: int, lr: float, tag: int) -> None:
         """n epochs on TRAIN minus V with a fresh optimizer of the dataset's type at ``lr`` (no

@@ -141,6 +141,8 @@ class InfoReg(BalancingMethod):
         self.params = {m: [p for p in model.encoder_parameters(m) if p.requires_grad] for m in self.mods}
         self.weights = {m: [p for p in self.params[m] if p.dim() >= 2] for m in self.mods}
         self.cum_scores = torch.zeros(M, dtype=torch.float64, device=ctx.device)
+        self._fixed_c = None
+        self.constants()  # the fixed constants' device copy, made once here
         if ctx.task.name == "regression":
             self.tau = train_target_tau(ctx)
 
@@ -185,9 +187,11 @@ class InfoReg(BalancingMethod):
     # ------------------------------------------------------------------ steps
     def constants(self) -> torch.Tensor:
         M, dev = len(self.mods), self.cum_scores.device
-        if self.hp.constants == "fixed":
-            c = self.hp.c_fixed if self.hp.c_fixed is not None else [self.hp.c_high] + [self.hp.c_low] * (M - 1)
-            return torch.tensor(c, dtype=torch.float64, device=dev)
+        if self.hp.constants == "fixed":  # copied to the device once (setup), not per step
+            if getattr(self, "_fixed_c", None) is None or self._fixed_c.device != dev:
+                c = self.hp.c_fixed if self.hp.c_fixed is not None else [self.hp.c_high] + [self.hp.c_low] * (M - 1)
+                self._fixed_c = torch.tensor(c, dtype=torch.float64, device=dev)
+            return self._fixed_c
         if self.hp.constants == "symmetric":
             return torch.full((M,), self.hp.c_high, dtype=torch.float64, device=dev)
         lead = torch.arange(M, device=dev) == torch.argmax(self.cum_scores)
@@ -203,7 +207,7 @@ class InfoReg(BalancingMethod):
         loss = loss_fused + sum(losses.values())
         with torch.no_grad():
             s_local = score_sums(ctx.task.name, {m: v.detach() for m, v in u.items()}, y, self.tau).double()
-            n_local = torch.tensor([float(y.shape[0])], dtype=torch.float64, device=s_local.device)
+            n_local = s_local.new_full((1,), float(y.shape[0]))  # made on the device: no copy per step
             red = torch.cat([s_local, n_local])
             if ctx.world_size > 1:  # SUM over ranks: every rank compares the same global scores
                 red = ctx.accelerator.reduce(red, reduction="sum")

@@ -162,6 +162,9 @@ class MRD(BalancingMethod):
             scale = keep * (len(mods) / n_kept)
         self.drop_counts += mask.sum(dim=0).double()
         self.samples_seen += bsz
+        # the mask is drawn on the CPU generator (the same draws on every device); scale and keep go
+        # to the device in ONE copy per step (not one per modality and use)
+        scale, keep = torch.stack([scale, keep]).to(ctx.device, non_blocking=True).unbind(0)
         if self.hp.level == "input":
             model = ctx.raw_model
             batch = dict(batch)
@@ -181,7 +184,7 @@ class MRD(BalancingMethod):
             finally:
                 self._scale = self._keep = self._tokens = None
         loss = ctx.task.loss(out.logits, batch["label"])
-        return StepOutput(loss, out, {"mrd/drop_fraction": float(mask.any(dim=1).float().mean())})
+        return StepOutput(loss, out, {"mrd/drop_fraction": mask.any(dim=1).float().mean()})  # host tensor
 
     def on_epoch_start(self, ctx: StepContext) -> None:
         self.drop_counts = torch.zeros(len(ctx.modalities), dtype=torch.float64)

@@ -171,10 +171,11 @@ class PMR(BalancingMethod):
 
     # ------------------------------------------------------------------ training step
     def _sample_pixels(self, ctx: StepContext, z: torch.Tensor, y: torch.Tensor, batch_size: int):
-        """Segmentation: ``pixels_per_image`` random pixels per image (ctx.generator)."""
+        """Segmentation: ``pixels_per_image`` random pixels per image, drawn on the device
+        (``ctx.device_generator``: ``ctx.generator`` on the CPU)."""
         hw = z.shape[0] // batch_size
         p = min(self.hp.pixels_per_image, hw)
-        pick = torch.randint(hw, (batch_size, p), generator=ctx.generator).to(z.device)
+        pick = torch.randint(hw, (batch_size, p), generator=ctx.device_generator, device=z.device)
         flat = (pick + torch.arange(batch_size, device=z.device)[:, None] * hw).reshape(-1)
         return z[flat], y[flat], p
 

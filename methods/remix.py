@@ -159,12 +159,12 @@ class Remix(BalancingMethod):
                 idx = batch["idx"].contiguous()
                 if ctx.world_size > 1:
                     idx, s = ctx.accelerator.gather((idx, s.contiguous()))
-                idxs.append(idx.cpu())
-                rows.append(s.cpu())
+                idxs.append(idx)
+                rows.append(s)
         finally:
             for mod, st in zip(modules, states):
                 mod.train(st)
-        idx, s = torch.cat(idxs), torch.cat(rows)
+        idx, s = torch.cat(idxs).cpu(), torch.cat(rows).cpu()  # one copy per pass, not per batch
         out = torch.full((int(idx.max()) + 1, len(mods)), float("nan"), dtype=s.dtype)
         out[idx] = s  # duplicates (padding) carry identical values
         return out

@@ -125,7 +125,7 @@ class UMT(BalancingMethod):
         task_loss = ctx.task.loss(out.logits, batch["label"])
         distill = self.distill_loss(ctx, batch, out.features)
         loss = task_loss + self.hp.lam * distill
-        self._last_distill = float(distill.detach())
+        self._last_distill = distill.detach()  # a tensor: no host read per step
         return StepOutput(loss, out, {"task_loss": task_loss.detach(), "distill": distill.detach()})
 
     def metrics(self) -> dict[str, float]:

@@ -444,6 +444,7 @@ class Trainer:
             "position": pos.__dict__,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "method": ctx.generator.get_state(),
+                    "method_device": None if ctx._device_generator is None else ctx._device_generator.get_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "config_hash": self.hash,
         }
@@ -479,6 +480,8 @@ class Trainer:
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
         ctx.generator.set_state(rng["method"])
+        if rng.get("method_device") is not None and ctx.device.type != "cpu":
+            ctx.device_generator.set_state(rng["method_device"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         return Position(**payload["position"])

@@ -19,8 +19,10 @@ Per kind it counts:
 
 - ``device``: reads of device tensors, plus device→host copies (``.cpu()``, ``.to("cpu")``; on the CPU
   a ``.cpu()`` of a device tensor returns an untagged alias, so the read that follows is not counted
-  twice), plus in-place writes of device values into host tensors (``host[i] = dev_scalar``); each is
-  a sync on a GPU;
+  twice), plus in-place writes of device values into host tensors (``host[i] = dev_scalar``), plus
+  the ops that sync without a conversion: boolean-mask indexing ``x[mask]``, ``nonzero``, ``unique``,
+  ``masked_select``, ``bincount``, one-argument ``torch.where``, ``torch.equal`` (kinds named after the
+  op); each is a sync on a GPU;
 - ``host``: reads of host tensors (free on a GPU, cheap here);
 - ``h2d``: host→device copies (``torch.tensor(list, device=dev)``, ``host_tensor.to(dev)``,
   ``dev.new_tensor(...)``, ``dev.copy_(host)``); blocking by default on a GPU.
@@ -45,6 +47,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 READS = ("item", "__float__", "__int__", "__bool__", "tolist", "numpy", "__index__")
 _DATA_FACTORIES = {"tensor", "as_tensor", "asarray"}
+# ops whose output size or Python result depends on device values: a sync on a GPU without a conversion
+_HIDDEN_SYNCS = {"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "bincount", "equal",
+                 "allclose", "is_nonzero", "__contains__", "__format__", "__repr__"}
 _INPLACE_DUNDER = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ior__", "__iand__"}
 _REPO = str(Path(__file__).resolve().parents[1])
 _HERE = str(Path(__file__).resolve())
@@ -183,6 +188,8 @@ class DeviceTracker(TorchFunctionMode):
             self._add("h2d", name)
         if name == "new_tensor" and self.on_device(first) and not self.on_device(args[1] if len(args) > 1 else None):
             self._add("h2d", name)
+        if any_dev and self._hidden_sync(name, args, kwargs):
+            self._add("device", name)
         inplace = name in _INPLACE_DUNDER or (name.endswith("_") and not name.startswith("_"))
         if inplace and isinstance(first, torch.Tensor):
             others = [a for a in flat if a is not first]
@@ -195,6 +202,26 @@ class DeviceTracker(TorchFunctionMode):
         if target is True or (target is None and any_dev):
             self.tag(out)
         return out
+
+    @staticmethod
+    def _hidden_sync(name: str, args: tuple, kwargs: dict) -> bool:
+        """A data-dependent output size or a Python result: boolean-mask indexing (``x[mask]``, and
+        ``x[mask] = tensor``), ``nonzero``/``unique``/``masked_select``/``bincount``, one-argument
+        ``torch.where``, ``repeat_interleave`` with tensor repeats and no ``output_size``, ``equal``."""
+        if name in _HIDDEN_SYNCS:
+            return True
+        if name == "where":
+            return len(args) + len(kwargs) == 1
+        if name == "repeat_interleave":
+            reps = args[1] if len(args) > 1 else kwargs.get("repeats")
+            return isinstance(reps, torch.Tensor) and reps.numel() > 1 and kwargs.get("output_size") is None
+        if name in ("__getitem__", "__setitem__") and len(args) > 1:
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            masked = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
+            if name == "__setitem__":  # x[mask] = scalar is a masked fill; a tensor of values needs the count
+                return masked and len(args) > 2 and isinstance(args[2], torch.Tensor) and args[2].numel() > 1
+            return masked
+        return False
 
     def _target(self, name: str, args: tuple, kwargs: dict) -> bool | None:
         """Where the call puts its result: True device, False host, None unchanged/not a placement."""

@@ -109,6 +109,7 @@ class StepContext:
       ``substep`` (index of the current sub-step of the batch, 0 without sub-steps); ``present`` (the
       modalities of the current epoch-plan group; every modality without a plan);
     - ``generator``: a torch.Generator seeded identically on every rank (method randomness);
+      ``device_generator``: the same on ``device`` (``generator`` itself on the CPU);
     - ``reduce_mean`` / ``reduce_sum``: cross-process reductions for statistics that set coefficients.
     """
 
@@ -134,6 +135,7 @@ class StepContext:
         self.substep = 0
         self.present: tuple[str, ...] = ()
         self.generator = torch.Generator().manual_seed(seed * 7919 + 17)
+        self._device_generator: torch.Generator | None = None
         self.train_batches: Callable[..., Iterator[dict[str, torch.Tensor]]] | None = None
         self._logs: dict[str, list[float | torch.Tensor]] = {}
         self._vec_logs: dict[tuple[str, ...], list[torch.Tensor]] = {}  # log_many: one vector per call
@@ -150,6 +152,18 @@ class StepContext:
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+    @property
+    def device_generator(self) -> torch.Generator:
+        """A generator on ``device``, seeded identically on every rank, for per-step draws used on the
+        device (drawing on the CPU and copying costs a blocking copy per draw on a GPU). On the CPU it
+        IS ``generator`` (the same numbers as before); on an accelerator its own stream, checkpointed
+        by the engine."""
+        if self.device.type == "cpu":
+            return self.generator
+        if self._device_generator is None:
+            self._device_generator = torch.Generator(device=self.device).manual_seed(self.seed * 7919 + 29)
+        return self._device_generator
 
     @property
     def world_size(self) -> int:
