@@ -489,6 +489,8 @@ class CGGM(BalancingMethod):
         # vector MLP classifiers are one grouped module (one batched product per layer)
         self._stacked = self._raw_classifiers.grouped is not None
         self._ctx = ctx
+        # the modality index of every scaled gradient, copied to the device once (every scoped parameter)
+        self._owner_index([k for k, m in enumerate(self.modalities) for _ in self._scoped[m]], ctx.device)
 
     def _resolve_pairing(self, model: nn.Module, heads: dict[str, nn.Module]) -> dict[str, slice | None]:
         """m → None (full: the whole W_F) or the column slice of W_F paired with classifier m (block)."""

@@ -5,12 +5,19 @@ against per-key logging, and the resume of a checkpoint written before the chang
 from __future__ import annotations
 
 import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import SMALL_MFEAT
 from mmbalance.methods.agm import AGM, AGMHParams, ScaledSum, mode_sensitive, train_invariant
-from mmbalance.methods.cggm import CGGM, CGGMClassifiers, convert_optimizer_state, direction_loss_and_grad, with_gradient
+from mmbalance.methods.cggm import (
+    CGGM,
+    CGGMClassifiers,
+    convert_optimizer_state,
+    direction_loss_and_grad,
+    with_gradient,
+)
 from torch import nn
 
 from mmbalance.interface import StepContext
@@ -123,7 +130,7 @@ def test_per_head_checkpoints_load_into_the_grouped_layout():
     clf = CGGMClassifiers({m: UnimodalHead("vector", 8, 4, "cggm") for m in heads})  # other initial values
     clf.load_state_dict(per_head_state(ref))
     assert clf.loaded_old_layout
-    for k, m in enumerate(heads):
+    for m in heads:
         torch.testing.assert_close(clf(feats)[m], ref[m](feats[m]), rtol=1e-6, atol=1e-6)
     opt = torch.optim.SGD(list(clf.parameters()), lr=0.1, momentum=0.9, weight_decay=1e-3, foreach=True)
     opt.load_state_dict(convert_optimizer_state(ref_opt.state_dict(), 3, 2))
@@ -132,7 +139,7 @@ def test_per_head_checkpoints_load_into_the_grouped_layout():
         o.zero_grad()
         fwd().backward()
         o.step()
-    for k, m in enumerate(heads):
+    for m in heads:
         torch.testing.assert_close(clf.heads[m](feats[m]), ref[m](feats[m]), rtol=1e-5, atol=1e-6)
 
 
