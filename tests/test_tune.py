@@ -323,6 +323,24 @@ def test_evaluate_test_false_never_touches_the_test_split(tmp_path, monkeypatch)
     assert os.path.exists(tmp_path / "poisoned" / "config.json")
 
 
+def test_trial_only_sets_do_not_change_what_a_trial_selects(tmp_path):
+    """Trials skip the diagnostics and the per-modality evaluation; that must not change the trial's outcome
+    (the selected checkpoint and its validation metrics) — e.g. an evaluation that drew from the training RNG
+    would. Checked on a method with its own RNG use in training (OGM-GE's noise) and on QMF (own predict)."""
+    from mmbalance.leaderboard.tune import TRIAL_SETS
+    from mmbalance.run import run
+
+    assert ("train.evaluate_test", "false") in TRIAL_SETS
+    for method in ("ogm_ge", "qmf"):
+        out = {}
+        for name, extra in (("full", []), ("trial", [x for k, v in TRIAL_SETS for x in ("--set", f"{k}={v}")])):
+            run(["--method", method, "--dataset", "mfeat", "--epochs", "3", "--set", "dataset.limit_per_class=12",
+                 "--run-dir", str(tmp_path / method / name), "--quiet", *extra])
+            out[name] = json.loads((tmp_path / method / name / "result.json").read_text())
+        assert out["trial"]["test"] is None and out["full"]["test"] is not None
+        assert out["trial"]["val"] == out["full"]["val"] and out["trial"]["selected"] == out["full"]["selected"]
+
+
 def test_show_space_prints_the_declared_space(capsys):
     from mmbalance.run import main
 

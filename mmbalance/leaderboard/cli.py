@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--executor", choices=["local", "submitit"], default="local")
     tune.add_argument("--cluster", choices=["slurm", "local", "debug"])
     tune.add_argument("--quiet", action="store_true", help="no progress bar")
-    for sp in (run, build):
+    for sp in (run, build, plan):
         sp.add_argument("--untuned", action="store_true",
                         help="suites with [tune]: use the defaults for rows whose tuning is incomplete")
     return p

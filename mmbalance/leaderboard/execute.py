@@ -1,5 +1,11 @@
-"""Executing planned runs: one subprocess per run (``python -m mmbalance.run`` or ``accelerate launch``),
-locally in parallel workers or as SLURM jobs through submitit; outcomes recorded in ``status.json``."""
+"""Executing planned runs, locally in parallel workers or as SLURM jobs through submitit; outcomes recorded in
+``status.json``.
+
+Locally on Linux, each worker slot keeps one warm worker process (:mod:`mmbalance.leaderboard.worker`) that
+imports torch and the engine once and forks a fresh process per run, so the start-up (several seconds per run on
+a small CPU) is paid once per worker while every run stays its own process. ``accelerate launch`` suites, the
+``MMBALANCE_LEADERBOARD_RUNNER`` override, other platforms and ``MMBALANCE_WARM_WORKERS=0`` start one
+``python -m mmbalance.run`` process per run instead."""
 from __future__ import annotations
 
 import contextlib
@@ -23,6 +29,8 @@ from .plan import LOG_FILE, NA_PREFIX, STATUS_FILE, RunSpec, RunState, read_json
 
 #: Test/debug hook: replaces ``python -m mmbalance.run`` (a shell-quoted command line).
 RUNNER_ENV = "MMBALANCE_LEADERBOARD_RUNNER"
+#: ``0`` turns the warm workers off (one cold ``python -m mmbalance.run`` process per run).
+WARM_ENV = "MMBALANCE_WARM_WORKERS"
 
 
 # ------------------------------------------------------------------------------------------ execution
@@ -99,6 +107,126 @@ def stop_live_runs(grace: float = 30.0) -> None:
             p.kill()
 
 
+def warm_workers_enabled() -> bool:
+    """Warm workers need ``fork`` and ``prctl`` (Linux) and the default runner."""
+    return (sys.platform.startswith("linux") and os.environ.get(WARM_ENV, "1").strip() not in ("0", "false", "no")
+            and not os.environ.get(RUNNER_ENV))
+
+
+class _ForkedRun:
+    """The handle :func:`stop_live_runs` uses for a run forked by a warm worker (Popen-like)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.ended = threading.Event()
+
+    def send_signal(self, sig: int) -> None:
+        if not self.ended.is_set():
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            self.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> None:
+        if not self.ended.wait(timeout):
+            raise subprocess.TimeoutExpired("warm-worker run", timeout or 0.0)
+
+
+class WarmWorker:
+    """One warm worker process (see :mod:`mmbalance.leaderboard.worker`); serves one run at a time.
+
+    If the worker dies (killed, out of memory), the run it was serving is reported as killed by SIGKILL
+    (resumable, like any killed run) and the next run starts a new worker."""
+
+    MODULE_ARGV = [sys.executable, "-m", "mmbalance.run"]
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        self.env = dict(env or {})
+        self.proc: subprocess.Popen | None = None
+        self.ready = False
+
+    def spawn(self) -> None:
+        """Start the worker process (it imports in the background; :meth:`run` waits for it).
+
+        Call it from a thread that lives as long as the worker should: the kernel's parent-death signal
+        (``PR_SET_PDEATHSIG``) fires when the *thread* that started the process exits."""
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        argv = [sys.executable, "-m", "mmbalance.procs", str(os.getpid()), "SIGTERM", "--",
+                sys.executable, "-m", "mmbalance.leaderboard.worker"]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, bufsize=1, env={**os.environ, **self.env})
+        self.ready = False
+
+    def _start(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            self.spawn()
+        if not self.ready:
+            if self._read() is None:
+                self.close()
+                raise OSError("the warm leaderboard worker exited during start-up")
+            self.ready = True
+
+    def _read(self) -> dict[str, Any] | None:
+        import json
+
+        assert self.proc is not None and self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        return json.loads(line) if line.strip() else None
+
+    def serves(self, argv: list[str]) -> bool:
+        return argv[:3] == self.MODULE_ARGV
+
+    def run(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None, target: str | None = None
+            ) -> int:
+        """Run ``python -m mmbalance.run`` ``argv[3:]`` in a process forked from the worker; its exit code.
+        ``target`` (``FILE.py:FUNCTION``) replaces ``mmbalance.run.main`` (tests)."""
+        import json
+
+        self._start()
+        assert self.proc is not None and self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps({"argv": argv[3:], "log": str(log_path), "target": target,
+                                              "env": {**self.env, **(env or {})}}) + "\n")
+            self.proc.stdin.flush()
+            started = self._read()
+        except (OSError, ValueError):
+            started = None
+        if started is None:
+            self.close()
+            raise OSError("the warm leaderboard worker died before starting the run")
+        handle = _ForkedRun(int(started["pid"]))
+        with _LIVE_LOCK:
+            _LIVE.add(handle)
+        try:
+            try:
+                ended = self._read()
+            except (OSError, ValueError):
+                ended = None
+            if ended is None:  # the worker died: its child got SIGTERM from the kernel (or died with it)
+                self.close()
+                return -signal.SIGKILL
+            return int(ended["exit_code"])
+        finally:
+            handle.ended.set()
+            with _LIVE_LOCK:
+                _LIVE.discard(handle)
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
 def _call(argv: list[str], **kwargs: Any) -> int:
     """Run ``argv`` to completion through :mod:`mmbalance.procs`, so that it dies with this process."""
     wrapped = [sys.executable, "-m", "mmbalance.procs", str(os.getpid()), "SIGTERM", "--", *argv]
@@ -113,7 +241,7 @@ def _call(argv: list[str], **kwargs: Any) -> int:
 
 
 def execute_run(spec: RunSpec | dict[str, Any], *, data_dir: str | None = None, env: dict[str, str] | None = None,
-                retry_failed: bool = True) -> RunState:
+                retry_failed: bool = True, worker: WarmWorker | None = None) -> RunState:
     """Run one planned run unless it is done; record its outcome in ``status.json``. Picklable for submitit.
 
     The run folder's sweep lock is held throughout, so two sweeps on one suite never run a cell twice:
@@ -126,13 +254,13 @@ def execute_run(spec: RunSpec | dict[str, Any], *, data_dir: str | None = None, 
     except FolderBusyError:
         return RunState(spec, "busy", None, None)
     try:
-        return _execute_locked(spec, data_dir=data_dir, env=env, retry_failed=retry_failed)
+        return _execute_locked(spec, data_dir=data_dir, env=env, retry_failed=retry_failed, worker=worker)
     finally:
         lock.release()
 
 
 def _execute_locked(spec: RunSpec, *, data_dir: str | None, env: dict[str, str] | None,
-                    retry_failed: bool) -> RunState:
+                    retry_failed: bool, worker: WarmWorker | None = None) -> RunState:
     before = read_state(spec)
     if before.done or (before.state == "failed" and not retry_failed):
         return before
@@ -143,10 +271,11 @@ def _execute_locked(spec: RunSpec, *, data_dir: str | None, env: dict[str, str] 
     attempt = int((before.status or {}).get("attempt", 0)) + 1 if before.state != "stale" else 1
     for _ in range(2):  # a resume refused by the engine is retried once from scratch
         argv = build_command(spec, resume=resume, data_dir=data_dir)
+        warm = worker is not None and worker.serves(argv)
         status = {"suite": spec.suite, "dataset": spec.dataset, "row": spec.row, "method": spec.method,
                   "seed": spec.seed, "plan_hash": spec.plan_hash, "argv": argv, "state": "running",
                   "attempt": attempt, "resumed": resume, "started": utc_now(), "finished": None,
-                  "exit_code": None, "error": None, "wall_seconds": None}
+                  "exit_code": None, "error": None, "wall_seconds": None, "warm_worker": warm}
         atomic_write_json(run_dir / STATUS_FILE, status)
         log_path = run_dir / LOG_FILE
         with open(log_path, "a") as log:
@@ -154,9 +283,19 @@ def _execute_locked(spec: RunSpec, *, data_dir: str | None, env: dict[str, str] 
             log.flush()
             t0 = time.perf_counter()
             try:
-                code = _call(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             env={**os.environ, **(env or {})})
-            except OSError as exc:  # the runner could not be started at all
+                code = None
+                if warm:
+                    assert worker is not None
+                    try:
+                        code = worker.run(argv, log_path, env)
+                    except OSError as exc:  # no warm worker: start this run cold instead
+                        log.write(f"warm worker unavailable ({exc}); starting the run as its own process\n")
+                        log.flush()
+                        status["warm_worker"] = False
+                if code is None:
+                    code = _call(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 env={**os.environ, **(env or {})})
+            except OSError as exc:  # the runner (or the warm worker) could not be started at all
                 log.write(f"error: cannot start {argv[0]!r}: {exc}\n")
                 code = 127
         text = _attempt_log(log_path, attempt)
@@ -223,9 +362,12 @@ def visible_gpus() -> list[str]:
 
 
 def run_local(specs: list[RunSpec], *, workers: int = 1, data_dir: str | None = None, retry_failed: bool = True,
-              per_run_gpus: int = 1, progress: bool = True, on_done: Callable[[RunState], None] | None = None
-              ) -> list[RunState]:
-    """Run ``specs`` in ``workers`` parallel subprocesses (one GPU group per worker where GPUs exist).
+              per_run_gpus: int = 1, progress: bool = True, on_done: Callable[[RunState], None] | None = None,
+              warm_workers: bool | None = None) -> list[RunState]:
+    """Run ``specs`` in ``workers`` parallel slots (one GPU group per slot where GPUs exist).
+
+    ``warm_workers`` (default: :func:`warm_workers_enabled`): each slot forks its runs from one warm worker
+    process instead of starting ``python -m mmbalance.run`` cold per run (same runs, same files).
 
     A row that turns out ``n/a`` for one seed is recorded ``n/a`` for its remaining seeds without running.
     """
@@ -237,16 +379,21 @@ def run_local(specs: list[RunSpec], *, workers: int = 1, data_dir: str | None = 
 
     gpus = visible_gpus()
     slots: queue.Queue = queue.Queue()
+    slot_gpus: list[list[str] | None]
     if gpus:
         groups = [gpus[i:i + per_run_gpus] for i in range(0, len(gpus) - per_run_gpus + 1, per_run_gpus)]
         if not groups:
             raise ConfigError(f"each run needs {per_run_gpus} GPUs (num_processes) but only {len(gpus)} are visible")
         workers = max(1, min(workers, len(groups)))
-        for g in groups[:workers]:
-            slots.put(g)
+        slot_gpus = list(groups[:workers])
     else:
-        for _ in range(workers):
-            slots.put(None)
+        slot_gpus = [None] * workers
+    warm = warm_workers_enabled() if warm_workers is None else warm_workers
+    pool_workers: list[WarmWorker | None] = [WarmWorker(_worker_env(workers, g)) if warm else None for g in slot_gpus]
+    for i, w in enumerate(pool_workers):
+        if w is not None and any(not read_state(s).done for s in specs):
+            w.spawn()  # from this thread, which outlives the sweep's runs (see WarmWorker.spawn)
+        slots.put(i)
     na_reason: dict[tuple[str, str], str] = {}
     lock = threading.Lock()
 
@@ -257,7 +404,8 @@ def run_local(specs: list[RunSpec], *, workers: int = 1, data_dir: str | None = 
             return mark_not_applicable(spec, reason)
         slot = slots.get()
         try:
-            state = execute_run(spec, data_dir=data_dir, env=_worker_env(workers, slot), retry_failed=retry_failed)
+            state = execute_run(spec, data_dir=data_dir, env=_worker_env(workers, slot_gpus[slot]),
+                                retry_failed=retry_failed, worker=pool_workers[slot])
         finally:
             slots.put(slot)
         if state.state == "n/a":
@@ -285,6 +433,9 @@ def run_local(specs: list[RunSpec], *, workers: int = 1, data_dir: str | None = 
             raise
         finally:
             bar.close()
+            for w in pool_workers:
+                if w is not None:
+                    w.close()
     return states
 
 
