@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -38,13 +39,22 @@ def measure(method: str, precision: str, steps: int, epochs: int, batch_size: in
     sets = {"train.modality_eval": "none", "train.diagnostics": "none", "train.mixed_precision": precision,
             "train.batch_size": batch_size, "train.max_steps_per_epoch": steps, "train.batch_semantics": batch_semantics,
             "dataset.seq_len": seq_len, "dataset.n_samples": samples}
-    with tempfile.TemporaryDirectory() as tmp:
-        tr = build_trainer(method, "mosi-synth", run_dir=Path(tmp) / "run", epochs=epochs, sets=sets)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # every rank must use the same run folder (rank 0 writes the checkpoints all ranks read back)
+        run_dir = Path(tempfile.gettempdir()) / f"mmbalance-gpu-bench-{os.getppid()}-{os.environ.get('MASTER_PORT', '')}"
+    else:
+        run_dir = Path(tempfile.mkdtemp(prefix="mmbalance-gpu-bench-"))
+    try:
+        tr = build_trainer(method, "mosi-synth", run_dir=run_dir / "run", epochs=epochs, sets=sets)
         acc = tr.accelerator
         steps_per_epoch = min(steps, len(tr.loader_train))
-        res = tr.fit()
-        rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()] \
+        res = tr.fit()  # ends with every rank waiting for the others
+        rows = [json.loads(x) for x in (run_dir / "run" / "metrics.jsonl").read_text().splitlines()] \
             if acc.is_main_process else []
+        acc.wait_for_everyone()
+    finally:
+        if int(os.environ.get("RANK", "0")) == 0:
+            shutil.rmtree(run_dir, ignore_errors=True)
     world = acc.num_processes
     per_process = batch_size if batch_semantics == "per_process" or world == 1 else batch_size // world
     timed = [r["epoch_seconds"] for r in rows[1:]] or [r["epoch_seconds"] for r in rows]

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Every CPU benchmark once, their tables into one markdown file (for benchmarks/README.md):
-# the engine vs a plain loop, every method vs the baseline per epoch (mfeat, mosi-synth), host syncs per
-# step per method, and the diagnostics overhead. Run it on an otherwise idle machine: the numbers are
-# timing ratios of paired, interleaved runs and other jobs widen their min-max ranges.
+# Every CPU benchmark once, their tables into one markdown file (for benchmarks/README.md): the engine
+# vs a plain loop, every method vs the baseline per epoch (mfeat, mosi-synth), host syncs per step per
+# method, the diagnostics overhead and the leaderboard's throughput. Run it on an otherwise idle machine:
+# the numbers are timing ratios of paired, interleaved runs, and other jobs widen their min-max ranges.
 #
 #   benchmarks/run_all.sh [--out FILE] [--dry-run] [--help]
 #
 # --out FILE: the markdown file (default benchmarks/results-<UTC date-time>.md; written when all are done,
 # atomically: a failed benchmark leaves no partial file). --dry-run: print the estimate and the commands.
-# Environment: PYTHON (default python). Budget: about 14 minutes on an idle 2-core CPU (estimate below).
+# Environment: PYTHON (default python). Budget: about 17 minutes on an idle 2-core CPU (estimate below;
+# the first four steps took 18 minutes on a shared machine at load average 6).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +35,7 @@ STEPS=(
   "Time per epoch, every method vs the baseline|9|$PY benchmarks/method_overhead.py --repeats 3"
   "Host syncs per training step|1.5|$PY benchmarks/host_syncs.py"
   "Diagnostics overhead (train.diagnostics=default vs none)|2|$PY benchmarks/diagnostics_overhead.py --repeats 3 --markdown"
+  "Leaderboard throughput (warm workers vs one process per run)|3|$PY benchmarks/leaderboard_throughput.py --repeats 3"
 )
 total=0
 echo "run_all.sh: estimate on an idle 2-core CPU (a loaded machine takes longer):"

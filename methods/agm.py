@@ -243,11 +243,15 @@ class AGM(BalancingMethod):
     def setup(self, ctx: StepContext) -> None:
         self.modalities = list(ctx.raw_model.modalities)
         self.M = len(self.modalities)
-        self.s_bar = torch.zeros(self.M, dtype=torch.float64)
-        self.kappa = torch.ones(self.M, dtype=torch.float64)
+        dev = getattr(ctx, "device", torch.device("cpu"))
+        self.s_bar = torch.zeros(self.M, dtype=torch.float64, device=dev)  # made on the device (no copy per step)
+        self.kappa = torch.ones(self.M, dtype=torch.float64, device=dev)
         self.exact = shapley_coefficients(self.M) if self.hp.shapley == "exact" else None
         self._exact_host = None if self.exact is None else {S: c.tolist() for S, c in self.exact.items()}
         self._coef_cache: dict[Any, torch.Tensor] = {}
+        if self.exact is not None:  # the [M, K] weight matrix, copied to the device once
+            full_mask = (1 << self.M) - 1
+            self._coef_matrix(self.exact, [full_mask, *sorted(S for S in self.exact if S != full_mask)], dev)
 
     def in_window(self, ctx: StepContext) -> bool:
         end = self.hp.end_epoch if self.hp.end_epoch is not None else math.inf
@@ -392,8 +396,8 @@ class AGM(BalancingMethod):
                 picked = logp.gather(2, idx).clamp_min(LOG_FLOOR)
                 num = -picked.flatten(1).sum(1)
                 count = float(y.numel())
-            tot = ctx.reduce_sum(torch.cat([num.double().reshape(-1), torch.tensor([count], dtype=torch.float64,
-                                                                                   device=num.device)]))
+            tot = ctx.reduce_sum(torch.cat([num.double().reshape(-1),  # made on the device: no host→device copy
+                                            torch.full((1,), count, dtype=torch.float64, device=num.device)]))
         return tot[:-1] / tot[-1]
 
     def _coef_matrix(self, coef: dict[int, torch.Tensor], keys: list[int], device: torch.device) -> torch.Tensor:

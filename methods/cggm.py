@@ -25,7 +25,7 @@ from mmbalance.models.base import MultimodalModel
 from mmbalance.registry import register_method
 from mmbalance.search import LogUniform, Uniform
 
-__all__ = ["CGGM", "CGGMHParams", "CGGMClassifiers", "SegDecoderHead", "PAPER_TABLE7", "balance_coefficients",
+__all__ = ["CGGM", "CGGMHParams", "CGGMClassifiers", "GroupedHeads", "convert_optimizer_state", "SegDecoderHead", "PAPER_TABLE7", "balance_coefficients",
            "encoder_scope_parameters", "direction_loss", "direction_loss_and_grad", "with_gradient"]
 
 #: Per-dataset method defaults, CGGM paper Table 7 (cggm.md §4; classifier weight decay: official code,
@@ -260,34 +260,140 @@ class SegDecoderHead(nn.Module):
 class CGGMClassifiers(nn.Module):
     """The M auxiliary classifiers as one module (one DDP wrapper, one optimizer; cggm.md §9).
 
-    ``forward(features)`` runs them one by one and returns {m: o_m}. ``forward(features, stacked=True)``
-    returns o as one [M, B, C] tensor: when every classifier is the same vector MLP
-    (:class:`~mmbalance.models.heads.UnimodalHead`: Linear → ReLU → Linear, or one Linear) on features
-    of one width, the M heads run as one batched matrix product per layer (``torch.baddbmm`` over
-    their weights stacked at call time), else one by one and stacked. The parameters stay those of
-    the M heads (``heads.<m>.…``), so the state_dict, the optimizer state and old checkpoints keep
-    their layout; the outputs equal the per-head ones to float rounding.
+    When every classifier is the same vector MLP (:class:`~mmbalance.models.heads.UnimodalHead`:
+    Linear → ReLU → Linear, or one Linear) on features of one width, they are ONE grouped module
+    (:class:`GroupedHeads`: per layer one stacked weight [M, in, out] and bias [M, 1, out], one
+    ``torch.baddbmm`` per layer for all M). ``heads[m]`` then gives views of head m (its forward, ``body``
+    and ``final_layer()`` read the stacked parameters). Otherwise (sequence/map classifiers) the heads
+    are kept one by one in ``heads`` (an ``nn.ModuleDict``).
+
+    ``forward(features)`` returns {m: o_m}; ``forward(features, stacked=True)`` o as one [M, B, C]
+    tensor. Checkpoint layout: grouped ``grouped.weight{j}``/``grouped.bias{j}``; a checkpoint of the
+    per-head layout (``heads.<m>.body.0.weight``, …, written before the grouping) is converted on load,
+    and so is its classifier-optimizer state (:func:`convert_optimizer_state`).
     """
 
     def __init__(self, heads: dict[str, nn.Module]) -> None:
         super().__init__()
-        self.heads = nn.ModuleDict(heads)
-        self.grouped_layers = _grouped_layers(list(self.heads.values()))
+        self.names = list(heads)
+        layers = _grouped_layers(list(heads.values()))
+        self.grouped: GroupedHeads | None = GroupedHeads(layers) if layers is not None else None
+        self.loaded_old_layout = False
+        if self.grouped is None:
+            self._modules["heads"] = nn.ModuleDict(heads)  # a child named like the ``heads`` property
+        else:
+            self._old_keys = ("body.0", "out") if len(layers) == 2 else ("out",)  # per-head layer names
+            self._register_load_state_dict_pre_hook(self._convert_per_head_keys)
+
+    @property
+    def heads(self) -> dict[str, nn.Module]:  # type: ignore[override]
+        if self.grouped is None:
+            return self._modules["heads"]  # type: ignore[return-value]
+        return {m: _HeadView(self.grouped, k) for k, m in enumerate(self.names)}
 
     def forward(self, features: dict[str, Any], stacked: bool = False) -> dict[str, torch.Tensor] | torch.Tensor:
+        if self.grouped is not None:
+            o = self.grouped(torch.stack([features[m] for m in self.names]))  # [M, B, d] → [M, B, C]
+            return o if stacked else dict(zip(self.names, o.unbind(0)))
         if not stacked:
-            return {m: head(features[m]) for m, head in self.heads.items()}
-        if self.grouped_layers is None:
-            return torch.stack([head(features[m]) for m, head in self.heads.items()])
-        h = torch.stack([features[m] for m in self.heads])  # [M, B, d]
-        n = len(self.grouped_layers)
-        for j, layers in enumerate(self.grouped_layers):
-            w = torch.stack([lin.weight for lin in layers])  # [M, out, in]
-            bias = torch.stack([lin.bias for lin in layers]).unsqueeze(1)  # [M, 1, out]
-            h = torch.baddbmm(bias, h, w.transpose(1, 2))  # y = x·Wᵀ + b for every head at once
-            if j < n - 1:
+            return {m: head(features[m]) for m, head in self._modules["heads"].items()}
+        return torch.stack([head(features[m]) for m, head in self._modules["heads"].items()])
+
+    def _convert_per_head_keys(self, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Load a per-head checkpoint (``heads.<m>.<layer>.weight`` [out, in]) into the stacked layout."""
+        keys = [f"{prefix}heads.{m}.{layer}.{kind}" for m in self.names for layer in self._old_keys
+                for kind in ("weight", "bias")]
+        if not all(k in state for k in keys):
+            return
+        for j, layer in enumerate(self._old_keys):
+            state[f"{prefix}grouped.weight{j}"] = torch.stack([state.pop(f"{prefix}heads.{m}.{layer}.weight").t()
+                                                               for m in self.names])
+            state[f"{prefix}grouped.bias{j}"] = torch.stack([state.pop(f"{prefix}heads.{m}.{layer}.bias")
+                                                             for m in self.names]).unsqueeze(1)
+        self.loaded_old_layout = True
+
+
+class GroupedHeads(nn.Module):
+    """M vector MLP heads with stacked parameters: layer j has ``weight{j}`` [M, in, out] (head k's
+    W_jᵀ) and ``bias{j}`` [M, 1, out]; h ← ReLU(baddbmm(b_j, h, W_j)) on h = [M, B, in] (no ReLU after
+    the last layer) computes y_k = x_k·W_kᵀ + b_k for every head k at once."""
+
+    def __init__(self, layers: list[list[nn.Linear]]) -> None:
+        super().__init__()
+        self.n_layers = len(layers)
+        for j, lins in enumerate(layers):  # the heads' own initial values (same seed stream as before)
+            self.register_parameter(f"weight{j}", nn.Parameter(torch.stack([lin.weight.detach().t() for lin in lins])))
+            self.register_parameter(f"bias{j}", nn.Parameter(torch.stack([lin.bias.detach() for lin in lins]).unsqueeze(1)))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        params = self._parameters
+        for j in range(self.n_layers):
+            h = torch.baddbmm(params[f"bias{j}"], h, params[f"weight{j}"])
+            if j < self.n_layers - 1:
                 h = torch.relu(h)
         return h
+
+    def final_weight(self) -> torch.Tensor:
+        """[M, out, in]: every head's final-layer weight W_m (a view of the stacked parameter)."""
+        return self._parameters[f"weight{self.n_layers - 1}"].transpose(1, 2)
+
+
+class _LinearView:
+    """Layer j of head k of a :class:`GroupedHeads` (``weight`` [out, in] and ``bias`` are views)."""
+
+    def __init__(self, grouped: GroupedHeads, k: int, j: int) -> None:
+        self.weight = grouped._parameters[f"weight{j}"][k].t()
+        self.bias = grouped._parameters[f"bias{j}"][k, 0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class _HeadView(nn.Module):
+    """Head k of a :class:`GroupedHeads` as a module: ``body`` (the layers before the last, with
+    their ReLU), ``final_layer()`` and the forward read the stacked parameters (inspection, tests)."""
+
+    def __init__(self, grouped: GroupedHeads, k: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "_grouped", grouped)  # not a child: the view owns no parameters
+        self.k = k
+
+    def body(self, z: torch.Tensor) -> torch.Tensor:
+        for j in range(self._grouped.n_layers - 1):
+            z = torch.relu(_LinearView(self._grouped, self.k, j)(z))
+        return z
+
+    def final_layer(self) -> _LinearView:
+        return _LinearView(self._grouped, self.k, self._grouped.n_layers - 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.final_layer()(self.body(z))
+
+
+def convert_optimizer_state(state: dict[str, Any], n_heads: int, n_layers: int) -> dict[str, Any]:
+    """A classifier-optimizer state_dict of the per-head layout (parameters head by head: W_0, b_0, …,
+    each W [out, in]) in the stacked layout of :class:`GroupedHeads` (W_0s, b_0s, …): per-parameter
+    tensors of the parameter's shape (momentum, Adam moments) are stacked as the parameters are; other
+    entries (Adam's step) are taken from the first head."""
+    per_head = 2 * n_layers
+    groups = state["param_groups"]
+    if len(groups) != 1 or len(groups[0]["params"]) != n_heads * per_head:
+        return state
+    old_ids = groups[0]["params"]
+    new_state: dict[int, dict[str, Any]] = {}
+    for i in range(per_head):
+        entries = [state["state"].get(old_ids[k * per_head + i]) for k in range(n_heads)]
+        if any(e is None for e in entries):
+            continue
+        merged = {}
+        for key, v0 in entries[0].items():
+            if isinstance(v0, torch.Tensor) and v0.dim() >= 1:
+                vals = [e[key] for e in entries]
+                merged[key] = torch.stack([v.t() for v in vals]) if i % 2 == 0 else torch.stack(vals).unsqueeze(1)
+            else:
+                merged[key] = v0
+        new_state[i] = merged
+    return {"state": new_state, "param_groups": [{**groups[0], "params": list(range(per_head))}]}
 
 
 def _grouped_layers(heads: list[nn.Module]) -> list[list[nn.Linear]] | None:
@@ -380,8 +486,11 @@ class CGGM(BalancingMethod):
             if not self._scoped[m]:
                 raise MethodNotApplicable(f"cggm: encoder of modality {m!r} has no parameter in scope "
                                           f"{self.hp.scale_scope!r} (nothing to modulate)")
-        # vector MLP classifiers run as one batched product (CGGMClassifiers.forward(stacked=True))
-        self._stacked = self._raw_classifiers.grouped_layers is not None
+        # vector MLP classifiers are one grouped module (one batched product per layer)
+        self._stacked = self._raw_classifiers.grouped is not None
+        self._ctx = ctx
+        # the modality index of every scaled gradient, copied to the device once (every scoped parameter)
+        self._owner_index([k for k, m in enumerate(self.modalities) for _ in self._scoped[m]], ctx.device)
 
     def _resolve_pairing(self, model: nn.Module, heads: dict[str, nn.Module]) -> dict[str, slice | None]:
         """m → None (full: the whole W_F) or the column slice of W_F paired with classifier m (block)."""
@@ -460,8 +569,10 @@ class CGGM(BalancingMethod):
         before the next step adds it (stale by one step). The snapshot (value, gradient) is what a
         checkpoint saves to rebuild the term exactly on resume."""
         wf = self._w_f(ctx)
-        value, grad = direction_loss_and_grad(wf.detach(), [self._w_i(ctx, m).detach() for m in self.modalities],
-                                              self._b, [self.pairing[m] for m in self.modalities])
+        grouped = self._raw_classifiers.grouped
+        wis = (list(grouped.final_weight().detach().unbind(0)) if grouped is not None
+               else [self._w_i(ctx, m).detach() for m in self.modalities])
+        value, grad = direction_loss_and_grad(wf.detach(), wis, self._b, [self.pairing[m] for m in self.modalities])
         self._lgm_snapshot = {"value": value, "grad": grad, "b": self._b}
         return self._lgm_from_snapshot(ctx)
 
@@ -537,7 +648,12 @@ class CGGM(BalancingMethod):
         """§2.1: g_F = ∂ℓ(ŷ)/∂W_F (create_graph), g_m = ∂ℓ(o_m)/∂W_m (detached); c_m = cos(g_m, g_F block).
         g_m for every m from one call: W_m enters only ℓ(o_m), so ∂(Σ_k ℓ(o_k))/∂W_m = ∂ℓ(o_m)/∂W_m."""
         g_f = torch.autograd.grad(task_loss, self._w_f(ctx), create_graph=True, retain_graph=True)[0]
-        g_ms = torch.autograd.grad(aux_sum, [self._w_i(ctx, m) for m in self.modalities], retain_graph=True)
+        grouped = self._raw_classifiers.grouped
+        if grouped is not None:  # the stacked final weight [M, in, out]: g_m = (its gradient)[m]ᵀ
+            w_last = grouped._parameters[f"weight{grouped.n_layers - 1}"]
+            g_ms = torch.autograd.grad(aux_sum, w_last, retain_graph=True)[0].transpose(1, 2).unbind(0)
+        else:
+            g_ms = torch.autograd.grad(aux_sum, [self._w_i(ctx, m) for m in self.modalities], retain_graph=True)
         cos = [_cos(g_m.detach(), self._block(g_f, m)) for g_m, m in zip(g_ms, self.modalities)]
         return direction_loss(b.to(g_f.device), torch.stack(cos))
 
@@ -589,9 +705,30 @@ class CGGM(BalancingMethod):
                 "lgm_snapshot": None if snap is None else {k: v.cpu() for k, v in snap.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        clf = getattr(self, "_raw_classifiers", None)
+        if clf is not None and clf.loaded_old_layout:  # the engine loads the classifier optimizer next
+            self._convert_optimizer_on_load(clf)
         self.eps_prev = state.get("eps_prev")
         self._guard_hits = int(state.get("guard_hits", 0))
         self._pending_snapshot = state.get("lgm_snapshot")
+
+    def _convert_optimizer_on_load(self, clf: CGGMClassifiers) -> None:
+        """A resumed per-head checkpoint: convert its classifier-optimizer state when it is loaded."""
+        clf.loaded_old_layout = False
+        ctx = getattr(self, "_ctx", None)
+        opt = None if ctx is None else ctx.extra[self.MODULE].optimizer
+        while opt is not None and hasattr(opt, "optimizer") and isinstance(opt, torch.optim.Optimizer):
+            opt = opt.optimizer  # accelerate's wrapper → the torch optimizer
+        if opt is None:
+            return
+        n_heads, n_layers = len(clf.names), clf.grouped.n_layers
+        handle = None
+
+        def hook(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+            handle.remove()  # one checkpoint
+            return convert_optimizer_state(state, n_heads, n_layers)
+
+        handle = opt.register_load_state_dict_pre_hook(hook)
 
     def on_epoch_start(self, ctx: StepContext) -> None:
         snap = getattr(self, "_pending_snapshot", None)

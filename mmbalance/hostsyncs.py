@@ -10,8 +10,10 @@ together during a CPU run:
   on a GPU, and classifies each read by its tensor's tag. A tensor is on the "device" when it is a
   parameter or buffer of the model or of a method's module, a batch the method is given, a tensor
   created with ``device=`` the accelerator's device (``ctx.device``, ``x.device`` of a device tensor:
-  the mode hands out the accelerator's own device object, so identity tells them apart from an explicit
-  ``"cpu"``), moved there with ``.to(...)``, or computed from any device tensor. Everything else is a
+  the mode hands out the accelerator's own device object, and another one for ``x.device`` of a host
+  tensor, so identity tells them apart; ``"cpu"`` is the host; any other CPU device object, e.g. one
+  made inside torch, leaves the placement unchanged), moved there with ``.to(...)``, or computed from
+  any device tensor. Everything else is a
   host tensor by design (``ctx.generator`` draws, bookkeeping built from Python numbers, the dataset's
   CPU copies).
 
@@ -86,6 +88,7 @@ class DeviceTracker(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.dev: torch.device | None = None  # the accelerator's device object (identity matters)
+        self.host = torch.device("cpu")  # what ``.device`` of a host tensor returns (identity matters)
         self.tags: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.windows: list[Counts] = []  # the open counting windows (nested: epoch ⊃ steps)
         self._orig: dict[str, Any] = {}
@@ -110,7 +113,11 @@ class DeviceTracker(TorchFunctionMode):
         if isinstance(d, torch.Tensor):
             return self.on_device(d)
         if isinstance(d, torch.device):
-            return d is self.dev or d.type not in ("cpu", "meta")
+            if d is self.dev or d.type not in ("cpu", "meta"):
+                return True
+            # ``x.device`` of a host tensor: the host; any other CPU device object (made inside torch, e.g.
+            # clip_grad_norm_'s per-device groups, or by hand) is ambiguous here: placement unchanged
+            return False if d is self.host else None
         if isinstance(d, (str, int)) and not isinstance(d, bool):
             try:
                 return torch.device(d).type != "cpu"
@@ -166,8 +173,8 @@ class DeviceTracker(TorchFunctionMode):
         if name == "__get__":  # a Tensor property
             attr = getattr(getattr(func, "__self__", None), "__name__", "")
             src = args[0] if args else None
-            if attr == "device" and self.dev is not None and self.on_device(src):
-                return self.dev
+            if attr == "device" and self.dev is not None and isinstance(src, torch.Tensor):
+                return self.dev if self.on_device(src) else self.host
             out = func(*args, **kwargs)
             if isinstance(out, torch.Tensor) and self.on_device(src):
                 self.tags[out] = True

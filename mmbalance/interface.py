@@ -235,8 +235,12 @@ class StepContext:
                 out[k] = sum(v) / len(v)
             else:
                 out[k] = math.nan  # placeholder: keeps the keys in logging order
-                vals = torch.stack([x.reshape(()).to(dev, torch.float64) if isinstance(x, torch.Tensor) else
-                                    torch.tensor(x, dtype=torch.float64, device=dev) for x in v])
+                if all(isinstance(x, torch.Tensor) and x.dim() == 0 and x.dtype == v[0].dtype and x.device == dev
+                       for x in v):  # the usual case: one stack (the same float64 values as below)
+                    vals = torch.stack(v).to(torch.float64)
+                else:
+                    vals = torch.stack([x.reshape(()).to(dev, torch.float64) if isinstance(x, torch.Tensor) else
+                                        torch.tensor(x, dtype=torch.float64, device=dev) for x in v])
                 sums.setdefault(dev, []).append((k, vals.sum()))
         for pairs in sums.values():
             for (k, _), total in zip(pairs, torch.stack([t for _, t in pairs]).tolist()):

@@ -45,9 +45,10 @@ def test_method_table_goals_per_dataset_column():
 def test_run_all_dry_run_lists_every_benchmark_and_the_estimate():
     ok = _sh("run_all.sh", "--dry-run", "--out", "x.md")
     assert ok.returncode == 0, ok.stderr
-    for script in ("loop_overhead.py", "method_overhead.py", "host_syncs.py", "diagnostics_overhead.py"):
+    for script in ("loop_overhead.py", "method_overhead.py", "host_syncs.py", "diagnostics_overhead.py",
+                   "leaderboard_throughput.py"):
         assert script in ok.stdout
-    assert "total ~14 min" in ok.stdout and not (REPO / "x.md").exists()
+    assert "total ~17 min" in ok.stdout and not (REPO / "x.md").exists()
     bad = _sh("run_all.sh", "--bogus")
     assert bad.returncode == 2 and "'--bogus'" in bad.stderr
 
@@ -94,3 +95,24 @@ def test_gpu_throughput_helper_runs_on_cpu(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         gpu_throughput.main(["--steps", "0"])
     assert exc.value.code == 2
+
+
+@pytest.mark.ddp
+def test_gpu_throughput_helper_under_two_process_launch(tmp_path):
+    """gpu.sh's DDP scaling path (accelerate launch --num_processes 2) on CPU: the ranks share one run
+    folder, rank 0 reports the samples of both processes."""
+    import json
+
+    from test_ddp import free_port
+
+    out = tmp_path / "ddp.json"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "MMBALANCE_NO_PROGRESS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()), str(REPO / "benchmarks" / "gpu_throughput.py"), "--steps", "2", "--epochs", "2",
+           "--batch-size", "4", "--seq-len", "2", "--samples", "60", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["world_size"] == 2 and r["steps_per_epoch"] == 2 and r["batch_per_process"] == 4
+    assert r["samples_per_s"] == pytest.approx(2 * 4 * r["steps_per_s"])

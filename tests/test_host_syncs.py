@@ -13,7 +13,7 @@ TINY = {"dataset.limit_per_class": 6, "train.batch_size": 12}
 # next-step mode from the learning speeds). Everything else reads nothing per step.
 BUDGET = {"baseline": 0, "gblending": 0, "gblending_offline_robust": 0, "pmr": 0, "pmr_paper": 0, "qmf": 0,
           "qmf_rgbd": 0, "mla": 0, "mla_alternate": 0, "mmpareto": 0, "greedy": 1, "greedy_random": 1, "ogm_ge": 0,
-          "umt": 0, "inforeg_official": 0, "remix": 0, "mrd": 0}
+          "umt": 0, "inforeg_official": 0, "remix": 0, "mrd": 0, "cggm": 0, "cggm_paper": 0, "agm": 0}
 # Host→device copies allowed per step: MRD's drop mask is drawn on the CPU generator (one copy per step).
 H2D = {"mrd": 1}
 
@@ -63,6 +63,7 @@ def test_counter_tells_device_reads_from_host_reads():
         out.nonzero()  # likewise
         out[out > 0] = 0.0  # a masked fill: no sync
         out[torch.tensor([0, 1])]  # integer indexing: no sync
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)  # its per-device groups stay on the device
     w = _tracked(body)
     assert w.device == {"__float__": 2, "item": 1, "cpu": 1, "__setitem__": 1, "__getitem__": 1, "nonzero": 1}, w.device
     assert w.host == {"__float__": 2, "tolist": 1}, w.host
@@ -104,3 +105,13 @@ def test_device_generator_is_the_method_generator_on_the_cpu(tmp_path):
 
     ctx = build_trainer("baseline", "mfeat", run_dir=tmp_path / "r", epochs=1, sets=TINY).ctx
     assert ctx.device_generator is ctx.generator
+
+
+def test_sequence_model_positions_are_not_copied_every_step():
+    """The MulT sequence model's sinusoidal position table is built once per shape on the device (it
+    was built on the CPU and copied for every modality in every forward)."""
+    rep = count_host_syncs("baseline", "mosi-synth", epochs=1, sets={"dataset.n_samples": 60, "dataset.seq_len": 8,
+                                                                "train.batch_size": 16, "train.max_steps_per_epoch": 3})
+    assert rep.steps == 3
+    assert rep.in_steps.total("device") == 0, rep.in_steps.where.most_common(3)
+    assert rep.in_steps.total("h2d") <= 1 + 3, rep.in_steps.where.most_common(3)  # + one table per modality

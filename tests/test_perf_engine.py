@@ -213,3 +213,26 @@ def test_ddp_training_steps_make_no_collective_call(tmp_path):
         assert c["n_steps"] >= 2 * epochs
         assert c["steps"] == 0, c  # e.g. a per-step loss all-reduce or NaN flag reduction
         assert c["epoch"] <= epochs, c
+
+
+def test_backward_shortcut_only_without_gradient_accumulation(tmp_path):
+    """The engine skips accelerate's ``loss / gradient_accumulation_steps`` only when that is a division by
+    1: with accumulation 2 the gradients must be accelerate's (halved), with 1 the plain ones."""
+    from mmbalance.testing import first_batch
+
+    tr = build_trainer("baseline", run_dir=tmp_path / "r", epochs=1, sets=SETS)
+    batch = first_batch(tr)
+
+    def grads(accumulation: int) -> list[torch.Tensor]:
+        tr.accelerator.gradient_accumulation_steps = accumulation
+        tr._plain_backward = None  # decided again on the next step
+        tr.ctx.model.zero_grad(set_to_none=True)
+        tr._backward(tr.method.training_step(tr.ctx, batch).loss)
+        return [p.grad.clone() for p in tr.ctx.model.parameters()]
+
+    plain = grads(1)
+    assert tr._plain_backward is True
+    halved = grads(2)
+    assert tr._plain_backward is False
+    for a, b in zip(plain, halved):
+        torch.testing.assert_close(b, a / 2, rtol=1e-6, atol=1e-9)

@@ -4,12 +4,20 @@ forward against the passes one by one (train and eval flags, BatchNorm, dropout)
 against per-key logging, and the resume of a checkpoint written before the change."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import SMALL_MFEAT
 from mmbalance.methods.agm import AGM, AGMHParams, ScaledSum, mode_sensitive, train_invariant
-from mmbalance.methods.cggm import CGGM, CGGMClassifiers, direction_loss_and_grad, with_gradient
+from mmbalance.methods.cggm import (
+    CGGM,
+    CGGMClassifiers,
+    convert_optimizer_state,
+    direction_loss_and_grad,
+    with_gradient,
+)
 from torch import nn
 
 from mmbalance.interface import StepContext
@@ -77,32 +85,110 @@ def test_direction_gradient_of_a_stacked_weight_tensor():
 
 
 # ----------------------------------------------------------------------------- CGGM: grouped classifiers
+def per_head_state(heads):
+    return {f"heads.{m}.{n}": v.detach().clone() for m, h in heads.items() for n, v in h.state_dict().items()}
+
+
 def test_grouped_classifiers_equal_the_heads_one_by_one():
     torch.manual_seed(0)
     heads = {m: UnimodalHead("vector", 8, 4, "cggm") for m in ("a", "b", "c")}
+    ref = copy.deepcopy(heads)
     clf = CGGMClassifiers(heads)
-    assert clf.grouped_layers is not None
+    assert clf.grouped is not None
+    assert set(clf.state_dict()) == {"grouped.weight0", "grouped.bias0", "grouped.weight1", "grouped.bias1"}
     feats = {m: torch.randn(6, 8) for m in heads}
     stacked = clf(feats, stacked=True)
-    one_by_one = clf(feats)
     for k, m in enumerate(heads):
-        torch.testing.assert_close(stacked[k], one_by_one[m], rtol=1e-6, atol=1e-6)
-    # gradients reach each head's own parameters as with the separate heads
+        torch.testing.assert_close(stacked[k], ref[m](feats[m]), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(clf.heads[m](feats[m]), ref[m](feats[m]), rtol=1e-6, atol=1e-6)  # the views
+        assert torch.equal(clf.heads[m].final_layer().weight, ref[m].out.weight)
+    # gradients: the stacked parameters get each head's own gradient (transposed, stacked)
     y = torch.tensor([0, 1, 2, 3, 0, 1])
-    g_stacked = torch.autograd.grad(sum(F.cross_entropy(stacked[k], y) for k in range(3)), list(clf.parameters()))
-    g_ref = torch.autograd.grad(sum(F.cross_entropy(o, y) for o in clf(feats).values()), list(clf.parameters()))
-    for a, r in zip(g_stacked, g_ref):
-        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-7)
-    # the parameters (state_dict layout) are the heads' own
-    assert set(clf.state_dict()) == {f"heads.{m}.{n}" for m in heads for n in ("body.0.weight", "body.0.bias",
-                                                                                 "out.weight", "out.bias")}
+    sum(F.cross_entropy(stacked[k], y) for k in range(3)).backward()
+    sum(F.cross_entropy(ref[m](feats[m]), y) for m in ref).backward()
+    g = clf.grouped
+    for k, m in enumerate(ref):
+        torch.testing.assert_close(g.weight0.grad[k], ref[m].body[0].weight.grad.t(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(g.bias0.grad[k, 0], ref[m].body[0].bias.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(g.weight1.grad[k], ref[m].out.weight.grad.t(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(g.bias1.grad[k, 0], ref[m].out.bias.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_per_head_checkpoints_load_into_the_grouped_layout():
+    """A classifier state_dict and an optimizer state of the per-head layout (before the grouping) load
+    into the grouped module and its optimizer: same outputs, and the next optimizer step is the same."""
+    torch.manual_seed(1)
+    heads = {m: UnimodalHead("vector", 8, 4, "cggm") for m in ("a", "b", "c")}
+    ref = copy.deepcopy(heads)
+    feats, y = {m: torch.randn(6, 8) for m in heads}, torch.tensor([0, 1, 2, 3, 0, 1])
+    ref_params = [p for h in ref.values() for p in h.parameters()]
+    ref_opt = torch.optim.SGD(ref_params, lr=0.1, momentum=0.9, weight_decay=1e-3, foreach=True)
+    for _ in range(2):
+        ref_opt.zero_grad()
+        sum(F.cross_entropy(ref[m](feats[m]), y) for m in ref).backward()
+        ref_opt.step()
+    clf = CGGMClassifiers({m: UnimodalHead("vector", 8, 4, "cggm") for m in heads})  # other initial values
+    clf.load_state_dict(per_head_state(ref))
+    assert clf.loaded_old_layout
+    for m in heads:
+        torch.testing.assert_close(clf(feats)[m], ref[m](feats[m]), rtol=1e-6, atol=1e-6)
+    opt = torch.optim.SGD(list(clf.parameters()), lr=0.1, momentum=0.9, weight_decay=1e-3, foreach=True)
+    opt.load_state_dict(convert_optimizer_state(ref_opt.state_dict(), 3, 2))
+    for o, fwd in ((ref_opt, lambda: sum(F.cross_entropy(ref[m](feats[m]), y) for m in ref)),
+                   (opt, lambda: sum(F.cross_entropy(v, y) for v in clf(feats).values()))):
+        o.zero_grad()
+        fwd().backward()
+        o.step()
+    for m in heads:
+        torch.testing.assert_close(clf.heads[m](feats[m]), ref[m](feats[m]), rtol=1e-5, atol=1e-6)
+
+
+def test_resume_of_a_per_head_run_folder(run_cli, tmp_path, monkeypatch):
+    """A run killed after epoch 1 whose checkpoint has the per-head classifier layout (as written before
+    the grouping) resumes to the numbers of an uninterrupted run."""
+    sets = {**SMALL_MFEAT, "train.modality_eval": "none", "train.diagnostics": "none"}
+    code, full_dir, full = run_cli("cggm", epochs=2, sets=sets, run_dir=tmp_path / "full")
+    assert code == 0
+    monkeypatch.setenv("MMBALANCE_STOP_AFTER_EPOCHS", "1")
+    with pytest.raises(KeyboardInterrupt):
+        run_cli("cggm", epochs=2, sets=sets, run_dir=tmp_path / "cut")
+    monkeypatch.delenv("MMBALANCE_STOP_AFTER_EPOCHS")
+    last = tmp_path / "cut" / "checkpoints" / "last.pt"
+    ck = torch.load(last, weights_only=False)
+    g = ck["weights"]["extra"][CGGM.MODULE]
+    names = ["fac", "fou", "mor"]
+    old = {}
+    for k, m in enumerate(names):  # back to heads.<m>.body.0 / heads.<m>.out, W [out, in]
+        for j, layer in enumerate(("body.0", "out")):
+            old[f"heads.{m}.{layer}.weight"] = g[f"grouped.weight{j}"][k].t().clone()
+            old[f"heads.{m}.{layer}.bias"] = g[f"grouped.bias{j}"][k, 0].clone()
+    ck["weights"]["extra"][CGGM.MODULE] = old
+    st = ck["extra_optimizers"][CGGM.MODULE]
+    new_state = st["state"]
+    per_head = {}
+    for k in range(3):
+        for i in range(4):
+            entry = {key: (v[k].t().clone() if i % 2 == 0 else v[k, 0].clone()) if isinstance(v, torch.Tensor) and v.dim() else v
+                     for key, v in new_state[i].items()}
+            per_head[k * 4 + i] = entry
+    ck["extra_optimizers"][CGGM.MODULE] = {"state": per_head, "param_groups": [{**st["param_groups"][0],
+                                                                              "params": list(range(12))}]}
+    torch.save(ck, last)
+    code, _, resumed = run_cli("cggm", epochs=2, sets=sets, run_dir=tmp_path / "cut", extra=["--resume"])
+    assert code == 0 and resumed["status"] == "ok"
+    for split in ("val", "test"):
+        for key, v in full[split].items():
+            if isinstance(v, float):
+                assert resumed[split][key] == pytest.approx(v, rel=1e-6, abs=1e-9), (split, key)
 
 
 def test_heads_of_other_shapes_are_not_grouped():
     seq = {m: UnimodalHead("sequence", 10, 4, "cggm", num_heads=2) for m in ("a", "b")}
-    assert CGGMClassifiers(seq).grouped_layers is None
+    clf = CGGMClassifiers(seq)
+    assert clf.grouped is None and set(clf.heads) == {"a", "b"}
+    assert all(k.startswith("heads.") for k in clf.state_dict())  # the per-head layout, unchanged
     mixed = {"a": UnimodalHead("vector", 8, 4, "cggm"), "b": UnimodalHead("vector", 6, 4, "cggm")}
-    assert CGGMClassifiers(mixed).grouped_layers is None
+    assert CGGMClassifiers(mixed).grouped is None
 
 
 def test_mfeat_step_uses_the_grouped_classifiers_and_matches_the_per_head_losses(tmp_path):

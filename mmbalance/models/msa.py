@@ -32,13 +32,28 @@ def fairseq_sinusoids(num: int, dim: int) -> torch.Tensor:
     return table
 
 
+_SINUSOIDS: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _sinusoids_on(num: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`fairseq_sinusoids` on ``device`` in ``dtype``, built and copied there once per shape (not
+    once per forward: on a GPU each copy is a blocking host→device copy)."""
+    key = (num, dim, device, dtype)
+    table = _SINUSOIDS.get(key)
+    if table is None:
+        if len(_SINUSOIDS) > 64:  # many sequence lengths: keep the cache bounded
+            _SINUSOIDS.clear()
+        table = _SINUSOIDS[key] = fairseq_sinusoids(num, dim).to(device, dtype)
+    return table
+
+
 def padded_positions(x: torch.Tensor, d: int) -> torch.Tensor:
     """Sinusoidal embeddings for a [B, L, d] input: position t+1 for step t, 0 (zero vector) where the
     first channel is exactly 0 (MulT padding rule)."""
     length = x.shape[1]
     pos = torch.arange(1, length + 1, device=x.device).expand(x.shape[0], length)
     pos = pos.masked_fill(x[..., 0] == 0, 0)
-    return fairseq_sinusoids(length + 1, d).to(x.device, x.dtype)[pos]
+    return _sinusoids_on(length + 1, d, x.device, x.dtype)[pos]
 
 
 def _xavier_linear(d_in: int, d_out: int) -> nn.Linear:
