@@ -123,6 +123,12 @@ class LossWatch:
         return step, vals[own] if own is not None and self._steps[own] == step else float("nan")
 
 
+def overrides_hook(method: BalancingMethod, name: str) -> bool:
+    """Whether ``method`` replaces the base class's no-op hook ``name`` (in its class or on the instance);
+    the loop skips calling a hook that is the base class's own (decided once per epoch)."""
+    return name in getattr(method, "__dict__", ()) or getattr(type(method), name) is not getattr(BalancingMethod, name)
+
+
 def _all_min(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
@@ -662,6 +668,12 @@ class Trainer:
         ctx, method, cfg = self.ctx, self.method, self.cfg
         all_present = tuple(ctx.modalities)
         n_steps = 0
+        # Decided once per epoch (per-step Python overhead): hooks left as the base class's no-ops and the
+        # diagnostics hooks when train.diagnostics=none are not called at all.
+        diag = self.diag if self.diag.enabled else None
+        substeps = method.training_substeps if overrides_hook(method, "training_substeps") else None
+        after_backward = method.after_backward if overrides_hook(method, "after_backward") else None
+        after_step = method.after_step if overrides_hook(method, "after_step") else None
         for step, batch in enumerate(loader):
             if cfg.max_steps_per_epoch is not None and step >= cfg.max_steps_per_epoch:
                 break
@@ -670,8 +682,9 @@ class Trainer:
                 batch, ctx.present = batch
             else:
                 ctx.present = all_present
-            self.diag.before_step(step, batch)
-            subs = method.training_substeps(ctx, batch)
+            if diag is not None:
+                diag.before_step(step, batch)
+            subs = None if substeps is None else substeps(ctx, batch)
             if subs is None:
                 subs = (method.training_step(ctx, batch),)
             for sub, out in enumerate(subs):  # one update per StepOutput (MLA: one per modality)
@@ -679,10 +692,14 @@ class Trainer:
                 loss = out.loss
                 watch.add(loss, step)  # on the device: no host sync, no all-reduce per step
                 self._backward(loss)
-                self._unscale(all_opts)  # every sub-step is a real step: unscaled once, stepped, scale updated
-                self.diag.after_backward()
-                method.after_backward(ctx)
-                self.diag.after_edit()
+                if self.accelerator.scaler is not None:  # read every step: a test may inject one
+                    self._unscale(all_opts)  # every sub-step is a real step: unscaled once, stepped, scale updated
+                if diag is not None:
+                    diag.after_backward()
+                if after_backward is not None:
+                    after_backward(ctx)
+                if diag is not None:
+                    diag.after_edit()
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 self._set_lrs(schedule.factor(pos.epoch, min(step, max(0, ctx.steps_per_epoch - 1))))
@@ -690,14 +707,16 @@ class Trainer:
                 main_opt.zero_grad(set_to_none=to_none)
                 for opt in extra_opts:
                     opt.zero_grad(set_to_none=to_none)
-                for k, v in out.logs.items():
-                    ctx.log(k, v)
+                if out.logs:
+                    for k, v in out.logs.items():
+                        ctx.log(k, v)
             if not to_none:  # sub-steps kept zero-filled gradients; the batch ends with none
                 main_opt.zero_grad(set_to_none=True)
                 for opt in extra_opts:
                     opt.zero_grad(set_to_none=True)
             ctx.substep = 0
-            method.after_step(ctx)
+            if after_step is not None:
+                after_step(ctx)
             if self._progress_bar is not None:
                 self._progress_bar.step()
             n_steps += 1

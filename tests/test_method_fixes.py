@@ -200,7 +200,7 @@ def test_agm_feature_mean_uses_earlier_batches_only(tmp_path):
                              "train.modality_eval": "none", "model.dropout": 0.0})
     meth = tr.method
     feats, used = [], []
-    real_passes, real_mean = meth.coalition_passes, meth._feature_mean
+    real_passes, real_mean = meth.coalition_logits, meth._feature_mean  # the step's coalition passes
 
     def passes(ctx, batch, masks, full):
         feats.append({m: z.detach().double().clone() for m, z in full.features.items()})
@@ -211,7 +211,7 @@ def test_agm_feature_mean_uses_earlier_batches_only(tmp_path):
         used.append((len(feats), m, out[0].detach().double().clone()))
         return out
 
-    meth.coalition_passes, meth._feature_mean = passes, mean
+    meth.coalition_logits, meth._feature_mean = passes, mean
     tr.fit()
     assert len(feats) == 2
     assert not [u for u in used if u[0] == 1]  # first step: no earlier batch, no mean used

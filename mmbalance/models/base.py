@@ -61,7 +61,8 @@ class MultimodalModel(nn.Module):
                only: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """z_m for every modality, or only for ``only`` (the other encoders do not run)."""
         if only is None and not absent:  # the training hot path: no set building, nothing to check
-            return {m: self.encoders[m](inputs[m]) for m in self.modalities}
+            encoders = self.encoders._modules  # (ModuleDict.__getitem__ is a Python call per modality)
+            return {m: encoders[m](inputs[m]) for m in self.modalities}
         absent = set(absent)
         mods = self.modalities if only is None else [m for m in self.modalities if m in set(only)]
         unknown = (absent | set(only or ())) - set(self.modalities)
@@ -85,7 +86,11 @@ class MultimodalModel(nn.Module):
         """``only``: run only those encoders; fusion then receives only their features (a fusion
         that needs every modality fails; methods using ``only`` replace it)."""
         features = self.encode(inputs, absent) if only is None else self.encode(inputs, absent, only)
-        pooled = {m: self.pool(m, z) for m, z in features.items()}
+        if type(self).pool is MultimodalModel.pool:  # the hot path: pool_feature inlined for vectors
+            kinds = self.feature_kinds
+            pooled = {m: z if kinds[m] == "vector" else pool_feature(z, kinds[m]) for m, z in features.items()}
+        else:
+            pooled = {m: self.pool(m, z) for m, z in features.items()}
         fused, logits = self.fuse_and_head(features, pooled)
         return ModelOutput(features, pooled, fused, logits)
 
