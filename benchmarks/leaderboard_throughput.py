@@ -1,12 +1,12 @@
 """Leaderboard throughput: a slice of the quick suite run with warm workers (imports once per worker, one forked
 process per run) against one cold ``python -m mmbalance.run`` process per run, paired and interleaved.
 
-Each repeat runs the same slice (default: 4 rows x 2 seeds of mfeat, the suite's 30 epochs, ``--workers 2``)
+Each repeat runs the same slice (default: 8 rows x 3 seeds of mfeat, the suite's 30 epochs, ``--workers 2``)
 into two fresh results folders, once per mode, alternating which mode goes first; it reports the wall-time
 ratio cold / warm (the speed-up; > 1 is faster) with min/median/max over the pairs, the runs per minute of each
 mode, and checks that both modes wrote the same validation/test numbers.
 
-    python benchmarks/leaderboard_throughput.py [--repeats 3] [--rows baseline cggm ogm_ge qmf] [--seeds 2]
+    python benchmarks/leaderboard_throughput.py [--repeats 2] [--rows baseline cggm ...] [--seeds 3]
 """
 from __future__ import annotations
 
@@ -52,9 +52,9 @@ def _numbers(results: Path) -> dict[str, tuple]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--rows", nargs="+", default=["baseline", "cggm", "ogm_ge", "qmf"])
-    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--rows", nargs="+", default=["baseline", "cggm", "ogm_ge", "qmf", "mla", "pmr", "dgl", "remix"])
+    p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--dataset", default="mfeat")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--workers", type=int, default=2)

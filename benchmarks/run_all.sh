@@ -8,7 +8,7 @@
 #
 # --out FILE: the markdown file (default benchmarks/results-<UTC date-time>.md; written when all are done,
 # atomically: a failed benchmark leaves no partial file). --dry-run: print the estimate and the commands.
-# Environment: PYTHON (default python). Budget: about 17 minutes on an idle 2-core CPU (estimate below;
+# Environment: PYTHON (default python). Budget: about 18 minutes on an idle 2-core CPU (measured: 7.5 min + 4 min for the throughput step, 2026-12-01) (estimate below;
 # the first four steps took 18 minutes on a shared machine at load average 6).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +35,7 @@ STEPS=(
   "Time per epoch, every method vs the baseline|9|$PY benchmarks/method_overhead.py --repeats 3"
   "Host syncs per training step|1.5|$PY benchmarks/host_syncs.py"
   "Diagnostics overhead (train.diagnostics=default vs none)|2|$PY benchmarks/diagnostics_overhead.py --repeats 3 --markdown"
-  "Leaderboard throughput (warm workers vs one process per run)|3|$PY benchmarks/leaderboard_throughput.py --repeats 3"
+  "Leaderboard throughput (warm workers vs one process per run)|4|$PY benchmarks/leaderboard_throughput.py --repeats 2"
 )
 total=0
 echo "run_all.sh: estimate on an idle 2-core CPU (a loaded machine takes longer):"

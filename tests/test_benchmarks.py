@@ -48,7 +48,7 @@ def test_run_all_dry_run_lists_every_benchmark_and_the_estimate():
     for script in ("loop_overhead.py", "method_overhead.py", "host_syncs.py", "diagnostics_overhead.py",
                    "leaderboard_throughput.py"):
         assert script in ok.stdout
-    assert "total ~17 min" in ok.stdout and not (REPO / "x.md").exists()
+    assert "total ~18 min" in ok.stdout and not (REPO / "x.md").exists()
     bad = _sh("run_all.sh", "--bogus")
     assert bad.returncode == 2 and "'--bogus'" in bad.stderr
 
