@@ -383,7 +383,7 @@ class SegmentationTask(Task):
     def region_dice(self, pred: Tensor, target: Tensor) -> Tensor:
         """[B, R] per-slice Dice (2|P∩G| + 1e-3)/(|P| + |G| + 1e-3) of class maps [B, H, W]."""
         cols = []
-        for key, classes in self.regions.items():
+        for key in self.regions:
             c = self._on(key, self._region_classes(key), pred.device)
             p, g = torch.isin(pred, c), torch.isin(target, c)
             inter = (p & g).sum(dim=(1, 2)).double()
