@@ -52,7 +52,7 @@ def test_counter_tells_device_reads_from_host_reads():
         host.tolist()  # host reads
         on_dev = torch.zeros(2, device=tr.dev)  # created on ctx.device: on the device, no copy
         moved = torch.arange(3.0).to(tr.dev)  # host → device copy
-        float((on_dev.sum() + moved.sum()))  # device read
+        float(on_dev.sum() + moved.sum())  # device read
         torch.tensor([1.0, 2.0], device=loss.device)  # x.device of a device tensor is the device: a copy
         back = loss.detach().cpu()  # device → host copy: one device read ...
         float(back)  # ... and the value is then on the host
