@@ -38,3 +38,21 @@ def run_cli(tmp_path):
         return code, rd, (json.loads(res.read_text()) if res.is_file() else None)
 
     return _run
+
+
+@pytest.fixture
+def kill_and_resume(run_cli, tmp_path, monkeypatch):
+    """Train ``method`` once uninterrupted (``tmp_path/full``) and once killed after ``stop_after`` epochs
+    (the engine's MMBALANCE_STOP_AFTER_EPOCHS hook) then resumed (``tmp_path/killed``).
+    Returns ``((full_dir, full_result), (exit_code, resumed_dir, resumed_result))``."""
+
+    def _run(method, *, sets, epochs, stop_after, dataset="mfeat"):
+        _, full_dir, full = run_cli(method, dataset, sets=sets, epochs=epochs, run_dir=tmp_path / "full")
+        monkeypatch.setenv("MMBALANCE_STOP_AFTER_EPOCHS", str(stop_after))
+        with pytest.raises(KeyboardInterrupt):
+            run_cli(method, dataset, sets=sets, epochs=epochs, run_dir=tmp_path / "killed")
+        monkeypatch.delenv("MMBALANCE_STOP_AFTER_EPOCHS")
+        resumed = run_cli(method, dataset, sets=sets, epochs=epochs, run_dir=tmp_path / "killed", extra=["--resume"])
+        return (full_dir, full), resumed
+
+    return _run

@@ -162,12 +162,7 @@ def test_runs_end_to_end(run_cli, dataset, sets):
     assert code == 0 and res["status"] == "ok"
 
 
-def test_resume_gives_the_same_final_numbers(run_cli, tmp_path, monkeypatch):
+def test_resume_gives_the_same_final_numbers(kill_and_resume):
     sets = {**SMALL_MFEAT, **FAST}
-    _, _, full = run_cli("dgl", sets=sets, epochs=3, run_dir=tmp_path / "full")
-    monkeypatch.setenv("MMBALANCE_STOP_AFTER_EPOCHS", "1")
-    with pytest.raises(KeyboardInterrupt):
-        run_cli("dgl", sets=sets, epochs=3, run_dir=tmp_path / "killed")
-    monkeypatch.delenv("MMBALANCE_STOP_AFTER_EPOCHS")
-    code, _, resumed = run_cli("dgl", sets=sets, epochs=3, run_dir=tmp_path / "killed", extra=["--resume"])
+    (_, full), (code, _, resumed) = kill_and_resume("dgl", sets=sets, epochs=3, stop_after=1)
     assert code == 0 and resumed["test"] == full["test"] and resumed["val"] == full["val"]

@@ -211,13 +211,8 @@ def test_evaluation_in_eval_mode_and_lr_multipliers_applied(tmp_path):
     assert g["lr"] == pytest.approx(g["base_lr"] * 0.5 * 0.25)
 
 
-def test_resume_restores_the_method_generator(run_cli, tmp_path, monkeypatch):
+def test_resume_restores_the_method_generator(kill_and_resume):
     """MRD draws its masks from ctx.generator: a resumed run must continue that stream."""
     sets = {**SMALL_MFEAT, "train.modality_eval": "none"}
-    _, _, full = run_cli("mrd", sets=sets, epochs=2, run_dir=tmp_path / "full")
-    monkeypatch.setenv("MMBALANCE_STOP_AFTER_EPOCHS", "1")
-    with pytest.raises(KeyboardInterrupt):
-        run_cli("mrd", sets=sets, epochs=2, run_dir=tmp_path / "killed")
-    monkeypatch.delenv("MMBALANCE_STOP_AFTER_EPOCHS")
-    code, _, resumed = run_cli("mrd", sets=sets, epochs=2, run_dir=tmp_path / "killed", extra=["--resume"])
+    (_, full), (code, _, resumed) = kill_and_resume("mrd", sets=sets, epochs=2, stop_after=1)
     assert code == 0 and resumed["val"] == full["val"] and resumed["test"] == full["test"]

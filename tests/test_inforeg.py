@@ -164,15 +164,10 @@ def test_official_preset_constants(tmp_path):
     assert tr.method.constants().tolist() == [0.95, 0.1, 0.1]  # first modality high (released audio/visual)
 
 
-def test_resume_gives_the_same_final_numbers(run_cli, tmp_path, monkeypatch):
+def test_resume_gives_the_same_final_numbers(kill_and_resume):
     # threshold 0.6: the window closes after a few epochs, so a lost trace history changes the run
     sets = {**SMALL_MFEAT, **FAST, "threshold": 0.6}
-    _, rd_full, full = run_cli("inforeg", sets=sets, epochs=4, run_dir=tmp_path / "full")
-    monkeypatch.setenv("MMBALANCE_STOP_AFTER_EPOCHS", "2")
-    with pytest.raises(KeyboardInterrupt):
-        run_cli("inforeg", sets=sets, epochs=4, run_dir=tmp_path / "killed")
-    monkeypatch.delenv("MMBALANCE_STOP_AFTER_EPOCHS")
-    code, rd, resumed = run_cli("inforeg", sets=sets, epochs=4, run_dir=tmp_path / "killed", extra=["--resume"])
+    (rd_full, full), (code, rd, resumed) = kill_and_resume("inforeg", sets=sets, epochs=4, stop_after=2)
     assert code == 0 and resumed["test"] == full["test"] and resumed["val"] == full["val"]
     k = [json.loads(x)["method/k/fac"] for x in (rd_full / "metrics.jsonl").read_text().splitlines()]
     assert k[0] == 1.0 and min(k[2:]) <= 0.6  # the window did close: the history mattered

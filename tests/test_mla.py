@@ -186,14 +186,9 @@ def test_alternate_trains_one_modality_per_batch(tmp_path):
     assert moved == {m: k == 0 for k, m in enumerate(tr.ctx.modalities)}
 
 
-def test_resume_gives_the_same_final_numbers(run_cli, tmp_path, monkeypatch):
+def test_resume_gives_the_same_final_numbers(kill_and_resume):
     sets = dict(PIX_MOR)
-    _, _, full = run_cli("mla", sets=sets, epochs=3, run_dir=tmp_path / "full")
-    monkeypatch.setenv("MMBALANCE_STOP_AFTER_EPOCHS", "2")
-    with pytest.raises(KeyboardInterrupt):
-        run_cli("mla", sets=sets, epochs=3, run_dir=tmp_path / "killed")
-    monkeypatch.delenv("MMBALANCE_STOP_AFTER_EPOCHS")
-    code, _, resumed = run_cli("mla", sets=sets, epochs=3, run_dir=tmp_path / "killed", extra=["--resume"])
+    (_, full), (code, _, resumed) = kill_and_resume("mla", sets=sets, epochs=3, stop_after=2)
     assert code == 0 and resumed["test"] == full["test"] and resumed["val"] == full["val"]
     assert resumed["method_metrics"] == full["method_metrics"]
 

@@ -146,14 +146,9 @@ def test_gamma_per_modality_length_checked(tmp_path):
         toy(tmp_path, extra={"gamma_per_modality": [1.0, 2.0, 3.0]})
 
 
-def test_resume_gives_the_same_final_numbers(run_cli, tmp_path, monkeypatch):
+def test_resume_gives_the_same_final_numbers(kill_and_resume):
     sets = {**SMALL_MFEAT, **FAST, "uni_head": "linear"}
-    _, _, full = run_cli("multitask", sets=sets, epochs=3, run_dir=tmp_path / "full")
-    monkeypatch.setenv("MMBALANCE_STOP_AFTER_EPOCHS", "1")
-    with pytest.raises(KeyboardInterrupt):
-        run_cli("multitask", sets=sets, epochs=3, run_dir=tmp_path / "killed")
-    monkeypatch.delenv("MMBALANCE_STOP_AFTER_EPOCHS")
-    code, rd, resumed = run_cli("multitask", sets=sets, epochs=3, run_dir=tmp_path / "killed", extra=["--resume"])
+    (_, full), (code, rd, resumed) = kill_and_resume("multitask", sets=sets, epochs=3, stop_after=1)
     assert code == 0 and resumed["test"] == full["test"] and resumed["val"] == full["val"]
     row = json.loads((rd / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"multitask/loss_fused", "multitask/loss_fac", "multitask/metric_fou"} <= set(row)

@@ -147,14 +147,9 @@ def test_runs_on_synthetic_modalities(run_cli, n):
     assert code == 0 and len([k for k in res["method_metrics"] if k.startswith("alpha/")]) == n
 
 
-def test_resume_gives_the_same_final_numbers(run_cli, tmp_path, monkeypatch):
+def test_resume_gives_the_same_final_numbers(kill_and_resume):
     sets = dict(FAST)
-    _, _, full = run_cli("relearning", sets=sets, epochs=4, run_dir=tmp_path / "full")
-    monkeypatch.setenv("MMBALANCE_STOP_AFTER_EPOCHS", "2")
-    with pytest.raises(KeyboardInterrupt):
-        run_cli("relearning", sets=sets, epochs=4, run_dir=tmp_path / "killed")
-    monkeypatch.delenv("MMBALANCE_STOP_AFTER_EPOCHS")
-    code, _, resumed = run_cli("relearning", sets=sets, epochs=4, run_dir=tmp_path / "killed", extra=["--resume"])
+    (_, full), (code, _, resumed) = kill_and_resume("relearning", sets=sets, epochs=4, stop_after=2)
     assert code == 0 and resumed["test"] == full["test"] and resumed["val"] == full["val"]
     assert resumed["method_metrics"] == full["method_metrics"] and full["method_metrics"]["diagnoses"] == 2.0
 

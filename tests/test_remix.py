@@ -173,14 +173,9 @@ def test_runs(run_cli, dataset, sets):
     assert sum(v for k, v in res["method_metrics"].items() if k.startswith("assigned/")) == res["num_train_samples"]
 
 
-def test_resume_gives_the_same_final_numbers(run_cli, tmp_path, monkeypatch):
+def test_resume_gives_the_same_final_numbers(kill_and_resume):
     sets = {**FAST, "warmup_epochs": 1}
-    _, _, full = run_cli("remix", sets=sets, epochs=4, run_dir=tmp_path / "full")
-    monkeypatch.setenv("MMBALANCE_STOP_AFTER_EPOCHS", "2")
-    with pytest.raises(KeyboardInterrupt):
-        run_cli("remix", sets=sets, epochs=4, run_dir=tmp_path / "killed")
-    monkeypatch.delenv("MMBALANCE_STOP_AFTER_EPOCHS")
-    code, _, resumed = run_cli("remix", sets=sets, epochs=4, run_dir=tmp_path / "killed", extra=["--resume"])
+    (_, full), (code, _, resumed) = kill_and_resume("remix", sets=sets, epochs=4, stop_after=2)
     assert code == 0 and resumed["test"] == full["test"] and resumed["val"] == full["val"]
     assert resumed["method_metrics"] == full["method_metrics"]
 
