@@ -328,15 +328,21 @@ def test_scaled_sum_scales_each_response():
         torch.testing.assert_close(grad[k], float(kappa[k]) * g)
 
 
+def _record_conversions(monkeypatch) -> list[str]:
+    """Patch the tensor→Python conversions; every call appends its name to the returned list."""
+    calls: list[str] = []
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+        orig = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, __o=orig, __n=name, **k: calls.append(__n) or __o(t, *a, **k))
+    return calls
+
+
 def test_agm_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
     """κ, S̄ and the logs stay tensors: a training step converts no tensor to a Python number."""
     tr = build_trainer("agm", "mfeat", run_dir=tmp_path / "r", sets=SMALL_MFEAT)
     ctx, meth, batch = tr.ctx, tr.method, first_batch(tr)
     meth.training_step(ctx, batch)  # first step (caches)
-    calls = []
-    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
-        orig = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, __o=orig, __n=name, **k: calls.append(__n) or __o(t, *a, **k))
+    calls = _record_conversions(monkeypatch)
     out = meth.training_step(ctx, batch)
     out.loss.backward()
     meth.after_backward(ctx)
@@ -352,10 +358,7 @@ def test_cggm_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
         out.loss.backward()
         meth.after_backward(ctx)
         ctx.optimizer.zero_grad(set_to_none=True)
-    calls = []
-    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
-        orig = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, __o=orig, __n=name, **k: calls.append(__n) or __o(t, *a, **k))
+    calls = _record_conversions(monkeypatch)
     out = meth.training_step(ctx, batch)
     out.loss.backward()
     meth.after_backward(ctx)
