@@ -9,6 +9,7 @@ a small CPU) is paid once per worker while every run stays its own process. ``ac
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import shutil
@@ -169,8 +170,6 @@ class WarmWorker:
             self.ready = True
 
     def _read(self) -> dict[str, Any] | None:
-        import json
-
         assert self.proc is not None and self.proc.stdout is not None
         line = self.proc.stdout.readline()
         return json.loads(line) if line.strip() else None
@@ -182,8 +181,6 @@ class WarmWorker:
             ) -> int:
         """Run ``python -m mmbalance.run`` ``argv[3:]`` in a process forked from the worker; its exit code.
         ``target`` (``FILE.py:FUNCTION``) replaces ``mmbalance.run.main`` (tests)."""
-        import json
-
         self._start()
         assert self.proc is not None and self.proc.stdin is not None
         try:
@@ -390,8 +387,9 @@ def run_local(specs: list[RunSpec], *, workers: int = 1, data_dir: str | None = 
         slot_gpus = [None] * workers
     warm = warm_workers_enabled() if warm_workers is None else warm_workers
     pool_workers: list[WarmWorker | None] = [WarmWorker(_worker_env(workers, g)) if warm else None for g in slot_gpus]
+    pending = warm and any(not read_state(s).done for s in specs)  # nothing to run: no worker start-up
     for i, w in enumerate(pool_workers):
-        if w is not None and any(not read_state(s).done for s in specs):
+        if w is not None and pending:
             w.spawn()  # from this thread, which outlives the sweep's runs (see WarmWorker.spawn)
         slots.put(i)
     na_reason: dict[tuple[str, str], str] = {}
