@@ -7,9 +7,16 @@ Two levels of comparison are provided:
   with :func:`holm_correction` to adjust the p-values of the several methods that
   are compared against the same baseline, and :func:`significance_marker` to turn an
   adjusted p-value into the ``*`` / ``**`` / ``***`` shown on the leaderboard.
-* **Several datasets, all methods against each other** -- :func:`average_ranks`,
-  :func:`friedman_test` (Friedman chi-square and the Iman-Davenport F), the Nemenyi
-  :func:`nemenyi_critical_difference` and the :func:`cd_diagram` plot.
+* **Power and testability** -- :func:`paired_t_power`, :func:`mde_paired_t` (the minimum
+  detectable difference of the paired t-test at a given power, family size and spread),
+  :func:`sign_flip_test` (exact paired permutation test), :func:`min_attainable_p` and
+  :func:`testability` (a comparison that cannot pass its correction, or has zero spread or
+  too few pairs, is "not testable" and never earns a marker).
+* **Several datasets, all methods against each other** -- :func:`stratified_bootstrap`
+  and :func:`probability_of_improvement` (Agarwal et al. 2021, "Deep Reinforcement Learning
+  at the Edge of the Statistical Precipice", NeurIPS: the rliable definitions),
+  :func:`average_ranks`, :func:`friedman_test` (Friedman chi-square and the Iman-Davenport
+  F), the Nemenyi :func:`nemenyi_critical_difference` and the :func:`cd_diagram` plot.
 
 References
 ----------
@@ -20,6 +27,11 @@ References
   Scandinavian Journal of Statistics 6(2):65-70.
 * Student's paired t-test / t interval: any statistics textbook, e.g. the
   "paired t-test" of Demšar 2006, Section 3.1.2.
+* Power of the t-test from the noncentral t distribution: J. Cohen (1988), "Statistical
+  Power Analysis for the Behavioral Sciences", ch. 2; for known sigma it reduces to the
+  closed form ``MDE = (z_{1-a/2} + z_{power}) * sigma / sqrt(n)``.
+* Sign-flip (paired permutation) test: Fisher (1935) / Pitman (1937); under H0 the
+  differences are symmetric about 0, so each sign pattern is equally likely.
 
 Nothing here touches global state: matplotlib is imported lazily inside
 :func:`cd_diagram` and drives the Agg canvas directly (``pyplot`` is never used).
@@ -43,6 +55,15 @@ __all__ = [
     "paired_comparison",
     "holm_correction",
     "significance_marker",
+    "MIN_PAIRS",
+    "paired_t_power",
+    "mde_paired_t",
+    "sign_flip_test",
+    "min_attainable_p",
+    "Testability",
+    "testability",
+    "stratified_bootstrap",
+    "probability_of_improvement",
     "rank_within_datasets",
     "average_ranks",
     "FriedmanResult",
@@ -64,8 +85,8 @@ SIGNIFICANCE_THRESHOLDS: tuple[tuple[float, str], ...] = (
 #: Human-readable legend of :func:`significance_marker` (for table footers / READMEs).
 SIGNIFICANCE_LEGEND = (
     "Significance vs. the baseline (Holm-Bonferroni-adjusted p-values, paired by seed): "
-    "*** p < 0.001, ** p < 0.01, * p < 0.05; no marker: not significant at alpha = 0.05 "
-    "(or fewer than 2 paired seeds)."
+    "*** p < 0.001, ** p < 0.01, * p < 0.05; no marker: not significant at alpha = 0.05, "
+    "or not testable (fewer than 3 pairs, or zero spread of the paired differences)."
 )
 
 
@@ -275,6 +296,163 @@ def significance_marker(p_adj: float, alpha: float = 0.05) -> str:
         if p < bound:
             return marker
     return "*"  # alpha > 0.05 and 0.05 <= p < alpha
+
+
+# --------------------------------------------------------------------------------------
+# power, exact paired test, testability
+# --------------------------------------------------------------------------------------
+#: The fewest paired replicates a comparison needs to be tested at all (with 2 pairs the t-test
+#: has 1 degree of freedom and its interval spans most of the scale).
+MIN_PAIRS = 3
+
+
+def paired_t_power(delta: float, sd: float, n: int, *, alpha: float = 0.05) -> float:
+    """Power of the two-sided paired t-test at level ``alpha`` to detect a true mean
+    difference ``delta`` when the paired differences are normal with standard deviation
+    ``sd``, over ``n`` pairs: with ``ncp = delta / (sd / sqrt(n))`` and ``c = t_{1-a/2, n-1}``,
+    ``power = P(T' > c) + P(T' < -c)``, ``T'`` noncentral t with ``n - 1`` df (Cohen 1988)."""
+    alpha = _check_alpha(alpha)
+    if n < 2 or not (sd > 0.0 and math.isfinite(sd)):
+        return math.nan
+    df = n - 1
+    ncp = float(delta) / (float(sd) / math.sqrt(n))
+    c = float(_st.t.ppf(1.0 - alpha / 2.0, df))
+    # P(T' < -c | ncp) = P(T' > c | -ncp); scipy's nct.cdf returns nan for some vanishing lower tails
+    upper, lower = (float(_st.nct.sf(c, df, x)) for x in (abs(ncp), -abs(ncp)))
+    return (upper if math.isfinite(upper) else 1.0) + (lower if math.isfinite(lower) else 0.0)
+
+
+def mde_paired_t(sd: float, n: int, *, alpha: float = 0.05, power: float = 0.8, family: int = 1) -> float:
+    """Minimum detectable difference of the paired t-test: the smallest ``delta > 0`` that the
+    test detects with probability ``power`` at level ``alpha / family`` (Bonferroni, which is
+    Holm's first and strictest step, so the figure holds for every member of a Holm family of
+    ``family`` tests). Solved exactly on the noncentral t (:func:`paired_t_power`); for large
+    ``n`` it tends to the normal closed form ``(z_{1-a/(2 family)} + z_{power}) sd / sqrt(n)``.
+
+    nan when ``n < 2`` or ``sd`` is not a positive finite number (no spread, no power figure).
+    """
+    if n < 2 or not (sd > 0.0 and math.isfinite(sd)):
+        return math.nan
+    if not (0.0 < power < 1.0):
+        raise ValueError(f"power must lie strictly between 0 and 1, got {power!r}")
+    if family < 1:
+        raise ValueError(f"family must be >= 1, got {family!r}")
+    a = _check_alpha(alpha) / family
+    se = float(sd) / math.sqrt(n)
+    hi = 1.0
+    while paired_t_power(hi * se, sd, n, alpha=a) < power:
+        hi *= 2.0
+    from scipy.optimize import brentq
+
+    k = brentq(lambda k: paired_t_power(k * se, sd, n, alpha=a) - power, 0.0, hi, xtol=1e-10)
+    return float(k * se)
+
+
+def sign_flip_test(differences: Sequence[float], *, exact_max: int = 16, draws: int = 100_000,
+                   seed: int = 0) -> float:
+    """Two-sided exact paired permutation (sign-flip) test of ``mean(d) = 0``.
+
+    Under H0 each difference is symmetric about 0, so all ``2^n`` sign patterns are equally
+    likely; p = share of patterns whose ``|mean|`` is at least the observed one (the observed
+    pattern included). Enumerated for ``n <= exact_max``; above, ``draws`` random patterns from
+    ``RandomState(seed)`` with p = (1 + hits) / (1 + draws). nan when every difference is 0.
+    The smallest p it can return is :func:`min_attainable_p` (``2 / 2^n``).
+    """
+    d = _as_1d_finite(differences, "differences")
+    n = d.shape[0]
+    if n == 0 or not np.any(d != 0.0):
+        return math.nan
+    obs = abs(float(np.mean(d)))
+    tol = 1e-12 * max(1.0, float(np.max(np.abs(d))))
+    if n <= exact_max:
+        signs = 1.0 - 2.0 * ((np.arange(2 ** n)[:, None] >> np.arange(n)[None, :]) & 1)
+        stats_ = np.abs(signs @ d) / n
+        return float(np.mean(stats_ >= obs - tol))
+    rs = np.random.RandomState(seed)
+    signs = rs.choice((-1.0, 1.0), size=(draws, n))
+    hits = int(np.sum(np.abs(signs @ d) / n >= obs - tol))
+    return (1.0 + hits) / (1.0 + draws)
+
+
+def min_attainable_p(n: int) -> float:
+    """Smallest two-sided p-value of an exact sign-flip or Wilcoxon signed-rank test with ``n``
+    nonzero pairs: ``2 / 2^n`` (every difference of the same sign). With 5 pairs that is 0.0625,
+    so no such test can pass alpha = 0.05 at all."""
+    return 2.0 / 2.0 ** int(n) if n >= 1 else math.nan
+
+
+@dataclass(frozen=True)
+class Testability:
+    """Whether a paired comparison can be tested, and why not (``reason``, "" when testable)."""
+
+    testable: bool
+    reason: str = ""
+
+
+def testability(differences: Sequence[float], *, min_pairs: int = MIN_PAIRS) -> Testability:
+    """A comparison is *not testable* -- shown without p-value or marker -- when it has fewer
+    than ``min_pairs`` finite pairs, or its paired differences have zero spread (identical up
+    to rounding: a t-test would call a constant one-sample shift infinitely significant)."""
+    d = np.asarray([x for x in differences if math.isfinite(float(x))], dtype=float)
+    if d.size < min_pairs:
+        return Testability(False, f"not testable: {d.size} paired replicate(s) < {min_pairs}")
+    scale = float(np.max(np.abs(d)))
+    sd = float(np.std(d, ddof=1))
+    if sd == 0.0 or sd <= 64.0 * np.finfo(float).eps * scale:
+        return Testability(False, "not testable: the paired differences have zero spread")
+    return Testability(True)
+
+
+# --------------------------------------------------------------------------------------
+# across datasets: stratified bootstrap and probability of improvement (rliable)
+# --------------------------------------------------------------------------------------
+def stratified_bootstrap(
+    samples: Sequence[np.ndarray],
+    statistic,
+    *,
+    reps: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Percentile interval of ``statistic(samples)`` by the stratified bootstrap of Agarwal et
+    al. (2021): each replicate resamples, with replacement, the rows (runs) *within each task*
+    (``samples[i]`` is task i's array, runs along axis 0), so every task keeps its run count.
+    Rows are resampled as wholes, so columns of one row (e.g. a method and its baseline on the
+    same replicate) stay paired. ``statistic`` maps the list of task arrays to a number or a
+    1-D array. Returns ``(point, low, high)`` as float arrays (0-d for a scalar statistic);
+    draws come from ``RandomState(seed)`` (deterministic).
+    """
+    confidence = float(confidence)
+    if not (0.0 < confidence < 1.0):
+        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence!r}")
+    arrays = [np.asarray(a, dtype=float) for a in samples]
+    if not arrays or any(a.shape[0] < 1 for a in arrays):
+        raise ValueError("stratified_bootstrap needs at least one task, each with at least one run")
+    rs = np.random.RandomState(seed)
+    point = np.asarray(statistic(arrays), dtype=float)
+    boot = np.empty((reps,) + point.shape)
+    for b in range(reps):
+        boot[b] = statistic([a[rs.randint(0, a.shape[0], a.shape[0])] for a in arrays])
+    q = (1.0 - confidence) / 2.0
+    return point, np.quantile(boot, q, axis=0), np.quantile(boot, 1.0 - q, axis=0)
+
+
+def probability_of_improvement(x: Sequence[Sequence[float]], y: Sequence[Sequence[float]]) -> float:
+    """P(X > Y) of Agarwal et al. (2021): the mean over tasks m of
+    ``(1 / (N K)) sum_i sum_j S(x_{m,i}, y_{m,j})`` with ``S = 1`` if ``x > y``, ``1/2`` if equal,
+    ``0`` otherwise (the Mann-Whitney U statistic over ``N`` runs of X and ``K`` runs of Y on task
+    m). ``x[m]``, ``y[m]``: the scores of X and Y on task m, oriented so that higher is better.
+    0.5 = no tendency; 1 = X beats Y on every pair of runs of every task."""
+    if len(x) != len(y) or not x:
+        raise ValueError(f"x and y must hold the same number (>= 1) of tasks, got {len(x)} and {len(y)}")
+    per_task = []
+    for xm, ym in zip(x, y):
+        a = _as_1d_finite(xm, "x")
+        b = _as_1d_finite(ym, "y")
+        if a.size == 0 or b.size == 0:
+            raise ValueError("every task needs at least one run of x and of y")
+        per_task.append(float(np.mean((a[:, None] > b[None, :]) + 0.5 * (a[:, None] == b[None, :]))))
+    return float(np.mean(per_task))
 
 
 # --------------------------------------------------------------------------------------

@@ -346,3 +346,84 @@ def test_cd_diagram_errors(tmp_path):
         S.cd_diagram({"a": 1.0, "b": 2.0}, -1.0, tmp_path / "x.png")
     with pytest.raises(ValueError, match="finite"):
         S.cd_diagram({"a": 1.0, "b": float("nan")}, 1.0, tmp_path / "x.png")
+
+
+# --------------------------------------------------------------------------------------
+# power, exact paired test, testability, rliable aggregates
+# --------------------------------------------------------------------------------------
+def test_mde_matches_the_normal_closed_form_for_a_large_paired_design():
+    # Known sigma (n large): MDE = (z_{1-a/(2m)} + z_{0.8}) sigma / sqrt(n), z from the closed-form inverse
+    # normal values 1.959964 (a = 0.05), 0.841621 (power 0.8) and 2.935199 (a = 0.05 / 15).
+    for family, z_a in ((1, 1.959964), (15, 2.935199)):
+        closed = (z_a + 0.841621) * 2.0 / math.sqrt(20000)
+        assert S.mde_paired_t(2.0, 20000, family=family) == pytest.approx(closed, rel=2e-3)
+    # small n: larger than the normal formula (t quantiles), smaller than the t-quantile sum + 10 %
+    n, sd = 6, 1.0
+    approx = (st.t.ppf(0.975, n - 1) + st.t.ppf(0.8, n - 1)) * sd / math.sqrt(n)
+    mde = S.mde_paired_t(sd, n)
+    assert (1.959964 + 0.841621) / math.sqrt(n) < mde < 1.1 * approx
+    assert math.isnan(S.mde_paired_t(0.0, 10)) and math.isnan(S.mde_paired_t(1.0, 1))
+
+
+def test_mde_has_the_stated_power_in_simulated_normal_paired_designs():
+    # 4000 paired designs with normal differences of mean MDE: the t-test at a/m rejects ~80 % of them.
+    n, sd, m = 8, 0.02, 5
+    mde = S.mde_paired_t(sd, n, family=m)
+    rs = np.random.RandomState(7)
+    d = rs.normal(mde, sd, size=(4000, n))
+    p = st.ttest_1samp(d, 0.0, axis=1).pvalue
+    assert np.mean(p < 0.05 / m) == pytest.approx(0.80, abs=0.025)
+    d0 = rs.normal(0.0, sd, size=(4000, n))
+    assert np.mean(st.ttest_1samp(d0, 0.0, axis=1).pvalue < 0.05 / m) < 0.02
+
+
+def test_sign_flip_test_exact_values():
+    import itertools
+
+    # all five of one sign: only the observed pattern and its mirror reach |mean| = 3 -> 2/32
+    assert S.sign_flip_test([1, 2, 3, 4, 5]) == pytest.approx(2 / 32)
+    assert S.min_attainable_p(5) == pytest.approx(0.0625) and S.min_attainable_p(10) == pytest.approx(2 / 1024)
+    d = [0.3, -0.1, 0.5, 0.2, -0.4, 0.6]
+    obs = abs(sum(d))
+    brute = np.mean([abs(sum(s * x for s, x in zip(signs, d))) >= obs - 1e-12
+                     for signs in itertools.product((1, -1), repeat=len(d))])
+    assert S.sign_flip_test(d) == pytest.approx(brute)
+    assert math.isnan(S.sign_flip_test([0.0, 0.0, 0.0]))
+    # Monte-Carlo branch agrees with the enumeration
+    d17 = np.random.RandomState(3).normal(0.2, 1.0, 17)
+    assert S.sign_flip_test(d17, exact_max=8, draws=40000) == pytest.approx(S.sign_flip_test(d17, exact_max=17),
+                                                                             abs=0.01)
+
+
+def test_zero_spread_or_too_few_pairs_is_not_testable():
+    # the new user's 2-seed suite: both seeds one test sample (0.0025) better -> was "***, p < 0.0001"
+    assert not S.testability([0.0025, 0.0025]).testable
+    assert "zero spread" in S.testability([0.0025, 0.0025, 0.0025]).reason
+    assert "2 paired" in S.testability([0.01, 0.02]).reason
+    assert S.testability([0.01, 0.02, 0.0]).testable
+    assert not S.testability([0.3 - 0.2, 0.5 - 0.4, 0.7 - 0.6]).testable  # equal up to rounding
+
+
+def test_probability_of_improvement_hand_computed():
+    # task 1: x = [1, 3] vs y = [2, 2]: pairs (1>2 no, 1>2 no, 3>2, 3>2) -> 0.5; task 2: 5 vs 5 tie -> 0.5
+    assert S.probability_of_improvement([[1, 3], [5]], [[2, 2], [5]]) == pytest.approx(0.5)
+    # task 1 all wins, task 2: x = [1, 2] vs y = [2]: 0 + 0.5 -> 0.25; mean (1 + 0.25) / 2
+    assert S.probability_of_improvement([[9], [1, 2]], [[0], [2]]) == pytest.approx(0.625)
+
+
+def test_stratified_bootstrap_resamples_within_tasks_and_keeps_pairs():
+    rs = np.random.RandomState(0)
+    a = rs.normal(size=(12, 1))
+    paired = [np.hstack([a + 0.1, a]), np.hstack([a[:5] + 0.1, a[:5]])]  # column 0 - column 1 = 0.1 always
+
+    def delta(tasks):
+        return np.mean([np.mean(t[:, 0] - t[:, 1]) for t in tasks])
+
+    point, lo, hi = S.stratified_bootstrap(paired, delta, reps=300)
+    assert float(point) == pytest.approx(0.1) and float(lo) == pytest.approx(0.1) and float(hi) == pytest.approx(0.1)
+    # the mean of task 1 (values 0..9) and task 2 (constant 100): only task 1 varies, task 2's size is kept
+    p, lo, hi = S.stratified_bootstrap([np.arange(10.0), np.full(3, 100.0)],
+                                       lambda t: np.mean(t[0]) + np.mean(t[1]), reps=2000, seed=1)
+    assert float(p) == pytest.approx(104.5)
+    se = np.std(np.arange(10.0)) / math.sqrt(10)
+    assert float(hi - lo) == pytest.approx(2 * 1.96 * se, rel=0.12)
