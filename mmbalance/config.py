@@ -198,6 +198,18 @@ class TrainConfig:
     diag_probe_pixels: int = 256
     diag_probe_every: int = 5
     diag_shapley_empty: Literal["prior", "all_absent"] = "prior"
+    # how the run executes, not what it computes (see RUNTIME_SETTINGS): checkpoints and GPU speed settings
+    #: seconds of wall time between epoch checkpoints (last.pt, best.pt, metrics.jsonl); 0 = every epoch.
+    #: They are also written at the end of training and when a SIGTERM/SIGINT stops the run.
+    checkpoint_interval: float = 60.0
+    #: CUDA only: TF32 matmuls/convolutions (torch.backends.{cuda.matmul,cudnn}.allow_tf32)
+    tf32: bool = True
+    #: CUDA only: cuDNN autotuning (torch.backends.cudnn.benchmark)
+    cudnn_benchmark: bool = True
+    #: CUDA only: channels_last memory format for models with 2-D convolutions (and their image inputs)
+    channels_last: bool = True
+    #: torch.compile the model (opt-in; the first epoch pays the compilation)
+    compile: bool = False
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -206,9 +218,31 @@ class TrainConfig:
             raise ValueError("batch sizes must be >= 1")
         if not math.isfinite(self.lr) or self.lr <= 0:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not math.isfinite(self.checkpoint_interval) or self.checkpoint_interval < 0:
+            raise ValueError(f"checkpoint_interval must be a number of seconds >= 0, got {self.checkpoint_interval}")
 
 
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
+#: Training settings that never change what a run computes: left out of the config hash.
+RUNTIME_SETTINGS = frozenset({"checkpoint_interval"})
+#: Settings added after results were recorded that can change numbers on a GPU only (CPU runs are identical):
+#: part of the config hash only when set to something other than their default, so the hash (and the default
+#: run folder) of every earlier configuration stays what it was.
+HASHED_WHEN_CHANGED = frozenset({"tf32", "cudnn_benchmark", "channels_last", "compile"})
+
+
+def hashed_train_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The training settings that enter the config hash (``RunConfig.train``): every field except
+    :data:`RUNTIME_SETTINGS`, and :data:`HASHED_WHEN_CHANGED` only when they differ from their default.
+    ``config.json`` records all of them."""
+    out = to_jsonable(cfg)
+    defaults = TrainConfig()
+    for name in RUNTIME_SETTINGS:
+        out.pop(name, None)
+    for name in HASHED_WHEN_CHANGED:
+        if getattr(cfg, name) == getattr(defaults, name):
+            out.pop(name, None)
+    return out
 
 
 @dataclass

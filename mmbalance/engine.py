@@ -14,6 +14,7 @@ import random
 import shutil
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +134,30 @@ def _all_min(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
     return t
+
+
+def _host_copy(obj: Any) -> Any:
+    """A detached host copy of a (nested) state dict: tensors copied to the CPU, everything else deep-copied,
+    so that later training steps cannot change it (what ``torch.save`` would have written at this point)."""
+    import copy
+
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if type(obj) in (dict, OrderedDict):
+        return type(obj)((k, _host_copy(v)) for k, v in obj.items())
+    if type(obj) in (list, tuple):
+        return type(obj)(_host_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+#: The clock of the checkpoint interval (a test replaces it).
+_clock = time.monotonic
+
+
+def _env_epochs(name: str, done: int) -> bool:
+    """Test hooks: whether the environment variable ``name`` asks to stop after ``done`` epochs."""
+    value = os.environ.get(name)
+    return bool(value) and done >= int(value)
 
 
 @dataclass
@@ -514,14 +539,36 @@ class Trainer:
             self._fail(pos, f"non-finite {what} ({', '.join(f'{k}={metrics[k]}' for k in bad)}): the model "
                             "diverged (or the split holds non-finite inputs); the run is marked failed")
 
-    def _interrupt_if_requested(self, pos: Position) -> None:
-        """At a safe point (epoch checkpoint written): stop if SIGTERM/SIGINT arrived (on any rank)."""
+    def _end_of_epoch(self, pos: Position, schedule: LRSchedule, force: bool = False) -> int:
+        """The safe point after an epoch: write the checkpoint (best.pt when the best changed, last.pt,
+        metrics.jsonl) when ``train.checkpoint_interval`` seconds have passed since the last one, when
+        ``force`` (the end of training), or when SIGTERM/SIGINT arrived; returns that signal (0: none).
+        Every rank decides alike: under DDP one all-reduce (max) of (signal, checkpoint due) per epoch."""
         acc = self.accelerator
         signum = preempt.requested() or 0
+        due = force or _clock() - self._last_checkpoint >= self.cfg.checkpoint_interval
         if acc.num_processes > 1:
-            signum = int(acc.reduce(torch.tensor([signum], device=acc.device), reduction="max").item())
-        if not signum:
-            return
+            flags = acc.reduce(torch.tensor([signum, int(due)], device=acc.device), reduction="max").tolist()
+            signum, due = int(flags[0]), bool(flags[1])
+        if due or signum:
+            self._checkpoint(pos, schedule)
+        return signum
+
+    def _checkpoint(self, pos: Position, schedule: LRSchedule) -> None:
+        """best.pt (when the best changed since the last checkpoint), then last.pt, then metrics.jsonl, each
+        atomic. A kill between them leaves a last.pt no newer than best.pt and metrics.jsonl; resuming from
+        that last.pt re-trains the same epochs and reaches the same best again (training is deterministic)."""
+        if self._best_weights is not None:
+            self._save("best.pt", self._best_weights)
+            self._best_weights = None
+        self._save_last(pos, schedule)
+        self._write_metrics(pos)
+        self._last_checkpoint = _clock()
+        self._checkpointed = len(pos.history)
+
+    def _interrupted(self, pos: Position, signum: int) -> None:
+        """After the checkpoint of a stopped run: result.json says interrupted (resumable); raises."""
+        acc = self.accelerator
         import signal
 
         name = signal.Signals(signum).name
@@ -794,6 +841,9 @@ class Trainer:
             pos = Position()
             self._clear_previous()
         self._write_config()
+        self._best_weights: dict[str, Any] | None = None  # a new best not yet written to best.pt
+        self._last_checkpoint = _clock()
+        self._checkpointed = len(pos.history)  # epochs in the newest last.pt
         t_start = time.perf_counter()
         progress = self._progress_bar = self._progress(phases, pos, steps_per_epoch)
         self._init_trackers()
@@ -826,22 +876,26 @@ class Trainer:
                     schedule.observe_val_loss(val.get("loss", math.inf))
                     if self._is_better(val, pos.best):
                         pos.best = {"phase": phase.name, "phase_index": pos.phase_index, "epoch": pos.epoch, "val": val}
-                        self._save("best.pt", self._weights())
+                        self._best_weights = _host_copy(self._weights())  # written with the next checkpoint
                 self.diag.end_epoch(row, diag_step_seconds)
                 pos.history.append(row)
                 pos.epoch += 1
-                self._save_last(pos, schedule)
-                self._write_metrics(pos)
-                stop_after = os.environ.get("MMBALANCE_STOP_AFTER_EPOCHS")  # test hook: simulate a killed run
-                if stop_after and len(pos.history) >= int(stop_after):
-                    raise KeyboardInterrupt(f"stopped after {stop_after} epochs (MMBALANCE_STOP_AFTER_EPOCHS)")
-                self._interrupt_if_requested(pos)
+                # test hooks: MMBALANCE_STOP_AFTER_EPOCHS simulates a kill right after that epoch's checkpoint,
+                # MMBALANCE_KILL_AFTER_EPOCHS a kill between checkpoints (nothing written for that epoch)
+                stop_after = _env_epochs("MMBALANCE_STOP_AFTER_EPOCHS", len(pos.history))
+                signum = self._end_of_epoch(pos, schedule, force=pos.epoch >= n_epochs or stop_after)
+                if stop_after or _env_epochs("MMBALANCE_KILL_AFTER_EPOCHS", len(pos.history)):
+                    raise KeyboardInterrupt(f"stopped after {len(pos.history)} epochs (test hook)")
+                if signum:
+                    self._interrupted(pos, signum)
                 if progress is not None:
                     progress.epoch_done(row, self.task.primary_metric)
                 self._track(row, len(pos.history))
             method.on_phase_end(ctx)
             pos.phase_index += 1
             pos.epoch = 0
+        if self._checkpointed != len(pos.history) or self._best_weights is not None:
+            self._checkpoint(pos, schedule)  # (only after trailing phases without epochs) nothing left unwritten
         if progress is not None:
             progress.close()
         self._progress_bar = None

@@ -168,9 +168,9 @@ def resolve(args: argparse.Namespace):
     config = RunConfig(method=method_name, dataset=dataset_name, seed=seed, train={}, method_options=method_values,
                        dataset_options=dataset_options, model={**file_cfg["model"], **sets["model"]},
                        output_dir=str(output_dir), run_dir=str(run_dir), data_dir=str(data_dir) if data_dir else None)
-    from .config import to_jsonable
+    from .config import hashed_train_settings
 
-    config.train = to_jsonable(train_cfg)
+    config.train = hashed_train_settings(train_cfg)
     if run_dir is None:  # named after the settings, so that other settings never share it
         from .runfolder import default_run_dir
 

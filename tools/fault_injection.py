@@ -156,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default="mfeat")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", default=["train.modality_eval=final"], metavar="NAME=VALUE")
+    p.add_argument("--set", action="append", default=["train.modality_eval=final", "train.checkpoint_interval=0"],
+                   metavar="NAME=VALUE", help="--set values of every run (default: a checkpoint after every epoch, "
+                   "so that kills land in checkpoint writes too)")
     p.add_argument("--trials", type=int, default=5, help="killed runs per method")
     p.add_argument("--max-kills", type=int, default=3, help="faults per killed run (1..N, random)")
     p.add_argument("--rng-seed", type=int, default=0)
