@@ -85,8 +85,8 @@ SIGNIFICANCE_THRESHOLDS: tuple[tuple[float, str], ...] = (
 #: Human-readable legend of :func:`significance_marker` (for table footers / READMEs).
 SIGNIFICANCE_LEGEND = (
     "Significance vs. the baseline (Holm-Bonferroni-adjusted p-values, paired by seed): "
-    "*** p < 0.001, ** p < 0.01, * p < 0.05; no marker: not significant at alpha = 0.05, "
-    "or not testable (fewer than 3 pairs, or zero spread of the paired differences)."
+    "*** p < 0.001, ** p < 0.01, * p < 0.05; no marker: not significant at alpha = 0.05 "
+    "(or fewer than 2 paired seeds)."
 )
 
 

@@ -8,6 +8,8 @@
 * ``build SUITE`` aggregates the run files into README.md, results.csv and figures/ (see
   :mod:`mmbalance.leaderboard.report`); the same run files always give byte-identical output.
 * ``plan SUITE`` lists the planned runs and their state without running anything.
+* ``store SUITE`` adds the suite's finished run folders to its compact store (``RESULTS/_store/``, see
+  :mod:`mmbalance.leaderboard.store`); ``run`` and ``tune`` add each run as it finishes.
 
 Exit codes: 0 ok; 1 ``run`` finished with failed runs; 2 bad input.
 """
@@ -70,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--executor", choices=["local", "submitit"], default="local")
     tune.add_argument("--cluster", choices=["slurm", "local", "debug"])
     tune.add_argument("--quiet", action="store_true", help="no progress bar")
-    for sp in (run, build, plan):
+    st = sub.add_parser("store", help="add every finished run folder of the suite (report, defaults, tuning "
+                                      "trials) to its compact store RESULTS/_store/<dataset>.jsonl.gz")
+    common(st)
+    for sp in (run, build, plan, st):
         sp.add_argument("--untuned", action="store_true",
                         help="suites with [tune]: use the defaults for rows whose tuning is incomplete")
     return p
@@ -101,10 +106,20 @@ def _run_specs(args: argparse.Namespace, suite, results_dir: Path, data_dir, spe
 
     retry = not getattr(args, "no_retry_failed", False)
     if args.executor == "submitit":
-        return run_submitit(specs, folder=results_dir / "_submitit", cluster=args.cluster, data_dir=data_dir,
+        from . import store
+
+        states = run_submitit(specs, folder=results_dir / "_submitit", cluster=args.cluster, data_dir=data_dir,
                             retry_failed=retry, slurm=suite.slurm, workers=args.workers, progress=not args.quiet)
-    run_local(specs, workers=max(1, args.workers), data_dir=data_dir, retry_failed=retry,
-              per_run_gpus=max(1, suite.num_processes), progress=not args.quiet)
+        store.sync(specs)
+        return states
+    from . import store
+
+    try:
+        run_local(specs, workers=max(1, args.workers), data_dir=data_dir, retry_failed=retry,
+                  per_run_gpus=max(1, suite.num_processes), progress=not args.quiet,
+                  on_done=lambda st: store.sync([st.spec]))  # each run enters the store as it finishes
+    finally:
+        store.sync(specs)
     return [read_state(s) for s in specs]
 
 
@@ -216,10 +231,29 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_store(args: argparse.Namespace) -> int:
+    """Import the suite's finished run folders into its compact store (run and tune do it as runs finish)."""
+    from . import store
+
+    suite, results_dir, data_dir, specs = _plan(args, tuned=False)
+    every = list(specs)
+    if suite.tune is not None:
+        from .tune import apply_choices, plan_tuning
+
+        every += [s for p in plan_tuning(suite, specs, results_dir, data_dir=data_dir) for s in p.all_specs]
+        every += [s for s in apply_choices(suite, specs, results_dir, untuned=True) if s not in set(specs)]
+    added = store.sync(every)
+    size = store.size_bytes(results_dir)
+    print(f"suite {suite.name}: {added} line(s) added or updated; store {results_dir / store.STORE_DIR} "
+          f"is {size / 1e6:.2f} MB", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "build": cmd_build, "plan": cmd_plan, "tune": cmd_tune}[args.command](args)
+        return {"run": cmd_run, "build": cmd_build, "plan": cmd_plan, "tune": cmd_tune,
+                "store": cmd_store}[args.command](args)
     except MMBalanceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

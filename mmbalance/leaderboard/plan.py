@@ -57,6 +57,7 @@ class RunSpec:
     plan_hash: str = ""
     run_dir: str = ""
     plugins: tuple[str, ...] = ()  # --plugin modules/files (the suite's `plugins`), absolute paths for files
+    results_dir: str = ""  # the suite's results folder (its _store/ holds the compact store); not hashed
 
     @property
     def key(self) -> tuple[str, str]:
@@ -207,7 +208,8 @@ def plan_runs(suite: Suite, results_dir: str | Path, *, datasets: Iterable[str] 
                                plugins=plugins)
                 h = config_hash(plan_hash_payload(spec))
                 run_dir = results_dir / entry.name / safe_name(row) / f"seed{seed}"
-                per_seed[i].append(dataclasses.replace(spec, plan_hash=h, run_dir=str(run_dir)))
+                per_seed[i].append(dataclasses.replace(spec, plan_hash=h, run_dir=str(run_dir),
+                                                       results_dir=str(results_dir)))
     return [s for group in per_seed for s in group]
 
 
@@ -221,7 +223,8 @@ def with_sets(spec: RunSpec, sets: tuple[tuple[str, str], ...], results_dir: str
         return spec
     new = dataclasses.replace(spec, sets=tuple(sets), plan_hash="", run_dir="")
     run_dir = Path(results_dir) / TUNED_DIR / spec.dataset / safe_name(spec.row) / f"seed{spec.seed}"
-    return dataclasses.replace(new, plan_hash=config_hash(plan_hash_payload(new)), run_dir=str(run_dir))
+    return dataclasses.replace(new, plan_hash=config_hash(plan_hash_payload(new)), run_dir=str(run_dir),
+                               results_dir=str(Path(results_dir).resolve()))
 
 
 # ------------------------------------------------------------------------------------------ run state
@@ -260,9 +263,17 @@ class RunState:
 
 
 def read_state(spec: RunSpec) -> RunState:
+    """The run's state from its folder; where the folder has no status for this plan, from the suite's compact
+    store (:mod:`mmbalance.leaderboard.store`) when it holds the run under this plan hash."""
     run_dir = Path(spec.run_dir)
     status = read_json_or_none(run_dir / STATUS_FILE)
     result = read_json_or_none(run_dir / RESULT_FILE)
+    if (status is None or status.get("plan_hash") != spec.plan_hash) and spec.results_dir:
+        from . import store
+
+        rec = store.lookup(spec.results_dir, spec.dataset, run_dir)
+        if rec is not None and rec.get("plan_hash") == spec.plan_hash:
+            return RunState(spec, rec["state"], rec.get("status"), rec.get("result"))
     if status is None:
         return RunState(spec, "missing" if result is None else "stale", None, result)
     if status.get("plan_hash") != spec.plan_hash:

@@ -77,7 +77,7 @@ def find_suite(name_or_path: str | Path) -> Path:
             raise ConfigError(f"suite file {str(p)!r} does not exist")
         return p
     candidates = [Path.cwd() / "leaderboard" / "suites" / f"{p}.toml",
-                  Path(__file__).resolve().parents[1] / "leaderboard" / "suites" / f"{p}.toml"]
+                  Path(__file__).resolve().parents[2] / "leaderboard" / "suites" / f"{p}.toml"]
     for c in candidates:
         if c.is_file():
             return c

@@ -48,12 +48,20 @@ def chosen_text(info: dict[str, Any] | None) -> str:
 
 
 def _tune_seconds(results_dir: Path, dataset: str, row: str) -> float:
-    total = 0.0
+    """Training seconds of every trial run of the row: the store's lines, overridden by folders that exist."""
+    from . import store
+
+    prefix = f"{TUNE_DIR}/{dataset}/{safe_name(row)}/trial"
+    results = {rel: rec["result"] for rel, rec in store.load(results_dir, dataset).items()
+               if rel.startswith(prefix) and rec.get("result")}
     for p in sorted((results_dir / TUNE_DIR / dataset / safe_name(row)).glob("trial*/seed*/result.json")):
         try:
-            res = read_json(p)
+            results[p.parent.relative_to(results_dir).as_posix()] = read_json(p)
         except (OSError, ValueError):
             continue
+    total = 0.0
+    for rel in sorted(results):
+        res = results[rel]
         t = (res.get("timings") or {}).get("train_seconds") or 0.0
         total += float(t) + float((res.get("method_metrics") or {}).get("teacher_train_seconds", 0.0) or 0.0)
     return total
