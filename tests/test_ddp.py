@@ -69,18 +69,21 @@ def _same(a, b) -> bool:
 
 
 #: Per-rank quantities that MUST differ across ranks (each rank draws its own rows of the global mask).
-RANK_OWN = {"mrd": ["method_metrics.drop_rate_total"] + [f"method_metrics.drop_rate_{m}" for m in ("fac", "fou", "mor")]}
+RANK_OWN = {"mrd": ["method_metrics.drop_rate_total"] + [f"method_metrics.drop_rate_{m}" for m in ("fac", "fou", "mor")],
+            "opm": [f"method_metrics.drop_rate_{m}" for m in ("fac", "fou", "mor")]}
 #: Per-method structural checks of the dumped state (a rank-local update would fail them too).
 STATE_CHECKS = {
     # QMF: every rank applies every rank's (idx, loss) pairs, so the history covers all of TRAIN
     "qmf": lambda st, res: bool((st["method_state"]["history"] > 0).all()) and st["method_state"]["history"].shape[1] == res["num_train_samples"],
     # PMR: class means of both ranks' subsets; every class present
     "pmr": lambda st, res: st["method_state"]["prototypes"].abs().sum(-1).gt(0).all().item(),
+    # OPM: one keep mask for the global batch (both ranks' rows), drawn in an executed step with q > 0
+    "opm": lambda st, res: st["method_state"]["q"].max().item() > 0 and st["method_state"]["keep_global"].shape[0] > 1,
 }
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("method", ["ogm_ge", "agm", "pmr", "gblending", "qmf", "mslr", "mrd", "greedy"])
+@pytest.mark.parametrize("method", ["ogm_ge", "agm", "pmr", "gblending", "qmf", "mslr", "mrd", "greedy", "opm"])
 def test_two_process_methods_keep_replicas_identical(tmp_path, method):
     """Every statistic that sets a coefficient is reduced across ranks (and noise/masks come from a
     generator seeded identically everywhere), so the replicas must not drift apart. Identical
@@ -89,7 +92,7 @@ def test_two_process_methods_keep_replicas_identical(tmp_path, method):
     running means, prototypes, loss histories, memories, coefficients) must be identical too. The
     ranks see disjoint halves of TRAIN, so a statistic left rank-local differs between them."""
     rd = tmp_path / "run"
-    extra = ["--set", "start_epoch=0"] if method == "greedy" else []
+    extra = {"greedy": ["--set", "start_epoch=0"], "opm": ["--set", "p_exe=1"]}.get(method, [])
     proc = launch_2proc(["--method", method, "--dataset", "mfeat", "--epochs", "2", "--set",
                          "dataset.limit_per_class=20", *extra, "--run-dir", str(rd), "--output-dir", str(tmp_path),
                          "--quiet"], tmp_path / "dump")
