@@ -220,6 +220,12 @@ class TrainConfig:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if not math.isfinite(self.checkpoint_interval) or self.checkpoint_interval < 0:
             raise ValueError(f"checkpoint_interval must be a number of seconds >= 0, got {self.checkpoint_interval}")
+        for name in ("momentum", "weight_decay", "gamma", "min_lr", "warmup_start_lr", "plateau_factor", "grad_clip"):
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if not all(math.isfinite(b) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two finite numbers in [0, 1), got {self.betas}")
 
 
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}

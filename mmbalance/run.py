@@ -10,6 +10,7 @@ permission; the previous files are intact), 128 + N stopped by signal N at a saf
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a finished or unfinished run in RUN_DIR (a finished result is kept in "
                         "RUN_DIR/previous/ until the new run finishes)")
+    p.add_argument("--skip-finished", action="store_true",
+                   help="with --overwrite: keep a finished result of these very settings (same config hash; "
+                        "nothing to do, exit 0) and replace only another configuration's (what sweeps use)")
     p.add_argument("--list", action="store_true", help="list methods and datasets and exit")
     p.add_argument("--show-space", action="store_true",
                    help="print the tuning search space of --method (and the shared training space) and exit")
@@ -143,7 +147,7 @@ def resolve(args: argparse.Namespace):
     top = file_cfg["top"]
     method_name = args.method or top.get("method_name") or "baseline"
     dataset_name = args.dataset or top.get("dataset_name") or "mfeat"
-    seed = args.seed if args.seed is not None else int(top.get("seed", 0))
+    seed = args.seed if args.seed is not None else _config_seed(top.get("seed", 0), args.config)
     entry = method_entry(method_name)  # unknown method → error listing the known ones, before loading data
     data_dir = args.data_dir or top.get("data_dir") or os.environ.get(DATA_ENV)
     dataset_options = {**file_cfg["dataset"], **sets["dataset"]}
@@ -177,6 +181,13 @@ def resolve(args: argparse.Namespace):
         run_dir = default_run_dir(output_dir, config)
         config.run_dir = str(run_dir)
     return config, train_cfg, data, method, run_dir
+
+
+def _config_seed(value: Any, path: str | None) -> int:
+    """``seed`` from a config file: a non-negative integer (``abc`` and ``1.7`` are refused, not coerced)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"config file {str(path)!r}: key 'seed': expected a non-negative integer, got {value!r}")
+    return value
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
@@ -263,10 +274,56 @@ def _created_parents(path: Path) -> list[Path]:
     return out
 
 
+def _interrupted_record(run_dir: Path, config: RunConfig, signum: int, message: str) -> dict[str, Any]:
+    """``result.json`` of a run stopped by a signal outside the engine's own safe point (before the first
+    epoch, a second signal, or the moment the first signal arrives): resumable from the last checkpoint."""
+    import signal
+
+    from . import runfiles, runfolder
+
+    try:
+        epochs = len((run_dir / runfiles.METRICS_FILE).read_text().splitlines())
+    except OSError:
+        epochs = 0
+    return {"status": "interrupted", "resumable": True, "signal": signal.Signals(signum).name, "message": message,
+            "epochs_done": epochs, "config_hash": runfolder.identity_hash(config), "method": config.method,
+            "dataset": config.dataset, "seed": config.seed}
+
+
+def _mark_interrupted(run_dir: Path, config: RunConfig, signum: int, message: str, *, provisional: bool) -> None:
+    """Record the run as interrupted. ``provisional`` (the moment the first signal arrives): replaces no
+    result but an older interrupted record; the engine's own record at its safe point replaces it. Otherwise
+    (stopped outside the safe point): replaces nothing but a provisional record."""
+    from . import runfiles, runfolder
+
+    res, _ = runfolder._read_json(run_dir / runfiles.RESULT_FILE)
+    res = res if isinstance(res, dict) else None
+    if res is None or (res.get("provisional") if not provisional else res.get("status") == "interrupted"):
+        record = _interrupted_record(run_dir, config, signum, message)
+        runfiles.atomic_write_json(run_dir / runfiles.RESULT_FILE, {**record, "provisional": True} if provisional
+                                   else record)
+
+
+def _record_setup_crash(run_dir: Path, config: RunConfig, exc: BaseException) -> None:
+    """A crash before training started (a method's ``setup``, the model, the engine's set-up): the same
+    failed ``result.json`` with the traceback as a crash during training."""
+    import traceback
+
+    from . import runfiles, runfolder
+
+    runfiles.atomic_write_json(run_dir / runfiles.RESULT_FILE, {
+        "status": "failed", "error": f"{type(exc).__name__}: {exc}", "stage": "set-up",
+        "traceback": "".join(traceback.format_exception(exc)), "method": config.method, "dataset": config.dataset,
+        "seed": config.seed, "config_hash": runfolder.identity_hash(config), "versions": runfiles.package_versions(),
+        "code": runfiles.code_provenance()})
+
+
 def _run_in_folder(args: argparse.Namespace, config: RunConfig, train_cfg: TrainConfig, data: Any, method: Any,
                    run_dir: Path) -> tuple[dict[str, Any], bool]:
     """Train under the run folder's lock (one writer per folder) after :func:`runfolder.prepare` said the
-    folder may be used; SIGTERM/SIGINT stop at the next epoch checkpoint. Returns (result, is_main)."""
+    folder may be used; SIGTERM/SIGINT stop at the next epoch checkpoint. Returns (result, is_main).
+    A stop signal that arrives after the last epoch lets the run finish (its result is complete) and is
+    then raised as :class:`RunInterrupted`, so the exit code still says the process was signalled."""
     from . import preempt, runfiles, runfolder
     from .engine import Trainer
     from .locks import folder_lock
@@ -276,21 +333,40 @@ def _run_in_folder(args: argparse.Namespace, config: RunConfig, train_cfg: Train
     try:
         with folder_lock(run_dir, take=is_main):
             if is_main:
+                runfolder.recover_set_aside(run_dir)
                 runfolder.clean_temp_files(run_dir)
-                action = runfolder.prepare(run_dir, config, resume=args.resume, overwrite=args.overwrite)
+                action = runfolder.prepare(run_dir, config, resume=args.resume, overwrite=args.overwrite,
+                                           skip_finished=getattr(args, "skip_finished", False))
             else:  # the main rank decides and acts; the others only need to know whether to train
-                finished = args.resume and runfolder.inspect(run_dir, runfolder.identity_hash(config)).kind == "finished"
+                state = runfolder.inspect(run_dir, runfolder.identity_hash(config))
+                finished = state.kind == "finished" and (args.resume or (
+                    getattr(args, "skip_finished", False) and state.same_config and state.result is not None))
                 action = "finished" if finished else ("resume" if args.resume else "fresh")
             if action == "finished":
                 result = runfiles.read_json(run_dir / runfiles.RESULT_FILE)
                 if is_main:
-                    print(f"--resume: {run_dir} has already finished; nothing to do (its result is unchanged)",
-                          file=sys.stderr)
+                    print(f"{run_dir} has already finished with these settings; nothing to do (its result is "
+                          "unchanged)", file=sys.stderr)
                 return result, is_main
-            with preempt.handling():
+
+            def on_first(signum: int) -> None:  # recorded at once: a launcher may SIGKILL before the epoch ends
+                if is_main:
+                    _mark_interrupted(run_dir, config, signum, "stopping at the end of the current epoch after "
+                                      f"{__import__('signal').Signals(signum).name}; if the process was killed before "
+                                      "that, --resume continues from the last epoch checkpoint", provisional=True)
+
+            late = None
+            with preempt.handling(on_first):
                 try:
-                    trainer = Trainer(config, train_cfg, data, method, run_dir, resume=args.resume, quiet=args.quiet,
-                                      log_with=args.log_with)
+                    try:
+                        trainer = Trainer(config, train_cfg, data, method, run_dir, resume=args.resume,
+                                          quiet=args.quiet, log_with=args.log_with)
+                    except (MMBalanceError, KeyboardInterrupt, RunInterrupted):
+                        raise
+                    except Exception as exc:  # a crash in a method's setup() or the model: a failed record
+                        if is_main:
+                            _record_setup_crash(run_dir, config, exc)
+                        raise
                     try:
                         result = trainer.fit()
                     except (MMBalanceError, KeyboardInterrupt, RunInterrupted):
@@ -298,16 +374,20 @@ def _run_in_folder(args: argparse.Namespace, config: RunConfig, train_cfg: Train
                     except Exception as exc:  # a crash inside a method or the engine: leave a failed record
                         trainer.record_crash(exc)
                         raise
-                except RunInterrupted as exc:  # stopped before its first epoch (teacher training): say so
-                    previous = runfolder.inspect(run_dir, runfolder.identity_hash(config))
-                    if is_main and (previous.result or {}).get("status") != "interrupted":
-                        runfiles.atomic_write_json(run_dir / runfiles.RESULT_FILE, {
-                            "status": "interrupted", "resumable": True, "message": str(exc), "epochs_done": 0,
-                            "config_hash": runfolder.identity_hash(config), "method": config.method,
-                            "dataset": config.dataset, "seed": config.seed})
+                    late = preempt.requested()
+                except RunInterrupted as exc:  # stopped before the engine's safe point: say so
+                    if is_main:
+                        _mark_interrupted(run_dir, config, exc.signum, str(exc), provisional=False)
                     raise
             if is_main and result.get("status") == "ok":
                 runfolder.drop_previous(run_dir)
+            if late:
+                import signal
+
+                if is_main:
+                    print(result_line(config, result, run_dir))
+                raise RunInterrupted(late, f"received {signal.Signals(late).name} after the last epoch; the run "
+                                           "had finished: its result is complete (result.json says ok)")
             return result, is_main
     except BaseException:
         if is_main:  # a run refused before writing anything leaves no folder behind
@@ -317,6 +397,10 @@ def _run_in_folder(args: argparse.Namespace, config: RunConfig, train_cfg: Train
                 except OSError:
                     break
         raise
+
+
+#: errno values of a file-system that refuses writes (exit code 4, like a run file that cannot be written)
+_WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,6 +427,13 @@ def main(argv: list[str] | None = None) -> int:
     except MMBalanceError as exc:
         _say(f"error: {exc}")
         return 2
+    except OSError as exc:  # a folder or lock file the run cannot create (no permission, read-only, full disk)
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
+        where = f"{exc.filename!r}: " if exc.filename else ""
+        print(f"error: cannot write {where}{exc.strerror or exc}; nothing was changed (fix the folder's "
+              "permissions or free disk space, or choose another --output-dir/--run-dir)", file=sys.stderr)
+        return 4
     except BrokenPipeError:  # `--list | head`: the reader went away; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

@@ -85,11 +85,40 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     _atomic_write(path, lambda fh: fh.write(text), binary=False)
 
 
+class _RecordingWriter:
+    """A binary file wrapper that keeps the first write error: ``torch.save`` reports a failed write (full
+    disk) as its own "[enforce fail at inline_container.cc] unexpected pos" RuntimeError, which says nothing
+    to a user; :func:`atomic_torch_save` raises the recorded OSError (``No space left on device``) instead."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def atomic_torch_save(payload: Any, path: str | Path) -> None:
     """``torch.save`` with the same write-then-rename guarantee as the JSON run files."""
     import torch
 
-    _atomic_write(path, lambda fh: torch.save(payload, fh), binary=True)
+    def write(fh: Any) -> None:
+        rec = _RecordingWriter(fh)
+        try:
+            torch.save(payload, rec)
+        except RuntimeError as exc:
+            if rec.error is not None:
+                raise rec.error from exc
+            raise
+
+    _atomic_write(path, write, binary=True)
 
 
 def atomic_write_json(path: str | Path, payload: Any) -> None:

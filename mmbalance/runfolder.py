@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,12 +79,20 @@ def setting_differences(old: dict[str, Any], new: dict[str, Any], limit: int = 1
 
 def _read_json(path: Path) -> tuple[Any, bool]:
     """(content, readable); (None, True) when the file does not exist."""
+    content, reason = read_json_reason(path)
+    return content, reason is None
+
+
+def read_json_reason(path: Path) -> tuple[Any, str | None]:
+    """(content, None), or (None, why it cannot be read); (None, None) when the file does not exist."""
     if not path.is_file():
-        return None, True
+        return None, None
     try:
-        return runfiles.read_json(path), True
-    except (OSError, ValueError):
-        return None, False
+        return runfiles.read_json(path), None
+    except ValueError as exc:
+        return None, f"not valid JSON: {exc}"
+    except OSError as exc:
+        return None, exc.strerror or str(exc)
 
 
 @dataclass
@@ -100,12 +109,13 @@ class FolderState:
 
 def inspect(run_dir: Path, new_hash: str) -> FolderState:
     cfg, _ = _read_json(run_dir / runfiles.CONFIG_FILE)
-    res, res_ok = _read_json(run_dir / runfiles.RESULT_FILE)
+    res, res_reason = read_json_reason(run_dir / runfiles.RESULT_FILE)
+    res_ok = res_reason is None
     old_hash = (res or {}).get("config_hash") or (cfg or {}).get("config_hash")
     same = None if old_hash is None else old_hash == new_hash
     has_ckpt = (run_dir / runfiles.CHECKPOINT_DIR / "last.pt").is_file()
     if not res_ok:
-        return FolderState("finished", cfg, None, same, f"{runfiles.RESULT_FILE} is unreadable")
+        return FolderState("finished", cfg, None, same, f"{runfiles.RESULT_FILE} is unreadable: {res_reason}")
     status = (res or {}).get("status")
     if status == "ok":
         return FolderState("finished", cfg, res, same)
@@ -130,7 +140,8 @@ def _describe_difference(state: FolderState, new_cfg: dict[str, Any], new_hash: 
     return "another configuration; differing settings (folder → this run):\n    " + "\n    ".join(diffs)
 
 
-def prepare(run_dir: str | Path, config: RunConfig, *, resume: bool, overwrite: bool) -> str:
+def prepare(run_dir: str | Path, config: RunConfig, *, resume: bool, overwrite: bool,
+            skip_finished: bool = False) -> str:
     """Decide whether this run may use ``run_dir``; returns ``"fresh"``, ``"resume"`` or ``"finished"``
     (``--resume`` of a run that has already finished: nothing to do). Raises :class:`ConfigError` (exit 2)
     with the reason otherwise. Call with the folder's lock held and before the engine writes anything.
@@ -139,7 +150,9 @@ def prepare(run_dir: str | Path, config: RunConfig, *, resume: bool, overwrite: 
     finished result or an unfinished (resumable) run is refused unless ``--overwrite``, which moves a
     finished result to ``previous/`` (kept until the new run finishes). With ``--resume``: the folder's
     configuration must be this one (the refusal lists the settings that differ) and there must be
-    something to resume."""
+    something to resume. ``skip_finished`` (sweeps): with ``--overwrite``, a finished result of this very
+    configuration (same config hash) is kept and ``"finished"`` returned: only another configuration's
+    result is replaced, so a sweep that lost track of a run never recomputes a finished one."""
     run_dir = Path(run_dir)
     new_hash = identity_hash(config)
     new_cfg = identity(config)
@@ -157,6 +170,10 @@ def prepare(run_dir: str | Path, config: RunConfig, *, resume: bool, overwrite: 
                               f"{_describe_difference(state, new_cfg, new_hash)}\nresume it with its own settings "
                               "(see its config.json), or run these settings elsewhere (another --run-dir, or drop "
                               "--run-dir for a folder named after them)")
+        if state.kind == "finished" and state.result is None:  # result.json exists but cannot be read
+            raise ConfigError(f"--resume: {str(run_dir / runfiles.RESULT_FILE)!r} is unreadable ({state.detail.split(': ', 1)[-1]}); "
+                              "cannot tell whether the run finished. Move the file away to resume from the last "
+                              "checkpoint, or re-run with --overwrite to start again")
         if state.kind == "finished":
             return "finished"
         if state.kind == "failed":
@@ -170,16 +187,25 @@ def prepare(run_dir: str | Path, config: RunConfig, *, resume: bool, overwrite: 
                           "nothing was changed. Use another --run-dir (or drop --run-dir: the default folder is "
                           "named after the settings), --resume to continue an unfinished run, or --overwrite to "
                           f"replace it (a finished result is kept in {PREVIOUS_DIR}/ until the new run finishes)")
+    if state.kind == "finished" and skip_finished and state.same_config and state.result is not None:
+        return "finished"
     if state.kind == "finished":  # --overwrite
         set_aside(run_dir)
     return "fresh"
 
 
+SET_ASIDE_TMP = f".{PREVIOUS_DIR}.tmp"
+
+
 def set_aside(run_dir: Path) -> Path:
-    """Move the engine's run files (and checkpoints) to ``run_dir/previous/`` (replacing an older one)."""
+    """Move the engine's run files (and checkpoints) to ``run_dir/previous/`` (replacing an older one).
+
+    The files are first gathered in ``.previous.tmp/`` and that folder is then renamed; a kill in between
+    leaves the only copy of a finished result there, so :func:`recover_set_aside` (called under the lock
+    before anything else looks at the folder) moves it back, and :func:`clean_temp_files` never deletes it."""
     prev = run_dir / PREVIOUS_DIR
-    tmp = run_dir / f".{PREVIOUS_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = run_dir / SET_ASIDE_TMP
+    recover_set_aside(run_dir)
     tmp.mkdir()
     for name in (*ENGINE_FILES, runfiles.CHECKPOINT_DIR):
         if (run_dir / name).exists():
@@ -188,6 +214,30 @@ def set_aside(run_dir: Path) -> Path:
         shutil.rmtree(prev)
     tmp.rename(prev)
     return prev
+
+
+def recover_set_aside(run_dir: str | Path) -> list[str]:
+    """Undo a set-aside that a kill interrupted: the files in ``.previous.tmp/`` go back into the folder
+    (the new run had not started: the engine writes only after :func:`prepare` returned). Returns the
+    names restored. A name present in both places is a conflict nothing here can resolve safely: refused
+    (exit 2) with both paths, and nothing is moved or deleted."""
+    run_dir = Path(run_dir)
+    tmp = run_dir / SET_ASIDE_TMP
+    if not tmp.is_dir():
+        return []
+    names = sorted(p.name for p in tmp.iterdir())
+    clash = [n for n in names if (run_dir / n).exists()]
+    if clash:
+        raise ConfigError(f"run folder {str(run_dir)!r}: an interrupted --overwrite left {', '.join(clash)} both in "
+                          f"{str(tmp)!r} and in the folder; nothing was changed. Keep the copy you want (the one in "
+                          f"{SET_ASIDE_TMP}/ is the result the --overwrite was replacing) and remove the other")
+    for n in names:
+        (tmp / n).rename(run_dir / n)
+    tmp.rmdir()
+    if names:
+        print(f"run folder {str(run_dir)!r}: restored {', '.join(names)} from an --overwrite that was interrupted "
+              f"while setting them aside", file=sys.stderr)
+    return names
 
 
 def drop_previous(run_dir: str | Path) -> None:
@@ -204,7 +254,7 @@ def clean_temp_files(folder: str | Path) -> list[Path]:
         if not d.is_dir():
             continue
         for p in d.iterdir():
-            if p.name.startswith(".") and p.name.endswith(".tmp"):
+            if p.name.startswith(".") and p.name.endswith(".tmp") and p.name != SET_ASIDE_TMP:
                 if p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
                 else:

@@ -170,8 +170,16 @@ def _build(suite, specs, out_dir: str | None, args: argparse.Namespace | None = 
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    suite, _, _, specs = _plan(args)
+    from .plan import read_state
+
+    suite, results_dir, _, specs = _plan(args)
+    states = [read_state(s) for s in specs]
+    if all(st.state == "missing" for st in states):
+        raise MMBalanceError(f"suite {suite.name!r}: {str(results_dir)!r} holds no run of this suite (a typo in "
+                             "--results-dir?); nothing was written, the existing report is unchanged. Run the "
+                             "suite first: python -m mmbalance.leaderboard run SUITE")
     _build(suite, specs, args.out_dir, args)
+    corrupt = [st.problem for st in states if st.problem]
     if "latex" in (args.format or []):
         from ..runfiles import atomic_write_text
         from .latex import render_latex
@@ -180,7 +188,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         out = Path(args.out_dir) if args.out_dir else suite.default_out_dir()
         atomic_write_text(out / "results.tex", render_latex(build_report(suite, specs)))
         print(f"wrote {out / 'results.tex'}", file=sys.stderr)
-    return 0
+    for problem in corrupt:  # the report shows them as failed with the same text
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if corrupt else 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

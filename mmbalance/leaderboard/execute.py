@@ -53,8 +53,9 @@ def build_command(spec: RunSpec, *, resume: bool, data_dir: str | None = None) -
     if data_dir:
         args += ["--data-dir", data_dir]
     # The sweep owns the folder: a from-scratch attempt replaces what is there (a finished result of an
-    # older plan is kept in previous/ by the engine until the new run finishes).
-    args.append("--resume" if resume else "--overwrite")
+    # older plan is kept in previous/ by the engine until the new run finishes), except a finished result of
+    # these very settings, which is kept (--skip-finished): a sweep that lost track of a run never redoes it.
+    args += ["--resume"] if resume else ["--overwrite", "--skip-finished"]
     if spec.launcher and spec.launcher[0] == "accelerate":
         n = int(spec.launcher[1].split("=", 1)[1])
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n),
@@ -237,6 +238,25 @@ def _call(argv: list[str], **kwargs: Any) -> int:
             _LIVE.discard(proc)
 
 
+#: What ``mmbalance.run`` says when another process holds the run folder's lock (see mmbalance.locks).
+BUSY_TEXT = "is in use by another process"
+
+
+def run_folder_busy(run_dir: Path) -> bool:
+    """Whether another process holds the run folder's own lock (``RUN_DIR/.lock``, taken by ``mmbalance.run``)."""
+    if not (run_dir / ".lock").exists():
+        return False
+    lock = FolderLock(run_dir)
+    try:
+        lock.acquire()
+    except FolderBusyError:
+        return True
+    except OSError:
+        return False  # cannot tell; the run itself reports it
+    lock.release()
+    return False
+
+
 def execute_run(spec: RunSpec | dict[str, Any], *, data_dir: str | None = None, env: dict[str, str] | None = None,
                 retry_failed: bool = True, worker: WarmWorker | None = None) -> RunState:
     """Run one planned run unless it is done; record its outcome in ``status.json``. Picklable for submitit.
@@ -266,6 +286,8 @@ def _execute_locked(spec: RunSpec, *, data_dir: str | None, env: dict[str, str] 
     if before.done or (before.state == "failed" and not retry_failed):
         return before
     run_dir = Path(spec.run_dir)
+    if run_folder_busy(run_dir):  # a run of an earlier (killed) sweep still finishing there: not ours
+        return RunState(spec, "busy", before.status, before.result)
     run_dir.mkdir(parents=True, exist_ok=True)
     killed = before.state == "running" or (before.state == "failed" and _killed((before.status or {}).get("exit_code")))
     resume = killed and (run_dir / CHECKPOINT_DIR / "last.pt").is_file()
@@ -302,8 +324,14 @@ def _execute_locked(spec: RunSpec, *, data_dir: str | None, env: dict[str, str] 
         text = _attempt_log(log_path, attempt)
         result = read_json_or_none(run_dir / RESULT_FILE)
         status.update(exit_code=code, finished=utc_now(), wall_seconds=round(time.perf_counter() - t0, 3))
-        if code == 0 and result is not None and result.get("status") == "ok":
-            status["state"] = "ok"
+        if (code == 0 or _killed(code)) and result is not None and result.get("status") == "ok":
+            status["state"] = "ok"  # a signal after the last epoch: the result is complete
+        elif code == 2 and BUSY_TEXT in text:  # the run folder was taken between our check and the run
+            if before.status:
+                atomic_write_json(run_dir / STATUS_FILE, before.status)
+            else:
+                (run_dir / STATUS_FILE).unlink(missing_ok=True)
+            return RunState(spec, "busy", before.status, before.result)
         elif code == 2 and NA_PREFIX in text:
             status["state"] = "n/a"
             status["error"] = text[text.rfind(NA_PREFIX) + len(NA_PREFIX):].strip().splitlines()[0]

@@ -248,9 +248,13 @@ class RunState:
     state: str
     status: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
+    #: a run file that exists but cannot be read ("PATH is unreadable: REASON"); the state is then "failed"
+    problem: str = ""
 
     @property
     def error(self) -> str:
+        if self.problem:
+            return self.problem
         if self.status and self.status.get("error"):
             return str(self.status["error"])
         if self.result and self.result.get("error"):
@@ -262,18 +266,40 @@ class RunState:
         return self.state in ("ok", "n/a")
 
 
+def unreadable(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """(content, "") or, for a file that exists but is not a readable JSON object, (None, "PATH is unreadable:
+    REASON"); (None, "") when it does not exist."""
+    if not path.is_file():
+        return None, ""
+    try:
+        content = read_json(path)
+    except ValueError as exc:
+        return None, f"{path} is unreadable: not valid JSON ({exc})"
+    except OSError as exc:
+        return None, f"{path} is unreadable: {exc.strerror or exc}"
+    if not isinstance(content, dict):
+        return None, f"{path} is unreadable: expected a JSON object, got {type(content).__name__}"
+    return content, ""
+
+
 def read_state(spec: RunSpec) -> RunState:
     """The run's state from its folder; where the folder has no status for this plan, from the suite's compact
-    store (:mod:`mmbalance.leaderboard.store`) when it holds the run under this plan hash."""
+    store (:mod:`mmbalance.leaderboard.store`) when it holds the run under this plan hash. A ``result.json``
+    that exists but cannot be read (truncated, not JSON) makes the run ``failed`` with ``problem`` naming the
+    file and the reason: it is neither finished nor silently "not run" (a sweep re-runs it; the engine keeps
+    the unreadable file in ``previous/``)."""
     run_dir = Path(spec.run_dir)
     status = read_json_or_none(run_dir / STATUS_FILE)
-    result = read_json_or_none(run_dir / RESULT_FILE)
+    result, problem = unreadable(run_dir / RESULT_FILE)
     if (status is None or status.get("plan_hash") != spec.plan_hash) and spec.results_dir:
         from . import store
 
         rec = store.lookup(spec.results_dir, spec.dataset, run_dir)
         if rec is not None and rec.get("plan_hash") == spec.plan_hash:
             return RunState(spec, rec["state"], rec.get("status"), rec.get("result"))
+    if problem:
+        return RunState(spec, "failed" if status is None or status.get("plan_hash") == spec.plan_hash else "stale",
+                        status, None, problem)
     if status is None:
         return RunState(spec, "missing" if result is None else "stale", None, result)
     if status.get("plan_hash") != spec.plan_hash:
