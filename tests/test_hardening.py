@@ -243,7 +243,8 @@ class SlowEpoch(Baseline):
 def _slow_argv(tmp_path: Path, rd: Path) -> list[str]:
     plugin = tmp_path / "slow_epoch.py"
     plugin.write_text(SLOW_PLUGIN)
-    return ["--plugin", str(plugin)] + cli_args("slow_epoch", "mfeat", epochs=3, run_dir=rd, sets=FAST)
+    return ["--plugin", str(plugin)] + cli_args("slow_epoch", "mfeat", epochs=3, run_dir=rd,
+                                                sets={**FAST, "train.checkpoint_interval": 0})
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, limit: float = 120) -> None:
