@@ -82,8 +82,13 @@ STATE_CHECKS = {
 }
 
 
+#: Extra settings so that the method's statistic is live within the 2 epochs.
+METHOD_SETS = {"greedy": ["start_epoch=0"], "opm": ["p_exe=1"], "arl": ["start=-1"]}
+
+
 @pytest.mark.ddp
-@pytest.mark.parametrize("method", ["ogm_ge", "agm", "pmr", "gblending", "qmf", "mslr", "mrd", "greedy", "opm"])
+@pytest.mark.parametrize("method", ["ogm_ge", "agm", "pmr", "gblending", "qmf", "mslr", "mrd", "greedy", "opm",
+                                    "arl"])
 def test_two_process_methods_keep_replicas_identical(tmp_path, method):
     """Every statistic that sets a coefficient is reduced across ranks (and noise/masks come from a
     generator seeded identically everywhere), so the replicas must not drift apart. Identical
@@ -92,7 +97,7 @@ def test_two_process_methods_keep_replicas_identical(tmp_path, method):
     running means, prototypes, loss histories, memories, coefficients) must be identical too. The
     ranks see disjoint halves of TRAIN, so a statistic left rank-local differs between them."""
     rd = tmp_path / "run"
-    extra = {"greedy": ["--set", "start_epoch=0"], "opm": ["--set", "p_exe=1"]}.get(method, [])
+    extra = [x for kv in METHOD_SETS.get(method, []) for x in ("--set", kv)]
     proc = launch_2proc(["--method", method, "--dataset", "mfeat", "--epochs", "2", "--set",
                          "dataset.limit_per_class=20", *extra, "--run-dir", str(rd), "--output-dir", str(tmp_path),
                          "--quiet"], tmp_path / "dump")

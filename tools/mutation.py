@@ -51,9 +51,10 @@ TESTS: dict[str, list[str]] = {
     "mrd": ["tests/test_mrd.py"],
     "mslr": ["tests/test_mslr.py"],
     "engine": ["tests/test_engine.py", "tests/test_cli.py"],
+    "arl": ["tests/test_arl.py"],
 }
 DDP_TESTS: dict[str, list[str]] = {m: [DDP_NODE.format(m)] for m in
-                                   ("ogm_ge", "agm", "pmr", "gblending", "qmf", "mslr", "mrd", "greedy")}
+                                   ("ogm_ge", "agm", "pmr", "gblending", "qmf", "mslr", "mrd", "greedy", "arl")}
 DDP_TESTS["engine"] = ["tests/test_ddp.py::test_two_process_baseline"]
 
 
@@ -87,6 +88,7 @@ CG, OG, AG, PM, GB, GR = ("methods/cggm.py", "methods/ogm_ge.py", "methods/agm.p
 UT, UE, QM, RB, MR, MS = ("methods/umt.py", "methods/ume.py", "methods/qmf.py", "methods/reconboost.py",
                           "methods/mrd.py", "methods/mslr.py")
 EN = "mmbalance/engine.py"
+AR = "methods/arl.py"
 
 MUTANTS: list[Mutant] = [
     # ---------------------------------------------------------------- CGGM
@@ -405,6 +407,25 @@ MUTANTS: list[Mutant] = [
       "evaluation with the model in train mode", "wrong-split"),
     M("engine", EN, 'g["lr"] = g["base_lr"] * factor * g.get("lr_mult", 1.0)', 'g["lr"] = g["base_lr"] * factor',
       "per-group lr multipliers ignored", "wrong-quantity"),
+    # ---------------------------------------------------------------- ARL
+    M("arl", AR, "stats = arl_weights(ctx.reduce_sum(self._sums), self.hp.T, self.floor)",
+      "stats = arl_weights(self._sums.double(), self.hp.T, self.floor)",
+      "weights from this rank's batch only (sums not SUM-reduced)", "rank-local"),
+    M("arl", AR, "factors.append(parts[k])", "factors.append(parts[len(self.mods) - 1 - k])",
+      "multipliers applied to the other modality's encoder", "swapped"),
+    M("arl", AR, "w = torch.softmax(T * (1.0 - c) * q, dim=0)", "w = torch.softmax(-T * (1.0 - c) * q, dim=0)",
+      "softmax logits with the sign flipped", "sign"),
+    M("arl", AR, "w = torch.softmax(T * (1.0 - c) * q, dim=0)", "w = torch.softmax(T * c * q, dim=0)",
+      "own logit magnitude instead of the others' (c_m for 1 - c_m)", "wrong-quantity"),
+    M("arl", AR, "h = (ent / ent.sum().clamp_min(1e-30)).clamp_min(floor)", "h = ent / ent.sum().clamp_min(1e-30)",
+      "entropy floor not applied", "wrong-quantity"),
+    M("arl", AR, "return ctx.epoch > self.hp.start", "return ctx.epoch >= self.hp.start",
+      "scaling and gamma start one epoch early", "off-by-one"),
+    M("arl", AR, 'auto_shared="shared_zero_pad",\n                                   detach_shared=False)',
+      'auto_shared="shared_zero_pad",\n                                   detach_shared=True)',
+      "unimodal losses do not train the shared head (head weights detached)", "detach"),
+    M("arl", AR, "return (1.0 + stats[\"w\"]).float()", "return stats[\"w\"].float()",
+      "gradients multiplied by w instead of 1 + w", "wrong-quantity"),
 ]
 
 for _i, _m in enumerate(MUTANTS):
