@@ -28,7 +28,7 @@ from mmbalance.interface import BalancingMethod, StepContext, StepOutput
 from mmbalance.registry import register_method
 from mmbalance.search import LogUniform
 
-__all__ = ["MBSD", "MBSDHParams", "mbsd_pair", "strong_weak"]
+__all__ = ["MBSD", "MBSDHParams", "mbsd_pair", "pair_terms", "strong_weak"]
 
 #: probability clamp of ``kl=bernoulli``
 EPS = 1e-7
@@ -84,14 +84,14 @@ def strong_weak(q_j: torch.Tensor, q_l: torch.Tensor) -> tuple[torch.Tensor, tor
     return torch.where(q_l > q_j, q_l, q_j), torch.where(q_l < q_j, q_l, q_j)
 
 
-def mbsd_pair(u_j: torch.Tensor, u_l: torch.Tensor, y: torch.Tensor, *, kl: str = "code", rs_probs: bool = False,
-              detach_weight: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L^{jl} for logits [B, C(, H, W)] of modalities j (first in dataset order) and l, and its statistics.
+def pair_terms(u_j: torch.Tensor, u_l: torch.Tensor, y: torch.Tensor, *, kl: str = "code", rs_probs: bool = False,
+               detach_weight: bool = False) -> dict[str, torch.Tensor]:
+    """Per-sample (per-pixel) terms of modalities j (first in dataset order) and l, logits [N, C(, H, W)]:
+    ``loss`` = w·(RS + KL), ``w``, ``gated`` (c), ``rs``, ``kl``, ``l_strong`` (q_l > q_j).
 
-    Float32 (float64 inputs stay float64); log q_w = log_softmax(u).gather (an underflowing probability stays finite). Strong/weak by
-    ``where(q_l > q_j, l, j)``: a tie takes both values (and all their gradient) from j, as the trainer's
-    Python ``max``/``min`` (``torch.maximum`` would split a tie's gradient). Per pixel for maps, then the
-    mean over pixels and images (every pixel is labelled).
+    Float32 (float64 inputs stay float64); log q_w = log_softmax(u).gather (an underflowing probability
+    stays finite). Strong/weak by :func:`strong_weak` (a tie takes both values and all their gradient
+    from j, as the trainer's Python ``max``/``min``).
     """
     yl = y.long().unsqueeze(1)
     u_j, u_l = _f32(u_j), _f32(u_l)
@@ -101,9 +101,8 @@ def mbsd_pair(u_j: torch.Tensor, u_l: torch.Tensor, y: torch.Tensor, *, kl: str 
     lq_j, lq_l = lp_j.gather(1, yl).squeeze(1), lp_l.gather(1, yl).squeeze(1)
     correct = (u_j.argmax(1) == y) | (u_l.argmax(1) == y)  # c_i (:145-146)
     q_s, q_w = strong_weak(q_j, q_l)
-    l_strong, l_weak = q_l > q_j, q_l < q_j
-    lq_w = torch.where(l_weak, lq_l, lq_j)
-    w = correct.float() * (q_s - q_w)  # :148-151
+    lq_w = torch.where(q_l < q_j, lq_l, lq_j)
+    w = correct.to(q_s.dtype) * (q_s - q_w)  # :148-151
     if detach_weight:
         w = w.detach()
     a_j, a_l = (p_j, p_l) if rs_probs else (u_j, u_l)
@@ -115,10 +114,14 @@ def mbsd_pair(u_j: torch.Tensor, u_l: torch.Tensor, y: torch.Tensor, *, kl: str 
         div = s * (s.log() - t.log()) + (1 - s) * ((1 - s).log() - (1 - t).log())
     else:
         div = torch.zeros_like(rs)
-    loss = (w * (rs + div)).mean()
-    stats = {"w": w.detach().mean(), "gated": correct.float().mean(), "rs": rs.detach().mean(),
-             "kl": div.detach().mean(), "l_strong": l_strong.float().mean()}
-    return loss, stats
+    return {"loss": w * (rs + div), "w": w, "gated": correct, "rs": rs, "kl": div, "l_strong": q_l > q_j}
+
+
+def mbsd_pair(u_j: torch.Tensor, u_l: torch.Tensor, y: torch.Tensor, **kw) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L^{jl} = mean over samples (and pixels; every pixel is labelled) of w·(RS + KL), and the means of
+    the terms (keyword switches of :func:`pair_terms`)."""
+    t = pair_terms(u_j, u_l, y, **kw)
+    return t["loss"].mean(), {k: v.detach().float().mean() for k, v in t.items() if k != "loss"}
 
 
 # ------------------------------------------------------------------------------------------ the method
@@ -138,6 +141,14 @@ class MBSD(BalancingMethod):
         self.pairs = list(combinations(mods, 2))
         self.rs_probs = self.hp.rs_on == "probs" or (self.hp.rs_on == "auto" and len(mods) >= 3)
         self._stat_keys = ("w", "gated", "rs", "kl")
+        idx = {m: k for k, m in enumerate(mods)}
+        self._pair_index = torch.tensor([[idx[a] for a, _ in self.pairs], [idx[b] for _, b in self.pairs]])
+        on_l = torch.zeros(len(mods), len(self.pairs))
+        on_j = torch.zeros(len(mods), len(self.pairs))
+        for p, (a, b) in enumerate(self.pairs):
+            on_j[idx[a], p] = on_l[idx[b], p] = 1.0 / (len(mods) - 1)
+        self._strong_l, self._strong_j = on_l.to(ctx.device), on_j.to(ctx.device)
+        self._pair_index = self._pair_index.to(ctx.device)
         self._keys = tuple(f"mbsd/{k}" for k in self._stat_keys) + tuple(f"mbsd/strong_{m}" for m in mods)
 
     def active(self, epoch: int) -> bool:
@@ -152,24 +163,19 @@ class MBSD(BalancingMethod):
             return StepOutput(loss_fused, out, {"mbsd/loss_fused": loss_fused.detach()})
         u = self.uni(ctx, out, y)
         losses = unimodal_losses(ctx, u, y)
-        total = None
-        sums = {k: 0.0 for k in self._stat_keys}
-        strong = {m: 0.0 for m in ctx.modalities}
-        for j, k in self.pairs:
-            lp, st = mbsd_pair(u[j], u[k], y, kl=self.hp.kl, rs_probs=self.rs_probs,
-                               detach_weight=self.hp.detach_weight)
-            total = lp if total is None else total + lp
-            for key in self._stat_keys:
-                sums[key] = sums[key] + st[key]
-            strong[k] = strong[k] + st["l_strong"]
-            strong[j] = strong[j] + (1 - st["l_strong"])
-        n = len(self.pairs)
-        l_mbsd = total / n
+        # every pair at once: [P·B, C, …] stacks of the j and l sides (one pass instead of P)
+        stack = torch.stack([_f32(um) for um in u.values()])
+        P = len(self.pairs)
+        jj, ll = self._pair_index.unbind(0)
+        t = pair_terms(stack[jj].flatten(0, 1), stack[ll].flatten(0, 1), y.repeat(P, *([1] * (y.dim() - 1))),
+                       kl=self.hp.kl, rs_probs=self.rs_probs, detach_weight=self.hp.detach_weight)
+        l_mbsd = t["loss"].reshape(P, -1).mean(1).mean()  # mean over samples per pair, then over pairs
         loss = loss_fused + sum(losses.values()) + self.hp.weight * l_mbsd
-        per_mod = len(ctx.modalities) - 1  # pairs each modality is in
-        ctx.log_many(self._keys, torch.stack([torch.as_tensor(sums[k] / n).float().reshape(()) for k in self._stat_keys]
-                                             + [torch.as_tensor(strong[m] / per_mod).float().reshape(())
-                                                for m in ctx.modalities]))
+        with torch.no_grad():
+            stats = torch.stack([t[k].detach().float().mean() for k in self._stat_keys])
+            ls = t["l_strong"].reshape(P, -1).float().mean(1)  # [P]
+            strong = self._strong_l @ ls + self._strong_j @ (1 - ls)  # [M]: share of samples m is strong
+            ctx.log_many(self._keys, torch.cat([stats, strong]))
         logs = unimodal_logs(ctx, "mbsd", losses, u, y)
         logs["mbsd/loss_fused"] = loss_fused.detach()
         logs["mbsd/loss_mbsd"] = l_mbsd.detach()

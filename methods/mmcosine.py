@@ -25,7 +25,7 @@ from mmbalance.interface import BalancingMethod, StepContext, StepOutput
 from mmbalance.registry import register_method
 from mmbalance.search import Choice, LogUniform
 
-__all__ = ["MMCosine", "MMCosineHParams", "CosineHeads", "cosine_logits", "nce_loss"]
+__all__ = ["MMCosine", "MMCosineHParams", "CosineHeads", "cosine_logits", "fused_cosine_logits", "nce_loss"]
 
 
 @dataclass
@@ -64,6 +64,23 @@ def cosine_logits(z: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.
         if z.dim() == 2:
             return scale * z_hat @ w_hat.t()
         return scale * torch.einsum("bd...,cd->bc...", z_hat, w_hat)
+
+
+def normalize_blocks(x: torch.Tensor, widths: list[int]) -> torch.Tensor:
+    """Each column block of ``x`` [N, Σd_m] L2-normalised per row (``F.normalize`` semantics): the
+    per-sample ẑ_m of concatenated features, or the per-class Ŵ_m[c] of a concatenated weight. Float32;
+    equal widths take one view (one op and one backward node instead of M)."""
+    x = x.float()
+    if len(set(widths)) == 1:
+        return F.normalize(x.view(x.shape[0], len(widths), widths[0]), dim=2).view(x.shape[0], -1)
+    return torch.cat([F.normalize(b, dim=1) for b in x.split(widths, dim=1)], 1)
+
+
+def fused_cosine_logits(z: torch.Tensor, weight: torch.Tensor, widths: list[int], scale: float) -> torch.Tensor:
+    """o_cos = Σ_m s·ẑ_m·Ŵ_mᵀ as ONE product s·[ẑ_1 … ẑ_M]·[Ŵ_1 … Ŵ_M]ᵀ of the block-normalised
+    concatenations (z [B, Σd_m], weight [C, Σd_m]); the same value as summing :func:`cosine_logits`."""
+    with torch.autocast(z.device.type, enabled=False):
+        return scale * normalize_blocks(z, widths) @ normalize_blocks(weight, widths).t()
 
 
 def nce_loss(f1: torch.Tensor, f2: torch.Tensor, y: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
@@ -144,6 +161,10 @@ class MMCosine(BalancingMethod):
             ctx.add_module("mmcosine_heads", CosineHeads(dict(model.feature_dims), ctx.data.out_dim),
                            own_optimizer=False)
         mods = ctx.modalities
+        self._widths = [int(model.feature_dims[m]) for m in mods]
+        sl = model.split_head() if head == "shared" else None
+        self._contiguous = sl is not None and [(sl[m].start, sl[m].stop) for m in mods] == [
+            (sum(self._widths[:k]), sum(self._widths[:k + 1])) for k in range(len(mods))]
         self._keys = tuple(f"mmcosine/{k}_{m}" for k in ("metric", "wnorm") for m in mods)
         self._cos_keys = tuple(f"mmcosine/cos_true_{m}" for m in mods)
 
@@ -163,34 +184,58 @@ class MMCosine(BalancingMethod):
             return {m: w[:, s] for m, s in self.slices.items()}
         return dict(ctx.accelerator.unwrap_model(ctx.modules["mmcosine_heads"]).weight.items())
 
+    def _concat_weight(self, ctx: StepContext) -> torch.Tensor:
+        """[C, Σd_m] in modality order: the shared head's weight columns, or the late heads' weights."""
+        if self.head == "shared":
+            w = ctx.raw_model.final_layer().weight
+            return w if self._contiguous else torch.cat([w[:, self.slices[m]] for m in ctx.modalities], 1)
+        heads = ctx.accelerator.unwrap_model(ctx.modules["mmcosine_heads"]).weight
+        return torch.cat([heads[m] for m in ctx.modalities], 1)
+
     def training_step(self, ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutput:
         y = batch["label"]
         out = ctx.forward(batch)
-        size = tuple(y.shape[-2:]) if ctx.task.name == "segmentation" else None
-        u = self.unimodal_cosine(ctx, out.features, out.pooled, size)
-        o_cos = sum(u.values())
+        if ctx.task.name == "segmentation":  # per pixel, per modality, upsampled
+            u = self.unimodal_cosine(ctx, out.features, out.pooled, tuple(y.shape[-2:]))
+            o_cos = sum(u.values())
+        else:  # vectors: one product over the concatenation (the late heads are read unwrapped, like
+            # the shared head; their gradient reaches DDP's hooks in the same backward)
+            z = torch.cat([out.pooled[m] for m in ctx.modalities], 1)
+            o_cos = fused_cosine_logits(z, self._concat_weight(ctx), self._widths, self.hp.scale)
+            u = None
         loss = ctx.task.loss(o_cos, y)
         if self.hp.nce_weight > 0:
             pairs = list(combinations(ctx.modalities, 2))
             nce = sum(nce_loss(out.pooled[a], out.pooled[b], y, self.hp.nce_tau) for a, b in pairs) / len(pairs)
             loss = loss + self.hp.nce_weight * nce
             ctx.log("mmcosine/nce", nce.detach())
-        self._log(ctx, u, y)
+        self._log(ctx, out, u, y)
         return StepOutput(loss, out)
 
     @torch.no_grad()
-    def _log(self, ctx: StepContext, u: dict[str, torch.Tensor], y: torch.Tensor) -> None:
+    def _log(self, ctx: StepContext, out, u: dict[str, torch.Tensor] | None, y: torch.Tensor) -> None:
         """Per-modality batch metric of u_m, ‖W_m‖_F and (classification) the mean true-class cosine
         (the official ``logit_a/v``): logged as device vectors, no host sync."""
-        metrics = []
-        for um in u.values():
-            num, den = ctx.task.batch_score_parts(um.detach(), y)
-            metrics.append(num / den)
-        norms = [w.detach().float().norm() for w in self._weights(ctx).values()]
-        ctx.log_many(self._keys, torch.stack([*(x.reshape(()).float() for x in metrics), *norms]))
+        if u is None:  # vectors: every u_m from the detached pieces in one batched product
+            if len(set(self._widths)) == 1:
+                d = self._widths[0]
+                zh = normalize_blocks(torch.cat([out.pooled[m] for m in ctx.modalities], 1).detach(), self._widths)
+                wh = normalize_blocks(self._concat_weight(ctx).detach(), self._widths)
+                U = self.hp.scale * torch.einsum("bmd,cmd->mbc", zh.view(len(zh), -1, d), wh.view(len(wh), -1, d))
+            else:
+                U = torch.stack(list(self.unimodal_cosine(ctx, out.features, out.pooled, None).values()))
+        else:
+            U = None
         if ctx.task.name == "classification":
-            cos = torch.stack([um.detach().gather(1, y.long()[:, None]).mean() / self.hp.scale for um in u.values()])
+            yl = y.long()
+            metrics = (U.argmax(2) == yl).float().mean(1)
+            cos = U.gather(2, yl.view(1, -1, 1).expand(U.shape[0], -1, 1)).mean((1, 2)) / self.hp.scale
             ctx.log_many(self._cos_keys, cos)
+        else:
+            parts = [ctx.task.batch_score_parts(um.detach(), y) for um in u.values()]
+            metrics = torch.stack([(num / den).reshape(()).float() for num, den in parts])
+        norms = torch.stack([w.detach().float().norm() for w in self._weights(ctx).values()])
+        ctx.log_many(self._keys, torch.cat([metrics, norms]))
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

@@ -35,6 +35,8 @@ NOT_APPLICABLE = {
     ("pmr_paper", "mosi-synth"): "does not support regression",
     ("relearning", "brats-synth"): "does not support segmentation",
     ("arl", "mosi-synth"): "regression output has none",
+    ("mmcosine", "mosi-synth"): "does not support regression",
+    ("mbsd", "mosi-synth"): "does not support regression",
 }
 #: models Greedy must switch to (its MMTM variants of the canonical models)
 GREEDY_MODEL = {"mosi-synth": "msa_mmtm", "iemocap-synth": "msa_mmtm", "food101-synth": "msa_mmtm",
