@@ -425,10 +425,13 @@ def _grouped_layers(heads: list[nn.Module]) -> list[list[nn.Linear]] | None:
 
 def build_classifier(model: nn.Module, m: str) -> nn.Module:
     """cggm.md §3.1: the model's ``make_unimodal_head(m, "cggm")``; for feature maps of a model without
-    its own factory, a :class:`SegDecoderHead` whose hidden width matches the head's final conv."""
+    its own factory whose fusion head ends in a conv (segmentation), a :class:`SegDecoderHead` whose hidden
+    width matches the head's final conv."""
     own_factory = type(model).make_unimodal_head is not MultimodalModel.make_unimodal_head
-    if getattr(model, "feature_kinds", {}).get(m) == "map" and not own_factory:
-        wf = model.final_layer().weight
+    wf = model.final_layer().weight
+    if getattr(model, "feature_kinds", {}).get(m) == "map" and not own_factory and wf.dim() == 4:
+        # a segmentation head (final 1×1 conv); a classification head on pooled maps (av_resnet18) takes
+        # the model's own unimodal head below
         return SegDecoderHead(model.feature_dims[m], int(wf.shape[1]), model.out_dim)
     return model.make_unimodal_head(m, "cggm")
 

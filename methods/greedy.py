@@ -25,7 +25,7 @@ from mmbalance.search import LogUniform
 
 MMTM_VARIANTS = {"mlp_concat": "mlp_mmtm", "mlp_transformer_fusion": "mlp_mmtm", "seq_transformer": "seq_mmtm",
                  "conv_seg": "conv_mmtm", "av_gru_mlp": "av_gru_mlp_mmtm", "msa_transformer": "msa_mmtm",
-                 "deeplab_multi": "deeplab_mmtm"}
+                 "deeplab_multi": "deeplab_mmtm", "av_resnet18": "av_resnet18_mmtm"}
 
 
 def group_ratio(params: list[torch.nn.Parameter]) -> float:

@@ -126,10 +126,12 @@ class SharedHead(nn.Module):
     """H shared by every modality: Linear(d → C) on pooled z̄_m, or a 1×1 conv on the feature map
     (segmentation, upsampled to the label size); optional per-modality Linear(d_m → d) projectors."""
 
-    def __init__(self, kinds: dict[str, str], dims: dict[str, int], out_dim: int, projector: bool) -> None:
+    def __init__(self, kinds: dict[str, str], dims: dict[str, int], out_dim: int, projector: bool,
+                 segmentation: bool | None = None) -> None:
         super().__init__()
         self.kinds = dict(kinds)
-        self.segmentation = any(k == "map" for k in kinds.values())
+        # per-pixel head for segmentation; feature maps of a classifier (av_resnet18) are pooled
+        self.segmentation = any(k == "map" for k in kinds.values()) if segmentation is None else segmentation
         d = max(dims.values()) if projector else next(iter(dims.values()))
         self.dim = d
         self.proj = nn.ModuleDict({m: (nn.Conv2d(dm, d, 1) if self.segmentation else nn.Linear(dm, d))
@@ -197,7 +199,8 @@ class MLA(BalancingMethod):
         model.fusion = nn.Identity()
         model.head = nn.Identity()
         model.variant = "late"
-        head = SharedHead(kinds, dims, ctx.data.out_dim, self.hp.projector == "linear")
+        head = SharedHead(kinds, dims, ctx.data.out_dim, self.hp.projector == "linear",
+                          segmentation=ctx.task.name == "segmentation")
         ctx.add_module("mla_head", head, own_optimizer=False)
         self.P = torch.eye(head.dim, dtype=torch.float32, device=ctx.device)
         self.n = 0

@@ -18,7 +18,13 @@ from typing import Any, Literal
 import torch
 
 # Shared pieces (README "Auxiliary probes"); kept with OGM-GE, which also uses them.
-from mmbalance.methods.ogm_ge import ModalityProbes, modality_param_groups, probe_outputs, train_probes
+from mmbalance.methods.ogm_ge import (
+    ModalityProbes,
+    modality_param_groups,
+    probe_kinds,
+    probe_outputs,
+    train_probes,
+)
 from torch import nn
 
 from mmbalance.interface import BalancingMethod, StepContext, StepOutput
@@ -170,7 +176,7 @@ class MSLR(BalancingMethod):
     def setup(self, ctx: StepContext) -> None:
         model = ctx.raw_model
         self.modalities = list(model.modalities)
-        self.kinds = dict(model.feature_kinds)
+        self.kinds = probe_kinds(model)
         self.c0 = self._resolve_c0(self.modalities)
         self.r = {m: 1.0 for m in self.modalities}
         self.mem = {m: MemoryRatio(self.hp.window, self.hp.accumulate) for m in self.modalities}

@@ -24,11 +24,19 @@ from mmbalance.interface import BalancingMethod, ModelOutput, StepContext, StepO
 from mmbalance.registry import register_method
 from mmbalance.search import LogUniform
 
-__all__ = ["OGMGE", "OGMGEHParams", "ModalityProbes", "modality_param_groups", "ogm_coefficients",
+__all__ = ["OGMGE", "OGMGEHParams", "ModalityProbes", "probe_kinds", "modality_param_groups", "ogm_coefficients",
            "discrepancy_ratios", "modulate_gradients", "score_sums", "train_target_tau"]
 
 
 # ---------------------------------------------------------------------------------------- shared pieces
+def probe_kinds(model: nn.Module) -> dict[str, str]:
+    """The model's feature kinds as the probes read them: ``map`` only for dense (segmentation) models,
+    whose head ends in a conv; the feature maps of a classifier (av_resnet18) are read pooled."""
+    weight = getattr(model.final_layer(), "weight", None)
+    dense = weight is None or weight.dim() == 4
+    return {m: k if k != "map" or dense else "pooled" for m, k in model.feature_kinds.items()}
+
+
 class ModalityProbes(nn.Module):
     """Per-modality linear probes on DETACHED features (README "Auxiliary probes"): Linear on the pooled
     feature for vector/sequence encoders, 1×1 conv on the feature map (+ bilinear upsampling to the
@@ -36,7 +44,7 @@ class ModalityProbes(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.kinds = dict(model.feature_kinds)
+        self.kinds = probe_kinds(model)
         self.probes = nn.ModuleDict()
         for m in model.modalities:
             d = model.feature_dims[m]
@@ -255,7 +263,7 @@ class OGMGE(BalancingMethod):
         if task == "regression":
             self.tau = train_target_tau(ctx)
         self.modalities = list(model.modalities)
-        self.kinds = dict(model.feature_kinds)
+        self.kinds = probe_kinds(model)
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]] | None:
         if self.hp.apply_to != "lr":

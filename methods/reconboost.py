@@ -38,16 +38,18 @@ class SharedHead(nn.Module):
     """H of reconboost.md §2 (``common_space``): pooled vector → Linear(d, hidden) → ReLU → Linear(hidden, C);
     feature maps (segmentation generalisation, §5) → Conv3×3(d, hidden) → ReLU → Conv1×1(hidden, C)."""
 
-    def __init__(self, kind: str, dim: int, out_dim: int, hidden: int) -> None:
+    def __init__(self, kind: str, dim: int, out_dim: int, hidden: int, dense: bool | None = None) -> None:
         super().__init__()
         self.kind = kind
-        if kind == "map":
+        #: per-pixel outputs (segmentation); a classification model with feature maps pools them first
+        self.dense = kind == "map" if dense is None else dense
+        if self.dense:
             self.net: nn.Module = nn.Sequential(nn.Conv2d(dim, hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, out_dim, 1))
         else:
             self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z if self.kind == "map" else pool_feature(z, self.kind))
+        return self.net(z if self.dense else pool_feature(z, self.kind))
 
 
 class ReconBoostModel(MultimodalModel):
@@ -56,14 +58,15 @@ class ReconBoostModel(MultimodalModel):
     gradient and every other learner under ``no_grad`` (phase 1: F_{−m} without gradient)."""
 
     def __init__(self, encoders: dict[str, nn.Module], feature_kinds: dict[str, str], feature_dims: dict[str, int],
-                 out_dim: int, head_hidden: int, beta_init: float, head: nn.Module | None = None) -> None:
+                 out_dim: int, head_hidden: int, beta_init: float, head: nn.Module | None = None,
+                 dense: bool | None = None) -> None:
         dims = set(feature_dims.values())
         kinds = set(feature_kinds.values())
         if len(dims) != 1 or len(kinds) != 1:
             raise MethodNotApplicable(f"reconboost: the shared head needs equal encoder widths and feature kinds; "
                                       f"got widths {feature_dims} and kinds {feature_kinds}")
         kind, dim = kinds.pop(), dims.pop()
-        super().__init__(encoders, nn.Identity(), head if head is not None else SharedHead(kind, dim, out_dim, head_hidden),
+        super().__init__(encoders, nn.Identity(), head if head is not None else SharedHead(kind, dim, out_dim, head_hidden, dense),
                          feature_kinds=feature_kinds, feature_dims=feature_dims, out_dim=out_dim)
         self.beta = nn.Parameter(torch.tensor(float(beta_init)))
         self.variant = "late"
@@ -96,10 +99,13 @@ def reconboost_late(*, modalities: list[str], input_shapes: dict[str, tuple[int,
     otherwise :class:`SharedHead`."""
     canonical = create_model(base, modalities=modalities, input_shapes=input_shapes, out_dim=out_dim, **base_kwargs)
     head = None
-    if set(canonical.feature_kinds.values()) == {"map"}:
+    # dense (segmentation) when the canonical head ends in a conv; feature maps of a classifier (av_resnet18) are pooled
+    final_w = getattr(canonical.final_layer(), "weight", None)
+    dense = None if final_w is None else final_w.dim() == 4
+    if set(canonical.feature_kinds.values()) == {"map"} and dense is not False:
         head = dense_unimodal_head(canonical, canonical.modalities[0])
     return ReconBoostModel(dict(canonical.encoders), canonical.feature_kinds, canonical.feature_dims, out_dim,
-                           head_hidden, beta_init, head)
+                           head_hidden, beta_init, head, dense)
 
 
 @dataclass

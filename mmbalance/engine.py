@@ -329,13 +329,16 @@ class Trainer:
         """Held-out part of TRAIN, seeded by the dataset's resolved split seed (same for every method)."""
         seed = int(self.data.info.get("split_seed", 0))
         if not isinstance(split, TensorSplit):
+            from .data.containers import PositionSubset  # items numbered within their part, as TensorSplit
+
+            if callable(getattr(split, "carve_heldout", None)):  # the dataset's own rule (CREMA-D: whole actors)
+                rest, held = split.carve_heldout(self.method.heldout_fraction, seed)
+                return PositionSubset(split, list(rest)), PositionSubset(split, list(held))
             n = len(split)
             g = np.random.RandomState(seed + 12345)
             perm = g.permutation(n)
             k = max(1, int(round(self.method.heldout_fraction * n)))
-            from torch.utils.data import Subset
-
-            return Subset(split, sorted(perm[k:].tolist())), Subset(split, sorted(perm[:k].tolist()))
+            return PositionSubset(split, sorted(perm[k:].tolist())), PositionSubset(split, sorted(perm[:k].tolist()))
         labels = split.labels.numpy()
         keys = labels if self.data.task == "classification" else quantile_bins(labels)
         rest, held = carve_heldout(keys, self.method.heldout_fraction, seed)

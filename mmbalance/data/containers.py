@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from ..errors import DatasetFormatError
 
@@ -38,6 +38,19 @@ class TensorSplit:
 
     def stratify_keys(self) -> torch.Tensor:
         return self.labels
+
+
+class PositionSubset(Subset):
+    """A part of a map-style split whose items carry their position in the PART as ``idx`` (as
+    :meth:`TensorSplit.subset` does), so per-sample buffers indexed by ``idx`` address the part."""
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = dict(self.dataset[self.indices[i]])
+        item["idx"] = i
+        return item
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        return [self[i] for i in indices]
 
 
 @dataclass

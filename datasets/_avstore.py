@@ -1,0 +1,650 @@
+"""Shared machinery of the audio-visual datasets (CREMA-D, Kinetics-Sounds, AVE): media decoding, the
+frame index rule, the cached store (converter side and loader side), frame sampling and augmentation.
+
+One job per section:
+
+* **decoding** (optional extra ``pip install -e ".[av]"``: PyAV, soundfile, soxr — wheels that bundle
+  their codecs): :func:`read_wav`, :func:`decode_video_frames`, :func:`decode_audio_stream`;
+* **the frame index rule** of OGM-GE's ``video_preprocessing.py`` (:func:`keep_frame`);
+* **the store**: a folder of memory-mapped ``.npy`` arrays — ``audio.npy`` float16 [N, F, T],
+  ``frames.npy`` uint8 [ΣF, S, S, 3], ``frame_offsets.npy`` int64 [N+1], ``frame_src_index.npy`` int32,
+  ``frame_times.npy`` float32 — plus ``index.json`` (one entry per clip), ``meta.json`` and ``_COMPLETE``.
+  :func:`build_store` decodes every clip once into per-clip parts (resumable: a killed conversion
+  continues where it stopped), lists every clip it could not read, and assembles the arrays in a
+  temporary folder that is renamed into place only when complete;
+* **the loader side**: :class:`AVStore` (opens and checks a store, exit 2 naming the file and the
+  converter command when it is missing or malformed) and :class:`AVClipDataset` (map-style split:
+  frame picks, RandomResizedCrop + flip in training, ImageNet normalisation).
+
+Nothing here imports torchvision, librosa or torchaudio.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from mmbalance.errors import CacheFormatError, ConfigError, DatasetFormatError, DatasetNotFoundError
+
+STORE_VERSION = "1"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LOG_EPS = 1e-7
+LFS_MAGIC = b"version https://git-lfs.github.com/spec/v1"
+AV_EXTRA = 'pip install -e ".[av]"  (PyAV, soundfile, soxr, Pillow)'
+
+
+def require(module: str) -> Any:
+    """Import an optional decoding dependency, or fail with the install command."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(f"decoding audio-visual media needs the optional package {module!r} ({exc}); "
+                          f"install it with: {AV_EXTRA}") from None
+
+
+def library_versions() -> dict[str, str]:
+    out = {"numpy": np.__version__}
+    for mod in ("av", "soundfile", "soxr", "PIL", "scipy"):
+        try:
+            m = __import__(mod)
+            out[mod] = str(getattr(m, "__version__", "?"))
+        except ImportError:
+            pass
+    try:
+        import av
+
+        out["ffmpeg"] = ".".join(map(str, av.library_versions.get("libavcodec", ())))
+        import soundfile
+
+        out["libsndfile"] = soundfile.__libsndfile_version__
+    except (ImportError, AttributeError):
+        pass
+    return out
+
+
+# ============================================================================ decoding
+def check_not_lfs_pointer(path: Path) -> None:
+    """A git-lfs pointer stub (what a zip download of the CREMA-D repository holds) is not media."""
+    with open(path, "rb") as f:
+        head = f.read(len(LFS_MAGIC))
+    if head == LFS_MAGIC:
+        raise DatasetFormatError(f"{path}: git-lfs pointer, not media; run `git lfs pull` in the clone")
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    """(mono float32 samples, sample rate) of a WAV file (channels averaged)."""
+    sf = require("soundfile")
+    check_not_lfs_pointer(path)
+    if path.stat().st_size == 0:
+        raise DatasetFormatError(f"{path}: empty file (0 bytes)")
+    try:
+        x, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as exc:  # soundfile.LibsndfileError and friends
+        raise DatasetFormatError(f"{path}: unreadable audio ({type(exc).__name__}: {exc})") from None
+    if len(x) == 0:
+        raise DatasetFormatError(f"{path}: no audio samples")
+    return x.mean(axis=1).astype(np.float32), int(sr)
+
+
+def resample(x: np.ndarray, sr: int, target: int) -> np.ndarray:
+    """soxr "HQ" resampling (what ``librosa.load(p, sr=target)`` does with librosa ≥ 0.10)."""
+    if sr == target:
+        return x.astype(np.float32)
+    soxr = require("soxr")
+    return np.asarray(soxr.resample(x, sr, target, quality="HQ"), dtype=np.float32)
+
+
+def repeat_to(x: np.ndarray, n: int) -> np.ndarray:
+    """Tile ``x`` until it has ≥ n samples, cut to n, clip to [−1, 1] (OGM-GE tiles exactly ×3 instead,
+    which fails below 1 s at 22,050 Hz; tiling to the length is the fix)."""
+    if len(x) == 0:
+        raise ValueError("cannot repeat an empty signal")
+    reps = -(-n // len(x))
+    return np.clip(np.tile(x, reps)[:n], -1.0, 1.0).astype(np.float32)
+
+
+def log_stft(x: np.ndarray, n_fft: int = 512, hop: int = 353, pad: str = "constant") -> np.ndarray:
+    """log(|STFT| + 1e-7) as [n_fft/2 + 1, frames] (``librosa.stft(x, n_fft, hop)`` ≥ 0.10 semantics):
+    periodic Hann window of n_fft, signal centred with n_fft/2 samples of padding each side
+    (zeros, or ``reflect``), 1 + len(x) // hop frames."""
+    half = n_fft // 2
+    xp = np.pad(x.astype(np.float64), half, mode="constant" if pad == "constant" else "reflect")
+    n_frames = 1 + (len(xp) - n_fft) // hop
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    idx = np.arange(n_fft)[None, :] + hop * np.arange(n_frames)[:, None]
+    spec = np.abs(np.fft.rfft(xp[idx] * window, axis=1))
+    return np.log(spec + LOG_EPS).T.astype(np.float32)
+
+
+def _int_rate(stream: Any) -> int:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if rate is None or float(rate) <= 0:
+        raise DatasetFormatError("video stream has no frame rate")
+    return max(1, int(float(rate)))  # truncated, as OpenCV's int(CAP_PROP_FPS)
+
+
+def keep_frame(n: int, r: int, fps: int) -> bool:
+    """OGM-GE ``video_preprocessing.py``: with r = int(frame rate) and step = r // fps, frame n is kept
+    when (n mod r) < step·fps and (n mod r) is a multiple of step (r = 30: fps 1 keeps 0, 30, …; fps 3
+    keeps 0, 10, 20, …; the 1-fps frames are a subset of the 3-fps frames)."""
+    step = max(1, r // fps)
+    k = n % r
+    return k < step * fps and k % step == 0
+
+
+def resize_square(frame: np.ndarray, size: int) -> np.ndarray:
+    """RGB uint8 [H, W, 3] → [size, size, 3], Pillow bilinear (OGM-GE's evaluation ``Resize((224, 224))``)."""
+    Image = require("PIL.Image")
+    if frame.shape[0] == size and frame.shape[1] == size:
+        return np.ascontiguousarray(frame)
+    return np.asarray(Image.fromarray(frame).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+@dataclass
+class VideoFrames:
+    frames: np.ndarray      # uint8 [F, S, S, 3]
+    src_index: np.ndarray   # int32 [F] decoded-frame index n
+    times: np.ndarray       # float32 [F] seconds
+    native_w: int
+    native_h: int
+    native_fps: int         # r = int(average rate)
+    video_seconds: float
+
+
+def decode_video_frames(path: Path, fps: int, size: int, *, max_seconds: float | None = None,
+                        keep: Callable[[int, int, float], bool] | None = None) -> VideoFrames:
+    """Decode the first video stream in order; keep frames by :func:`keep_frame` (or ``keep(n, r, t)``),
+    convert to RGB and resize each kept frame once to ``size``²."""
+    av = require("av")
+    check_not_lfs_pointer(path)
+    if path.stat().st_size == 0:
+        raise DatasetFormatError(f"{path}: empty file (0 bytes)")
+    frames, src, times = [], [], []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DatasetFormatError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            r = _int_rate(stream)
+            w = h = 0
+            n = -1
+            last_t = 0.0
+            for n, frame in enumerate(container.decode(stream)):
+                t = float(frame.time) if frame.time is not None else n / r
+                last_t = t
+                if max_seconds is not None and t >= max_seconds:
+                    break
+                if (keep(n, r, t) if keep is not None else keep_frame(n, r, fps)):
+                    rgb = frame.to_ndarray(format="rgb24")
+                    h, w = rgb.shape[:2]
+                    frames.append(resize_square(rgb, size))
+                    src.append(n)
+                    times.append(t)
+            if n < 0:
+                raise DatasetFormatError(f"{path}: the video stream has no decodable frame")
+            w = w or stream.codec_context.width
+            h = h or stream.codec_context.height
+            seconds = float(stream.duration * stream.time_base) if stream.duration else last_t + 1.0 / r
+    except DatasetFormatError:
+        raise
+    except Exception as exc:  # av.error.InvalidDataError etc.
+        raise DatasetFormatError(f"{path}: unreadable video ({type(exc).__name__}: {exc})") from None
+    if not frames:
+        raise DatasetFormatError(f"{path}: no frame kept (the video is shorter than one frame period)")
+    return VideoFrames(np.stack(frames), np.asarray(src, np.int32), np.asarray(times, np.float32), int(w), int(h),
+                       r, seconds)
+
+
+def decode_audio_stream(path: Path, rate: int, mix: str = "mean") -> tuple[np.ndarray, float]:
+    """First audio stream of a media file, resampled by libswresample to ``rate`` keeping the channels
+    (float planar), as (float32 [C, n], seconds). ``mix`` is applied by the caller."""
+    av = require("av")
+    check_not_lfs_pointer(path)
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise DatasetFormatError(f"{path}: no audio stream")
+            resampler = av.AudioResampler(format="fltp", rate=rate)
+            chunks = []
+            for frame in container.decode(container.streams.audio[0]):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray())
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray())
+    except DatasetFormatError:
+        raise
+    except Exception as exc:
+        raise DatasetFormatError(f"{path}: unreadable audio stream ({type(exc).__name__}: {exc})") from None
+    if not chunks:
+        raise DatasetFormatError(f"{path}: the audio stream has no samples")
+    x = np.concatenate(chunks, axis=1).astype(np.float32)
+    return x, x.shape[1] / rate
+
+
+# ============================================================================ converter: the store
+@dataclass
+class ClipJob:
+    """One clip to decode: its key (stable id), label (for loss reports) and the files it reads."""
+
+    key: str
+    label: int
+    files: dict[str, Path]
+    extra: dict[str, Any]
+
+
+@dataclass
+class ClipResult:
+    audio: np.ndarray         # float16 [F, T]
+    video: VideoFrames
+    info: dict[str, Any]
+
+
+def fingerprint(params: dict[str, Any], jobs: Sequence[ClipJob], root: Path, strict: bool = False) -> str:
+    """SHA-256 of the store version, the parameters and every input's (relative path, size, mtime)
+    (``strict``: contents instead of mtime)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"store": STORE_VERSION, **params}, sort_keys=True, default=str).encode())
+    files = sorted({p for j in jobs for p in j.files.values()})
+    for p in files:
+        st = p.stat()
+        try:
+            rel = p.resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            rel = p.as_posix()
+        h.update(f"{rel}\0{st.st_size}\0".encode())
+        if strict:
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+        else:
+            h.update(str(st.st_mtime_ns).encode())
+    return h.hexdigest()
+
+
+def _decode_one(args: tuple[Callable[[ClipJob], ClipResult], ClipJob, Path]) -> tuple[str, str | None]:
+    decode, job, part = args
+    try:
+        res = decode(job)
+    except DatasetFormatError as exc:
+        return job.key, str(exc)
+    except Exception as exc:  # noqa: BLE001 - a decoder failure is a bad clip, listed with its reason
+        return job.key, f"{next(iter(job.files.values()))}: {type(exc).__name__}: {exc}"
+    tmp = part.with_suffix(".tmp.npz")
+    with open(tmp, "wb") as f:
+        np.savez(f, audio=res.audio, frames=res.video.frames, src=res.video.src_index, times=res.video.times,
+                 info=np.frombuffer(json.dumps(res.info).encode(), dtype=np.uint8))
+    os.replace(tmp, part)
+    return job.key, None
+
+
+def build_store(out: Path, jobs: Sequence[ClipJob], decode: Callable[[ClipJob], ClipResult], *,
+                params: dict[str, Any], dataset: str, raw_root: Path, class_names: Sequence[str],
+                workers: int = 0, skip_bad: bool = False, force: bool = False, strict_hash: bool = False,
+                extra_meta: dict[str, Any] | None = None, log: Callable[[str], None] = print,
+                decode_counter: list[int] | None = None) -> dict[str, Any]:
+    """Decode every job once into ``out`` (see the module docstring). Returns meta.json's content.
+
+    Resumable: decoded clips are kept as parts in ``<out>.parts-<fingerprint>/`` until the store is
+    complete, so a re-run with the same inputs decodes only what is left. A complete store with the
+    same fingerprint is reused (``force`` rebuilds). Clips that cannot be decoded are all listed; without
+    ``skip_bad`` the conversion stops with :class:`DatasetFormatError` and nothing under ``out``; with it
+    they are excluded, written to ``bad.txt`` and counted per class in meta.json."""
+    out = Path(out).expanduser()
+    fp = fingerprint(params, jobs, raw_root, strict_hash)
+    if (out / "_COMPLETE").is_file() and not force:
+        meta = json.loads((out / "meta.json").read_text())
+        if meta.get("store_version") != STORE_VERSION:
+            raise CacheFormatError(f"{out}: store version {meta.get('store_version')!r}, this mmbalance writes "
+                                   f"{STORE_VERSION!r}; rebuild with --force")
+        if meta.get("fingerprint") == fp:
+            log(f"{dataset}: {out} is complete and up to date (fingerprint {fp[:12]}); nothing to decode")
+            return meta
+        if not force:
+            raise CacheFormatError(f"{out} holds a complete store built from other inputs or parameters "
+                                   f"(fingerprint {meta.get('fingerprint', '?')[:12]} vs {fp[:12]}); pass --force "
+                                   "to rebuild it or choose another --out")
+    if out.exists() and any(out.iterdir()) and not (out / "_COMPLETE").is_file() and not force:
+        if not (out / "meta.json").is_file() and not (out / "index.json").is_file():
+            raise ConfigError(f"{dataset} converter: output folder {out} exists, is not empty and is not a store")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    parts = out.parent / f".{out.name}.parts-{fp[:16]}"
+    parts.mkdir(exist_ok=True)
+    keys = [j.key for j in jobs]
+    if len(set(keys)) != len(keys):
+        raise DatasetFormatError(f"{dataset} converter: duplicate clip keys")
+    part_of = {j.key: parts / f"{k:07d}.npz" for k, j in enumerate(jobs)}
+    todo = [j for j in jobs if not part_of[j.key].is_file()]
+    if len(todo) < len(jobs):
+        log(f"{dataset}: resuming: {len(jobs) - len(todo)} of {len(jobs)} clips already decoded")
+    bad: dict[str, str] = {}
+    args = [(decode, j, part_of[j.key]) for j in todo]
+    if decode_counter is not None:
+        decode_counter[0] += len(todo)
+    if workers and workers > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(_decode_one, args, chunksize=max(1, len(args) // (4 * workers))))
+    else:
+        results = [_decode_one(a) for a in args]
+    for key, err in results:
+        if err is not None:
+            bad[key] = err
+    if bad and not skip_bad:
+        shown = "; ".join(f"{k}: {bad[k]}" for k in sorted(bad)[:20])
+        more = f"; … ({len(bad)} in all)" if len(bad) > 20 else ""
+        raise DatasetFormatError(f"{dataset} converter: {len(bad)} clip(s) could not be decoded: {shown}{more}. "
+                                 "Fix or remove them, or pass --skip-bad to exclude and list them")
+    good = [j for j in jobs if j.key not in bad]
+    if not good:
+        raise DatasetFormatError(f"{dataset} converter: no clip could be decoded")
+    # ------------------------------------------------------------------ assemble (temp folder, then rename)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
+    try:
+        loaded = []
+        total_frames = 0
+        audio_shape = None
+        frame_shape = None
+        for j in good:
+            with np.load(part_of[j.key]) as z:
+                a_shape, f_shape, n_f = z["audio"].shape, z["frames"].shape[1:], len(z["frames"])
+            if audio_shape is None:
+                audio_shape, frame_shape = a_shape, f_shape
+            if a_shape != audio_shape or f_shape != frame_shape:
+                raise DatasetFormatError(f"{dataset} converter: clip {j.key} decoded to audio {a_shape}, frames "
+                                         f"{f_shape}; other clips have {audio_shape}, {frame_shape}")
+            loaded.append(n_f)
+            total_frames += n_f
+        n = len(good)
+        audio = np.lib.format.open_memmap(tmp / "audio.npy", "w+", np.float16, (n, *audio_shape))
+        frames = np.lib.format.open_memmap(tmp / "frames.npy", "w+", np.uint8, (total_frames, *frame_shape))
+        offsets = np.zeros(n + 1, np.int64)
+        offsets[1:] = np.cumsum(loaded)
+        src = np.zeros(total_frames, np.int32)
+        times = np.zeros(total_frames, np.float32)
+        index = []
+        for k, j in enumerate(good):
+            with np.load(part_of[j.key]) as z:
+                audio[k] = z["audio"]
+                lo, hi = offsets[k], offsets[k + 1]
+                frames[lo:hi] = z["frames"]
+                src[lo:hi], times[lo:hi] = z["src"], z["times"]
+                info = json.loads(bytes(z["info"]).decode())
+            index.append({"key": j.key, "label": j.label, **j.extra, **info, "n_frames": int(hi - lo)})
+        audio.flush()
+        frames.flush()
+        del audio, frames
+        np.save(tmp / "frame_offsets.npy", offsets)
+        np.save(tmp / "frame_src_index.npy", src)
+        np.save(tmp / "frame_times.npy", times)
+        lost = class_losses([j.label for j in jobs], [j.label for j in good], class_names)
+        (tmp / "bad.txt").write_text("".join(f"{k}\t{bad[k]}\n" for k in sorted(bad)))
+        meta = {"dataset": dataset, "store_version": STORE_VERSION, "fingerprint": fp, "params": params,
+                "libraries": library_versions(), "n_clips": n, "n_frames": int(total_frames),
+                "audio_shape": list(audio_shape), "frame_shape": list(frame_shape), "class_names": list(class_names),
+                "bad": dict(sorted(bad.items())), "class_losses": lost,
+                "native_sizes": sorted({f"{e['native_w']}x{e['native_h']}" for e in index}),
+                "native_fps": sorted({int(e["native_fps"]) for e in index}), **(extra_meta or {})}
+        (tmp / "index.json").write_text(json.dumps(index))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        (tmp / "_COMPLETE").write_text(fp + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(parts, ignore_errors=True)
+    for k in sorted(bad):
+        log(f"{dataset}: excluded {k}: {bad[k]}")
+    for name, d in lost.items():
+        log(f"{dataset}: class {name!r} lost {d['lost']} of {d['expected']} clip(s)")
+    log(f"{dataset}: wrote {n} clips, {total_frames} frames to {out}")
+    return meta
+
+
+def class_losses(expected: Sequence[int], kept: Sequence[int], names: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Per class that lost clips: expected and lost counts."""
+    e = np.bincount(np.asarray(expected, int), minlength=len(names))
+    k = np.bincount(np.asarray(kept, int), minlength=len(names))
+    return {names[c]: {"expected": int(e[c]), "lost": int(e[c] - k[c])} for c in range(len(names)) if e[c] > k[c]}
+
+
+def converter_main(run: Callable[[], dict[str, Any]]) -> int:
+    """Run a converter: an :class:`MMBalanceError` is ``error: …`` on stderr and exit code 2."""
+    from mmbalance.errors import MMBalanceError
+
+    try:
+        run()
+    except MMBalanceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ============================================================================ loader: the store
+class AVStore:
+    """A complete store opened read-only (arrays memory-mapped). Every check names the file at fault and
+    how to build the store (``convert_cmd``)."""
+
+    FILES = ("meta.json", "index.json", "audio.npy", "frames.npy", "frame_offsets.npy", "frame_src_index.npy",
+             "frame_times.npy")
+
+    def __init__(self, root: Path, dataset: str, convert_cmd: str) -> None:
+        self.root, self.dataset = Path(root), dataset
+        howto = f"build it with: {convert_cmd}"
+        if not self.root.is_dir():
+            raise DatasetNotFoundError(f"{dataset}: store folder {self.root} does not exist; {howto}")
+        if not (self.root / "_COMPLETE").is_file():
+            present = (self.root / "meta.json").is_file() or any(self.root.glob(".*.parts-*"))
+            what = "an incomplete store (no _COMPLETE: the conversion did not finish)" if present else \
+                "no store (no _COMPLETE, meta.json, index.json)"
+            raise DatasetNotFoundError(f"{dataset}: {self.root / '_COMPLETE'} is missing: {self.root} holds {what}; "
+                                       f"{howto}")
+        for name in self.FILES:
+            if not (self.root / name).is_file():
+                raise DatasetFormatError(f"{dataset}: {self.root / name} is missing from the store; {howto}")
+        try:
+            self.meta = json.loads((self.root / "meta.json").read_text())
+            self.index = json.loads((self.root / "index.json").read_text())
+        except ValueError as exc:
+            raise DatasetFormatError(f"{dataset}: {self.root}/meta.json or index.json is not valid JSON ({exc}); "
+                                     f"{howto}") from None
+        if self.meta.get("dataset") != dataset:
+            raise DatasetFormatError(f"{dataset}: {self.root / 'meta.json'} says dataset "
+                                     f"{self.meta.get('dataset')!r}, expected {dataset!r}; {howto}")
+        if self.meta.get("store_version") != STORE_VERSION:
+            raise CacheFormatError(f"{dataset}: {self.root / 'meta.json'} has store version "
+                                   f"{self.meta.get('store_version')!r}, expected {STORE_VERSION!r}; rebuild with "
+                                   f"--force: {convert_cmd}")
+        self.audio = self._load("audio.npy", np.float16, 3)
+        self.frames = self._load("frames.npy", np.uint8, 4)
+        self.offsets = self._load("frame_offsets.npy", np.int64, 1)
+        self.src_index = self._load("frame_src_index.npy", np.int32, 1)
+        self.times = self._load("frame_times.npy", np.float32, 1)
+        n = len(self.index)
+        checks = [(len(self.audio) == n, "audio.npy", f"{len(self.audio)} rows for {n} clips in index.json"),
+                  (len(self.offsets) == n + 1, "frame_offsets.npy", f"{len(self.offsets)} entries, expected {n + 1}"),
+                  (len(self.frames) == int(self.offsets[-1]) if n else True, "frames.npy",
+                   f"{len(self.frames)} frames, frame_offsets.npy ends at {int(self.offsets[-1]) if n else 0}"),
+                  (len(self.src_index) == len(self.frames), "frame_src_index.npy", "length differs from frames.npy"),
+                  (self.frames.shape[-1] == 3 and self.frames.shape[1] == self.frames.shape[2], "frames.npy",
+                   f"shape {self.frames.shape}, expected [N, S, S, 3]"),
+                  (bool(np.all(np.diff(self.offsets) >= 1)), "frame_offsets.npy", "a clip has no frame")]
+        for ok, name, what in checks:
+            if not ok:
+                raise DatasetFormatError(f"{dataset}: {self.root / name} is malformed ({what}); {howto}")
+
+    def _load(self, name: str, dtype: Any, ndim: int) -> np.ndarray:
+        path = self.root / name
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as exc:
+            raise DatasetFormatError(f"{self.dataset}: {path} is not a readable .npy array ({exc})") from None
+        if arr.dtype != dtype or arr.ndim != ndim:
+            raise DatasetFormatError(f"{self.dataset}: {path} has dtype {arr.dtype} and {arr.ndim} axes, expected "
+                                     f"{np.dtype(dtype)} with {ndim}")
+        return arr
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def frame_size(self) -> int:
+        return int(self.frames.shape[1])
+
+    def clip_frames(self, pos: int, fps: int | None = None) -> np.ndarray:
+        """Global frame rows of clip ``pos``; ``fps`` below the cached rate keeps the frames the index rule
+        keeps at that rate (the lower-rate frames are a subset of the cached ones)."""
+        lo, hi = int(self.offsets[pos]), int(self.offsets[pos + 1])
+        rows = np.arange(lo, hi)
+        cached = int(self.meta["params"].get("cache_fps", fps or 1))
+        if fps is None or fps >= cached:
+            return rows
+        r = int(self.index[pos]["native_fps"])
+        keep = [row for row in rows if keep_frame(int(self.src_index[row]), r, fps)]
+        return np.asarray(keep or rows[:1], np.int64)
+
+
+# ============================================================================ loader: sampling, augmentation
+def pick_frames(n: int, t: int, mode: str, train: bool, rng: np.random.Generator | None) -> list[int]:
+    """Positions of T frames among a clip's n frames.
+
+    ``segment`` (mmbalance default): n ≥ T: training floor((i + u_i)·n/T), u_i ~ U[0, 1); evaluation
+    floor((i + 0.5)·n/T); n < T: floor(i·n/T) (repetition) in both. ``segment_int`` (BalanceBenchmark):
+    seg = n // T, training i·seg + randint(seg), evaluation i·seg + seg // 2. ``fixed``: the evaluation
+    rule of ``segment`` in training too. ``ogm_fixed``: i·(n // T) (OGM-GE's 1-based ``seg·i + 1`` files)."""
+    if n < t:
+        return [int(math.floor(i * n / t)) for i in range(t)]
+    if mode == "ogm_fixed":
+        return [i * (n // t) for i in range(t)]
+    if mode == "segment_int":
+        seg = n // t
+        if train and rng is not None:
+            return [i * seg + int(rng.integers(seg)) for i in range(t)]
+        return [i * seg + seg // 2 for i in range(t)]
+    if train and mode == "segment" and rng is not None:
+        u = rng.random(t)
+        return [min(n - 1, int(math.floor((i + u[i]) * n / t))) for i in range(t)]
+    return [int(math.floor((i + 0.5) * n / t)) for i in range(t)]
+
+
+def random_resized_crop(h: int, w: int, rng: np.random.Generator, scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params (top, left, height, width): 10 attempts at area
+    U(scale)·h·w and log-uniform aspect ratio, then the centre crop fallback."""
+    area = h * w
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        ar = math.exp(rng.uniform(*log_r))
+        cw, ch = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    in_ratio = w / h
+    if in_ratio < min(ratio):
+        cw, ch = w, int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        ch, cw = h, int(round(h * max(ratio)))
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def frame_tensor(frames: np.ndarray, train: bool, rng: np.random.Generator | None, aspect: float,
+                 per_frame: bool = True) -> torch.Tensor:
+    """uint8 [T, S, S, 3] → normalised float32 [3, T, S, S]. Training: per frame (or one draw per clip)
+    RandomResizedCrop with the ratio range × ``aspect`` (native h / w, so crops are distributed as on the
+    native frame), bilinear resize back to S², horizontal flip with p 0.5."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # [T, 3, S, S]
+    if train and rng is not None:
+        s = x.shape[-1]
+        out = []
+        draw = None
+        for k in range(len(x)):
+            if draw is None or per_frame:
+                draw = (random_resized_crop(s, s, rng, ratio=(3 / 4 * aspect, 4 / 3 * aspect)), rng.random() < 0.5)
+            (top, left, ch, cw), flip = draw
+            crop = x[k:k + 1, :, top:top + ch, left:left + cw]
+            crop = F.interpolate(crop, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+            out.append(crop.flip(-1) if flip else crop)
+        x = torch.cat(out)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
+    return ((x - mean) / std).permute(1, 0, 2, 3).contiguous()
+
+
+class AVClipDataset(Dataset):
+    """A split of a store: item ``i`` is clip ``positions[i]`` → {audio [1, F, T] float32, visual
+    [3, T, S, S] float32, label, idx}. Per-item randomness from ``default_rng([run seed, epoch, i])``
+    (``set_epoch``, as BraTS): the same for any worker count or rank."""
+
+    def __init__(self, store: AVStore, positions: Sequence[int], labels: Sequence[int], *, frames: int,
+                 frame_fps: int | None, sampling: str, train: bool, aug_per_frame: bool = True) -> None:
+        self.store = store
+        self.positions = np.asarray(positions, np.int64)
+        self.labels = np.asarray(labels, np.int64)
+        self.t, self.fps, self.sampling, self.train = frames, frame_fps, sampling, train
+        self.aug_per_frame = aug_per_frame
+        self._rows = [store.clip_frames(int(p), frame_fps) for p in self.positions]
+        self._aspect = [float(store.index[int(p)]["native_h"]) / max(1.0, float(store.index[int(p)]["native_w"]))
+                        for p in self.positions]
+        self._state = torch.zeros(2, dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._state[0] = int(epoch)
+        self._state[1] = torch.initial_seed() % (2 ** 62)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def frame_rows(self, i: int, rng: np.random.Generator | None) -> np.ndarray:
+        rows = self._rows[i]
+        return rows[pick_frames(len(rows), self.t, self.sampling, self.train, rng)]
+
+    def stratify_keys(self) -> np.ndarray:
+        return self.labels
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        rng = None
+        if self.train:
+            epoch, seed = (int(v) for v in self._state.tolist())
+            rng = np.random.default_rng([seed, epoch, int(i)])
+        pos = int(self.positions[i])
+        audio = torch.from_numpy(np.asarray(self.store.audio[pos], dtype=np.float32)).unsqueeze(0)
+        rows = self.frame_rows(i, rng)
+        visual = frame_tensor(self.store.frames[rows], self.train, rng, self._aspect[i], self.aug_per_frame)
+        return {"audio": audio, "visual": visual, "label": int(self.labels[i]), "idx": int(i)}
+
+    #: groups the held-out carve keeps together (CREMA-D: actors); None = stratified by label
+    carve_keys: np.ndarray | None = None
+
+    def carve_heldout(self, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+        """Held-out part of this TRAIN split for G-Blending/MSLR (item positions, seeded ``seed + 12345``):
+        whole groups (``carve_keys``, e.g. CREMA-D actors: round(fraction · groups), at least one) when
+        set, else stratified by label (:func:`mmbalance.data.splits.carve_heldout`)."""
+        from mmbalance.data.splits import carve_heldout
+
+        if self.carve_keys is None or len(np.unique(self.carve_keys)) < 2:  # one group cannot be split by group
+            rest, held = carve_heldout(self.labels, fraction, seed)
+            return rest.tolist(), held.tolist()
+        groups = np.unique(self.carve_keys)
+        perm = np.random.RandomState(seed + 12345).permutation(len(groups))
+        k = min(len(groups) - 1, max(1, int(round(fraction * len(groups)))))  # ≥ 1 group held out, ≥ 1 kept
+        held_groups = set(groups[perm[:k]].tolist())
+        held = [i for i, g in enumerate(self.carve_keys.tolist()) if g in held_groups]
+        held_set = set(held)
+        return [i for i in range(len(self)) if i not in held_set], held

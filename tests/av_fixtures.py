@@ -1,0 +1,99 @@
+"""Media fixtures for the audio-visual datasets, written in the tests (never real CREMA-D / Kinetics / AVE
+media): tones written as WAV by soundfile at the real sample rates, short videos encoded by PyAV from
+NumPy frames whose uniform grey level encodes the source frame index, the exact raw file-name conventions."""
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+
+def grey(k: int) -> int:
+    """Grey level of source frame k (distinct for 200 consecutive frames; survives lossy coding ±3)."""
+    return 16 + (37 * k) % 200
+
+
+def write_video(path: Path, n_frames: int, *, fps: int | Fraction = 30, size: tuple[int, int] = (64, 48),
+                codec: str | None = None, audio: np.ndarray | None = None, audio_rate: int = 44_100,
+                audio_codec: str | None = None, level=grey) -> Path:
+    """A video whose frame k is uniformly ``level(k)``; ``audio`` [C, n] float32 adds an audio stream."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ext = path.suffix.lower()
+    codec = codec or {".flv": "flv", ".mp4": "mpeg4"}.get(ext, "mpeg4")
+    w, h = size
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream(codec, rate=fps)
+        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
+        vs.options = {"qscale": "1"} if codec in ("flv", "mpeg4") else {}
+        if codec in ("flv", "mpeg4"):
+            vs.codec_context.qmin, vs.codec_context.qmax = 1, 2
+        as_ = None
+        if audio is not None:
+            audio_codec = audio_codec or ("mp3" if ext == ".flv" else "aac")
+            as_ = out.add_stream(audio_codec, rate=audio_rate)
+            as_.layout = "stereo" if audio.shape[0] == 2 else "mono"
+        yy, xx = np.mgrid[0:h, 0:w]
+        # a zero-mean texture (whole periods) on top of the level: frames are not flat images, whose
+        # batch statistics would degenerate in a tiny ResNet
+        texture = 12 * np.sin(2 * np.pi * xx / 16) * np.cos(2 * np.pi * yy / 12)
+        for k in range(n_frames):
+            img = np.clip(level(k) + texture, 0, 255).round().astype(np.uint8)[..., None].repeat(3, axis=2)
+            for p in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(p)
+        for p in vs.encode():
+            out.mux(p)
+        if as_ is not None:
+            step = as_.codec_context.frame_size or 1024
+            pts = 0
+            for s in range(0, audio.shape[1], step):
+                chunk = np.ascontiguousarray(audio[:, s:s + step].astype(np.float32))
+                fr = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=as_.layout.name)
+                fr.sample_rate, fr.pts = audio_rate, pts
+                pts += chunk.shape[1]
+                for p in as_.encode(fr):
+                    out.mux(p)
+            for p in as_.encode():
+                out.mux(p)
+    return path
+
+
+def write_wav(path: Path, x: np.ndarray, rate: int, subtype: str = "PCM_16") -> Path:
+    import soundfile as sf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), x, rate, subtype=subtype)
+    return path
+
+
+def tone(freq: float, seconds: float, rate: int, amp: float = 0.5) -> np.ndarray:
+    t = np.arange(int(round(seconds * rate))) / rate
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+#: CREMA-D fixture: actors × sentences × emotions (XX), plus IEO_HAP_HI; emotion e gets a tone of
+#: 300 + 150·e Hz so that the audio carries the label.
+CREMAD_EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
+
+
+def make_cremad_raw(root: Path, actors=(1001, 1002, 1003, 1004, 1007, 1008), sentences=("DFA", "ITS"),
+                    emotions=CREMAD_EMOTIONS, seconds=(1.27, 2.5, 3.6), size=(64, 48), short: str | None = None,
+                    extra_hi: bool = True) -> Path:
+    """``AudioWAV/<actor>_<sentence>_<emotion>_XX.wav`` (16-kHz PCM_16 tones) and ``VideoFlash/<same>.flv``
+    (30-fps FLV1 + MP3 whose frame k has grey level ``grey(k)``). ``short``: one clip of 0.8 s."""
+    rng = np.random.RandomState(0)
+    k = 0
+    for a in actors:
+        for s in sentences:
+            for e in emotions:
+                stems = [f"{a}_{s}_{e}_XX"] + ([f"{a}_IEO_HAP_HI"] if extra_hi and e == "HAP" and s == sentences[0] else [])
+                for stem in stems:
+                    dur = 0.8 if stem == short else seconds[k % len(seconds)]
+                    k += 1
+                    x = tone(300 + 150 * CREMAD_EMOTIONS.index(e), dur, 16_000, 0.3) + \
+                        0.01 * rng.randn(int(round(dur * 16_000))).astype(np.float32)
+                    write_wav(root / "AudioWAV" / f"{stem}.wav", x, 16_000)
+                    write_video(root / "VideoFlash" / f"{stem}.flv", int(round(dur * 30)), fps=30, size=size)
+    return root
