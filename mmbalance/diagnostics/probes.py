@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize
-from scipy.special import logsumexp
 from threadpoolctl import threadpool_limits
 
 LAMBDA = 1e-3
@@ -50,15 +49,32 @@ class LinearProbe:
         return self.scaler(z) @ self.weight + self.bias
 
 
-def _softmax_objective(theta: np.ndarray, x: np.ndarray, onehot: np.ndarray, lam: float):
-    """(1/n) Σ CE + (λ/2)‖W‖² and its gradient; theta = [W (d×C) row-major, b (C)]."""
+def logsumexp_rows(z: np.ndarray) -> np.ndarray:
+    """``scipy.special.logsumexp(z, axis=1)`` for a real 2-D float64 array, computed by the same operations in
+    the same order (so bit for bit the same values) without scipy's array-API dispatch, which costs more than
+    the arithmetic on a probe's [n, C] logits: log1p(Σ_{j not a row maximum} exp(z_j − max) / k) + log k + max,
+    k = the number of entries equal to the row maximum."""
+    z_max = z.max(axis=1, keepdims=True)
+    at_max = z == z_max
+    k = at_max.sum(axis=1, keepdims=True, dtype=z.dtype)
+    s = np.exp(np.where(at_max, -np.inf, z) - z_max).sum(axis=1, keepdims=True, dtype=z.dtype)
+    s = np.where(s == 0, s, s / k)
+    out = np.log1p(s) + np.log(k) + z_max
+    return out[:, 0]
+
+
+def _softmax_objective(theta: np.ndarray, x: np.ndarray, onehot: np.ndarray, lam: float,
+                       labels: np.ndarray | None = None):
+    """(1/n) Σ CE + (λ/2)‖W‖² and its gradient; theta = [W (d×C) row-major, b (C)]. ``labels`` (the argmax of
+    ``onehot``) picks the true-class logits directly (the same values as the row sums of z·onehot)."""
     n, d = x.shape
     c = onehot.shape[1]
     w = theta[:d * c].reshape(d, c)
     b = theta[d * c:]
     z = x @ w + b
-    lse = logsumexp(z, axis=1)
-    loss = float((lse - (z * onehot).sum(axis=1)).mean() + 0.5 * lam * (w * w).sum())
+    lse = logsumexp_rows(z)
+    true = (z * onehot).sum(axis=1) if labels is None else z[np.arange(n), labels]
+    loss = float((lse - true).mean() + 0.5 * lam * (w * w).sum())
     p = np.exp(z - lse[:, None])
     r = (p - onehot) / n
     gw = x.T @ r + lam * w
@@ -87,7 +103,7 @@ def fit_logreg(z: np.ndarray, y: np.ndarray, num_classes: int, lam: float = LAMB
     theta0 = np.zeros(d * num_classes + num_classes)
     # one BLAS thread: these matrices are small, and on a shared CPU extra threads cost ~10x
     with threadpool_limits(1):
-        res = minimize(_softmax_objective, theta0, args=(x, onehot, lam), jac=True, method="L-BFGS-B",
+        res = minimize(_softmax_objective, theta0, args=(x, onehot, lam, y), jac=True, method="L-BFGS-B",
                        options={"maxiter": 1000, "maxcor": 20, "gtol": 1e-6})
     w = res.x[:d * num_classes].reshape(d, num_classes)
     return LinearProbe(scaler, w, res.x[d * num_classes:], bool(res.success), int(res.nit))
