@@ -215,9 +215,45 @@ def register_dataset(name: str, description: str = "", **defaults: Any):
     return _decorator(DATASETS, name, description, defaults)
 
 
+#: Datasets a warm leaderboard worker loaded before forking its runs (:func:`preload_dataset`), by request key.
+_PRELOADED: dict[str, Any] = {}
+
+
+def _dataset_key(name: str, data_dir: Any, options: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps([name, None if data_dir is None else str(data_dir), options], sort_keys=True, default=str)
+
+
+def preload_dataset(name: str, data_dir: Any = None, **options: Any) -> bool:
+    """Load a dataset once in this process for the processes it forks later (a warm worker): they share its
+    tensors copy-on-write, and :func:`create_dataset` with the same request returns it instead of loading
+    again. Only datasets held in memory whole (every split a ``TensorSplit``) are kept; a dataset read from
+    disk through a DataLoader (open files do not cross a fork safely) or one that fails to load is left
+    to each run, which then loads it (or reports the error) itself. Returns whether it is kept."""
+    from .data import TensorSplit
+
+    key = _dataset_key(name, data_dir, options)
+    if key in _PRELOADED:
+        return _PRELOADED[key] is not None
+    _PRELOADED[key] = None
+    try:
+        data = create_dataset(name, data_dir, **options)
+    except Exception:  # the run will meet (and report) the same error
+        return False
+    if all(isinstance(getattr(data, s, None), TensorSplit) for s in ("train", "val", "test")):
+        _PRELOADED[key] = data
+    return _PRELOADED[key] is not None
+
+
 def create_dataset(name: str, data_dir: Any = None, **options: Any):
-    """Load a registered dataset: preset defaults ◄ ``options``."""
+    """Load a registered dataset: preset defaults ◄ ``options`` (or the copy a warm worker preloaded)."""
     from .config import build_hparams
+
+    if _PRELOADED:
+        data = _PRELOADED.get(_dataset_key(name, data_dir, options))
+        if data is not None:
+            return data
 
     entry = DATASETS.get(name)
     opts = build_hparams(entry.factory.options_cls, {**entry.defaults, **options}, where=f"dataset {name!r}")

@@ -136,21 +136,34 @@ def print_space(method: str) -> None:
     print("  train.weight_decay     ['log', wd0/10, 10*wd0]    (fixed when the dataset's default is 0)")
 
 
+def _file_and_sets(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    file_cfg: dict[str, dict[str, Any]] = {"train": {}, "method": {}, "dataset": {}, "model": {}, "top": {}}
+    if args.config:
+        file_cfg = load_config_file(args.config)
+    return file_cfg, parse_set_items(args.set)
+
+
+def dataset_request(args: argparse.Namespace, file_cfg: dict[str, dict[str, Any]] | None = None,
+                    sets: dict[str, dict[str, Any]] | None = None) -> tuple[str, str | None, dict[str, Any]]:
+    """(dataset name, data folder, dataset options) of a parsed command line, as :func:`resolve` loads it."""
+    if file_cfg is None or sets is None:
+        file_cfg, sets = _file_and_sets(args)
+    top = file_cfg["top"]
+    name = args.dataset or top.get("dataset_name") or "mfeat"
+    data_dir = args.data_dir or top.get("data_dir") or os.environ.get(DATA_ENV)
+    return name, data_dir, {**file_cfg["dataset"], **sets["dataset"]}
+
+
 def resolve(args: argparse.Namespace):
     """Resolve everything (no file written): returns (RunConfig, TrainConfig, data, method, run_dir)."""
     from .registry import create_dataset, method_entry
 
-    file_cfg: dict[str, dict[str, Any]] = {"train": {}, "method": {}, "dataset": {}, "model": {}, "top": {}}
-    if args.config:
-        file_cfg = load_config_file(args.config)
-    sets = parse_set_items(args.set)
+    file_cfg, sets = _file_and_sets(args)
     top = file_cfg["top"]
     method_name = args.method or top.get("method_name") or "baseline"
-    dataset_name = args.dataset or top.get("dataset_name") or "mfeat"
     seed = args.seed if args.seed is not None else _config_seed(top.get("seed", 0), args.config)
     entry = method_entry(method_name)  # unknown method → error listing the known ones, before loading data
-    data_dir = args.data_dir or top.get("data_dir") or os.environ.get(DATA_ENV)
-    dataset_options = {**file_cfg["dataset"], **sets["dataset"]}
+    dataset_name, data_dir, dataset_options = dataset_request(args, file_cfg, sets)
     data = create_dataset(dataset_name, data_dir, **dataset_options)
 
     train_values = {**data.train_defaults, **file_cfg["train"], **sets["train"]}

@@ -7,6 +7,7 @@ half-written file.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -134,7 +135,8 @@ def read_json(path: str | Path) -> Any:
         return json.load(fh)
 
 
-def package_versions() -> dict[str, str]:
+@functools.lru_cache(maxsize=1)
+def _package_versions() -> tuple[tuple[str, str], ...]:
     from importlib import metadata
 
     out = {"python": platform.python_version()}
@@ -144,12 +146,24 @@ def package_versions() -> dict[str, str]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
-    return out
+    return tuple(out.items())
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and the packages that matter for the numbers (read once per process: a warm
+    leaderboard worker reads them once for all the runs it forks, which run the code it imported)."""
+    return dict(_package_versions())
 
 
 def code_provenance() -> dict[str, Any]:
     """The git commit of the code that produced a result, and whether the checkout had uncommitted changes
-    (``dirty``); ``{"git_commit": None}`` outside a git checkout (an installed wheel)."""
+    (``dirty``); ``{"git_commit": None}`` outside a git checkout (an installed wheel). Asked once per process
+    (the code a process runs is the code it imported: a warm worker asks once, before its first run)."""
+    return dict(_code_provenance())
+
+
+@functools.lru_cache(maxsize=1)
+def _code_provenance() -> tuple[tuple[str, Any], ...]:
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
@@ -158,14 +172,14 @@ def code_provenance() -> dict[str, Any]:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10)
         if commit.returncode != 0:
-            return out
+            return tuple(out.items())
         status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                                 capture_output=True, text=True, timeout=10)
         out["git_commit"] = commit.stdout.strip()
         out["dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         pass
-    return out
+    return tuple(out.items())
 
 
 def hardware_summary() -> dict[str, Any]:

@@ -31,3 +31,32 @@ def test_probe_objective_with_labels_equals_the_one_hot_form():
     logits = x @ w + b
     ce = np.mean([np.log(np.exp(r).sum()) - r[t] for r, t in zip(logits, y)])
     assert f1 == pytest.approx(ce + 0.5e-3 * (w * w).sum(), rel=1e-12)
+
+
+def test_worker_preloads_a_dataset_once_and_the_run_uses_that_copy(monkeypatch):
+    import torch
+
+    from mmbalance import registry
+    from mmbalance.leaderboard import worker
+    from mmbalance.run import build_parser, resolve
+
+    monkeypatch.setattr(registry, "_PRELOADED", {})
+    loads = []
+    real = registry.DATASETS.get("mfeat").factory
+
+    def counting(opts, data_dir):
+        loads.append(opts)
+        return real(opts, data_dir)
+
+    counting.options_cls = real.options_cls
+    monkeypatch.setattr(registry.DATASETS.get("mfeat"), "factory", counting)
+    argv = ["--method", "baseline", "--dataset", "mfeat", "--set", "dataset.limit_per_class=20", "--epochs", "1"]
+    threads = torch.get_num_threads()
+    assert worker.preload_dataset(argv) and worker.preload_dataset(argv + ["--seed", "3"])  # same data request
+    assert len(loads) == 1 and torch.get_num_threads() == threads
+    _, _, data, _, _ = resolve(build_parser().parse_args(argv + ["--seed", "1"]))
+    assert len(loads) == 1 and data is next(iter(registry._PRELOADED.values()))
+    other = resolve(build_parser().parse_args(["--dataset", "mfeat", "--set", "dataset.limit_per_class=25"]))[2]
+    assert len(loads) == 2 and other is not data and len(other.train) != len(data.train)
+    assert not worker.preload_dataset(["--dataset", "no-such-dataset"])  # left to the run to report
+    assert not worker.preload_dataset(["--bad-flag"])

@@ -11,9 +11,12 @@ tests use it.
 Isolation is the one of a separate process, because each run *is* a separate process: its own memory, RNG
 state, module globals (registries, caches), signal handlers, stdout/stderr (redirected at the file-descriptor
 level to the run's log) and exit code; a crash, an ``os._exit`` or the OOM killer takes down that run only.
-The worker never runs a tensor operation itself, so no OpenMP/intra-op thread pool and no CUDA context exist
-when it forks (both are created fresh in each child); ``OMP_NUM_THREADS`` in the request is applied with
-``torch.set_num_threads`` because the OpenMP runtime read the variable when torch was loaded.
+The worker imports every registered method, dataset and model module and reads the package versions and git
+state once; before forking a run it loads the run's dataset (once per distinct dataset request, in-memory
+datasets only), which the forked runs then share copy-on-write. It never trains or evaluates and loads data
+with one intra-op thread, so no OpenMP/intra-op thread pool and no CUDA context exist when it forks (both are
+created fresh in each child); ``OMP_NUM_THREADS`` in the request is applied with ``torch.set_num_threads``
+because the OpenMP runtime read the variable when torch was loaded.
 
 The child asks the kernel for SIGTERM when the worker dies (``prctl``), and the worker itself is started
 through :mod:`mmbalance.procs`, so killing a sweep with any signal still stops its runs (they checkpoint at the
@@ -34,7 +37,10 @@ PRELOAD = ("torch", "torch._dynamo", "torch.optim", "accelerate", "mmbalance.eng
 
 
 def preload() -> list[str]:
-    """Import :data:`PRELOAD`; return the names that could not be imported (an optional extra missing)."""
+    """Import :data:`PRELOAD` and every registered method, dataset and model module (the registries' built-ins
+    and plug-ins), and read the package versions and git state once (a run records them; every run forked
+    from this worker runs the code imported here). Returns the names that could not be imported (an optional
+    extra missing; a broken method module is recorded by its registry, as in a cold run)."""
     import importlib
 
     missing = []
@@ -43,7 +49,40 @@ def preload() -> list[str]:
             importlib.import_module(name)
         except ImportError:
             missing.append(name)
+    try:
+        from .. import registry, runfiles
+
+        for reg in (registry.METHODS, registry.DATASETS, registry.MODELS):
+            reg._load_builtins()
+        runfiles.package_versions()
+        runfiles.code_provenance()
+    except ImportError as exc:
+        missing.append(str(exc))
     return missing
+
+
+def preload_dataset(argv: list[str]) -> bool:
+    """Load the dataset of the run ``argv`` (``mmbalance.run`` arguments) in the worker, once per distinct
+    request, so that every run forked later shares it copy-on-write instead of loading it again (in-memory
+    datasets only: :func:`mmbalance.registry.preload_dataset`). Loaded with one intra-op thread, so that no
+    thread pool exists when the worker forks. Anything unexpected is left to the run to meet and report."""
+    import torch
+
+    from .. import registry, run
+
+    try:
+        args = run.build_parser().parse_args(argv)
+        if args.plugin or args.list or args.show_space:
+            return False
+        name, data_dir, options = run.dataset_request(args)
+    except (Exception, SystemExit):
+        return False
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return registry.preload_dataset(name, data_dir, **options)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _target(spec: str | None) -> Any:
@@ -113,6 +152,8 @@ def serve(stdin: Any = None, stdout: Any = None) -> int:
         if not line.strip():
             continue
         req = json.loads(line)
+        if not req.get("target"):
+            preload_dataset(list(req["argv"]))
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
