@@ -31,6 +31,7 @@ from .. import stats
 from ..errors import RunFileWriteError
 from ..runfiles import RESULT_FILE, atomic_write_text, current_umask
 from . import diagnostics as lb_diag
+from . import reference
 from .plan import RunSpec, RunState, read_state
 from .suite import Suite
 
@@ -438,6 +439,7 @@ def _dataset_section(rep: Report, ds: DatasetSummary, arg: str, figures: dict[st
         lines += [f"The baseline row `{ds.baseline}` is not in this suite: no Δ or p-values.", ""]
     if notes.items:
         lines += ["Notes:", "", notes.render(), ""]
+    lines += reference.section(suite.reference.get(ds.name, []), _table)
     cmd = (f"python -m mmbalance.leaderboard run {arg} --datasets {ds.name} && "
            f"python -m mmbalance.leaderboard build {arg}")
     epochs = f" --epochs {suite.epochs}" if suite.epochs else ""

@@ -11,7 +11,7 @@ from ..errors import ConfigError
 DEFAULT_SEEDS = 5
 SUITE_KEYS = {"name", "description", "seeds", "epochs", "methods", "exclude", "baseline", "datasets", "sets",
               "method_sets", "variants", "output", "launcher", "num_processes", "accelerate_args", "data_dir",
-              "slurm", "retry_failed", "tune", "plugins"}
+              "slurm", "retry_failed", "tune", "plugins", "reference"}
 
 
 
@@ -47,6 +47,8 @@ class Suite:
     tune: Any = None  # TuneConfig of the [tune] table (mmbalance.leaderboard.tune), None without one
     data_dir: str | None = None
     slurm: dict[str, Any] = field(default_factory=dict)
+    #: published numbers per dataset (the ``[reference]`` table; :mod:`mmbalance.leaderboard.reference`)
+    reference: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
     def leaderboard_dir(self) -> Path:
@@ -149,6 +151,9 @@ def load_suite(name_or_path: str | Path) -> Suite:
     if not isinstance(plugins, list) or not all(isinstance(x, str) and x for x in plugins):
         raise ConfigError(f"{where}: 'plugins' must be a list of module names or .py paths, got {plugins!r}")
     plugins = [str((path.parent / x).resolve()) if x.endswith(".py") else x for x in plugins]
+    from .reference import parse_reference
+
+    reference = parse_reference(raw.get("reference"), where, [d.name for d in datasets])
     return Suite(
         plugins=plugins, tune=tune, name=str(raw.get("name", path.stem)), path=path, description=str(raw.get("description", "")).strip(),
         seeds=list(seeds), epochs=epochs, methods=methods, exclude=list(raw.get("exclude", [])),
@@ -158,6 +163,6 @@ def load_suite(name_or_path: str | Path) -> Suite:
                      for k, v in _table(raw.get("method_sets"), f"{where} 'method_sets'").items()},
         variants=variants, output=raw.get("output"), launcher=launcher,
         num_processes=int(raw.get("num_processes", 1)), accelerate_args=list(raw.get("accelerate_args", [])),
-        data_dir=raw.get("data_dir"), slurm=_table(raw.get("slurm"), f"{where} 'slurm'"))
+        data_dir=raw.get("data_dir"), slurm=_table(raw.get("slurm"), f"{where} 'slurm'"), reference=reference)
 
 
