@@ -519,6 +519,17 @@ class AVStore:
         return np.asarray(keep or rows[:1], np.int64)
 
 
+def resolve_store(path: str | None, data_dir: str | Path | None, name: str, convert_cmd: str) -> Path:
+    if path:
+        return Path(path).expanduser()
+    if not data_dir:
+        raise DatasetNotFoundError(f"{name}: no data location given; pass --data-dir <dir> (holding {name}/), set "
+                                   f"$MMBALANCE_DATA, or --set dataset.path=<store>; build the store with: "
+                                   f"{convert_cmd}")
+    base = Path(data_dir).expanduser()
+    return base / name if (base / name).is_dir() else base
+
+
 # ============================================================================ loader: sampling, augmentation
 def pick_frames(n: int, t: int, mode: str, train: bool, rng: np.random.Generator | None) -> list[int]:
     """Positions of T frames among a clip's n frames.

@@ -42,6 +42,7 @@ from ._avstore import (
     read_wav,
     repeat_to,
     resample,
+    resolve_store,
 )
 
 NAME = "cremad"
@@ -306,17 +307,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # --------------------------------------------------------------------------- loader
-def resolve_store(path: str | None, data_dir: str | Path | None, name: str, convert_cmd: str) -> Path:
-    if path:
-        return Path(path).expanduser()
-    if not data_dir:
-        raise DatasetNotFoundError(f"{name}: no data location given; pass --data-dir <dir> (holding {name}/), set "
-                                   f"$MMBALANCE_DATA, or --set dataset.path=<store>; build the store with: "
-                                   f"{convert_cmd}")
-    base = Path(data_dir).expanduser()
-    return base / name if (base / name).is_dir() else base
-
-
 def _splits(o: CremadOptions, store: AVStore) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     keys = [e["key"] for e in store.index]
     labels = np.asarray([e["label"] for e in store.index])

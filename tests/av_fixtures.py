@@ -97,3 +97,32 @@ def make_cremad_raw(root: Path, actors=(1001, 1002, 1003, 1004, 1007, 1008), sen
                     write_wav(root / "AudioWAV" / f"{stem}.wav", x, 16_000)
                     write_video(root / "VideoFlash" / f"{stem}.flv", int(round(dur * 30)), fps=30, size=size)
     return root
+
+
+#: Kinetics-Sounds fixture: YouTube ids are 11 characters (some with '_' or '-'); class c's clips carry a
+#: tone of 440 Hz (class 0) or 1 kHz (others) in the left channel.
+KS_YTIDS = ["abc_def_g{:02d}", "-x{:02d}yz-1234", "Q_{:02d}-abcdef"]
+
+
+def make_ks_raw(root: Path, classes=(0, 4, 13), n_train: int = 6, n_test: int = 2, seconds: float = 3.0,
+                size=(48, 36)) -> tuple[Path, Path]:
+    """``videos/<ytid>_<start:06d>_<end:06d>.mp4`` (25 fps, stereo MP2 44.1 kHz) for every clip of both
+    lists, and ``splits/my_train.txt``/``my_test.txt`` in OGM-GE's format (CRLF, ``<id>,10,<label>``;
+    test ids in the short ``<ytid>_<start>`` form)."""
+    train, test = [], []
+    k = 0
+    for c in classes:
+        for j in range(n_train + n_test):
+            ytid = KS_YTIDS[k % 3].format(k % 100)
+            assert len(ytid) == 11
+            start = 10 * j + c
+            long_id = f"{ytid}_{start:06d}_{start + 10:06d}"
+            (train if j < n_train else test).append((long_id if j < n_train else f"{ytid}_{start}", c))
+            left = tone(440 if c == 0 else 1000, seconds, 44_100, 0.3)
+            write_video(root / "videos" / f"{long_id}.mp4", int(seconds * 25), fps=25, size=size,
+                        audio=np.stack([left, 0.5 * left]), audio_rate=44_100, audio_codec="mp2")  # AAC: 5× slower
+            k += 1
+    (root / "splits").mkdir(parents=True, exist_ok=True)
+    for name, rows in (("my_train.txt", train), ("my_test.txt", test)):
+        (root / "splits" / name).write_bytes("".join(f"{i},10,{y}\r\n" for i, y in rows).encode())
+    return root / "videos", root / "splits"
