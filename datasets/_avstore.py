@@ -212,18 +212,32 @@ def decode_video_frames(path: Path, fps: int, size: int, *, max_seconds: float |
                        r, seconds)
 
 
-def decode_audio_stream(path: Path, rate: int, mix: str = "mean") -> tuple[np.ndarray, float]:
-    """First audio stream of a media file, resampled by libswresample to ``rate`` keeping the channels
-    (float planar), as (float32 [C, n], seconds). ``mix`` is applied by the caller."""
+def decode_audio_stream(path: Path, rate: int | None) -> tuple[np.ndarray, float]:
+    """First audio stream of a media file as float planar samples keeping the channels, resampled by
+    libswresample to ``rate`` (None: the native rate), as (float32 [C, n], seconds); and with ``rate``
+    None the native rate is ``x.shape[1] / seconds``: use :func:`decode_audio_native` for it."""
+    x, _, seconds = _decode_audio(path, rate)
+    return x, seconds
+
+
+def decode_audio_native(path: Path) -> tuple[np.ndarray, int]:
+    """(float32 [C, n] at the native rate, the native rate)."""
+    x, sr, _ = _decode_audio(path, None)
+    return x, sr
+
+
+def _decode_audio(path: Path, rate: int | None) -> tuple[np.ndarray, int, float]:
     av = require("av")
     check_not_lfs_pointer(path)
     try:
         with av.open(str(path)) as container:
             if not container.streams.audio:
                 raise DatasetFormatError(f"{path}: no audio stream")
-            resampler = av.AudioResampler(format="fltp", rate=rate)
+            stream = container.streams.audio[0]
+            sr = int(rate or stream.rate or stream.codec_context.sample_rate)
+            resampler = av.AudioResampler(format="fltp", rate=sr)
             chunks = []
-            for frame in container.decode(container.streams.audio[0]):
+            for frame in container.decode(stream):
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray())
             for out in resampler.resample(None):
@@ -235,7 +249,7 @@ def decode_audio_stream(path: Path, rate: int, mix: str = "mean") -> tuple[np.nd
     if not chunks:
         raise DatasetFormatError(f"{path}: the audio stream has no samples")
     x = np.concatenate(chunks, axis=1).astype(np.float32)
-    return x, x.shape[1] / rate
+    return x, sr, x.shape[1] / sr
 
 
 # ============================================================================ converter: the store

@@ -126,3 +126,42 @@ def make_ks_raw(root: Path, classes=(0, 4, 13), n_train: int = 6, n_test: int = 
     for name, rows in (("my_train.txt", train), ("my_test.txt", test)):
         (root / "splits" / name).write_bytes("".join(f"{i},10,{y}\r\n" for i, y in rows).encode())
     return root / "videos", root / "splits"
+
+
+def make_ave_raw(root: Path, size=(32, 24), seconds: int = 10, fps: int = 10) -> tuple[Path, dict[str, list[tuple]]]:
+    """``AVE/<id>.mp4`` (10-s, 10-fps (cheaper than AVE's 30), stereo MP2 44.1 kHz: a 1-kHz tone inside the event, silence outside)
+    and ``trainSet.txt``/``valSet.txt``/``testSet.txt`` (no header) plus ``Annotations.txt`` (header, CRLF).
+    Classes Church bell (0), Banjo (17), Mandolin (27): train 4 / val 2 / test 2 each. Planted: ``dupDUPdup01``
+    in train twice (Banjo, then Mandolin); ``crossXtest1`` in train and test; ``zeroLENgth0`` with a 0–0 event;
+    ``missingVID0`` listed in train without a file."""
+    rows = {"train": [], "val": [], "test": []}
+    events = [(0, 10), (2, 5), (1, 9), (3, 10)]
+    k = 0
+    for cat in ("Church bell", "Banjo", "Mandolin"):
+        for part, n in (("train", 4), ("val", 2), ("test", 2)):
+            for j in range(n):
+                vid = f"v{k:02d}{cat[:3].replace(' ', '_')}{part[:2]}{j}"[:11].ljust(11, "x")
+                rows[part].append((cat, vid, *events[k % 4]))
+                k += 1
+    rows["train"] += [("Banjo", "dupDUPdup01", 0, 10), ("Mandolin", "dupDUPdup01", 0, 10),
+                      ("Church bell", "crossXtest1", 0, 10), ("Mandolin", "zeroLENgth0", 0, 0),
+                      ("Banjo", "missingVID0", 0, 10)]
+    rows["test"].append(("Banjo", "crossXtest1", 0, 10))
+    made = set()
+    for part in rows:
+        for cat, vid, s, e in rows[part]:
+            if vid in made or vid == "missingVID0":
+                continue
+            made.add(vid)
+            rate = 44_100
+            t = np.arange(seconds * rate) / rate
+            a, b = (s, e) if e > s else (s, s + 1)
+            x = np.where((t >= a) & (t < b), 0.3 * np.sin(2 * np.pi * 1000 * t), 0.0).astype(np.float32)
+            write_video(root / "AVE" / f"{vid}.mp4", seconds * fps, fps=fps, size=size, audio=np.stack([x, x]),
+                        audio_rate=rate, audio_codec="mp2")
+    for part, name in (("train", "trainSet.txt"), ("val", "valSet.txt"), ("test", "testSet.txt")):
+        (root / name).write_text("".join(f"{c}&{v}&good&{s}&{e}\n" for c, v, s, e in rows[part]))
+    allrows = [r for p in ("test", "train", "val") for r in rows[p]]
+    (root / "Annotations.txt").write_bytes(("Category&VideoID&Quality&StartTime&EndTime\r\n" + "".join(
+        f"{c}&{v}&good&{s}&{e}\r\n" for c, v, s, e in allrows)).encode())
+    return root, rows
