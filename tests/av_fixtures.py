@@ -149,7 +149,7 @@ def make_ave_raw(root: Path, size=(32, 24), seconds: int = 10, fps: int = 10) ->
     rows["test"].append(("Banjo", "crossXtest1", 0, 10))
     made = set()
     for part in rows:
-        for cat, vid, s, e in rows[part]:
+        for _cat, vid, s, e in rows[part]:
             if vid in made or vid == "missingVID0":
                 continue
             made.add(vid)
