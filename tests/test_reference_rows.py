@@ -80,3 +80,8 @@ def test_shipped_suites_carry_the_published_tables():
     assert dict(mosi.rows)["CGGM"] == [82.84, 33.73, 82.74, 0.915, 0.717] and dict(mosi.rows)["AGM"] == [None] * 5
     assert dict(paper["iemocap"][0].rows)["ReconBoost"] == [73.14, 72.71]
     assert column_formats(mosi.rows, 5) == [2, 2, 2, 3, 3]
+    av = load_suite("av").reference
+    bb = dict(av["cremad-legacy"][0].rows)
+    assert bb["Baseline"] == [65.50] and bb["MMPareto"] == [79.97] and len(bb) == 20
+    assert dict(av["kinetics_sounds"][0].rows)["Modality-valuation"] == [68.01]
+    assert all("selected on test" in t.protocol for ts in av.values() for t in ts)
