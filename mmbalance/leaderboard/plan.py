@@ -250,6 +250,7 @@ class RunState:
     result: dict[str, Any] | None = None
     #: a run file that exists but cannot be read ("PATH is unreadable: REASON"); the state is then "failed"
     problem: str = ""
+    curve: list[dict[str, Any]] | None = None  # per-epoch records from the store; None: the folder's metrics.jsonl
 
     @property
     def error(self) -> str:
@@ -296,7 +297,7 @@ def read_state(spec: RunSpec) -> RunState:
 
         rec = store.lookup(spec.results_dir, spec.dataset, run_dir)
         if rec is not None and rec.get("plan_hash") == spec.plan_hash:
-            return RunState(spec, rec["state"], rec.get("status"), rec.get("result"))
+            return RunState(spec, rec["state"], rec.get("status"), rec.get("result"), curve=rec.get("curve") or [])
     if problem:
         return RunState(spec, "failed" if status is None or status.get("plan_hash") == spec.plan_hash else "stale",
                         status, None, problem)

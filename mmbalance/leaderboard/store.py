@@ -6,11 +6,13 @@ what a leaderboard commits. One line per run folder, keyed by the folder's path 
 (``mfeat/baseline/seed0``, ``tuned/…``, ``_tune/…/trial3/seed1000``) and carrying its plan hash:
 
 ``{"run": rel, "plan_hash": h, "state": "ok"|"failed"|"n/a", "status": {status.json}, "result": {result.json}
-| null, "curve": [{"epoch", "phase", "train_loss", "lr", "val": {metric: x}}, …]}``
+| null, "curve": [{"epoch", "phase", "train_loss", "lr", "val": {metric: x}, "val_per_modality": {m: {primary:
+x}}, "diag": {"grad_ratio": {m: x}, "conf_ratio": {m: x}}}, …]}``
 
 ``status`` and ``result`` are the run's own files unchanged (config hash, code version and dirty flag, metrics,
 diagnostics, timings), so a report built from the store is byte-identical to one built from the folders (tested);
-``curve`` is the per-epoch training loss and validation metrics without the per-epoch diagnostics.
+``curve`` is the per-epoch training loss and validation metrics, the primary metric of each modality alone and
+the two per-modality dynamics the site plots (gradient and confidence ratio); no other per-epoch diagnostics.
 
 * Written atomically (temporary file, fsync, rename) under an exclusive ``flock`` on ``_store/.lock``, so
   concurrent sweeps (``tune`` and ``run`` at once) never lose each other's lines. ``gzip`` with mtime 0 and
@@ -81,8 +83,12 @@ def lookup(results_dir: str | Path, dataset: str, run_dir: str | Path) -> dict[s
     return load(results_dir, dataset).get(rel)
 
 
-def curve(run_dir: Path) -> list[dict[str, Any]]:
-    """The compact per-epoch curve of ``metrics.jsonl`` (no per-epoch diagnostics)."""
+CURVE_DYNAMICS = ("grad_ratio", "conf_ratio")
+
+
+def curve(run_dir: Path, metric: str | None = None) -> list[dict[str, Any]]:
+    """The compact per-epoch curve of ``metrics.jsonl``: the module docstring's keys; ``val_per_modality`` only
+    with ``metric`` (the primary metric), ``diag`` only the :data:`CURVE_DYNAMICS`."""
     out = []
     try:
         text = (run_dir / METRICS_FILE).read_text()
@@ -93,9 +99,19 @@ def curve(run_dir: Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except ValueError:
             continue
-        if "epoch" not in row:
+        if not isinstance(row, dict) or "epoch" not in row:
             continue
-        out.append({k: row[k] for k in ("epoch", "phase", "train_loss", "lr", "val") if k in row})
+        rec = {k: row[k] for k in ("epoch", "phase", "train_loss", "lr", "val") if k in row}
+        per_mod = row.get("val_per_modality")
+        if metric and isinstance(per_mod, dict):
+            kept = {m: {metric: v[metric]} for m, v in per_mod.items() if isinstance(v, dict) and metric in v}
+            if kept:
+                rec["val_per_modality"] = kept
+        diag = row.get("diag") if isinstance(row.get("diag"), dict) else {}
+        dyn = {q: diag[q] for q in CURVE_DYNAMICS if isinstance(diag.get(q), dict)}
+        if dyn:
+            rec["diag"] = dyn
+        out.append(rec)
     return out
 
 
@@ -117,7 +133,7 @@ def record_from_folder(results_dir: str | Path, run_dir: str | Path, plan_hash: 
     else:
         return None  # running or killed: nothing final to keep
     return {"run": relative_run(results_dir, run_dir), "plan_hash": plan_hash, "state": state, "status": status,
-            "result": result, "curve": curve(run_dir)}
+            "result": result, "curve": curve(run_dir, (result or {}).get("primary_metric"))}
 
 
 @contextlib.contextmanager
