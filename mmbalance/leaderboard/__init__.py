@@ -7,6 +7,7 @@ One job per module, imports pointing one way (``cli`` → ``execute`` / ``report
   run's state from its folder;
 * :mod:`.execute` runs planned runs (parallel local workers or SLURM through submitit);
 * :mod:`.report` aggregates finished run files into ``README.md``, ``results.csv`` and figures;
+* :mod:`.site` renders the same report as a static website (``site/``);
 * :mod:`.cli` is the command line.
 """
 from __future__ import annotations

@@ -6,7 +6,8 @@
   ``--workers`` parallel subprocesses, or as SLURM jobs with ``--executor submitit``. Safe to kill and
   restart: finished runs are kept, interrupted ones resume from their last checkpoint.
 * ``build SUITE`` aggregates the run files into README.md, results.csv and figures/ (see
-  :mod:`mmbalance.leaderboard.report`); the same run files always give byte-identical output.
+  :mod:`mmbalance.leaderboard.report`) and the static site in site/ (:mod:`mmbalance.leaderboard.site`);
+  the same run files always give byte-identical output.
 * ``plan SUITE`` lists the planned runs and their state without running anything.
 * ``store SUITE`` adds the suite's finished run folders to its compact store (``RESULTS/_store/``, see
   :mod:`mmbalance.leaderboard.store`); ``run`` and ``tune`` add each run as it finishes.
@@ -57,9 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build", help="aggregate the run files into README.md, results.csv, figures/")
     common(build)
     build.add_argument("--out-dir", help="report folder (default: the suite's `output`, under leaderboard/)")
-    build.add_argument("--format", choices=["markdown", "latex"], action="append", default=None,
-                       help="markdown (README.md, results.csv, figures; always written) and/or latex "
-                            "(results.tex: booktabs tables, best per column in bold, significance marks)")
+    build.add_argument("--format", choices=["markdown", "site", "latex"], action="append", default=None,
+                       help="markdown (README.md, results.csv, figures; always written), site (a static website "
+                            "in site/: sortable tables, method pages, SVG figures; opens from file://) and/or "
+                            "latex (results.tex: booktabs tables, best per column in bold, significance marks); "
+                            "default: markdown and site")
 
     plan = sub.add_parser("plan", help="list the planned runs and their state")
     common(plan)
@@ -148,13 +151,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if counts.get("failed") else 0
 
 
-def _build(suite, specs, out_dir: str | None, args: argparse.Namespace | None = None) -> None:
-    from .report import build_report, write_report
+def _build(suite, specs, out_dir: str | None, args: argparse.Namespace | None = None,
+           formats: tuple[str, ...] = ("markdown", "site")):
+    """Write the report (always), and the site and LaTeX when ``formats`` asks; returns the report."""
+    from ..runfiles import atomic_write_text
+    from .report import build_report, render_csv, write_report
 
     out = Path(out_dir) if out_dir else suite.default_out_dir()
     extra = None
+    downloads: dict[str, str] = {}
+    tuning: dict[tuple[str, str], dict] = {}
     if suite.tune is not None and args is not None:  # defaults beside the tuned rows
-        from ..runfiles import atomic_write_text
+        from .tune import read_tune
         from .tune_report import tuning_csv, tuning_sections
 
         _, results_dir, _, defaults = _plan(args, tuned=False)
@@ -162,11 +170,38 @@ def _build(suite, specs, out_dir: str | None, args: argparse.Namespace | None = 
         write_report(rep_defaults, out / "defaults")
         tuned = build_report(suite, specs)
         extra = tuning_sections(tuned, rep_defaults, Path(results_dir).resolve(), "defaults/README.md")
-        written = write_report(tuned, out, extra)
-        atomic_write_text(out / "tuning.csv", tuning_csv(tuned, Path(results_dir).resolve()))
+        downloads["tuning.csv"] = tuning_csv(tuned, Path(results_dir).resolve())
+        for ds in tuned.datasets:
+            for row in ds.rows:
+                info = read_tune(results_dir, ds.name, row)
+                if info is not None:
+                    tuning[(ds.name, row)] = info
+        rep = tuned
     else:
-        written = write_report(build_report(suite, specs), out)
+        rep = build_report(suite, specs)
+    if "site" in formats:
+        from .site import SITE_DIR
+
+        rep.site_link = f"{SITE_DIR}/index.html"
+    written = write_report(rep, out, extra)
+    if "tuning.csv" in downloads:
+        atomic_write_text(out / "tuning.csv", downloads["tuning.csv"])
     print(f"wrote {written['readme']}, {written['csv']} and {len(written) - 2} figure(s)", file=sys.stderr)
+    latex = None
+    if "latex" in formats or "site" in formats:
+        from .latex import render_latex
+
+        latex = render_latex(rep)
+    if "latex" in formats:
+        atomic_write_text(out / "results.tex", latex)
+        print(f"wrote {out / 'results.tex'}", file=sys.stderr)
+    if "site" in formats:
+        from .site import write_site
+
+        downloads.update({"results.csv": render_csv(rep), "results.tex": latex})
+        site = write_site(rep, out, downloads=downloads, tuning=tuning)
+        print(f"wrote {site / 'index.html'} (the static site)", file=sys.stderr)
+    return rep
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -178,16 +213,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise MMBalanceError(f"suite {suite.name!r}: {str(results_dir)!r} holds no run of this suite (a typo in "
                              "--results-dir?); nothing was written, the existing report is unchanged. Run the "
                              "suite first: python -m mmbalance.leaderboard run SUITE")
-    _build(suite, specs, args.out_dir, args)
+    formats = ("markdown", "site") if not args.format else tuple(dict.fromkeys(["markdown", *args.format]))
+    _build(suite, specs, args.out_dir, args, formats)
     corrupt = [st.problem for st in states if st.problem]
-    if "latex" in (args.format or []):
-        from ..runfiles import atomic_write_text
-        from .latex import render_latex
-        from .report import build_report
-
-        out = Path(args.out_dir) if args.out_dir else suite.default_out_dir()
-        atomic_write_text(out / "results.tex", render_latex(build_report(suite, specs)))
-        print(f"wrote {out / 'results.tex'}", file=sys.stderr)
     for problem in corrupt:  # the report shows them as failed with the same text
         print(f"error: {problem}", file=sys.stderr)
     return 1 if corrupt else 0

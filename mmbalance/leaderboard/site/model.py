@@ -1,0 +1,219 @@
+"""What the site shows, taken from a built :class:`~mmbalance.leaderboard.report.Report` (never from run files).
+
+The tables come from :func:`~mmbalance.leaderboard.report.csv_records` — the rows of ``results.csv``, so
+the site and the CSV cannot disagree — and the figures from the report's per-seed values and per-epoch
+curves. A column the report gains appears on the dataset's detail page without a change here; the
+compact table picks its columns by name and leaves a column out when the report does not have it.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...errors import MMBalanceError
+from ..plan import safe_name
+from ..report import DatasetSummary, Report, RowSummary, csv_records, is_reference_row
+
+DASH = "—"
+
+
+def num(text: Any) -> float:
+    """A CSV cell as a float (nan for empty or non-numeric cells)."""
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        return math.nan
+    return v if math.isfinite(v) else math.nan
+
+
+def f4(x: float, sign: bool = False) -> str:
+    if not math.isfinite(x):
+        return DASH
+    return f"{x:+.4f}" if sign else f"{x:.4f}"
+
+
+def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """(mean, half-width of its t confidence interval); half-width nan with fewer than 2 values."""
+    v = [x for x in values if math.isfinite(x)]
+    if not v:
+        return math.nan, math.nan
+    if len(v) < 2:
+        return float(v[0]), math.nan
+    from scipy.stats import t
+
+    sd = float(np.std(v, ddof=1))
+    return float(np.mean(v)), float(t.ppf(0.5 + confidence / 2, len(v) - 1) * sd / math.sqrt(len(v)))
+
+
+def family_of(method: str) -> str:
+    """The method family a row belongs to: its registered class's module (``ogm`` and ``ogm_ge`` → ogm_ge);
+    ``unimodal`` for ``unimodal:<m>`` rows."""
+    if ":" in method:
+        return method.split(":", 1)[0]
+    try:
+        from ...registry import method_entry
+
+        return method_entry(method).factory.__module__.rsplit(".", 1)[-1]
+    except (MMBalanceError, ImportError, AttributeError):
+        return method
+
+
+def description_of(method: str) -> str:
+    try:
+        from ...registry import method_entry
+
+        return method_entry(method).description
+    except (MMBalanceError, ImportError, AttributeError):
+        return ""
+
+
+def poi_with_ci(x_by_task: list[list[float]], y_by_task: list[list[float]], reps: int = 2000,
+                seed: int = 0) -> tuple[float, float, float]:
+    """P(X > Y) over tasks with a 95 % stratified-bootstrap percentile interval (Agarwal et al. 2021,
+    "Deep RL at the Edge of the Statistical Precipice": P(X > Y) = 1/K Σ_k 1/(N M) Σ_i Σ_j S(x_ki, y_kj),
+    S = 1 if x > y, ½ if equal, 0 otherwise; each task's runs are resampled with replacement, per algorithm).
+    Values must be oriented (higher is better)."""
+    tasks = [(np.asarray(x, float), np.asarray(y, float)) for x, y in zip(x_by_task, y_by_task) if len(x) and len(y)]
+    if not tasks:
+        return math.nan, math.nan, math.nan
+
+    def s(x: np.ndarray, y: np.ndarray) -> np.ndarray:  # [..., N], [..., M] → [...]
+        d = x[..., :, None] - y[..., None, :]
+        return ((d > 0) + 0.5 * (d == 0)).mean(axis=(-2, -1))
+
+    point = float(np.mean([s(x, y) for x, y in tasks]))
+    rng = np.random.default_rng(seed)
+    boot = np.zeros(reps)
+    for x, y in tasks:
+        xi = rng.integers(0, len(x), size=(reps, len(x)))
+        yi = rng.integers(0, len(y), size=(reps, len(y)))
+        boot += s(x[xi], y[yi])
+    boot /= len(tasks)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return point, float(lo), float(hi)
+
+
+@dataclass
+class RowData:
+    """One row of one dataset: its results.csv record and the report's per-seed data."""
+
+    name: str
+    record: dict[str, str]
+    summary: RowSummary
+
+    def get(self, key: str) -> float:
+        return num(self.record.get(key))
+
+
+@dataclass
+class DatasetData:
+    summary: DatasetSummary
+    rows: list[RowData]
+    columns: list[str]  # results.csv columns with a value on this dataset
+
+    @property
+    def name(self) -> str:
+        return self.summary.name
+
+    @property
+    def metric(self) -> str:
+        return self.summary.metric
+
+    @property
+    def weak(self) -> str | None:
+        dd = self.summary.diag
+        return getattr(dd, "weak", None)
+
+    def row(self, name: str) -> RowData | None:
+        return next((r for r in self.rows if r.name == name), None)
+
+
+@dataclass
+class MethodData:
+    row: str
+    method: str  # the registered name the row runs
+    family: str
+    description: str
+    page: str  # file name under methods/
+    sets: list[tuple[str, str]] = field(default_factory=list)  # the row's --set values (first dataset planned)
+    sets_by_dataset: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    poi: tuple[float, float, float, int] | None = None  # P(row > baseline), CI, number of datasets
+
+    @property
+    def is_reference(self) -> bool:
+        return is_reference_row(self.row)
+
+
+@dataclass
+class SiteData:
+    report: Report
+    columns: list[str]
+    datasets: list[DatasetData]
+    methods: dict[str, MethodData]  # row → method, plan order
+    code_versions: list[tuple[str, int]]  # (version text, runs)
+    downloads: list[str] = field(default_factory=list)  # file names under downloads/
+
+
+def site_data(rep: Report) -> SiteData:
+    columns, records = csv_records(rep)
+    by_key = {(r["dataset"], r["method"]): r for r in records}
+    datasets = []
+    for ds in rep.datasets:
+        rows = [RowData(r.row, by_key.get((ds.name, r.row), {}), r) for r in ds.ordered_rows()]
+        used = [c for c in columns if any(row.record.get(c, "") != "" for row in rows)]
+        datasets.append(DatasetData(ds, rows, used))
+    methods: dict[str, MethodData] = {}
+    for spec in rep.specs:
+        m = methods.get(spec.row)
+        if m is None:
+            m = methods[spec.row] = MethodData(spec.row, spec.method, family_of(spec.method),
+                                               description_of(spec.method), safe_name(spec.row) + ".html",
+                                               list(spec.sets))
+        m.sets_by_dataset.setdefault(spec.dataset, list(spec.sets))
+    _poi(rep, methods)
+    versions = Counter()
+    for st in rep.states:
+        if st.state == "ok" and st.result:
+            code = st.result.get("code") or {}
+            commit = str(code.get("git_commit") or "unknown commit")
+            versions[commit[:12] + (" (uncommitted changes)" if code.get("dirty") else "")] += 1
+    return SiteData(rep, columns, datasets, methods, sorted(versions.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _poi(rep: Report, methods: dict[str, MethodData]) -> None:
+    """Probability of improvement over the baseline across datasets, per row (paired seeds not needed)."""
+    for row, m in methods.items():
+        if row == rep.suite.baseline or m.is_reference:
+            continue
+        xs, ys = [], []
+        for ds in rep.datasets:
+            base, r = ds.rows.get(ds.baseline), ds.rows.get(row)
+            if base is None or r is None or not ds.metric:
+                continue
+            sign = 1.0 if ds.higher_is_better else -1.0
+            x = [sign * v for v in r.primary_values(ds.metric).values() if math.isfinite(v)]
+            y = [sign * v for v in base.primary_values(ds.metric).values() if math.isfinite(v)]
+            if x and y:
+                xs.append(x)
+                ys.append(y)
+        if xs:
+            p, lo, hi = poi_with_ci(xs, ys)
+            m.poi = (p, lo, hi, len(xs))
+
+
+def repo_root() -> Path:
+    """The checkout this package lives in (its docs/ folder is linked from method pages when the site is
+    written inside it)."""
+    return Path(__file__).resolve().parents[3]
+
+
+def docs_page(method: str) -> Path | None:
+    """docs/methods/<family>.md of the checkout, when it exists."""
+    fam = family_of(method)
+    p = repo_root() / "docs" / "methods" / f"{'baseline' if fam == 'unimodal' else fam}.md"
+    return p if p.is_file() else None
