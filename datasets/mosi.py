@@ -7,6 +7,7 @@ sentiment in [−3, 3]. Not redistributed: users supply MulT (``mosi_data.pkl`` 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass
@@ -177,6 +178,13 @@ def build(options: MosiOptions, data_dir: str | Path | None = None) -> Multimoda
     tried = candidate_paths(options, data_dir)
     path = next((p for p in tried if p.is_file()), None)
     if path is None:
+        other = "unaligned" if options.variant == "aligned" else "aligned"
+        found = next((p for p in candidate_paths(dataclasses.replace(options, variant=other), data_dir) if p.is_file()),
+                     None)
+        if found is not None:  # the folder holds the other variant only: name it and how to select it
+            raise DatasetNotFoundError(f"mosi: no {options.variant} feature pickle found (tried: "
+                                       + ", ".join(map(str, tried)) + f"), but {found} holds the {other} variant; "
+                                       f"select it with --set dataset.variant={other}")
         raise DatasetNotFoundError("mosi: no feature pickle found; tried: " + ", ".join(map(str, tried)) + ". " + HOW_TO_GET)
     obj = load_pickle(path, "mosi")
     flavour = detect_flavour(obj, path, options.flavour)

@@ -249,6 +249,7 @@ def preload_dataset(name: str, data_dir: Any = None, **options: Any) -> bool:
 def create_dataset(name: str, data_dir: Any = None, **options: Any):
     """Load a registered dataset: preset defaults ◄ ``options`` (or the copy a warm worker preloaded)."""
     from .config import build_hparams
+    from .errors import ConfigError, DatasetFormatError
 
     if _PRELOADED:
         data = _PRELOADED.get(_dataset_key(name, data_dir, options))
@@ -256,6 +257,10 @@ def create_dataset(name: str, data_dir: Any = None, **options: Any):
             return data
 
     entry = DATASETS.get(name)
+    if not hasattr(entry.factory, "options_cls"):
+        raise ConfigError(f"dataset {name!r}: its loader {getattr(entry.factory, '__qualname__', entry.factory)!r} "
+                          f"(module {getattr(entry.factory, '__module__', '?')}) has no `options_cls` attribute; set "
+                          "it to the dataclass of its options (or None when it takes none) before registering it")
     opts = build_hparams(entry.factory.options_cls, {**entry.defaults, **options}, where=f"dataset {name!r}")
     try:
         data = entry.factory(opts, data_dir)
@@ -263,12 +268,38 @@ def create_dataset(name: str, data_dir: Any = None, **options: Any):
         raise
     except (OSError, EOFError, ValueError, KeyError, TypeError, IndexError) as exc:
         # a loader met a file it could not parse (truncated, wrong type): exit 2 with the reason, not a traceback
-        from .errors import DatasetFormatError
-
+        where = _raised_in(exc, entry.factory)
+        if where:  # raised by the loader's own code, not while reading a file: say where
+            raise DatasetFormatError(f"dataset {name!r}: its loader raised {type(exc).__name__}: {exc} at {where} "
+                                     "(a bug in the loader's code, or a file that does not hold what it expects); "
+                                     f"data dir {data_dir!r}, options {options or '{}'}") from exc
         raise DatasetFormatError(f"dataset {name!r}: its files could not be read ({type(exc).__name__}: {exc}); "
                                  f"data dir {data_dir!r}, options {options or '{}'}") from exc
+    from .data import MultimodalData
+
+    if not isinstance(data, MultimodalData):
+        raise DatasetFormatError(f"dataset {name!r}: its loader returned {type(data).__name__}, expected a "
+                                 "mmbalance.data.MultimodalData")
     data.name = name
+    data.check_modalities()
     return data
+
+
+def _raised_in(exc: BaseException, factory: Any) -> str:
+    """``FILE:LINE (in FUNCTION)`` when ``exc`` was raised by a line of ``factory``'s own module, else ``""``
+    (raised inside a library while reading a file)."""
+    import inspect
+
+    try:
+        own = os.path.realpath(inspect.getsourcefile(factory) or "")
+    except TypeError:
+        return ""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None or os.path.realpath(tb.tb_frame.f_code.co_filename) != own:
+        return ""
+    return f"{own}:{tb.tb_lineno} (in {tb.tb_frame.f_code.co_name})"
 
 
 def list_datasets() -> list[str]:

@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
-    p.add_argument("--output-dir", help="parent folder of run directories (default: runs/)")
+    p.add_argument("--output-dir", help="parent folder of run directories and shared artefacts such as teacher "
+                                       "caches (default: runs/, or the parent of --run-dir when that is given)")
     p.add_argument("--run-dir", help="exact run directory (default: OUTPUT_DIR/DATASET/METHOD/seedSEED-HASH, "
                                     "HASH = the first 8 hex digits of the config hash)")
     p.add_argument("--data-dir", help=f"root folder of on-disk datasets (default: ${DATA_ENV})")
@@ -180,8 +181,10 @@ def resolve(args: argparse.Namespace):
     hp = build_hparams(cls.hparams_cls, method_values, where=f"method {method_name!r}")
     method = cls(hp)
     method.registered_name = method_name
-    output_dir = args.output_dir or top.get("output_dir") or "runs"
     run_dir = Path(args.run_dir) if args.run_dir else None
+    # shared artefacts (unimodal teacher caches: OUTPUT_DIR/_teachers) stay next to an explicit --run-dir,
+    # not in ./runs of whatever the current directory is
+    output_dir = args.output_dir or top.get("output_dir") or (str(run_dir.parent) if run_dir is not None else "runs")
     config = RunConfig(method=method_name, dataset=dataset_name, seed=seed, train={}, method_options=method_values,
                        dataset_options=dataset_options, model={**file_cfg["model"], **sets["model"]},
                        output_dir=str(output_dir), run_dir=str(run_dir), data_dir=str(data_dir) if data_dir else None)
@@ -207,9 +210,14 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse, resolve and train; returns result.json's content. Raises on error."""
     args = build_parser().parse_args(argv)
     if args.plugin:
+        from .errors import RegistryError
         from .registry import load_plugins
 
-        load_plugins(args.plugin)
+        try:
+            load_plugins(args.plugin)
+        except RegistryError:
+            if not args.list:  # --list shows the broken plug-in with its error instead (exit 1)
+                raise
     if args.list:
         code = print_listing()
         return {"_exit_code": code} if code else {}

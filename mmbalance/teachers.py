@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -100,6 +101,9 @@ def train_unimodal(ctx: Any, modality: str) -> tuple[nn.Module, TeacherInfo]:
     model.load_state_dict(payload["state_dict"])
     model.eval().requires_grad_(False)
     info = TeacherInfo(modality, key, folder, trained_now, float(payload["train_seconds"]), dict(payload["val"]))
+    if acc.is_main_process:
+        print(f"{modality}-only teacher {'trained' if trained_now else 'loaded from the cache'}: {folder}",
+              file=sys.stderr)
     return model, info
 
 
@@ -156,10 +160,12 @@ def _train_if_missing(ctx: Any, modality: str, key: str, folder: Path, file: Pat
 
 def teacher_costs(infos: list[TeacherInfo]) -> dict[str, float]:
     """Run-record entries charging the unimodal phase to the using method (README "Shared artefacts")."""
-    return {"teacher_train_seconds": sum(i.train_seconds for i in infos),
-            "teachers_trained_now": float(sum(i.trained_now for i in infos))}
+    return {"teacher_train_seconds": sum(i.train_seconds for i in infos)}
 
 
 def jsonable_infos(infos: list[TeacherInfo]) -> list[dict[str, Any]]:
-    return [to_jsonable({"modality": i.modality, "key": i.key, "path": str(i.path), "trained_now": i.trained_now,
-                         "train_seconds": i.train_seconds, "val": i.val}) for i in infos]
+    """The teachers as recorded in ``result.json``: what they are, not how this process got them (trained now
+    or loaded from the cache, and where the cache lives, differ between an uninterrupted and a resumed run
+    of the same configuration; that is reported on stderr instead)."""
+    return [to_jsonable({"modality": i.modality, "key": i.key, "train_seconds": i.train_seconds, "val": i.val})
+            for i in infos]

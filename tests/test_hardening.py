@@ -343,3 +343,140 @@ def test_build_names_a_corrupt_result_and_refuses_a_results_dir_without_runs(tmp
     assert str(path) in err and "not valid JSON" in err
     readme = (out / "README.md").read_text()
     assert str(path) in readme and "alpha, seed 2: failed" in readme
+
+
+@pytest.fixture
+def scratch_registries(monkeypatch):
+    """Plug-ins loaded in-process register into copies of the registries (restored after the test)."""
+    from mmbalance.registry import DATASETS, METHODS, MODELS
+
+    for reg in (METHODS, DATASETS, MODELS):
+        reg._load_builtins()
+        monkeypatch.setattr(reg, "_entries", dict(reg._entries))
+        monkeypatch.setattr(reg, "_broken", dict(reg._broken))
+    yield
+    for name in [m for m in sys.modules if m.startswith("mmbalance_plugin_hard_")]:
+        del sys.modules[name]
+
+
+def test_list_with_a_broken_plugin_lists_it_with_exit_1(tmp_path, capsys, scratch_registries):
+    bad = tmp_path / "hard_broken.py"
+    bad.write_text("import not_a_module_anywhere\n")
+    assert main(["--plugin", str(bad), "--list"]) == 1
+    out = capsys.readouterr().out
+    assert "baseline" in out and "broken" in out and "not_a_module_anywhere" in out
+
+
+PLUGIN_DATASETS = '''
+from dataclasses import dataclass
+import torch
+from mmbalance.data import ModelSpec, MultimodalData, TensorSplit
+from mmbalance.registry import register_dataset
+
+
+@dataclass
+class Opts:
+    n: int = 8
+
+
+def _data(names, shapes, opts):
+    split = lambda: TensorSplit({"a": torch.zeros(opts.n, 3), "b": torch.zeros(opts.n, 2)},
+                                torch.arange(opts.n) % 2)
+    return MultimodalData(names, "classification", {"num_classes": 2}, split(), split(), split(), shapes, 2,
+                          ModelSpec("mlp_concat"))
+
+
+def no_options(opts, data_dir):
+    return _data(["a", "b"], {"a": (3,), "b": (2,)}, opts)
+
+
+def code_bug(opts, data_dir):
+    widths = {"a": 3}
+    return _data(["a", "b"], {"a": (widths["a"],), "b": (widths["b"],)}, opts)
+
+
+def renamed(opts, data_dir):
+    return _data(["audio", "image"], {"audio": (3,), "image": (2,)}, opts)
+
+
+def wrong_shape(opts, data_dir):
+    return _data(["a", "b"], {"a": (3,), "b": (5,)}, opts)
+
+
+for fn in (code_bug, renamed, wrong_shape):
+    fn.options_cls = Opts
+for fn in (no_options, code_bug, renamed, wrong_shape):
+    register_dataset("hard_" + fn.__name__)(fn)
+'''
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("hard_no_options", "has no `options_cls` attribute"),
+    ("hard_code_bug", "its loader raised KeyError: 'b' at"),
+    ("hard_renamed", "the train split has no inputs for modalities ['audio', 'image'] (it has ['a', 'b'])"),
+    ("hard_wrong_shape", "modality 'b' of the train split has per-sample shape (2,) but input_shapes['b'] = (5,)"),
+])
+def test_plugin_dataset_mistakes_are_clear_exit_2(tmp_path, capsys, scratch_registries, name, expected):
+    plugin = tmp_path / "hard_datasets.py"
+    plugin.write_text(PLUGIN_DATASETS)
+    assert main(["--plugin", str(plugin), "--dataset", name, "--run-dir", str(tmp_path / "r"), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "could not be read" not in err and not (tmp_path / "r").exists()
+    if name == "hard_code_bug":
+        assert f"{plugin}:" in err and "(in code_bug)" in err
+
+
+def test_a_suite_with_an_unknown_dataset_is_refused_before_any_run(tmp_path, capsys):
+    from test_leaderboard import write_suite
+
+    from mmbalance.leaderboard import main as lb_main
+
+    path = write_suite(tmp_path, "s", 'seeds = 1\nmethods = ["baseline"]\n[datasets.mfaet]\n')
+    assert lb_main(["run", str(path), "--results-dir", str(tmp_path / "res"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown dataset 'mfaet'" in err and "did you mean 'mfeat'" in err
+    assert not (tmp_path / "res").exists()
+
+
+def test_suite_folders_are_next_to_the_suite_file_or_its_suites_folder(tmp_path):
+    from mmbalance.leaderboard.suite import load_suite
+
+    loose = tmp_path / "proj" / "my.toml"
+    loose.parent.mkdir()
+    loose.write_text('seeds = 1\nmethods = ["baseline"]\n[datasets.mfeat]\n')
+    suite = load_suite(loose)
+    assert suite.default_results_dir() == (tmp_path / "proj" / "results" / "my").resolve()
+    assert suite.default_out_dir() == (tmp_path / "proj" / "my").resolve()
+    nested = tmp_path / "lb" / "suites" / "q.toml"
+    nested.parent.mkdir(parents=True)
+    nested.write_text(loose.read_text())
+    assert load_suite(nested).default_results_dir() == (tmp_path / "lb" / "results" / "q").resolve()
+
+
+def test_mosi_folder_with_only_the_unaligned_pickle_names_it_and_the_setting(tmp_path):
+    from mmbalance.errors import DatasetNotFoundError
+    from mmbalance.registry import create_dataset
+
+    (tmp_path / "mosi").mkdir()
+    (tmp_path / "mosi" / "unaligned_50.pkl").write_bytes(b"")  # never read: the message comes first
+    with pytest.raises(DatasetNotFoundError) as info:
+        create_dataset("mosi", str(tmp_path))
+    msg = str(info.value)
+    assert str(tmp_path / "mosi" / "unaligned_50.pkl") in msg and "--set dataset.variant=unaligned" in msg
+
+
+# ------------------------------------------------------------------------------------------ 6 UMT
+def test_umt_teacher_cache_next_to_run_dir_and_cached_runs_record_the_same(tmp_path, monkeypatch):
+    """With --run-dir alone the teacher cache goes next to the run folder (not ./runs of the cwd); a run that
+    loads the teachers from the cache (as a resumed run does) writes the same method metrics as the one that
+    trained them."""
+    monkeypatch.chdir(tmp_path)
+    sets = {**FAST, "dataset.views": "[fac,fou]", "train.max_steps_per_epoch": 2}
+    results = []
+    for name in ("first", "cached"):
+        rd = tmp_path / "exp" / name
+        assert main(cli_args("umt", "mfeat", epochs=1, run_dir=rd, sets=sets)) == 0
+        results.append(json.loads((rd / "result.json").read_text()))
+    assert (tmp_path / "exp" / "_teachers").is_dir() and not (tmp_path / "runs").exists()
+    assert results[0]["method_metrics"] == results[1]["method_metrics"]
+    assert "teachers_trained_now" not in results[0]["method_metrics"]

@@ -93,6 +93,28 @@ class MultimodalData:
             if len(getattr(self, split_name)) == 0:
                 raise DatasetFormatError(f"dataset {self.name or '?'}: the {split_name} split is empty")
 
+    def check_modalities(self) -> None:
+        """The modality names must agree everywhere: ``modalities``, ``input_shapes`` and (in-memory splits)
+        each split's inputs, with the per-sample shapes that ``input_shapes`` declares."""
+        where = f"dataset {self.name or '?'}"
+        mods = list(self.modalities)
+        if set(self.input_shapes) != set(mods):
+            raise DatasetFormatError(f"{where}: modalities {mods} do not match the names of input_shapes "
+                                     f"{sorted(self.input_shapes)}; the loader must use the same names in both")
+        for split_name in ("train", "val", "test"):
+            split = getattr(self, split_name)
+            if not isinstance(split, TensorSplit):
+                continue
+            missing = [m for m in mods if m not in split.inputs]
+            if missing:
+                raise DatasetFormatError(f"{where}: the {split_name} split has no inputs for modalities {missing} "
+                                         f"(it has {sorted(split.inputs)})")
+            for m in mods:
+                shape = tuple(split.inputs[m].shape[1:])
+                if shape != tuple(self.input_shapes[m]):
+                    raise DatasetFormatError(f"{where}: modality {m!r} of the {split_name} split has per-sample "
+                                             f"shape {shape} but input_shapes[{m!r}] = {tuple(self.input_shapes[m])}")
+
     @property
     def in_memory(self) -> bool:
         return isinstance(self.train, TensorSplit)

@@ -164,7 +164,7 @@ def plan_runs(suite: Suite, results_dir: str | Path, *, datasets: Iterable[str] 
     """Every run of the suite, seed-major (all rows of seed 0 first, so partial sweeps are comparable).
 
     ``datasets``/``rows`` restrict the plan (the CLI's --datasets/--methods); ``validate`` checks that every
-    method name is registered (``run`` does; ``build`` needs no registry)."""
+    method and dataset name is registered (``run`` does; ``build`` needs no registry)."""
     results_dir = Path(results_dir).resolve()
     requested = suite.methods if suite.methods != "all" else expand_all_methods(suite.exclude)
     if suite.methods != "all":
@@ -186,6 +186,10 @@ def plan_runs(suite: Suite, results_dir: str | Path, *, datasets: Iterable[str] 
     for entry in suite.datasets:
         if want_ds is not None and entry.name not in want_ds:
             continue
+        if validate:
+            from ..registry import DATASETS
+
+            DATASETS.get(entry.name)  # unknown name → RegistryError listing the known ones, before any run
         expanded: list[str] = []
         for row in requested:
             if row_modality_expansion(row):

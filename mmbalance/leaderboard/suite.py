@@ -52,8 +52,11 @@ class Suite:
 
     @property
     def leaderboard_dir(self) -> Path:
-        """The folder that holds ``suites/`` (``leaderboard/`` in a checkout)."""
-        return self.path.resolve().parent.parent
+        """Where the suite's results (``results/NAME/``) and report (``NAME/``) go by default: the folder that
+        holds ``suites/`` for a suite file in a ``suites/`` folder (``leaderboard/`` in a checkout), else the
+        folder of the suite file itself (never some unrelated parent folder)."""
+        p = self.path.resolve()
+        return p.parent.parent if p.parent.name == "suites" else p.parent
 
     def default_results_dir(self) -> Path:
         return self.leaderboard_dir / "results" / self.name
