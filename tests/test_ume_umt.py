@@ -74,7 +74,7 @@ def test_unimodal_cache_is_reused_across_ume_and_umt(tmp_path):
     tr3 = _trainer("umt", "mfeat", tmp_path)
     for tr in (tr2, tr3):
         assert [i.trained_now for i in tr.method.teachers] == [False] * 3
-        assert tr.method.metrics()["teachers_trained_now"] == 0
+        assert "teachers_trained_now" not in tr.method.metrics()  # a per-process fact: not in the run files
         assert tr.method.metrics()["teacher_train_seconds"] > 0  # the cost is still charged
     assert [f.stat().st_mtime_ns for f in files] == mtimes
 

@@ -13,7 +13,9 @@ whether they fail (killed) or pass (survived). It prints a per-method score tabl
 Bug classes: ``rank-local`` (a cross-process reduction dropped), ``state-reset`` (state lost at an epoch
 boundary or on resume), ``wrong-quantity`` (the coefficient driven by the wrong quantity), ``wrong-split``
 (wrong split or wrong train/eval mode), ``off-by-one``, ``swapped`` (modalities swapped), ``sign`` (a
-sign flip), ``detach`` (a missing or extra detach). A mutant whose snippet no longer matches exactly
+sign flip), ``detach`` (a missing or extra detach); and for the run/sweep machinery (``faults``):
+``data-loss`` (a fault deletes or redoes a finished result), ``exit-code`` (a fault gets the wrong exit code
+or message), ``validation`` (a bad input value is accepted or coerced). A mutant whose snippet no longer matches exactly
 once is reported as ``stale`` (the code moved on: update the snippet), not silently skipped.
 """
 from __future__ import annotations
@@ -31,7 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CLASSES = ("rank-local", "state-reset", "wrong-quantity", "wrong-split", "off-by-one", "swapped", "sign", "detach")
+CLASSES = ("rank-local", "state-reset", "wrong-quantity", "wrong-split", "off-by-one", "swapped", "sign", "detach",
+           "data-loss", "exit-code", "validation")
 
 DDP_NODE = "tests/test_ddp.py::test_two_process_methods_keep_replicas_identical[{}]"
 
@@ -52,6 +55,7 @@ TESTS: dict[str, list[str]] = {
     "mslr": ["tests/test_mslr.py"],
     "engine": ["tests/test_engine.py", "tests/test_cli.py"],
     "arl": ["tests/test_arl.py"],
+    "faults": ["tests/test_hardening.py"],
 }
 DDP_TESTS: dict[str, list[str]] = {m: [DDP_NODE.format(m)] for m in
                                    ("ogm_ge", "agm", "pmr", "gblending", "qmf", "mslr", "mrd", "greedy", "arl")}
@@ -90,6 +94,7 @@ UT, UE, QM, RB, MR, MS = ("methods/umt.py", "methods/ume.py", "methods/qmf.py", 
 EN = "mmbalance/engine.py"
 AR = "methods/arl.py"
 
+H = "tests/test_hardening.py::"
 MUTANTS: list[Mutant] = [
     # ---------------------------------------------------------------- CGGM
     M("cggm", CG, "parts = ctx.reduce_sum(self._parts)", "parts = self._parts.double()",
@@ -426,6 +431,56 @@ MUTANTS: list[Mutant] = [
       "unimodal losses do not train the shared head (head weights detached)", "detach"),
     M("arl", AR, "return (1.0 + stats[\"w\"]).float()", "return stats[\"w\"].float()",
       "gradients multiplied by w instead of 1 + w", "wrong-quantity"),
+    # ---------------------------------------------------------------- faults (run folders, sweeps, exit codes)
+    M("faults", "mmbalance/runfolder.py", 'p.name.endswith(".tmp") and p.name != SET_ASIDE_TMP', 'p.name.endswith(".tmp")',
+      "a killed --overwrite's set-aside folder is deleted as a temporary leftover", "data-loss",
+      [H + "test_killed_overwrite_set_aside_is_restored_never_deleted"]),
+    M("faults", "mmbalance/run.py", "                runfolder.recover_set_aside(run_dir)\n", "",
+      "an interrupted set-aside is not restored before the folder is inspected", "data-loss",
+      [H + "test_killed_overwrite_set_aside_is_restored_never_deleted"]),
+    M("faults", "mmbalance/runfolder.py", 'if state.kind == "finished" and skip_finished and state.same_config',
+      'if state.kind == "finished" and skip_finished and state.same_config is None',
+      "a sweep's from-scratch retry recomputes a finished result of the same settings", "data-loss",
+      [H + "test_a_finished_result_of_the_plan_is_done_never_rerun_with_overwrite"]),
+    M("faults", "mmbalance/leaderboard/plan.py", '        return RunState(spec, "failed" if status is None or',
+      '        return RunState(spec, "missing" if status is None or',
+      "an unreadable result.json counts as not run (the report hides it)", "data-loss",
+      [H + "test_build_names_a_corrupt_result_and_refuses_a_results_dir_without_runs"]),
+    M("faults", "mmbalance/leaderboard/cli.py", 'if all(st.state == "missing" for st in states):', "if False:",
+      "build over a results folder without runs replaces the report", "data-loss",
+      [H + "test_build_names_a_corrupt_result_and_refuses_a_results_dir_without_runs"]),
+    M("faults", "mmbalance/preempt.py", "if time.monotonic() - _first_at < ECHO_SECONDS:", "if False:",
+      "a launcher's forwarded copy of SIGTERM counts as a second signal", "exit-code",
+      [H + "test_second_sigterm_stops_at_once_with_143_checkpoint_kept_no_traceback"]),
+    M("faults", "mmbalance/run.py", "                    late = preempt.requested()\n", "",
+      "a signal after the last epoch is ignored (exit 0)", "exit-code",
+      [H + "test_a_signal_after_the_last_epoch_keeps_the_result_and_exits_128_plus_n"]),
+    M("faults", "mmbalance/launch.py", "code not in DELIBERATE_CODES, rank)", "0, rank)",
+      "launch returns the lowest failing rank's code (a terminated rank's)", "exit-code",
+      [H + "test_launch_returns_the_failing_ranks_code_not_a_terminated_ranks"]),
+    M("faults", "mmbalance/runfiles.py", "                raise rec.error from exc\n", "                raise\n",
+      "a full disk during torch.save reports torch's 'unexpected pos'", "exit-code",
+      [H + "test_full_disk_during_a_checkpoint_says_no_space_left"]),
+    M("faults", "mmbalance/run.py", "        if exc.errno not in _WRITE_ERRNOS:\n", "        if True:\n",
+      "a lock file that cannot be created is a traceback (exit 1)", "exit-code",
+      [H + "test_lock_file_that_cannot_be_created_is_exit_4"]),
+    M("faults", "mmbalance/run.py", "                        if is_main:\n                            _record_setup_crash(",
+      "                        if False:\n                            _record_setup_crash(",
+      "a crash in setup() leaves no failed result.json", "exit-code",
+      [H + "test_a_crash_in_setup_leaves_a_failed_result"]),
+    M("faults", "mmbalance/config.py", '("momentum", "weight_decay", "gamma"', '("momentum", "gamma"',
+      "weight_decay: .inf accepted", "validation",
+      [H + "test_non_finite_or_negative_training_values_are_exit_2_naming_the_key"]),
+    M("faults", "mmbalance/run.py", "if isinstance(value, bool) or not isinstance(value, int) or value < 0:",
+      "if isinstance(value, float):\n        value = int(value)\n    if isinstance(value, bool) or not isinstance(value, int) or value < 0:",
+      "seed: 1.7 in a config file silently becomes seed 1", "validation",
+      [H + "test_bad_seed_in_a_config_file_is_exit_2_naming_the_key"]),
+    M("faults", "mmbalance/leaderboard/plan.py", "            DATASETS.get(entry.name)  # unknown name", "            pass  # unknown name",
+      "a suite's unknown dataset is found only after a run", "validation",
+      [H + "test_a_suite_with_an_unknown_dataset_is_refused_before_any_run"]),
+    M("faults", "mmbalance/registry.py", "    data.check_modalities()\n", "",
+      "a plug-in dataset whose modality names do not match its inputs ends in a traceback", "validation",
+      [H + "test_plugin_dataset_mistakes_are_clear_exit_2"]),
 ]
 
 for _i, _m in enumerate(MUTANTS):
