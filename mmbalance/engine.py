@@ -154,6 +154,11 @@ def _host_copy(obj: Any) -> Any:
 _clock = time.monotonic
 
 
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """A one-sample tensor [1, ...] repeated to ``n`` samples (a view)."""
+    return t.expand(n, *t.shape[1:])
+
+
 def _env_epochs(name: str, done: int) -> bool:
     """Test hooks: whether the environment variable ``name`` asks to stop after ``done`` epochs."""
     value = os.environ.get(name)
@@ -385,37 +390,116 @@ class Trainer:
         return iter(it)
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    def evaluate(self, split, absent: tuple[str, ...] = ()) -> dict[str, float]:
-        """Evaluate every sample of ``split`` once (fixed order, nothing dropped, gathered across ranks)."""
-        acc, ctx = self.accelerator, self.ctx
-        ctx.model.eval()
-        for ex in ctx.extra.values():
-            ex.module.eval()
-        meter = self.task.new_meter()
+    def _eval_batches(self, split) -> Iterator[tuple[dict[str, torch.Tensor], Any]]:
+        """Every sample of ``split`` once, in a fixed order, as ``(batch, keep)``: ``keep(preds)`` gathers the
+        predictions and labels of all ranks and drops the padding of the last shard. A DataLoader split's
+        loader is built once per split and run (its workers persist across evaluations)."""
+        acc = self.accelerator
         if isinstance(split, TensorSplit):
             n, seen = len(split), 0
             dev_split = self._on_device(split)
             for idx in eval_index_shards(n, self.cfg.eval_batch_size, acc.process_index, acc.num_processes):
                 batch = dev_split.batch(idx.to(acc.device))
-                preds = self.method.predict(ctx, batch, absent)
-                preds, labels = acc.gather((preds.contiguous(), batch["label"].contiguous()))
-                keep = min(len(labels), n - seen)
-                if keep > 0:
-                    meter.update(preds[:keep].float(), labels[:keep])
-                seen += keep
-        else:
-            loader = acc.prepare_data_loader(make_loader(split, self.cfg.eval_batch_size, shuffle=False, seed=0,
-                                                         num_workers=self.cfg.num_workers))
-            for batch in loader:
-                preds = self.method.predict(ctx, batch, absent)
-                preds, labels = acc.gather_for_metrics((preds.contiguous(), batch["label"].contiguous()))
-                meter.update(preds.float(), labels)
+
+                def keep(preds, batch=batch, start=seen):
+                    preds, labels = acc.gather((preds.contiguous(), batch["label"].contiguous()))
+                    k = max(0, min(len(labels), n - start))
+                    return preds[:k], labels[:k]
+
+                yield batch, keep
+                seen = min(n, seen + len(idx) * acc.num_processes)
+            return
+        for batch in self._eval_loader(split):
+            yield batch, lambda preds, batch=batch: acc.gather_for_metrics((preds.contiguous(), batch["label"].contiguous()))
+
+    def _eval_loader(self, split):
+        """The evaluation DataLoader of ``split``: for the dataset's own splits built (and prepared) once per
+        run, so that its workers persist across the evaluations; for other splits (the diagnostics'
+        permuted copies) one per call."""
+        def build():
+            return self.accelerator.prepare_data_loader(make_loader(
+                split, self.cfg.eval_batch_size, shuffle=False, seed=0, num_workers=self.cfg.num_workers,
+                pin_memory=self.accelerator.device.type == "cuda"))
+
+        if not any(split is getattr(self.data, s, None) for s in ("train", "val", "test")):
+            return build()
+        loaders = self.__dict__.setdefault("_eval_loaders", {})
+        if id(split) not in loaders:
+            loaders[id(split)] = build()
+        return loaders[id(split)]
+
+    def _eval_mode(self, on: bool) -> None:
+        ctx = self.ctx
+        if on:
+            ctx.model.eval()
+            for ex in ctx.extra.values():
+                ex.module.eval()
+            return
         ctx.model.train()
         for ex in ctx.extra.values():
             if ex.trainable:
                 ex.module.train()
+
+    @torch.no_grad()
+    def evaluate(self, split, absent: tuple[str, ...] = ()) -> dict[str, float]:
+        """Evaluate every sample of ``split`` once (fixed order, nothing dropped, gathered across ranks)."""
+        ctx = self.ctx
+        self._eval_mode(True)
+        meter = self.task.new_meter()
+        for batch, keep in self._eval_batches(split):
+            preds, labels = keep(self.method.predict(ctx, batch, absent))
+            if len(labels):
+                meter.update(preds.float(), labels)
+        self._eval_mode(False)
         return meter.compute()
+
+    def _shares_encoders(self) -> bool:
+        """Whether the per-modality evaluation may reuse the full pass's encoder outputs: the method predicts
+        with the model's fused logits (base ``predict``) and the model is the plain encoders → fusion → head
+        contract (its own ``forward``/``encode``/``neutral_input``), whose encoders see one modality each."""
+        from .models.base import MultimodalModel
+
+        raw = self.ctx.raw_model
+        cls = type(raw)
+        return (type(self.method).predict is BalancingMethod.predict and isinstance(raw, MultimodalModel)
+                and all(getattr(cls, f) is getattr(MultimodalModel, f) for f in ("forward", "encode", "neutral_input")))
+
+    @torch.no_grad()
+    def evaluate_with_modalities(self, split, full: bool = True
+                                 ) -> tuple[dict[str, float] | None, dict[str, dict[str, float]]]:
+        """(the full model's metrics, each modality alone) on ``split``: :meth:`evaluate` and
+        :meth:`evaluate_per_modality` in one pass when the encoders can be shared (:meth:`_shares_encoders`):
+        each encoder runs once per batch on its real input (M encoder passes, not M(M+1)); a modality's
+        *absent* features — its encoder on the neutral input, which is the same for every sample — are
+        computed once per call on one neutral sample and broadcast, and fusion and head run once per
+        modality. ``full=False`` skips the full model's metrics (returns None for them)."""
+        mods = list(self.ctx.modalities)
+        if len(mods) < 2 or not self._shares_encoders():
+            return (self.evaluate(split) if full else None), self.evaluate_per_modality(split)
+        ctx, raw = self.ctx, self.ctx.raw_model
+        self._eval_mode(True)
+        meters = {m: self.task.new_meter() for m in mods}
+        meter_full = self.task.new_meter()
+        neutral: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for batch, keep in self._eval_batches(split):
+            out = ctx.forward(batch)  # the (wrapped) model, as predict: under DDP its buffers are synced here
+            preds, labels = keep(out.logits)
+            if len(labels):
+                meter_full.update(preds.float(), labels)
+            with self.accelerator.autocast():  # the wrapped forward's precision, for the unwrapped parts
+                if not neutral:
+                    for m in mods:
+                        z = raw.encoders[m](raw.neutral_input(m, batch[m][:1]))
+                        neutral[m] = (z, raw.pool(m, z))
+                b = out.logits.shape[0]
+                for m in mods:
+                    feats = {o: out.features[o] if o == m else _rows(neutral[o][0], b) for o in mods}
+                    pooled = {o: out.pooled[o] if o == m else _rows(neutral[o][1], b) for o in mods}
+                    preds, labels = keep(raw.fuse_and_head(feats, pooled)[1])
+                    if len(labels):
+                        meters[m].update(preds.float(), labels)
+        self._eval_mode(False)
+        return (meter_full.compute() if full else None), {m: meters[m].compute() for m in mods}
 
     def _on_device(self, split: TensorSplit) -> TensorSplit:
         """The split's tensors on the accelerator device, copied once per run (validation is evaluated
@@ -429,7 +513,8 @@ class Trainer:
         return cache[id(split)]
 
     def evaluate_per_modality(self, split) -> dict[str, dict[str, float]]:
-        """Each modality alone: the model evaluated with every other modality ``absent``."""
+        """Each modality alone: the model evaluated with every other modality ``absent`` (one pass per
+        modality; :meth:`evaluate_with_modalities` shares the encoders where it can)."""
         mods = self.ctx.modalities
         if len(mods) < 2:
             return {}
@@ -869,13 +954,16 @@ class Trainer:
                 row["lr"] = ctx.optimizer.param_groups[0]["lr"]
                 row.update({f"method/{k}": v for k, v in method.metrics().items()})
                 if phase.evaluate:
-                    val = self.evaluate(self.data.val)
+                    if self.cfg.modality_eval == "epoch":
+                        val, val_pm = self.evaluate_with_modalities(self.data.val)
+                    else:
+                        val, val_pm = self.evaluate(self.data.val), None
                     row["val"] = val
                     if not all(math.isfinite(val.get(k, 0.0)) for k in ("loss", self.task.primary_metric)):
                         pos.history.append(row)
                         self._check_finite_eval(pos, val, f"validation metrics at phase {phase.name!r}, epoch {pos.epoch}")
-                    if self.cfg.modality_eval == "epoch":
-                        row["val_per_modality"] = self.evaluate_per_modality(self.data.val)
+                    if val_pm is not None:
+                        row["val_per_modality"] = val_pm
                     schedule.observe_val_loss(val.get("loss", math.inf))
                     if self._is_better(val, pos.best):
                         pos.best = {"phase": phase.name, "phase_index": pos.phase_index, "epoch": pos.epoch, "val": val}
@@ -975,10 +1063,12 @@ class Trainer:
         self._load_weights(best)
         test, test_pm = None, None  # tuning trials: the test split is never touched
         if self.cfg.evaluate_test:
-            test = self.evaluate(self.data.test)
+            if self.cfg.modality_eval != "none":
+                test, test_pm = self.evaluate_with_modalities(self.data.test)
+            else:
+                test, test_pm = self.evaluate(self.data.test), {}
             self._check_finite_eval(pos, test, "test metrics of the selected model")
-            test_pm = self.evaluate_per_modality(self.data.test) if self.cfg.modality_eval != "none" else {}
-        val_pm = self.evaluate_per_modality(self.data.val) if self.cfg.modality_eval != "none" else {}
+        val_pm = self.evaluate_with_modalities(self.data.val, full=False)[1] if self.cfg.modality_eval != "none" else {}
         diagnostics = self.diag.final(test=test, val=pos.best["val"], test_pm=test_pm, val_pm=val_pm,
                                       history=pos.history)
         n_epochs = max(1, len(pos.history))

@@ -82,7 +82,11 @@ def test_selection_uses_validation_and_tests_once(tmp_path, monkeypatch):
             return {"accuracy": next(seq), "loss": 1.0}
         return real(split, absent)
 
+    def fake_with_modalities(split, full=True):  # the full pass and the per-modality passes together
+        return (fake_eval(split) if full else None), tr.evaluate_per_modality(split)
+
     monkeypatch.setattr(tr, "evaluate", fake_eval)
+    monkeypatch.setattr(tr, "evaluate_with_modalities", fake_with_modalities)
     res = tr.fit()
     assert res["selected"]["epoch"] == 1 and calls["test"] == 1
 

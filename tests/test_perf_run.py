@@ -60,3 +60,40 @@ def test_worker_preloads_a_dataset_once_and_the_run_uses_that_copy(monkeypatch):
     assert len(loads) == 2 and other is not data and len(other.train) != len(data.train)
     assert not worker.preload_dataset(["--dataset", "no-such-dataset"])  # left to the run to report
     assert not worker.preload_dataset(["--bad-flag"])
+
+
+@pytest.mark.parametrize("method, model", [("baseline", {}), ("baseline", {"model.name": "mlp_transformer_fusion"}),
+                                           ("qmf", {})])
+def test_per_modality_evaluation_shares_the_encoders_and_gives_the_same_numbers(tmp_path, method, model):
+    """Concat fusion of pooled features, transformer fusion of the features themselves, and a method with its
+    own predict (which keeps one pass per modality)."""
+    import torch
+
+    from mmbalance.testing import build_trainer
+
+    tr = build_trainer(method, "mfeat", run_dir=tmp_path, epochs=1,
+                       sets={"dataset.limit_per_class": 20, "train.diagnostics": "none", "train.eval_batch_size": 24,
+                             **model})
+    tr.fit()
+    mods = tr.ctx.modalities
+    assert len(mods) == 3 and tr._shares_encoders() == (method == "baseline")  # QMF predicts with its own heads
+    split = tr.data.test  # 40 samples: two batches of 24 and 16
+    # the oracle: one pass per modality with the others absent (their neutral input through the whole model)
+    want_full = tr.evaluate(split)
+    want = {m: tr.evaluate(split, tuple(o for o in mods if o != m)) for m in mods}
+    rows: dict[str, list[int]] = {m: [] for m in mods}
+    raw = tr.ctx.raw_model
+    hooks = [raw.encoders[m].register_forward_hook(lambda mod, inp, out, m=m: rows[m].append(len(inp[0])))
+             for m in mods]
+    try:
+        full, per_mod = tr.evaluate_with_modalities(split)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert full == want_full
+    for m in mods:
+        assert per_mod[m]["accuracy"] == want[m]["accuracy"], m
+        assert per_mod[m]["loss"] == pytest.approx(want[m]["loss"], rel=1e-6, abs=1e-7), m
+    if method == "baseline":  # each encoder: the two real batches once, plus one neutral sample per call
+        assert all(sorted(rows[m]) == [1, 16, 24] for m in mods), rows
+    assert tr.ctx.model.training and torch.is_grad_enabled()  # train mode and gradients back on

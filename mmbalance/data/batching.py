@@ -83,8 +83,10 @@ def collate_dicts(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int = 0,
-                drop_last: bool = False) -> DataLoader:
-    """DataLoader for image/volume datasets (prepared by Accelerate, which shards it by rank)."""
+                drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
+    """DataLoader for image/volume datasets (prepared by Accelerate, which shards it by rank). ``pin_memory``
+    (on CUDA): batches in page-locked memory, so that the copy to the GPU can be asynchronous."""
     g = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=num_workers,
-                      drop_last=drop_last, collate_fn=collate_dicts, persistent_workers=num_workers > 0)
+                      drop_last=drop_last, collate_fn=collate_dicts, persistent_workers=num_workers > 0,
+                      pin_memory=pin_memory)
