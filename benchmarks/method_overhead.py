@@ -51,7 +51,8 @@ METHOD_EPOCHS = {"reconboost_official_schedule": 8}
 #: Settings of the method's run only: methods with a warm-up of plain joint training are timed with it off,
 #: so every timed epoch does the method's work (their ratio is the per-epoch cost after the warm-up).
 METHOD_SETS: dict[str, dict[str, object]] = {"opm": {"warmup_epochs": 0}, "arl": {"start": -1},
-                                              "arl_released": {"start": -1}}
+                                              "arl_released": {"start": -1}, "smv": {"warmup_epochs": 0},
+                                              "smv_modality": {"warmup_epochs": 0}}
 #: Shown next to the ratio.
 NOTES = {m: "teachers (trained once, cached) not counted" for m in ("ume", "umt", "reconboost_pretrained")}
 #: Goals of issue 14 (time per epoch / baseline's): (mfeat, sequence shape-alike).

@@ -872,38 +872,47 @@ class Trainer:
         group one permutation seeded by (run seed, epoch key, group number), identical on every rank,
         padded by wrap-around to a multiple of the world size, rank r taking positions r, r+W, …, then
         consecutive batches with the last partial one kept. Every rank takes the same number of steps.
+        A group's per-sample ``tags`` go through the same permutation, padding and sharding as its indices
+        and arrive as ``batch["plan_tag"]``, so each row keeps its own tag.
         Yields ``(batch, present)``; ``batch["idx"]`` holds positions in the training split."""
         acc, cfg = self.accelerator, self.cfg
         split = self.train_split
         n = len(split)
         mods = set(self.ctx.modalities)
-        shards: list[tuple[torch.Tensor, tuple[str, ...]]] = []
+        shards: list[tuple[torch.Tensor, torch.Tensor | None, tuple[str, ...]]] = []
         for gi, group in enumerate(plan):  # validate the whole plan before the first step
             idx = torch.as_tensor(group.indices, dtype=torch.long).reshape(-1)
+            tags = None if group.tags is None else torch.as_tensor(group.tags, dtype=torch.long).reshape(-1)
             present = tuple(group.present) if group.present is not None else tuple(self.ctx.modalities)
             unknown = set(present) - mods
             if unknown or not present:
                 raise ValueError(f"epoch_plan group {gi}: present={present!r} must be a non-empty subset of "
                                  f"the model's modalities {sorted(mods)}")
+            if tags is not None and len(tags) != len(idx):
+                raise ValueError(f"epoch_plan group {gi}: tags must have one entry per index ({len(idx)}), "
+                                 f"got {len(tags)}")
             if len(idx) == 0:
                 continue
             if int(idx.min()) < 0 or int(idx.max()) >= n:
                 raise ValueError(f"epoch_plan group {gi}: indices must lie in [0, {n}) (the training split), "
                                  f"got [{int(idx.min())}, {int(idx.max())}]")
+            rows = idx if tags is None else torch.stack([idx, tags])  # tags travel with their indices
             if group.shuffle:
                 g = torch.Generator().manual_seed((self.config.seed * 1_000_003 + key) * 1_009 + gi)
-                idx = idx[torch.randperm(len(idx), generator=g)]
+                rows = rows[..., torch.randperm(len(idx), generator=g)]
             if acc.num_processes > 1:
                 total = -(-len(idx) // acc.num_processes) * acc.num_processes
-                idx = idx.repeat(-(-total // len(idx)))[:total]
-                idx = idx[acc.process_index::acc.num_processes]
-            shards.append((idx, present))
+                rows = rows.repeat(*([1] * (rows.dim() - 1)), -(-total // len(idx)))[..., :total]
+                rows = rows[..., acc.process_index::acc.num_processes]
+            shards.append((rows, None, present) if tags is None else (rows[0], rows[1], present))
         bsz = self._per_process_batch(cfg.batch_size)
-        for idx, present in shards:
+        for idx, tags, present in shards:
             for start in range(0, len(idx), bsz):
                 chunk = idx[start:start + bsz]
                 if isinstance(split, TensorSplit):
                     batch = split.batch(chunk)
+                    if tags is not None:
+                        batch["plan_tag"] = tags[start:start + bsz]
                     if acc.device.type != "cpu":
                         batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
                 else:
@@ -911,6 +920,8 @@ class Trainer:
 
                     batch = collate_dicts([split[int(i)] for i in chunk])
                     batch["idx"] = chunk
+                    if tags is not None:
+                        batch["plan_tag"] = tags[start:start + bsz]
                     batch = send_to_device(batch, acc.device)
                 yield batch, present
 

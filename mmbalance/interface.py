@@ -20,7 +20,9 @@ Two optional capabilities change what one "step" and one "epoch" are:
   :class:`BatchGroup` (indices into the training split, the modalities present); the engine then trains
   the groups in that order instead of the shuffled loader — shuffled inside each group with a seeded
   permutation identical on every rank, sharded across ranks with wrap-around padding (equal step counts),
-  last partial batch kept — and sets ``ctx.present`` for every batch. The plan is rebuilt every epoch
+  last partial batch kept — and sets ``ctx.present`` for every batch. Per-sample tags of a group (e.g.
+  originals and single-modality copies mixed in one batch) travel with their rows as
+  ``batch["plan_tag"]``. The plan is rebuilt every epoch
   from the method's state, so a resumed run replays it. Per-iteration lr schedules keep the default
   loader's steps per epoch (a longer epoch holds the last step's lr).
 """
@@ -78,13 +80,16 @@ class Phase:
 @dataclass
 class BatchGroup:
     """One group of an epoch plan (:meth:`BalancingMethod.epoch_plan`): ``indices`` are positions in the
-    training split (``batch["idx"]`` values); ``present`` the modalities the method should train with
-    (None = all; the engine passes it on as ``ctx.present``, the method does the masking);
-    ``shuffle=False`` keeps the given order."""
+    training split (``batch["idx"]`` values; repeats allowed, e.g. a sample and its copies); ``present``
+    the modalities the method should train with (None = all; the engine passes it on as ``ctx.present``,
+    the method does the masking); ``shuffle=False`` keeps the given order. ``tags``: optional per-sample
+    integers (one per index, meaning is the method's, e.g. SMV's "keep only modality k"); they are
+    permuted, padded and sharded with their indices and delivered per row as ``batch["plan_tag"]``."""
 
     indices: torch.Tensor
     present: tuple[str, ...] | None = None
     shuffle: bool = True
+    tags: torch.Tensor | None = None
 
 
 @dataclass

@@ -79,6 +79,11 @@ STATE_CHECKS = {
     "pmr": lambda st, res: st["method_state"]["prototypes"].abs().sum(-1).gt(0).all().item(),
     # OPM: one keep mask for the global batch (both ranks' rows), drawn in an executed step with q > 0
     "opm": lambda st, res: st["method_state"]["q"].max().item() > 0 and st["method_state"]["keep_global"].shape[0] > 1,
+    # SMV: every training sample valued (gathered from both ranks) and the same copies → the same plan
+    "smv": lambda st, res: (not st["method_state"]["phi"].isnan().any().item()
+                            and st["method_state"]["copies"].shape[0] == res["num_train_samples"]),
+    # LFM: the same 8 held-out samples and the same α on both ranks (α compared above)
+    "lfm_learnable": lambda st, res: len(st["method_state"]["heldout_idx"]) == 8,
 }
 
 
@@ -88,7 +93,7 @@ METHOD_SETS = {"greedy": ["start_epoch=0"], "opm": ["p_exe=1"], "arl": ["start=-
 
 @pytest.mark.ddp
 @pytest.mark.parametrize("method", ["ogm_ge", "agm", "pmr", "gblending", "qmf", "mslr", "mrd", "greedy", "opm",
-                                    "arl"])
+                                    "arl", "smv", "lfm_learnable"])
 def test_two_process_methods_keep_replicas_identical(tmp_path, method):
     """Every statistic that sets a coefficient is reduced across ranks (and noise/masks come from a
     generator seeded identically everywhere), so the replicas must not drift apart. Identical

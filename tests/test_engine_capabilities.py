@@ -151,3 +151,46 @@ def test_plan_on_a_map_style_dataset_gives_training_positions_as_idx():
     idx = [i for b in batches for i in b["idx"].tolist()]
     assert idx == [11, 13, 15, 17, 19, 10]  # rank 1 of 2: odd positions of 10..20, padded by wrap-around
     assert all(torch.equal(b["a"].reshape(-1), b["idx"].float()) for b in batches)
+
+
+def _fake_trainer(split, rank: int, world: int, batch_size: int, seed: int = 3):
+    return SimpleNamespace(accelerator=SimpleNamespace(num_processes=world, process_index=rank, device=torch.device("cpu")),
+                           cfg=SimpleNamespace(batch_size=batch_size), train_split=split,
+                           ctx=SimpleNamespace(modalities=["a"]), config=SimpleNamespace(seed=seed),
+                           _per_process_batch=lambda bs: bs)
+
+
+def test_plan_tags_travel_with_their_rows_through_shuffle_padding_and_sharding():
+    """A group with repeated indices and per-sample tags (tag = 1000·copy + index, so every (idx, tag) pair
+    is checkable by hand): every delivered row's tag is the one given for that row, on both ranks; the two
+    ranks together deliver the group's multiset of (idx, tag) pairs plus the wrap-around padding; the
+    untagged group gets no plan_tag; the tags come out shuffled with the rows (not in input order)."""
+    from mmbalance.data import TensorSplit
+
+    split = TensorSplit({"a": torch.arange(50.0)[:, None]}, torch.zeros(50, dtype=torch.long))
+    idx = torch.cat([torch.arange(20), torch.tensor([3, 3, 7, 11, 19])])
+    copy = torch.cat([torch.zeros(20, dtype=torch.long), torch.tensor([1, 2, 1, 1, 1])])
+    tags = 1000 * copy + idx
+    groups = [BatchGroup(idx, tags=tags), BatchGroup(torch.arange(30, 33))]
+    pairs, counts = [], []
+    for rank in (0, 1):
+        batches = [b for b, _ in Trainer._plan_batches(_fake_trainer(split, rank, 2, 4), groups, key=7)]
+        counts.append([len(b["idx"]) for b in batches])
+        tagged = [b for b in batches if "plan_tag" in b]
+        assert len(tagged) == 4 and all("plan_tag" not in b for b in batches[4:])
+        for b in tagged:
+            assert torch.equal(b["plan_tag"] % 1000, b["idx"])  # each row keeps its own tag
+            assert torch.equal(b["a"].reshape(-1).long(), b["idx"])
+            pairs += list(zip(b["idx"].tolist(), b["plan_tag"].tolist()))
+    assert counts[0] == counts[1] == [4, 4, 4, 1, 2]  # 25 rows → 13 per rank (one padded), then 3 → 2
+    expected = sorted(zip(idx.tolist(), tags.tolist()))
+    assert len(pairs) == 26 and sorted(set(pairs)) == sorted(set(expected))
+    assert all(pairs.count(p) >= expected.count(p) for p in expected)
+    assert [t for _, t in pairs] != sorted(t for _, t in pairs)
+
+
+def test_plan_tags_are_checked_against_the_indices(tmp_path):
+    tr = build_trainer("baseline", "mfeat", run_dir=tmp_path / "r", epochs=1, sets=SETS)
+    tr.method = PlanToy(lambda ctx: [BatchGroup(torch.arange(10), tags=torch.zeros(9, dtype=torch.long))])
+    with pytest.raises(ValueError, match=r"group 0: tags must have one entry per index \(10\), got 9"):
+        tr.fit()

@@ -37,6 +37,8 @@ NOT_APPLICABLE = {
     ("arl", "mosi-synth"): "regression output has none",
     ("mmcosine", "mosi-synth"): "does not support regression",
     ("mbsd", "mosi-synth"): "does not support regression",
+    ("lfm", "mosi-synth"): "a regression output has none",
+    ("lfm_learnable", "mosi-synth"): "a regression output has none",
 }
 #: models Greedy must switch to (its MMTM variants of the canonical models)
 GREEDY_MODEL = {"mosi-synth": "msa_mmtm", "iemocap-synth": "msa_mmtm", "food101-synth": "msa_mmtm",
