@@ -308,8 +308,9 @@ def count_host_syncs(method: str, dataset: str = "mfeat", *, epochs: int = 2, se
     try:
         with tempfile.TemporaryDirectory() as tmp, tracker:
             try:
-                tr = build_trainer(method, dataset, run_dir=Path(tmp), epochs=epochs, seed=seed,
-                                   sets={"train.modality_eval": "none", "train.diagnostics": "none", **(sets or {})})
+                tr = build_trainer(method, dataset, run_dir=Path(tmp) / "run", epochs=epochs, seed=seed,
+                                   sets={"train.modality_eval": "none", "train.diagnostics": "none", **(sets or {})},
+                                   output_dir=tmp)  # teachers (UMT, G2D) cached in the temporary folder too
             except MethodNotApplicable:
                 return None
             measured[0] = tr

@@ -23,11 +23,14 @@ def cli_args(method: str = "baseline", dataset: str = "mfeat", *, seed: int = 0,
 
 
 def build_trainer(method: str = "baseline", dataset: str = "mfeat", *, run_dir: str | Path, seed: int = 0,
-                  epochs: int | None = None, sets: dict[str, Any] | None = None):
-    """A constructed (not yet trained) Trainer; ``trainer.ctx`` is the method's StepContext."""
+                  epochs: int | None = None, sets: dict[str, Any] | None = None, output_dir: str | Path | None = None):
+    """A constructed (not yet trained) Trainer; ``trainer.ctx`` is the method's StepContext. ``output_dir``
+    is where shared artefacts go (the ``<m>-only`` teacher cache, ``OUTPUT_DIR/_teachers``); default ``runs``."""
     from .engine import Trainer
 
-    args = build_parser().parse_args(cli_args(method, dataset, seed=seed, epochs=epochs, run_dir=run_dir, sets=sets))
+    extra = ["--output-dir", str(output_dir)] if output_dir is not None else None
+    args = build_parser().parse_args(cli_args(method, dataset, seed=seed, epochs=epochs, run_dir=run_dir, sets=sets,
+                                              extra=extra))
     config, train_cfg, data, meth, rdir = resolve(args)
     return Trainer(config, train_cfg, data, meth, rdir, quiet=True)
 
