@@ -39,6 +39,7 @@ NOT_APPLICABLE = {
     ("mbsd", "mosi-synth"): "does not support regression",
     ("lfm", "mosi-synth"): "a regression output has none",
     ("lfm_learnable", "mosi-synth"): "a regression output has none",
+    ("cml", "mosi-synth"): "no predictive confidence",
 }
 #: models Greedy must switch to (its MMTM variants of the canonical models)
 GREEDY_MODEL = {"mosi-synth": "msa_mmtm", "iemocap-synth": "msa_mmtm", "food101-synth": "msa_mmtm",

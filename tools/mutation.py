@@ -56,9 +56,10 @@ TESTS: dict[str, list[str]] = {
     "engine": ["tests/test_engine.py", "tests/test_cli.py"],
     "arl": ["tests/test_arl.py"],
     "faults": ["tests/test_hardening.py"],
+    "cml": ["tests/test_cml.py"],
 }
 DDP_TESTS: dict[str, list[str]] = {m: [DDP_NODE.format(m)] for m in
-                                   ("ogm_ge", "agm", "pmr", "gblending", "qmf", "mslr", "mrd", "greedy", "arl")}
+                                   ("ogm_ge", "agm", "pmr", "gblending", "qmf", "mslr", "mrd", "greedy", "arl", "cml")}
 DDP_TESTS["engine"] = ["tests/test_ddp.py::test_two_process_baseline"]
 
 
@@ -92,7 +93,7 @@ CG, OG, AG, PM, GB, GR = ("methods/cggm.py", "methods/ogm_ge.py", "methods/agm.p
 UT, UE, QM, RB, MR, MS = ("methods/umt.py", "methods/ume.py", "methods/qmf.py", "methods/reconboost.py",
                           "methods/mrd.py", "methods/mslr.py")
 EN = "mmbalance/engine.py"
-AR = "methods/arl.py"
+AR, CM = "methods/arl.py", "methods/cml.py"
 
 H = "tests/test_hardening.py::"
 MUTANTS: list[Mutant] = [
@@ -481,6 +482,25 @@ MUTANTS: list[Mutant] = [
     M("faults", "mmbalance/registry.py", "    data.check_modalities()\n", "",
       "a plug-in dataset whose modality names do not match its inputs ends in a traceback", "validation",
       [H + "test_plugin_dataset_mistakes_are_clear_exit_2"]),
+    # ---------------------------------------------------------------- CML
+    M("cml", CM, "            reg_term = reg * ctx.world_size\n", "            reg_term = reg\n",
+      "per-rank sum not scaled by the world size (DDP's average halves the regulariser)", "rank-local"),
+    M("cml", CM, "reg, viol, pairs = ctx.reduce_sum(torch.cat([self._epoch_sums, pairs])).tolist()",
+      "reg, viol, pairs = torch.cat([self._epoch_sums, pairs]).tolist()",
+      "epoch regulariser statistics of this rank only", "rank-local"),
+    M("cml", CM, "conf = torch.stack([c.values for c in confs])",
+      "conf = torch.stack([p.gather(1, y.unsqueeze(1)).squeeze(1) for p in probs])",
+      "true-class probability instead of the predicted-class confidence", "wrong-quantity"),
+    M("cml", CM, "hinge = torch.relu((reduced - fuller) * g - margin)", "hinge = torch.relu((fuller - reduced) * g - margin)",
+      "penalises confidence drops instead of rises", "sign"),
+    M("cml", CM, "torch.relu((reduced - fuller.detach()) * both_wrong - margin)",
+      "torch.relu((reduced - fuller) * both_wrong - margin)", "miwae both-wrong term without the detach", "detach"),
+    M("cml", CM, "g = (~(c_red & ~c_full)).to(conf.dtype)", "g = (~(c_full & ~c_red)).to(conf.dtype)",
+      "CPM gate with the levels swapped", "swapped"),
+    M("cml", CM, "gone = (ranks[:, j] < k).view(", "gone = (ranks[:, j] <= k).view(",
+      "one modality too many removed at every level", "off-by-one"),
+    M("cml", CM, "        self._epoch_sums = None\n        self._pairs = 0\n", "        pass\n",
+      "epoch statistics not reset at the epoch start (they accumulate across epochs)", "state-reset"),
 ]
 
 for _i, _m in enumerate(MUTANTS):
