@@ -480,3 +480,20 @@ def test_umt_teacher_cache_next_to_run_dir_and_cached_runs_record_the_same(tmp_p
     assert (tmp_path / "exp" / "_teachers").is_dir() and not (tmp_path / "runs").exists()
     assert results[0]["method_metrics"] == results[1]["method_metrics"]
     assert "teachers_trained_now" not in results[0]["method_metrics"]
+
+
+# ------------------------------------------------------------------------------------------ bug classes
+def test_tuning_choice_follows_the_metric_direction():
+    """A lower-is-better metric (regression MAE) is chosen by its lowest validation value, a higher-is-better
+    one by its highest: hand-made trial results, so a direction bug anywhere in scoring or choice shows."""
+    from types import SimpleNamespace
+
+    from mmbalance.leaderboard.tune import choose, score_trial
+
+    def trial(k, value, metric, higher):
+        res = {"primary_metric": metric, "higher_is_better": higher, "val": {metric: value, "loss": 1.0}}
+        states = [SimpleNamespace(state="ok", result=res, spec=SimpleNamespace(seed=s), error="") for s in (0, 1)]
+        return {"k": k, **score_trial(states)}
+
+    assert choose([trial(0, 0.50, "mae", False), trial(1, 0.30, "mae", False), trial(2, 0.40, "mae", False)])["k"] == 1
+    assert choose([trial(0, 0.50, "accuracy", True), trial(1, 0.30, "accuracy", True)])["k"] == 0

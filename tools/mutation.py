@@ -433,8 +433,9 @@ MUTANTS: list[Mutant] = [
     M("arl", AR, "return (1.0 + stats[\"w\"]).float()", "return stats[\"w\"].float()",
       "gradients multiplied by w instead of 1 + w", "wrong-quantity"),
     # ---------------------------------------------------------------- faults (run folders, sweeps, exit codes)
-    M("faults", "mmbalance/runfolder.py", 'p.name.endswith(".tmp") and p.name != SET_ASIDE_TMP', 'p.name.endswith(".tmp")',
-      "a killed --overwrite's set-aside folder is deleted as a temporary leftover", "data-loss",
+    M("faults", "mmbalance/runfolder.py", "        (tmp / n).rename(run_dir / n)\n",
+      "        shutil.rmtree(tmp / n) if (tmp / n).is_dir() else (tmp / n).unlink()\n",
+      "a killed --overwrite's set-aside files are deleted as a leftover instead of restored", "data-loss",
       [H + "test_killed_overwrite_set_aside_is_restored_never_deleted"]),
     M("faults", "mmbalance/run.py", "                runfolder.recover_set_aside(run_dir)\n", "",
       "an interrupted set-aside is not restored before the folder is inspected", "data-loss",
@@ -482,6 +483,9 @@ MUTANTS: list[Mutant] = [
     M("faults", "mmbalance/registry.py", "    data.check_modalities()\n", "",
       "a plug-in dataset whose modality names do not match its inputs ends in a traceback", "validation",
       [H + "test_plugin_dataset_mistakes_are_clear_exit_2"]),
+    M("faults", "mmbalance/leaderboard/tune.py", 'return v if result.get("higher_is_better", True) else -v', "return v",
+      "tuning chooses a lower-is-better metric by its highest value", "sign",
+      [H + "test_tuning_choice_follows_the_metric_direction"]),
     # ---------------------------------------------------------------- CML
     M("cml", CM, "            reg_term = reg * ctx.world_size\n", "            reg_term = reg\n",
       "per-rank sum not scaled by the world size (DDP's average halves the regulariser)", "rank-local"),
