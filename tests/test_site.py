@@ -249,7 +249,7 @@ def test_sorting_orders_rows_as_the_csv_and_the_family_filter_hides_rows(built, 
     heads = browser.find_elements(By.CSS_SELECTOR, "#table-mfeat thead th")
     labels = [h.text.strip() for h in heads]
     for label, key in (("accuracy", "test_accuracy_mean"), ("probe [fou]", "diag_probe_fou_mean"),
-                       ("train s/run", "train_seconds_mean")):
+                       ("p (Holm)", "p_ttest_holm"), ("train s/run", "train_seconds_mean")):
         btn = heads[labels.index(label)].find_element(By.TAG_NAME, "button")
         before = _rows(browser, "table-mfeat")
         btn.click()  # numbers: largest first
@@ -336,3 +336,27 @@ def test_curves_from_the_store_equal_those_from_the_run_folders(tmp_path):
     shutil.rmtree(tmp_path / "results" / "mfeat")
     after = {(d.name, r.row): r.curves for d in build_report(suite, specs).datasets for r in d.rows.values()}
     assert after == before
+
+
+def test_a_column_the_report_gains_shows_on_the_detail_page_and_a_lost_one_leaves_the_table(tmp_path, monkeypatch):
+    """The site follows results.csv: a new column appears on the dataset's detail page (mean ± std pairs
+    merged), and the compact table drops a column the report no longer has instead of failing."""
+    from mmbalance.leaderboard.report import build_report, csv_records
+    from mmbalance.leaderboard.site import model, pages
+
+    suite, specs = _site_fixture(tmp_path)
+
+    def records(rep):
+        cols, rows = csv_records(rep)
+        for r in rows:
+            r["mde_accuracy_mean"], r["mde_accuracy_std"] = "0.0123", "0.001"
+            r.pop("p_ttest_holm")
+        return [c for c in cols if c != "p_ttest_holm"] + ["mde_accuracy_mean", "mde_accuracy_std"], rows
+
+    monkeypatch.setattr(model, "csv_records", records)
+    site = model.site_data(build_report(suite, specs))
+    ds = site.datasets[0]
+    detail = pages.detail_page(site, ds)
+    assert ">mde_accuracy<" in detail and "0.0123 ± 0.0010" in detail
+    compact = pages.compact_table(site, ds, "../")
+    assert "p (Holm)" not in compact and "Δ vs baseline" in compact
