@@ -72,32 +72,6 @@ def description_of(method: str) -> str:
         return ""
 
 
-def poi_with_ci(x_by_task: list[list[float]], y_by_task: list[list[float]], reps: int = 2000,
-                seed: int = 0) -> tuple[float, float, float]:
-    """P(X > Y) over tasks with a 95 % stratified-bootstrap percentile interval (Agarwal et al. 2021,
-    "Deep RL at the Edge of the Statistical Precipice": P(X > Y) = 1/K Σ_k 1/(N M) Σ_i Σ_j S(x_ki, y_kj),
-    S = 1 if x > y, ½ if equal, 0 otherwise; each task's runs are resampled with replacement, per algorithm).
-    Values must be oriented (higher is better)."""
-    tasks = [(np.asarray(x, float), np.asarray(y, float)) for x, y in zip(x_by_task, y_by_task) if len(x) and len(y)]
-    if not tasks:
-        return math.nan, math.nan, math.nan
-
-    def s(x: np.ndarray, y: np.ndarray) -> np.ndarray:  # [..., N], [..., M] → [...]
-        d = x[..., :, None] - y[..., None, :]
-        return ((d > 0) + 0.5 * (d == 0)).mean(axis=(-2, -1))
-
-    point = float(np.mean([s(x, y) for x, y in tasks]))
-    rng = np.random.default_rng(seed)
-    boot = np.zeros(reps)
-    for x, y in tasks:
-        xi = rng.integers(0, len(x), size=(reps, len(x)))
-        yi = rng.integers(0, len(y), size=(reps, len(y)))
-        boot += s(x[xi], y[yi])
-    boot /= len(tasks)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return point, float(lo), float(hi)
-
-
 @dataclass
 class RowData:
     """One row of one dataset: its results.csv record and the report's per-seed data."""
@@ -186,24 +160,31 @@ def site_data(rep: Report) -> SiteData:
 
 
 def _poi(rep: Report, methods: dict[str, MethodData]) -> None:
-    """Probability of improvement over the baseline across datasets, per row (paired seeds not needed)."""
+    """P(row > baseline) across datasets (:func:`mmbalance.stats.probability_of_improvement`, rliable's
+    definition) with a 95 % stratified-bootstrap interval (:func:`mmbalance.stats.stratified_bootstrap`: the
+    seeds of each dataset resampled, a row's run and the baseline's run of one seed kept together). Values
+    oriented so that higher is better; datasets where the row or the baseline has no paired seed are left out."""
+    from ... import stats
+
+    def statistic(tasks: list[np.ndarray]) -> float:
+        return stats.probability_of_improvement([t[:, 0] for t in tasks], [t[:, 1] for t in tasks])
+
     for row, m in methods.items():
         if row == rep.suite.baseline or m.is_reference:
             continue
-        xs, ys = [], []
+        tasks = []
         for ds in rep.datasets:
             base, r = ds.rows.get(ds.baseline), ds.rows.get(row)
             if base is None or r is None or not ds.metric:
                 continue
             sign = 1.0 if ds.higher_is_better else -1.0
-            x = [sign * v for v in r.primary_values(ds.metric).values() if math.isfinite(v)]
-            y = [sign * v for v in base.primary_values(ds.metric).values() if math.isfinite(v)]
-            if x and y:
-                xs.append(x)
-                ys.append(y)
-        if xs:
-            p, lo, hi = poi_with_ci(xs, ys)
-            m.poi = (p, lo, hi, len(xs))
+            x, y = r.primary_values(ds.metric), base.primary_values(ds.metric)
+            seeds = sorted(s for s in x if s in y and math.isfinite(x[s]) and math.isfinite(y[s]))
+            if seeds:
+                tasks.append(np.array([[sign * x[s], sign * y[s]] for s in seeds]))
+        if tasks:
+            p, lo, hi = stats.stratified_bootstrap(tasks, statistic, reps=2000, seed=0)
+            m.poi = (float(p), float(lo), float(hi), len(tasks))
 
 
 def repo_root() -> Path:
