@@ -15,7 +15,9 @@ boundary or on resume), ``wrong-quantity`` (the coefficient driven by the wrong 
 (wrong split or wrong train/eval mode), ``off-by-one``, ``swapped`` (modalities swapped), ``sign`` (a
 sign flip), ``detach`` (a missing or extra detach); and for the run/sweep machinery (``faults``):
 ``data-loss`` (a fault deletes or redoes a finished result), ``exit-code`` (a fault gets the wrong exit code
-or message), ``validation`` (a bad input value is accepted or coerced). A mutant whose snippet no longer matches exactly
+or message), ``validation`` (a bad input value is accepted or coerced); and for the every-method bug-class
+tests (``classes``, tests/test_bug_classes.py): ``mode`` (a feature pass in train mode, or train mode not
+restored after one) and ``rng-source`` (randomness from the global RNG instead of the method's generator). A mutant whose snippet no longer matches exactly
 once is reported as ``stale`` (the code moved on: update the snippet), not silently skipped.
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("rank-local", "state-reset", "wrong-quantity", "wrong-split", "off-by-one", "swapped", "sign", "detach",
-           "data-loss", "exit-code", "validation")
+           "data-loss", "exit-code", "validation", "mode", "rng-source")
 
 DDP_NODE = "tests/test_ddp.py::test_two_process_methods_keep_replicas_identical[{}]"
 
@@ -57,9 +59,12 @@ TESTS: dict[str, list[str]] = {
     "arl": ["tests/test_arl.py"],
     "faults": ["tests/test_hardening.py"],
     "cml": ["tests/test_cml.py"],
+    "classes": ["tests/test_bug_classes.py"],
+    "mmpareto": ["tests/test_mmpareto.py"],
 }
 DDP_TESTS: dict[str, list[str]] = {m: [DDP_NODE.format(m)] for m in
-                                   ("ogm_ge", "agm", "pmr", "gblending", "qmf", "mslr", "mrd", "greedy", "arl", "cml")}
+                                   ("ogm_ge", "agm", "pmr", "gblending", "qmf", "mslr", "mrd", "greedy", "arl", "cml",
+                                    "mmpareto")}
 DDP_TESTS["engine"] = ["tests/test_ddp.py::test_two_process_baseline"]
 
 
@@ -96,6 +101,8 @@ EN = "mmbalance/engine.py"
 AR, CM = "methods/arl.py", "methods/cml.py"
 
 H = "tests/test_hardening.py::"
+BC_MODE = "tests/test_bug_classes.py::test_feature_passes_run_in_eval_mode_and_training_steps_in_train_mode"
+BC_RNG = "tests/test_bug_classes.py::test_methods_draw_randomness_from_their_generator_not_the_global_rngs"
 MUTANTS: list[Mutant] = [
     # ---------------------------------------------------------------- CGGM
     M("cggm", CG, "parts = ctx.reduce_sum(self._parts)", "parts = self._parts.double()",
@@ -505,6 +512,40 @@ MUTANTS: list[Mutant] = [
       "one modality too many removed at every level", "off-by-one"),
     M("cml", CM, "        self._epoch_sums = None\n        self._pairs = 0\n", "        pass\n",
       "epoch statistics not reset at the epoch start (they accumulate across epochs)", "state-reset"),
+    # ---------------------------------------------------------------- bug classes checked for every method
+    M("classes", PM, "        finally:\n            model.train(was_training)\n        sums, counts",
+      "        finally:\n            pass\n        sums, counts",
+      "PMR: train mode not restored after the prototype pass (the epoch trains in eval mode)", "mode", [BC_MODE]),
+    M("classes", "methods/relearning.py", "        model.eval()\n        try:\n            f_tr, y_tr",
+      "        try:\n            f_tr, y_tr", "re-learning diagnosis features in train mode", "mode", [BC_MODE]),
+    M("classes", "methods/remix.py", "        for mod in modules:\n            mod.eval()\n        idxs, rows = [], []",
+      "        idxs, rows = [], []", "remix assignment scores in train mode", "mode", [BC_MODE]),
+    M("classes", "methods/smv.py", "            mod.eval()\n        keys, rows = [], []", "            pass\n        keys, rows = [], []",
+      "SMV sample valuation in train mode", "mode", [BC_MODE]),
+    M("classes", "methods/lfm.py", "        for m in modules:\n            m.eval()\n", "",
+      "LFM held-out pass in train mode", "mode", [BC_MODE]),
+    M("classes", MS, "        model.eval()\n        probes.eval()\n", "        probes.eval()\n",
+      "MSLR held-out metric with the model in train mode", "mode", [BC_MODE]),
+    M("classes", MR, "drop = torch.rand(batch_size, generator=generator) < hp.p_drop",
+      "drop = torch.rand(batch_size) < hp.p_drop", "MRD drop decision from the global RNG", "rng-source", [BC_RNG]),
+    M("classes", "methods/opm.py", "u = torch.rand((rows, q.numel()), generator=generator, device=dev)",
+      "u = torch.rand((rows, q.numel()), device=dev)", "OPM drop draws from the global RNG", "rng-source", [BC_RNG]),
+    M("classes", "methods/cml.py", "order = torch.rand(n, n_modalities, generator=generator, device=device)",
+      "order = torch.rand(n, n_modalities, device=device)", "CML removal order from the global RNG", "rng-source",
+      [BC_RNG]),
+    M("classes", "methods/remix.py", "perm = grp.indices[torch.randperm(len(grp.indices), generator=g)]",
+      "perm = grp.indices[torch.randperm(len(grp.indices))]", "remix group order from the global RNG", "rng-source",
+      [BC_RNG]),
+    M("classes", OG, "noise = torch.randn(g.shape, generator=generator, device=g.device, dtype=torch.float32)",
+      "noise = torch.randn(g.shape, device=g.device, dtype=torch.float32)", "OGM-GE noise from the global RNG",
+      "rng-source", [BC_RNG]),
+    M("classes", "methods/smv.py", "picks = torch.randint(n, (r,), generator=generator)", "picks = torch.randint(n, (r,))",
+      "SMV sampled subsets from the global RNG", "rng-source", [BC_RNG]),
+    # ---------------------------------------------------------------- MMPareto
+    M("mmpareto", "methods/mmpareto.py",
+      '            flat = ctx.accelerator.reduce(flat, reduction="sum") / ctx.world_size\n', "            pass\n",
+      "fused-loss encoder gradient from this rank's batch only (autograd.grad bypasses DDP's all-reduce)",
+      "rank-local"),
 ]
 
 for _i, _m in enumerate(MUTANTS):

@@ -1,0 +1,171 @@
+"""Bug classes, checked for EVERY registered method at once (a new method is covered the day it is registered):
+
+* train vs eval mode: with a model that has dropout and batch norm, no forward of the run's model outside the
+  engine's training steps (probes, prototypes, held-out metrics, re-learning diagnosis, epoch plans,
+  diagnostics) runs in train mode — it would change the batch-norm statistics and see dropout noise — and
+  every training step starts with the whole model back in train mode;
+* randomness sources: a method draws its randomness from its own seeded generator (``ctx.generator``), never
+  from the global torch / NumPy / Python RNG, which other code (dropout, data libraries) also consumes.
+
+Each method trains one short epoch on a small mfeat; presets of the same class share its code paths and are
+represented by one of them."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from conftest import SMALL_MFEAT
+from torch import nn
+
+from mmbalance.engine import Trainer
+from mmbalance.registry import METHODS, list_methods
+from mmbalance.testing import build_trainer
+
+SETS = {**SMALL_MFEAT, "dataset.views": "[fac,fou]", "train.modality_eval": "none", "train.diagnostics": "none",
+        "train.max_steps_per_epoch": 2}
+#: methods whose set-up or feature passes need more than one epoch
+EPOCHS = {"reconboost": 2, "relearning": 2}
+#: settings that make a method's feature passes and random draws happen within the short run
+METHOD_SETS = {"relearning": {"reinit_every": 1}, "remix": {"warmup_epochs": 0}, "smv": {"warmup_epochs": 0}}
+#: presets with code paths of their own (a held-out pass, a random pick) besides one name per class
+EXTRA = ["lfm_learnable", "greedy_random"]
+
+
+def one_per_class() -> list[str]:
+    """The base name of every method class (a preset where the class has no plain name), plus :data:`EXTRA`."""
+    seen: dict[type, str] = {}
+    for name in list_methods():
+        factory = METHODS.get(name).factory
+        if getattr(factory, "accepts_name_argument", False):
+            continue
+        if name == getattr(factory, "name", None) or factory not in seen:
+            seen[factory] = name
+    return sorted(set(seen.values()) | set(EXTRA))
+
+
+def _trainer(name: str, tmp_path, sets=None) -> Trainer:
+    return build_trainer(name, "mfeat", run_dir=tmp_path / name, epochs=EPOCHS.get(name, 1),
+                         output_dir=tmp_path / "shared", sets={**SETS, **METHOD_SETS.get(name, {}), **(sets or {})})
+
+
+@pytest.fixture
+def bn_dropout_encoders(monkeypatch):
+    """mfeat's MLP encoders with batch norm and dropout: Linear → BatchNorm1d → ReLU → Dropout(0.3) → Linear → ReLU."""
+    import mmbalance.models.encoders as enc
+
+    def init(self, in_dim, hidden=128, out_dim=64, dropout=0.0):
+        nn.Sequential.__init__(self, nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(0.3),
+                               nn.Linear(hidden, out_dim), nn.ReLU())
+        self.out_dim = out_dim
+
+    monkeypatch.setattr(enc.MLPEncoder, "__init__", init)
+
+
+def test_feature_passes_run_in_eval_mode_and_training_steps_in_train_mode(tmp_path, monkeypatch, bn_dropout_encoders):
+    in_steps = [0]
+    real_steps = Trainer._train_steps
+
+    def counted(self, *a, **k):  # the engine's training steps (forward, backward, hooks, optimizer step)
+        in_steps[0] += 1
+        try:
+            return real_steps(self, *a, **k)
+        finally:
+            in_steps[0] -= 1
+
+    monkeypatch.setattr(Trainer, "_train_steps", counted)
+    problems: list[str] = []
+    for name in one_per_class():
+        tr = _trainer(name, tmp_path)
+        model = tr.ctx.raw_model
+        own = {id(m) for m in model.modules() if isinstance(m, nn.BatchNorm1d)}
+        assert own, "the test model has no batch norm"
+
+        def hook(mod, inp, name=name, own=own):  # copies (G-Blending's sub-networks) carry the hook, not the model
+            if id(mod) in own and mod.training and not in_steps[0]:
+                problems.append(f"{name}: a forward of the model outside the training steps runs in train mode")
+
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.register_forward_pre_hook(hook)
+        meth = tr.method
+        for hook_name in ("training_step", "training_substeps"):
+            original = getattr(meth, hook_name)
+
+            def entry(ctx, batch, original=original, name=name):
+                off = [n for n, m in ctx.raw_model.named_modules()
+                       if isinstance(m, (nn.BatchNorm1d, nn.Dropout)) and not m.training]
+                if off:
+                    problems.append(f"{name}: a training step starts with {off[:2]} in eval mode")
+                return original(ctx, batch)
+
+            setattr(meth, hook_name, entry)
+        tr.fit()
+    assert not problems, "\n".join(sorted(set(problems)))
+
+
+def test_methods_draw_randomness_from_their_generator_not_the_global_rngs(tmp_path):
+    problems: list[str] = []
+    for name in one_per_class():
+        tr = _trainer(name, tmp_path)  # mfeat's model has no dropout: nothing else draws during an epoch
+        meth, seen = tr.method, {}
+        start, end = meth.on_epoch_start, meth.on_epoch_end
+
+        def on_start(ctx, start=start, seen=seen):
+            seen.update(torch=torch.get_rng_state().clone(), np=np.random.get_state()[1].copy(), py=random.getstate())
+            return start(ctx)
+
+        def on_end(ctx, end=end, name=name, seen=seen):
+            out = end(ctx)
+            drawn = [k for k, same in (("torch", torch.equal(seen["torch"], torch.get_rng_state())),
+                                       ("numpy", np.array_equal(seen["np"], np.random.get_state()[1])),
+                                       ("random", seen["py"] == random.getstate())) if not same]
+            if drawn:
+                problems.append(f"{name}: the epoch drew from the global {', '.join(drawn)} RNG")
+            return out
+
+        meth.on_epoch_start, meth.on_epoch_end = on_start, on_end
+        tr.fit()
+    assert not problems, "\n".join(problems)
+
+
+#: Every preset's bound values, from its method page (docs/methods/<method>.md) and the paper or code it
+#: reproduces. A new preset must be added here: the test fails for a preset it does not know.
+PRESETS = {
+    "arl_released": ("arl", {"weights": "fixed_half"}),
+    "cggm_paper": ("cggm", {"cos_source": "grads_same_step", "rho_in_b": True}),
+    "gblending_offline": ("gblending", {"mode": "offline"}),
+    "gblending_offline_robust": ("gblending", {"mode": "offline", "noise_floor": True}),
+    "greedy_random": ("greedy", {"mode": "random"}),
+    "greedy_vanilla": ("greedy", {"epsilon": float("inf")}),
+    "inforeg_official": ("inforeg", {"constants": "fixed"}),
+    "lfm_learnable": ("lfm", {"schedule": "learned"}),
+    "mla_alternate": ("mla", {"schedule": "alternate"}),
+    "mla_released": ("mla", {"head_projection": False}),
+    "mslr_grad_scale": ("mslr", {"form": "grad_scale"}),
+    "multitask_strong": ("multitask", {"gamma": 4.0}),
+    "ogm": ("ogm_ge", {"ge": False}),
+    "pmr_paper": ("pmr", {"coef_rule": "smooth"}),
+    "qmf_rgbd": ("qmf", {"detach_w": False, "lambda_rank": 0.1, "history_update": "after"}),
+    "reconboost_official_schedule": ("reconboost", {"e1": 4, "e2": 4, "optimizer": "official"}),
+    "reconboost_pretrained": ("reconboost", {"init_from_unimodal": True}),
+}
+
+
+def test_every_preset_binds_exactly_its_documented_values():
+    """A preset is its base method with some values bound: those values, and every other hyperparameter at
+    the base method's default (a preset that binds a wrong value, an extra one, or a misspelt key fails)."""
+    from conftest import REPO
+
+    from mmbalance.config import to_jsonable
+    from mmbalance.registry import create_method
+
+    presets = {n for n in list_methods() if METHODS.get(n).defaults and METHODS.get(n).factory.name != n}
+    assert presets == set(PRESETS), f"presets without an expectation here: {sorted(presets - set(PRESETS))}"
+    for name, (base, bound) in PRESETS.items():
+        assert issubclass(METHODS.get(name).factory, METHODS.get(base).factory), name
+        got, ref = to_jsonable(create_method(name).hp), to_jsonable(create_method(base).hp)
+        assert {k: got[k] for k in bound} == to_jsonable(bound), name
+        assert {k: v for k, v in got.items() if k not in bound} == {k: v for k, v in ref.items() if k not in bound}, name
+        assert f"`{name}`" in (REPO / "docs" / "methods" / f"{base}.md").read_text(), f"{name} is not on {base}'s page"
