@@ -835,6 +835,8 @@ class Trainer:
                     after_backward(ctx)
                 if diag is not None:
                     diag.after_edit()
+                if ctx.perturbations.active:  # a SAM-like method left θ perturbed (mmbalance/sam.py)
+                    ctx.perturbations.check_restored()
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 self._set_lrs(schedule.factor(pos.epoch, min(step, max(0, ctx.steps_per_epoch - 1))))

@@ -38,6 +38,7 @@ from torch import nn
 
 from .errors import MethodNotApplicable
 from .models.base import ModelOutput
+from .sam import Perturbation, Perturbations, frozen_norm_stats, synced_grads
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -144,6 +145,7 @@ class StepContext:
         self.train_batches: Callable[..., Iterator[dict[str, torch.Tensor]]] | None = None
         self._logs: dict[str, list[float | torch.Tensor]] = {}
         self._vec_logs: dict[tuple[str, ...], list[torch.Tensor]] = {}  # log_many: one vector per call
+        self.perturbations = Perturbations()  # SAM-like methods' active perturbations (mmbalance/sam.py)
 
     # ---------------------------------------------------------------- conveniences
     @property
@@ -203,6 +205,23 @@ class StepContext:
         self.extra[name] = ExtraModule(module, trainable, lr, own_optimizer)
         self.modules[name] = module
         return module
+
+    # ---------------------------------------------------------------- SAM-like steps (mmbalance/sam.py)
+    def synced_grads(self, loss: torch.Tensor, params, *, retain_graph: bool = False
+                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """∇_params loss (float32, unscaled under fp16, averaged over processes: autograd.grad bypasses
+        DDP's reducer) and a finiteness flag identical on every rank. See :func:`mmbalance.sam.synced_grads`."""
+        return synced_grads(self.accelerator, loss, params, retain_graph=retain_graph)
+
+    def perturb(self, params, deltas) -> Perturbation:
+        """θ ← θ + δ in place; ``handle.restore()`` (in ``after_backward``) puts θ back bit-exactly. The
+        engine raises before an optimizer step while a handle is active."""
+        return self.perturbations.perturb(params, deltas)
+
+    def frozen_norm_stats(self):
+        """Context manager: the model's normalisation running statistics are restored on exit (a second
+        forward at perturbed weights does not update them)."""
+        return frozen_norm_stats(self.raw_model)
 
     def reduce_sum(self, x: torch.Tensor | float) -> torch.Tensor:
         t = torch.as_tensor(x, dtype=torch.float64, device=self.device).clone()
