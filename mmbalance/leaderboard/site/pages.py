@@ -211,6 +211,8 @@ IDENTITY = ("dataset", "method")
 def detail_table(site: SiteData, ds: DatasetData, root: str) -> str:
     """Every results.csv column with a value on this dataset; ``X_mean``/``X_std`` pairs become one cell."""
     cols_in = [c for c in ds.columns if c not in IDENTITY]
+    # the measurements first (test metrics, then diagnostics), then counts, tests and bookkeeping
+    cols_in.sort(key=lambda c: (0 if c.startswith("test_") else 1 if c.startswith("diag_") else 2))
     cols: list[Col] = [Col("method")]
     plan: list[tuple[str, str | None]] = []
     for c in cols_in:
@@ -245,9 +247,12 @@ def detail_table(site: SiteData, ds: DatasetData, root: str) -> str:
 
 
 def _short(x: float, raw: str) -> str:
+    """Integers as written, other numbers with 4 decimals (small p-values in scientific notation)."""
     if not math.isfinite(x):
         return raw or DASH
-    return raw if float(x).is_integer() and "." not in raw and "e" not in raw else f"{x:.4g}"
+    if float(x).is_integer() and "." not in raw and "e" not in raw:
+        return raw
+    return f"{x:.4f}" if x == 0 or abs(x) >= 1e-4 else f"{x:.2e}"
 
 
 # ------------------------------------------------------------------------------------------ overview
