@@ -589,27 +589,34 @@ def random_resized_crop(h: int, w: int, rng: np.random.Generator, scale: tuple[f
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
+_NORM_SCALE = 1.0 / (torch.tensor(IMAGENET_STD).view(3, 1, 1, 1) * 255.0)
+_NORM_SHIFT = -torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1) / torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
+
+
 def frame_tensor(frames: np.ndarray, train: bool, rng: np.random.Generator | None, aspect: float,
                  per_frame: bool = True) -> torch.Tensor:
     """uint8 [T, S, S, 3] → normalised float32 [3, T, S, S]. Training: per frame (or one draw per clip)
     RandomResizedCrop with the ratio range × ``aspect`` (native h / w, so crops are distributed as on the
-    native frame), bilinear resize back to S², horizontal flip with p 0.5."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # [T, 3, S, S]
+    native frame), bilinear resize back to S² (antialiased, as Pillow), horizontal flip with p 0.5; the crop
+    is cut from the uint8 frame before the conversion to float. Then ImageNet mean/std."""
+    u8 = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # [T, 3, S, S] uint8 view
     if train and rng is not None:
-        s = x.shape[-1]
+        s = u8.shape[-1]
         out = []
         draw = None
-        for k in range(len(x)):
+        for k in range(len(u8)):
             if draw is None or per_frame:
                 draw = (random_resized_crop(s, s, rng, ratio=(3 / 4 * aspect, 4 / 3 * aspect)), rng.random() < 0.5)
             (top, left, ch, cw), flip = draw
-            crop = x[k:k + 1, :, top:top + ch, left:left + cw]
-            crop = F.interpolate(crop, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+            crop = u8[k:k + 1, :, top:top + ch, left:left + cw].float()
+            if (ch, cw) != (s, s):
+                crop = F.interpolate(crop, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
             out.append(crop.flip(-1) if flip else crop)
         x = torch.cat(out)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
-    return ((x - mean) / std).permute(1, 0, 2, 3).contiguous()
+    else:
+        x = u8.float()
+    x = x.permute(1, 0, 2, 3)  # [3, T, S, S]
+    return (x * _NORM_SCALE + _NORM_SHIFT).contiguous()
 
 
 class AVClipDataset(Dataset):

@@ -94,8 +94,9 @@ class MultimodalData:
                 raise DatasetFormatError(f"dataset {self.name or '?'}: the {split_name} split is empty")
 
     def check_modalities(self) -> None:
-        """The modality names must agree everywhere: ``modalities``, ``input_shapes`` and (in-memory splits)
-        each split's inputs, with the per-sample shapes that ``input_shapes`` declares."""
+        """The modality names must agree everywhere: ``modalities``, ``input_shapes`` and each split's inputs,
+        with the per-sample shapes that ``input_shapes`` declares (in-memory splits entirely, map-style splits
+        on their first item, which must also carry ``label`` and ``idx``)."""
         where = f"dataset {self.name or '?'}"
         mods = list(self.modalities)
         if set(self.input_shapes) != set(mods):
@@ -104,6 +105,7 @@ class MultimodalData:
         for split_name in ("train", "val", "test"):
             split = getattr(self, split_name)
             if not isinstance(split, TensorSplit):
+                self._check_map_style_item(split_name, split)
                 continue
             missing = [m for m in mods if m not in split.inputs]
             if missing:
@@ -114,6 +116,22 @@ class MultimodalData:
                 if shape != tuple(self.input_shapes[m]):
                     raise DatasetFormatError(f"{where}: modality {m!r} of the {split_name} split has per-sample "
                                              f"shape {shape} but input_shapes[{m!r}] = {tuple(self.input_shapes[m])}")
+
+    def _check_map_style_item(self, split_name: str, split: Dataset) -> None:
+        where = f"dataset {self.name or '?'}"
+        item = split[0]
+        if not isinstance(item, dict):
+            raise DatasetFormatError(f"{where}: the {split_name} split returns {type(item).__name__} items; a map-style "
+                                     "split must return a dict {modality: tensor, ..., 'label': ..., 'idx': position}")
+        absent = [k for k in (*self.modalities, "label", "idx") if k not in item]
+        if absent:
+            raise DatasetFormatError(f"{where}: items of the {split_name} split lack key(s) {absent} (found "
+                                     f"{sorted(item)}; expected the modalities {list(self.modalities)}, 'label', 'idx')")
+        for m in self.modalities:
+            shape = tuple(torch.as_tensor(item[m]).shape)
+            if shape != tuple(self.input_shapes[m]):
+                raise DatasetFormatError(f"{where}: modality {m!r} of the {split_name} split has per-sample shape "
+                                         f"{shape} but input_shapes[{m!r}] = {tuple(self.input_shapes[m])}")
 
     @property
     def in_memory(self) -> bool:
