@@ -49,6 +49,8 @@ def test_every_method_one_epoch_on_the_cached_store(method, tiny_store, tmp_path
     if method.startswith("reconboost"):  # one stage = e1 + e2 passes
         sets.update({"e1": 1, "e2": 1})
         epochs = 2
+    if method.startswith("gblending"):  # its estimate trains sub-networks for first_super_epoch (10) epochs
+        sets["first_super_epoch"] = 1
     rd = tmp_path / "run"
     code = main(cli_args(method, "cremad", epochs=epochs, run_dir=rd, sets=sets))
     if code == 2:  # a method may refuse, saying why
