@@ -363,3 +363,25 @@ def test_a_column_the_report_gains_shows_on_the_detail_page_and_a_lost_one_leave
     assert ">mde_accuracy<" in detail and "0.0123 ± 0.0010" in detail
     compact = pages.compact_table(site, ds, "../")
     assert "p (Holm)" not in compact and "Δ vs baseline" in compact
+
+
+def test_a_failed_site_build_leaves_the_previous_site(tmp_path, monkeypatch):
+    """Rendering happens in a staging folder: a failure half-way (here: a full disk while drawing the first
+    figure) raises a one-line error and leaves the previous site and nothing else."""
+    from mmbalance.errors import RunFileWriteError
+    from mmbalance.leaderboard.report import build_report
+    from mmbalance.leaderboard.site import figures, write_site
+
+    suite, specs = _site_fixture(tmp_path)
+    out = tmp_path / "out"
+    (out / "site").mkdir(parents=True)
+    (out / "site" / "index.html").write_text("previous site")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(figures, "forest", full_disk)
+    with pytest.raises(RunFileWriteError, match="No space left on device; the previous site is unchanged"):
+        write_site(build_report(suite, specs), out)
+    assert (out / "site" / "index.html").read_text() == "previous site"
+    assert sorted(p.name for p in out.iterdir()) == ["site"]  # no staging folder left behind
