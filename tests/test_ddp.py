@@ -84,16 +84,18 @@ STATE_CHECKS = {
                             and st["method_state"]["copies"].shape[0] == res["num_train_samples"]),
     # LFM: the same 8 held-out samples and the same α on both ranks (α compared above)
     "lfm_learnable": lambda st, res: len(st["method_state"]["heldout_idx"]) == 8,
+    # AMCo: the dependence flags come from shares of the global batch (some modality is dependent at σ = 0.335)
+    "amco": lambda st, res: bool(st["method_state"]["flags"].any()) or bool((st["method_state"]["shares"] > 0.335).any()),
 }
 
 
 #: Extra settings so that the method's statistic is live within the 2 epochs.
-METHOD_SETS = {"greedy": ["start_epoch=0"], "opm": ["p_exe=1"], "arl": ["start=-1"]}
+METHOD_SETS = {"greedy": ["start_epoch=0"], "opm": ["p_exe=1"], "arl": ["start=-1"], "amco": ["sigma=0.335"]}
 
 
 @pytest.mark.ddp
 @pytest.mark.parametrize("method", ["ogm_ge", "agm", "pmr", "gblending", "qmf", "mslr", "mrd", "greedy", "opm",
-                                    "arl", "smv", "lfm_learnable", "cml", "mmpareto"])
+                                    "arl", "smv", "lfm_learnable", "cml", "mmpareto", "amco"])
 def test_two_process_methods_keep_replicas_identical(tmp_path, method):
     """Every statistic that sets a coefficient is reduced across ranks (and noise/masks come from a
     generator seeded identically everywhere), so the replicas must not drift apart. Identical

@@ -40,6 +40,11 @@ NOT_APPLICABLE = {
     ("lfm", "mosi-synth"): "a regression output has none",
     ("lfm_learnable", "mosi-synth"): "a regression output has none",
     ("cml", "mosi-synth"): "no predictive confidence",
+    ("amco", "mosi-synth"): "does not support regression",
+    ("amco_bb", "mosi-synth"): "does not support regression",
+    ("amco_bb", "iemocap-synth"): "needs a concat-linear head",
+    ("amco_bb", "food101-synth"): "needs a concat-linear head",
+    ("amco_bb", "brats-synth"): "needs a concat-linear head",
 }
 #: models Greedy must switch to (its MMTM variants of the canonical models)
 GREEDY_MODEL = {"mosi-synth": "msa_mmtm", "iemocap-synth": "msa_mmtm", "food101-synth": "msa_mmtm",
