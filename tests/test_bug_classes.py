@@ -28,7 +28,8 @@ SETS = {**SMALL_MFEAT, "dataset.views": "[fac,fou]", "train.modality_eval": "non
 #: methods whose set-up or feature passes need more than one epoch
 EPOCHS = {"reconboost": 2, "relearning": 2}
 #: settings that make a method's feature passes and random draws happen within the short run
-METHOD_SETS = {"relearning": {"reinit_every": 1}, "remix": {"warmup_epochs": 0}, "smv": {"warmup_epochs": 0}}
+METHOD_SETS = {"relearning": {"reinit_every": 1}, "remix": {"warmup_epochs": 0}, "smv": {"warmup_epochs": 0},
+               "smv_modality": {"warmup_epochs": 0}, "opm": {"warmup_epochs": 0}}
 #: presets with code paths of their own (a held-out pass, a random pick) besides one name per class
 EXTRA = ["lfm_learnable", "greedy_random"]
 
@@ -133,6 +134,7 @@ def test_methods_draw_randomness_from_their_generator_not_the_global_rngs(tmp_pa
 #: Every preset's bound values, from its method page (docs/methods/<method>.md) and the paper or code it
 #: reproduces. A new preset must be added here: the test fails for a preset it does not know.
 PRESETS = {
+    "amco_bb": ("amco", {"mask_target": "logit"}),
     "arl_released": ("arl", {"weights": "fixed_half"}),
     "cggm_paper": ("cggm", {"cos_source": "grads_same_step", "rho_in_b": True}),
     "gblending_offline": ("gblending", {"mode": "offline"}),
