@@ -37,6 +37,7 @@ PARTS = (
     ("diag_steps", "per-step and per-epoch diagnostics hooks"),
     ("validation", "validation every epoch (full model)"),
     ("val_per_modality", "per-modality validation every epoch"),
+    ("val_shared", "validation + per-modality validation in one pass"),
     ("checkpoints", "checkpoints, metrics.jsonl, config.json writes and reads"),
     ("final_eval", "final test + per-modality evaluation (selected model)"),
     ("final_diag", "final diagnostics (probes, Shapley, permutation)"),
@@ -97,6 +98,8 @@ def instrument() -> ExclusiveTimers:
         t.wrap(runtime.Diagnostics, hook, "diag_steps")
     t.wrap(T, "evaluate", "validation", inherit=True)
     t.wrap(T, "evaluate_per_modality", "val_per_modality", inherit=True)
+    if hasattr(T, "evaluate_with_modalities"):  # the full and per-modality passes in one (shared encoders)
+        t.wrap(T, "evaluate_with_modalities", "val_shared", inherit=True)
     for name in ("_save", "_save_last", "_write_metrics", "_write_config", "_read_checkpoint", "_load_last"):
         t.wrap(T, name, "checkpoints")
     t.wrap(T, "_finish", "final_eval")

@@ -79,6 +79,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "eval_batch_size": 256,
 }
 CODE_TRAIN_DEFAULTS = {"weight_decay": 6e-3, "epochs": 60}
+#: DataLoader workers of the memory-mapped Arrow storage (train.num_workers; the in-memory path needs none)
+ARROW_NUM_WORKERS = 4
 # CGGM on Food-101 (paper Table 7): ρ 1.3, λ 0.15 (code: 0.05), classifier lr 5e-4 and weight decay 3e-3
 # (Table 7 / code; methods/cggm.md §4).
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"cggm": {"rho": 1.3, "lam": 0.15, "cls_lr": 5e-4, "cls_weight_decay": 3e-3}}
@@ -429,6 +431,8 @@ def build(options: Food101Options, data_dir: str | Path | None = None) -> Multim
         return TensorSplit(x, torch.as_tensor(table.column("label").to_numpy(), dtype=torch.long))
 
     train_defaults = {**TRAIN_DEFAULTS, **(CODE_TRAIN_DEFAULTS if o.hparam_source == "code" else {})}
+    if not in_memory:  # the memory-mapped Arrow path reads and collates in loader workers (same order, same numbers)
+        train_defaults["num_workers"] = ARROW_NUM_WORKERS
     method_defaults = {k: {**v, **(CODE_METHOD_DEFAULTS.get(k, {}) if o.hparam_source == "code" else {})}
                        for k, v in METHOD_DEFAULTS.items()}
     if o.pooled_model:

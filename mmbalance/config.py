@@ -208,8 +208,9 @@ class TrainConfig:
     cudnn_benchmark: bool = True
     #: CUDA only: channels_last memory format for models with 2-D convolutions (and their image inputs)
     channels_last: bool = True
-    #: torch.compile the model (opt-in; the first epoch pays the compilation)
+    #: torch.compile the model (opt-in; the first epoch pays the compilation), with this backend
     compile: bool = False
+    compile_backend: str = "inductor"
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -234,7 +235,7 @@ RUNTIME_SETTINGS = frozenset({"checkpoint_interval"})
 #: Settings added after results were recorded that can change numbers on a GPU only (CPU runs are identical):
 #: part of the config hash only when set to something other than their default, so the hash (and the default
 #: run folder) of every earlier configuration stays what it was.
-HASHED_WHEN_CHANGED = frozenset({"tf32", "cudnn_benchmark", "channels_last", "compile"})
+HASHED_WHEN_CHANGED = frozenset({"tf32", "cudnn_benchmark", "channels_last", "compile", "compile_backend"})
 
 
 def hashed_train_settings(cfg: TrainConfig) -> dict[str, Any]:

@@ -229,7 +229,7 @@ class Position:
 def make_accelerator(mixed_precision: str, find_unused_parameters: bool, log_with: list[str] | None = None,
                      project_dir: str | Path | None = None):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 
     kwargs = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -240,7 +240,9 @@ def make_accelerator(mixed_precision: str, find_unused_parameters: bool, log_wit
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     try:
+        # non_blocking: prepared DataLoaders copy their (pinned, on CUDA) batches to the device asynchronously
         acc = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[kwargs], log_with=log_with or None,
+                          dataloader_config=DataLoaderConfiguration(non_blocking=True),
                           project_dir=str(project_dir) if project_dir is not None else None)
     except ValueError as exc:
         raise ConfigError(f"mixed_precision={mixed_precision!r} is not available here ({exc}); "
@@ -298,6 +300,7 @@ class Trainer:
         except TypeError as exc:
             raise ConfigError(f"model {name!r}: bad option ({exc}); check the 'model.*' settings") from None
         self.model_description = {"name": name, "kwargs": kwargs, "modalities": modalities}
+        self.acceleration = self._configure_device(model)
         ctx = StepContext(accelerator=acc, model=model, data=self.data, task=self.task, config=self.config, seed=seed)
         self.ctx = ctx
         self.train_split = self.data.train
@@ -316,6 +319,8 @@ class Trainer:
                 groups.append({"params": list(ex.module.parameters()), "name": ex_name})
         optimizer = build_optimizer(groups, self.cfg)
         model, optimizer = acc.prepare(model, optimizer)
+        if self.cfg.compile:  # in place: same module object, state_dict keys and submodules
+            model.compile(backend=self.cfg.compile_backend)
         ctx.model, ctx.optimizer = model, optimizer
         for ex_name, ex in ctx.extra.items():
             if not ex.trainable:
@@ -329,6 +334,24 @@ class Trainer:
         self.loader_train = self._make_train_iterable(self.train_split, self.cfg.batch_size)
         self.diag = Diagnostics(self)  # imbalance diagnostics (train.diagnostics); never changes training
         torch.manual_seed(seed + 2)  # the training RNG stream (dropout) is the same for every method
+
+    def _configure_device(self, model: torch.nn.Module) -> dict[str, Any]:
+        """CUDA speed settings (``train.tf32``, ``train.cudnn_benchmark``, ``train.channels_last``; none of them
+        applies on the CPU, where runs stay bit-reproducible) and ``train.compile``. Returns what was applied
+        (recorded in config.json as ``acceleration``)."""
+        cfg = self.cfg
+        cuda = self.accelerator.device.type == "cuda"
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.tf32
+            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+        convs = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+        channels_last = cuda and cfg.channels_last and convs
+        if channels_last:  # 4-D parameters in NHWC; convolutions then return NHWC activations (cuDNN's fast path)
+            model.to(memory_format=torch.channels_last)
+        return {"device": self.accelerator.device.type, "tf32": cuda and cfg.tf32,
+                "cudnn_benchmark": cuda and cfg.cudnn_benchmark, "channels_last": channels_last,
+                "compile": cfg.compile and cfg.compile_backend}
 
     def _carve_heldout(self, split):
         """Held-out part of TRAIN, seeded by the dataset's resolved split seed (same for every method)."""
@@ -370,7 +393,8 @@ class Trainer:
             return TensorBatcher(self._on_device(split), batch_size, shuffle=shuffle, seed=seed, rank=acc.process_index,
                                  world_size=acc.num_processes, device=acc.device)
         return acc.prepare_data_loader(make_loader(split, batch_size, shuffle=shuffle, seed=seed,
-                                                   num_workers=self.cfg.num_workers))
+                                                   num_workers=self.cfg.num_workers,
+                                                   pin_memory=acc.device.type == "cuda"))
 
     def _train_batch_iterator(self, split: str = "train", batch_size: int | None = None, shuffle: bool = False,
                               key: int = 0) -> Iterator[dict[str, torch.Tensor]]:
@@ -924,7 +948,9 @@ class Trainer:
                     batch["idx"] = chunk
                     if tags is not None:
                         batch["plan_tag"] = tags[start:start + bsz]
-                    batch = send_to_device(batch, acc.device)
+                    if acc.device.type == "cuda":  # pinned, so that the copy below does not block
+                        batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+                    batch = send_to_device(batch, acc.device, non_blocking=True)
                 yield batch, present
 
     def fit(self) -> dict[str, Any]:
@@ -1066,7 +1092,8 @@ class Trainer:
             payload = {**to_jsonable(self.config), "train": to_jsonable(self.cfg),
                        "method_hparams": to_jsonable(self.method.hp), "model_resolved": self.model_description,
                        "dataset_info": to_jsonable(self.data.info), "synthetic": self.data.synthetic,
-                       "config_hash": self.hash, "world_size": self.accelerator.num_processes}
+                       "config_hash": self.hash, "world_size": self.accelerator.num_processes,
+                       "acceleration": self.acceleration}
             runfiles.atomic_write_json(self.run_dir / runfiles.CONFIG_FILE, payload)
 
     def _finish(self, pos: Position, wall: float) -> dict[str, Any]:

@@ -284,8 +284,9 @@ def test_cli_baseline_and_cggm_end_to_end(env, run_cli):
     code, run_dir, res = run_cli("baseline", "food101", epochs=1, sets=sets)
     assert code == 0 and res is not None
     assert {"accuracy", "f1_macro", "f1_weighted"} <= set(res["test"]), res["test"]
-    code, _, res = run_cli("baseline", "food101", epochs=1, sets=sets | {"dataset.storage": "arrow"},
-                           run_dir=run_dir.parent / "arrow")  # memory-mapped Arrow / DataLoader path
+    code, _, res = run_cli("baseline", "food101", epochs=1, sets=sets | {"dataset.storage": "arrow",
+                                                                         "train.num_workers": 1, "train.diagnostics": "none"},
+                           run_dir=run_dir.parent / "arrow")  # memory-mapped Arrow / DataLoader path, a loader worker
     assert code == 0 and res is not None
     data = create_dataset("food101", **_opts(env, format="csv"))  # csv has no dev split: carved, 1 per class
     assert "carved from train" in data.info["validation"] and len(data.val) == 3 and len(data.train) == 6

@@ -16,6 +16,7 @@ def test_logsumexp_rows_is_scipys_bit_for_bit():
     z[1, :2] = z[1].max() + 1  # two entries tie at the maximum
     z[2] = [-1e300] * 9 + [0.0]  # every other entry underflows: the sum is 0
     assert np.array_equal(P.logsumexp_rows(z), logsumexp(z, axis=1))
+    assert np.array_equal(P.logsumexp_rows(z[3:]), logsumexp(z[3:], axis=1))  # no ties: the fast path
 
 
 def test_probe_objective_with_labels_equals_the_one_hot_form():
@@ -97,3 +98,21 @@ def test_per_modality_evaluation_shares_the_encoders_and_gives_the_same_numbers(
     if method == "baseline":  # each encoder: the two real batches once, plus one neutral sample per call
         assert all(sorted(rows[m]) == [1, 16, 24] for m in mods), rows
     assert tr.ctx.model.training and torch.is_grad_enabled()  # train mode and gradients back on
+
+
+@pytest.mark.parametrize("method", ["baseline", "ogm_ge"])  # ogm_ge edits the encoders' gradients
+def test_compiled_model_trains_to_the_same_numbers(run_cli, tmp_path, method):
+    import json
+
+    sets = {"dataset.limit_per_class": 20, "train.max_steps_per_epoch": 3, "train.diagnostics": "none",
+            "train.modality_eval": "none"}
+    _, _, plain = run_cli(method, sets=sets, epochs=2, run_dir=tmp_path / "plain")
+    code, rd, compiled = run_cli(method, sets={**sets, "train.compile": True, "train.compile_backend": "eager"},
+                                 epochs=2, run_dir=tmp_path / "compiled")
+    assert code == 0
+    assert json.loads((rd / "config.json").read_text())["acceleration"]["compile"] == "eager"
+    for split in ("val", "test"):
+        for k, v in plain[split].items():
+            assert compiled[split][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (split, k)
+    assert compiled["method_metrics"].keys() == plain["method_metrics"].keys()
+    assert compiled["config_hash"] != plain["config_hash"]  # a compiled run is its own configuration

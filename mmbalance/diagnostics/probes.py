@@ -56,8 +56,10 @@ def logsumexp_rows(z: np.ndarray) -> np.ndarray:
     k = the number of entries equal to the row maximum."""
     z_max = z.max(axis=1, keepdims=True)
     at_max = z == z_max
-    k = at_max.sum(axis=1, keepdims=True, dtype=z.dtype)
     s = np.exp(np.where(at_max, -np.inf, z) - z_max).sum(axis=1, keepdims=True, dtype=z.dtype)
+    if np.count_nonzero(at_max) == len(z):  # no ties (the usual case): k = 1, s / 1 = s and log 1 = +0 are exact
+        return (np.log1p(s) + z_max)[:, 0]
+    k = at_max.sum(axis=1, keepdims=True, dtype=z.dtype)
     s = np.where(s == 0, s, s / k)
     out = np.log1p(s) + np.log(k) + z_max
     return out[:, 0]
