@@ -181,7 +181,7 @@ def test_bad_suites_are_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="unknown key"):
         load_suite(write_suite(tmp_path, "bad", 'datasets = ["mfeat"]\nmethod = ["baseline"]\n'))
-    with pytest.raises(ConfigError, match="seeds"):
+    with pytest.raises(ConfigError, match="replicates"):
         load_suite(write_suite(tmp_path, "bad2", 'datasets = ["mfeat"]\nseeds = 0\n'))
     assert main(["plan", str(tmp_path / "nope.toml")]) == 2
     assert main(["run", str(write_suite(tmp_path, "bad3", 'datasets = ["mfeat"]\nmethods = ["no_such"]\n')),
@@ -387,43 +387,68 @@ def test_submitit_local_executor(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ report
-def test_statistics_are_the_stats_module_outputs(tmp_path):
+def test_statistics_match_an_independent_paired_t_test_and_holm(tmp_path):
+    from scipy.stats import ttest_rel
+
     suite, specs = make_fixture(tmp_path)
     rep = build_report(suite, specs)
     ds = {d.name: d for d in rep.datasets}
     mf = ds["mfeat"]
+    v = mf.verdict
     base = mf.rows["baseline"].test["accuracy"]
-    tested = ["alpha", "beta", "gamma", "napp"]
-    comps = []
+    tested = ["alpha", "beta", "gamma", "napp"]  # no `primary` list: every method row is in the family
+    assert v.family == tested
+    raw = []
     for row in tested:
         vals = mf.rows[row].test["accuracy"]
         seeds = sorted(set(vals) & set(base))
-        comps.append(stats.paired_comparison([vals[s] for s in seeds], [base[s] for s in seeds]))
-    assert mf.rows["gamma"].comparison.n == 4  # seed 3 failed: paired on the 4 others
-    holm_t = stats.holm_correction([c.p_ttest for c in comps])
-    holm_w = stats.holm_correction([c.p_wilcoxon for c in comps])
-    for row, c, pt, pw in zip(tested, comps, holm_t, holm_w):
-        r = mf.rows[row]
-        assert r.comparison == c
-        assert r.p_t_holm == pt and r.p_w_holm == pw and r.marker == stats.significance_marker(pt)
-    assert mf.rows["alpha"].marker != ""  # a consistent +0.03 over 5 seeds is significant
-    assert mf.rows["unimodal:fac"].comparison is not None and math.isnan(mf.rows["unimodal:fac"].p_t_holm)
-    # across datasets: napp has no result on mfeat-hard and is not ranked
-    cross = rep.cross
-    assert cross.rows == ["baseline", "alpha", "beta", "gamma"] and "napp" in cross.excluded
-    scores = np.array([[d.rows[r].mean("accuracy") for r in cross.rows] for d in rep.datasets])
-    fr = stats.friedman_test(scores)
-    assert cross.friedman == fr
-    assert cross.cd == stats.nemenyi_critical_difference(4, 2)
-    assert cross.groups == stats.nemenyi_groups(dict(zip(cross.rows, fr.avg_ranks)), cross.cd)
+        raw.append(float(ttest_rel([vals[s] for s in seeds], [base[s] for s in seeds]).pvalue))
+    # gamma's failed seed has no worst-case value in these fake runs: not testable, counted at p = 1 in the family
+    raw[2] = 1.0
+    # Holm by hand: sort ascending, multiply by m, m-1, ..., running maximum, cap at 1
+    order = sorted(range(4), key=lambda i: raw[i])
+    holm, run = [0.0] * 4, 0.0
+    for j, i in enumerate(order):
+        run = max(run, min(1.0, (4 - j) * raw[i]))
+        holm[i] = run
+    assert mf.rows["gamma"].comparison.n == 4  # seed 3 failed and no prior-predictor value is recorded: 4 pairs
+    assert v.rows["gamma"].columns["metric"].status.startswith("not testable")
+    for row, p, ph in zip(tested, raw, holm):
+        col = v.rows[row].columns["metric"]
+        if row == "gamma":
+            assert math.isnan(col.p_adj) and col.marker == ""
+            continue
+        assert col.status == "tested"
+        assert col.p == pytest.approx(p, rel=1e-9) and col.p_adj == pytest.approx(ph, rel=1e-9)
+        assert col.marker == stats.significance_marker(ph) and mf.rows[row].marker == col.marker
+    assert v.rows["alpha"].columns["metric"].marker != ""  # a consistent +0.03 over 5 seeds is significant
+    assert v.rows["unimodal:fac"].columns["metric"].status == "reference"
+    assert math.isnan(v.rows["unimodal:fac"].columns["metric"].p_adj)
+    # power: the family's median paired sd and the planned replicates
+    sds = [float(np.std([mf.rows[r].test["accuracy"][s] - base[s] for s in sorted(set(mf.rows[r].test["accuracy"]))],
+                        ddof=1)) for r in tested if r != "gamma"]  # the spread of the tested rows
+    pw = v.power["metric"]
+    assert pw.family == 4 and pw.n == 5 and pw.sd == pytest.approx(float(np.median(sds)))
+    assert pw.mde == pytest.approx(stats.mde_paired_t(pw.sd, 5, family=4))
+    # across datasets: 2 datasets -> no Friedman/Nemenyi; napp has no result on mfeat-hard and is not aggregated
+    assert rep.cross.friedman is None and not rep.aggregate.rank_tests_drawn
+    assert [a.row for a in rep.aggregate.rows] == ["baseline", "alpha", "beta"]
+    assert "napp" in rep.aggregate.excluded and "without a worst-case value" in rep.aggregate.excluded["gamma"]
+    alpha = next(a for a in rep.aggregate.rows if a.row == "alpha")
+    d_means = [np.mean([d.rows["alpha"].test["accuracy"][s] - d.rows["baseline"].test["accuracy"][s]
+                        for s in range(5)]) for d in rep.datasets]
+    assert alpha.delta == pytest.approx(np.mean(d_means)) and alpha.delta_low < alpha.delta < alpha.delta_high
+    assert alpha.poi == pytest.approx(1.0)  # +0.03 beats every baseline replicate on both datasets
     out = write_report(rep, tmp_path / "out")
-    assert (tmp_path / "out" / "figures" / "cd_diagram.png").is_file() and "figure:mfeat-hard" in out
+    assert not (tmp_path / "out" / "figures" / "cd_diagram.png").exists() and "figure:mfeat-hard" in out
+    text = out["readme"].read_text()
+    assert "Friedman test and Nemenyi critical difference not drawn" in text
     import csv
 
     with open(out["csv"]) as fh:
         rows = {(r["dataset"], r["method"]): r for r in csv.DictReader(fh)}
     a = rows[("mfeat", "alpha")]
-    assert float(a["p_ttest_holm"]) == holm_t[0] and float(a["delta"]) == comps[0].mean_diff
+    assert float(a["p_ttest_holm"]) == pytest.approx(holm[0]) and a["role"] == "primary"
     assert float(a["test_accuracy_mean"]) == np.mean(list(mf.rows["alpha"].test["accuracy"].values()))
     assert rows[("mfeat", "gamma")]["failed"] == "1" and rows[("mfeat-hard", "napp")]["n/a"] == "5"
     assert rows[("mfeat-hard", "napp")]["test_accuracy_mean"] == ""
@@ -438,7 +463,7 @@ def test_markdown_matches_golden_and_build_is_byte_identical(tmp_path):
         GOLDEN.write_text(text)
     assert text == GOLDEN.read_text(), "regenerate with MMBALANCE_UPDATE_GOLDEN=1 after checking the diff"
     assert "| napp " in text and "n/a (" in text and "needs a split head" in text
-    assert "| gamma        | 4/5 (1) |" in text
+    assert "| gamma        | primary   | 4/5 (1) (2)    |" in text and "not testable: a failed replicate" in text
     # build twice (same folder and another one): identical bytes for every file
     from mmbalance.leaderboard import main
 
@@ -446,7 +471,7 @@ def test_markdown_matches_golden_and_build_is_byte_identical(tmp_path):
                  "--out-dir", str(tmp_path / "out2"), "--format", "markdown"]) == 0  # the site: test_site.py
     write_report(build_report(suite, specs), tmp_path / "out1")
     files = sorted(p.relative_to(tmp_path / "out1") for p in (tmp_path / "out1").rglob("*") if p.is_file())
-    assert {str(f) for f in files} >= {"README.md", "results.csv", "figures/cd_diagram.png", "figures/mfeat.png"}
+    assert {str(f) for f in files} >= {"README.md", "details.md", "results.csv", "figures/mfeat.png"}
     for f in files:
         assert (tmp_path / "out1" / f).read_bytes() == (tmp_path / "out2" / f).read_bytes(), f
 
@@ -473,23 +498,26 @@ def test_tiny_suite_end_to_end(tmp_path, monkeypatch, capsys):
 
 
 # ------------------------------------------------------------------------------------------ diagnostics
-def _fake_diagnostics(row: str, seed: int, mods: list[str]) -> dict:
-    """Weak modality fou/mor (second): probe and share move with the row; alpha lifts them."""
+def _fake_diagnostics(row: str, seed: int, mods: list[str], poison: bool = False) -> dict:
+    """Weak modality fou/mor (second) on validation: probe and share move with the row; alpha lifts them.
+    ``poison``: the *test* Shapley shares name the other modality as the weaker one (and the test probes of the
+    baseline favour it too) — a choice made on test would follow them."""
     lift = {"alpha": 0.05, "beta": 0.0, "gamma": -0.01, "napp": 0.0}.get(row, 0.0)
     wobble = NOISE[seed % 5]
     share = {mods[0]: 0.8 - lift - wobble, mods[-1]: 0.2 + lift + wobble} if len(mods) > 1 else {mods[0]: 1.0}
     probe = {m: {"accuracy": round(0.9 - 0.2 * i + lift + wobble, 6)} for i, m in enumerate(mods)}
     phi = {m: share[m] * 0.8 for m in mods}
-    return {"version": 1, "probe": {"test": probe},
-            "shapley": {"test": {"phi": phi, "share": share, "imbalance_index": abs(phi[mods[0]] - phi[mods[-1]]) / 0.8}},
+    test_share = {m: (1.0 - v if poison and len(mods) > 1 else v) for m, v in share.items()}
+    return {"version": 1, "probe": {"test": probe, "val": probe},
+            "shapley": {"metric": "accuracy", "oriented": True,
+                        "test": {"phi": phi, "share": test_share, "v": {"none": 0.1},
+                                 "imbalance_index": abs(phi[mods[0]] - phi[mods[-1]]) / 0.8},
+                        "val": {"share": share}},
             "permutation": {"test": {"drop": {m: 0.1 for m in mods}}},
             "dynamics_final": {"conf_ratio": {m: 1.0 for m in mods}}}
 
 
-def test_diagnostics_columns_holm_and_divergence(tmp_path):
-    from mmbalance.leaderboard import diagnostics as lb_diag
-
-    suite, specs = make_fixture(tmp_path)
+def _add_diagnostics(specs, poison: bool = False) -> None:
     for spec in specs:
         res_path = Path(spec.run_dir) / "result.json"
         if not res_path.is_file():
@@ -497,38 +525,52 @@ def test_diagnostics_columns_holm_and_divergence(tmp_path):
         res = json.loads(res_path.read_text())
         if res.get("status") != "ok":
             continue
-        res["diagnostics"] = _fake_diagnostics(spec.row, spec.seed, res["modalities"])
+        res["diagnostics"] = _fake_diagnostics(spec.row, spec.seed, res["modalities"], poison)
         if spec.row == "beta" and spec.dataset == "mfeat" and spec.seed == 4:  # one seed collapses
             res["test"]["accuracy"] = 0.2
         atomic_write_json(res_path, res)
+
+
+def test_diagnostics_columns_holm_and_divergence(tmp_path):
+    from scipy.stats import ttest_rel
+
+    from mmbalance.leaderboard import diagnostics as lb_diag
+
+    suite, specs = make_fixture(tmp_path)
+    _add_diagnostics(specs)
     rep = build_report(suite, specs)
     mf = {d.name: d for d in rep.datasets}["mfeat"]
-    dd = mf.diag
-    assert dd.weak == "fou"  # smallest baseline share
+    dd, v = mf.diag, mf.verdict
+    assert dd.weak == v.weak == "fou" and "validation" in v.weak_source  # smallest baseline validation share
     for col in ("probe", "share"):
         q = f"{col}[fou]"
         base = dd.values("baseline", q)
         rows = ["alpha", "beta", "gamma", "napp"]
-        comps = []
         for r in rows:
-            v = dd.values(r, q)
-            seeds = sorted(set(v) & set(base))
-            comps.append(stats.paired_comparison([v[s] for s in seeds], [base[s] for s in seeds]))
-        holm = stats.holm_correction([c.p_ttest for c in comps])
-        same = lambda a, b: a == b or (math.isnan(a) and math.isnan(b))  # noqa: E731
-        for r, c, p in zip(rows, comps, holm):
-            got = dd.tests[col][r]
-            assert same(got.comparison.mean_diff, c.mean_diff) and same(got.comparison.p_ttest, c.p_ttest)
-            assert same(got.p_t_holm, p)
-        assert "unimodal:fou" not in dd.tests[col]  # reference rows are not tested
-    assert dd.tests["probe"]["alpha"].comparison.mean_diff == pytest.approx(0.05)
+            got = v.rows[r].columns[col]
+            vals = dict(dd.values(r, q))
+            if col == "probe" and r == "gamma":
+                vals[3] = 0.1  # gamma's failed seed 3 enters the probe at the prior predictor's score
+            seeds = sorted(set(vals) & set(base))
+            diffs = [vals[s] - base[s] for s in seeds]
+            assert got.n == len(seeds)
+            assert got.delta == pytest.approx(np.mean(diffs))
+            if np.std(diffs) < 1e-12:  # a constant shift (these fake probes): not testable, no p, no marker
+                assert got.status.startswith("not testable") and math.isnan(got.p) and got.marker == ""
+            else:
+                assert got.status == "tested"
+                assert got.p == pytest.approx(float(ttest_rel([vals[s] for s in seeds],
+                                                              [base[s] for s in seeds]).pvalue))
+        assert v.rows["unimodal:fou"].columns[col].status == "reference"  # reference rows are not tested
+    assert v.rows["alpha"].columns["probe"].delta == pytest.approx(0.05)
     # divergence: beta's collapsed seed is flagged, the others are not
     flagged, _ = lb_diag.divergent_seeds(mf.rows["beta"].primary_values("accuracy"), True)
     assert flagged == [4]
     assert lb_diag.divergent_seeds(mf.rows["alpha"].primary_values("accuracy"), True)[0] == []
     out1 = write_report(rep, tmp_path / "o1")
     text = out1["readme"].read_text()
-    assert "probe [fou]" in text and "φ-share [fou]" in text and "Imbalance diagnostics (test)" in text
+    assert "probe [fou]" in text and "φ-share [fou]" in text
+    assert "Imbalance diagnostics (test)" in out1["details"].read_text()
     assert "beta: seeds diverge" in text and "seed 4 (0.2000)" in text
     assert (tmp_path / "o1" / "figures" / "mfeat_weak_probe.png").is_file()
     import csv
@@ -536,9 +578,50 @@ def test_diagnostics_columns_holm_and_divergence(tmp_path):
     with open(out1["csv"]) as fh:
         rows_csv = {(r["dataset"], r["method"]): r for r in csv.DictReader(fh)}
     a = rows_csv[("mfeat", "alpha")]
-    assert float(a["diag_probe_weak_p_ttest_holm"]) == dd.tests["probe"]["alpha"].p_t_holm
-    assert float(a["diag_share_weak_p_ttest_holm"]) == dd.tests["share"]["alpha"].p_t_holm
+    for col in ("probe", "share"):  # alpha's fake shift is constant: not testable, the p cells stay empty
+        c = v.rows["alpha"].columns[col]
+        assert a[f"diag_{col}_weak_test_status"] == c.status and a[f"diag_{col}_weak_p_ttest_holm"] == ""
+        assert float(a[f"diag_{col}_weak_delta"]) == c.delta
+    g = rows_csv[("mfeat", "gamma")]
+    assert float(g["diag_probe_weak_p_ttest_holm"]) == v.rows["gamma"].columns["probe"].p_adj
     assert rows_csv[("mfeat", "beta")]["seeds_diverge"] == "true" and rows_csv[("mfeat", "alpha")]["seeds_diverge"] == ""
     out2 = write_report(build_report(suite, specs), tmp_path / "o2")
     for k in out1:
         assert out1[k].read_bytes() == out2[k].read_bytes(), k
+
+
+def test_weak_modality_never_follows_a_poisoned_test_split(tmp_path):
+    """The test Shapley shares say the other modality is the weak one: m* (and the tested columns) stay those
+    of the validation values; a suite's declared m* wins over both."""
+    suite, specs = make_fixture(tmp_path / "clean")
+    _add_diagnostics(specs)
+    psuite, pspecs = make_fixture(tmp_path / "poisoned")
+    _add_diagnostics(pspecs, poison=True)
+    clean, poisoned = build_report(suite, specs), build_report(psuite, pspecs)
+    for c, p in zip(clean.datasets, poisoned.datasets):
+        assert c.verdict.weak == p.verdict.weak == c.modalities[-1]
+        for row in ("alpha", "beta", "gamma"):
+            a, b = c.verdict.rows[row].columns["probe"], p.verdict.rows[row].columns["probe"]
+            assert a.status == b.status and a.delta == b.delta
+    psuite.datasets[0].weak = "fac"
+    assert build_report(psuite, pspecs).datasets[0].verdict.weak == "fac"
+
+
+def test_a_failed_replicate_counts_at_the_prior_predictor_score(tmp_path):
+    """gamma's seed 3 failed on mfeat; its replicate's prior predictor scores 0.1: the row's mean is the mean
+    of its 4 survivors and 0.1, i.e. lower by (survivor mean − 0.1) / 5, and Δ pairs all 5 replicates."""
+    suite, specs = make_fixture(tmp_path)
+    _add_diagnostics(specs)
+    mf = build_report(suite, specs).datasets[0]
+    rv = mf.verdict.rows["gamma"]
+    surv = [mf.rows["gamma"].test["accuracy"][s] for s in (0, 1, 2, 4)]
+    assert rv.failed == 1 and rv.survivor_mean == pytest.approx(np.mean(surv))
+    assert rv.mean == pytest.approx((sum(surv) + 0.1) / 5)
+    assert rv.survivor_mean - rv.mean == pytest.approx((np.mean(surv) - 0.1) / 5)
+    base = mf.rows["baseline"].test["accuracy"]
+    col = rv.columns["metric"]
+    assert col.n == 5 and col.delta == pytest.approx(np.mean([*(s - base[k] for s, k in zip(surv, (0, 1, 2, 4))),
+                                                              0.1 - base[3]]))
+    text = write_report(build_report(suite, specs), tmp_path / "o")["readme"].read_text()
+    assert f"{rv.mean:.4f}" in text and f"(survivors {rv.survivor_mean:.4f})" in text
+    assert "1 failed replicate(s) counted at the worst case" in text

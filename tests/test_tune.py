@@ -122,13 +122,42 @@ def _t(k, state="ok", score=None, ok_seeds=1, val_loss=1.0):
 def test_selection_rules():
     assert choose([_t(0, score=0.5), _t(1, score=0.7), _t(2, score=0.6)])["k"] == 1
     # tie on score → more ok seeds → lower validation loss → lower k
-    assert choose([_t(0, score=0.7, ok_seeds=1), _t(1, score=0.7, ok_seeds=2)])["k"] == 1
-    assert choose([_t(0, score=0.7, val_loss=0.9), _t(1, score=0.7, val_loss=0.5)])["k"] == 1
+    assert choose([_t(1, score=0.7, ok_seeds=1), _t(2, score=0.7, ok_seeds=2)])["k"] == 2
+    assert choose([_t(2, score=0.7, val_loss=0.9), _t(1, score=0.7, val_loss=0.5)])["k"] == 1
     assert choose([_t(3, score=0.7), _t(1, score=0.7)])["k"] == 1
+    # a tie with the defaults keeps the defaults (the loss tie-break never moves off them)
+    assert choose([_t(0, score=0.7, val_loss=0.9), _t(1, score=0.7, val_loss=0.5)])["k"] == 0
     # failed trials are never chosen, whatever their partial score; all failed → None
     assert choose([_t(0, score=0.5), _t(1, state="failed", score=0.99)])["k"] == 0
     assert choose([_t(0, state="failed"), _t(1, state="failed")]) is None
     assert choose([_t(0, state="n/a")]) is None
+
+
+def _landscape(rs, gains, seeds=3, split_sd=0.02, noise_sd=0.01):
+    """K trials x tuning seeds: value = 0.8 + gain_k + a per-seed split effect shared by every trial + noise."""
+    split = rs.normal(0, split_sd, seeds)
+    trials = []
+    for k, g in enumerate(gains):
+        v = {str(1000 + s): 0.8 + g + split[s] + rs.normal(0, noise_sd) for s in range(seeds)}
+        trials.append({"k": k, "state": "ok", "score": sum(v.values()) / seeds, "ok_seeds": seeds,
+                       "val_loss": 1.0, "val_per_seed": v})
+    return trials
+
+
+def test_one_se_rule_keeps_the_defaults_on_a_flat_landscape_and_finds_a_real_gain():
+    rs = np.random.RandomState(0)
+    # flat: 8 trials with the same expected score. The rule's stated error rate for a row is 1 - Phi(1) = 0.159
+    # (split over the 7 candidates); argmax alone would leave the defaults 7 times in 8.
+    kept = [choose(_landscape(rs, [0.0] * 8))["k"] == 0 for _ in range(600)]
+    assert np.mean(kept) >= 1 - 0.159 - 0.03, np.mean(kept)
+    # exactly flat (every trial the same per-seed values): the defaults, whatever the loss tie-break says
+    flat = _landscape(np.random.RandomState(1), [0.0] * 8, noise_sd=0.0)
+    for t in flat[1:]:
+        t["val_loss"] = 0.1
+    assert choose(flat)["k"] == 0
+    # a real gain of 5 noise sd on trial 3 is taken nearly always
+    found = [choose(_landscape(rs, [0, 0, 0, 0.05, 0, 0, 0, 0]))["k"] == 3 for _ in range(300)]
+    assert np.mean(found) >= 0.9, np.mean(found)
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -365,7 +394,10 @@ def test_tuned_report_shows_chosen_values_and_the_defaults_table_byte_identicall
     assert main(["build", str(suite), "--results-dir", str(results), "--out-dir", str(out)]) == 0
     assert {p: p.read_bytes() for p in first} == first
     text = (out / "README.md").read_text()
-    assert "## Tuning" in text and "4 trials per row" in text and "defaults vs tuned" in text
+    assert "## Tuning" in text and "4 trials per row" in text and "defaults vs tuned" not in text
+    dtext = (out / "defaults" / "README.md").read_text()
+    assert dtext.startswith(f"# mmbalance leaderboard: suite `{suite.stem}` — defaults table")
+    assert "defaults vs tuned" in dtext and "tuned − defaults" in dtext
     assert "4/4" in text  # trials ok/planned for every row
     for row, ch in chosen.items():
         if ch["k"] == 0:

@@ -244,6 +244,7 @@ def test_latex_export_bolds_the_best_and_marks_significance(tmp_path):
     from mmbalance.leaderboard import main
 
     out = tmp_path / "lb"
+    # the committed leaderboard (its compact store; the run folders are not in git)
     assert main(["build", "quick-v1", "--untuned", "--out-dir", str(out), "--format", "latex"]) == 0
     tex = (out / "results.tex").read_text()
     assert tex.count("\\begin{tabular}") == tex.count("\\bottomrule") >= 1 and "\\toprule" in tex

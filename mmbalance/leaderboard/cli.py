@@ -5,9 +5,10 @@
   (or ``accelerate launch -m mmbalance.run`` when the suite says ``launcher = "accelerate"``) in
   ``--workers`` parallel subprocesses, or as SLURM jobs with ``--executor submitit``. Safe to kill and
   restart: finished runs are kept, interrupted ones resume from their last checkpoint.
-* ``build SUITE`` aggregates the run files into README.md, results.csv and figures/ (see
+* ``build SUITE`` aggregates the runs into README.md, details.md, results.csv and figures/ (see
   :mod:`mmbalance.leaderboard.report`) and the static site in site/ (:mod:`mmbalance.leaderboard.site`);
-  the same run files always give byte-identical output.
+  the same runs always give byte-identical output. Runs from several commits or an uncommitted tree are
+  marked loudly; ``--require-one-commit`` refuses them.
 * ``plan SUITE`` lists the planned runs and their state without running anything.
 * ``store SUITE`` adds the suite's finished run folders to its compact store (``RESULTS/_store/``, see
   :mod:`mmbalance.leaderboard.store`); ``run`` and ``tune`` add each run as it finishes.
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build", help="aggregate the run files into README.md, results.csv, figures/")
     common(build)
     build.add_argument("--out-dir", help="report folder (default: the suite's `output`, under leaderboard/)")
+    build.add_argument("--require-one-commit", action="store_true",
+                       help="refuse (exit 2) when the runs come from more than one commit or an uncommitted tree "
+                            "(default: build and mark the report loudly)")
     build.add_argument("--format", choices=["markdown", "site", "latex"], action="append", default=None,
                        help="markdown (README.md, results.csv, figures; always written), site (a static website "
                             "in site/: sortable tables, method pages, SVG figures; opens from file://) and/or "
@@ -161,16 +165,29 @@ def _build(suite, specs, out_dir: str | None, args: argparse.Namespace | None = 
     extra = None
     downloads: dict[str, str] = {}
     tuning: dict[tuple[str, str], dict] = {}
+    require = bool(getattr(args, "require_one_commit", False))
     if suite.tune is not None and args is not None:  # defaults beside the tuned rows
-        from .tune import read_tune
-        from .tune_report import tuning_csv, tuning_sections
+        from .plan import read_state
+        from .tune import plan_tuning, read_tune
+        from .tune_report import defaults_sections, tuning_csv, tuning_note, tuning_sections
+        from .verdict import code_versions
 
         _, results_dir, _, defaults = _plan(args, tuned=False)
-        rep_defaults = build_report(suite, defaults)
-        write_report(rep_defaults, out / "defaults")
+        results_dir = Path(results_dir).resolve()
+        rep_defaults = build_report(suite, defaults, title="defaults table (every row at its published defaults, "
+                                                          "untuned)")
         tuned = build_report(suite, specs)
-        extra = tuning_sections(tuned, rep_defaults, Path(results_dir).resolve(), "defaults/README.md")
-        downloads["tuning.csv"] = tuning_csv(tuned, Path(results_dir).resolve())
+        # the tuning trials chose the configurations: their code versions count too
+        trials = [read_state(t) for p in plan_tuning(suite, defaults, results_dir, data_dir=args.data_dir
+                                                     or suite.data_dir) for t in p.all_specs]
+        tuned.code = code_versions([s.result for s in tuned.states + trials if s.state == "ok" and s.result])
+        _check_code(tuned, require)
+        _check_code(rep_defaults, require)
+        tuned.tuning_note = tuning_note(suite.tune, results_dir, tuned)
+        rep_defaults.tuning_note = "none: every row at its published defaults (this is the defaults table)"
+        write_report(rep_defaults, out / "defaults", defaults_sections(tuned, rep_defaults, "../README.md"))
+        extra = tuning_sections(tuned, results_dir, "defaults/README.md")
+        downloads["tuning.csv"] = tuning_csv(tuned, results_dir)
         for ds in tuned.datasets:
             for row in ds.rows:
                 info = read_tune(results_dir, ds.name, row)
@@ -179,6 +196,7 @@ def _build(suite, specs, out_dir: str | None, args: argparse.Namespace | None = 
         rep = tuned
     else:
         rep = build_report(suite, specs)
+        _check_code(rep, require)
     if "site" in formats:
         from .site import SITE_DIR
 
@@ -186,7 +204,8 @@ def _build(suite, specs, out_dir: str | None, args: argparse.Namespace | None = 
     written = write_report(rep, out, extra)
     if "tuning.csv" in downloads:
         atomic_write_text(out / "tuning.csv", downloads["tuning.csv"])
-    print(f"wrote {written['readme']}, {written['csv']} and {len(written) - 2} figure(s)", file=sys.stderr)
+    print(f"wrote {written['readme']}, {written['details']}, {written['csv']} and {len(written) - 3} figure(s)",
+          file=sys.stderr)
     latex = None
     if "latex" in formats or "site" in formats:
         from .latex import render_latex
@@ -202,6 +221,16 @@ def _build(suite, specs, out_dir: str | None, args: argparse.Namespace | None = 
         site = write_site(rep, out, downloads=downloads, tuning=tuning)
         print(f"wrote {site / 'index.html'} (the static site)", file=sys.stderr)
     return rep
+
+
+def _check_code(rep, require: bool) -> None:
+    """Mixed code versions: marked loudly in the report; refused with --require-one-commit."""
+    if rep.code is not None and not rep.code.clean:
+        msg = f"suite {rep.suite.name!r}: the runs come from {rep.code.describe()}"
+        if require:
+            raise MMBalanceError(msg + "; re-run them from one clean commit (or build without --require-one-commit, "
+                                 "which marks the report)")
+        print(f"warning: {msg}; the report is marked MIXED CODE VERSIONS", file=sys.stderr)
 
 
 def cmd_build(args: argparse.Namespace) -> int:

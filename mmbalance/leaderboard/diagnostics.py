@@ -1,11 +1,10 @@
-"""Imbalance-diagnostics columns of the leaderboard, and the divergent-seeds flag.
+"""Imbalance-diagnostics quantities of the leaderboard, and the divergent-seeds flag.
 
-Per dataset: the weak modality m* (smallest mean test Shapley share of the baseline row; ties → lower
-baseline probe → modality order; without a baseline, the lowest-scoring ``unimodal:m`` row). The main
-table gains ``probe [m*]`` and ``φ-share [m*]`` with Δ vs the baseline, each tested like the primary
-metric (paired by seed, t-test + Wilcoxon, Holm across the dataset's method rows, separately per
-column) — two pre-declared columns, everything else descriptive. A second table shows probe [m] and
-φ [m] for every m, gap [m*], the imbalance index, perm drop [m*] and the final conf_ratio [m*].
+Per dataset: every run's diagnostics quantities (test split) grouped by row and replicate, for the report's
+detail tables and for the two pre-declared tested columns ``probe [m*]`` and ``φ-share [m*]`` whose tests
+live in :mod:`mmbalance.leaderboard.verdict` (so is the choice of m*: declared in the suite or derived from the
+baseline's *validation* Shapley shares, never from test). The detail table shows probe [m] and φ [m] for every
+m, gap [m*], the imbalance index, perm drop [m*] and the final conf_ratio [m*] (descriptive).
 
 Divergent seeds (a row is flagged ⚠ with a footnote): with ≥ 3 seeds, some seed's oriented primary
 score lies more than max(``DIVERGE_GAP``, 5 × 1.4826 × MAD) below the median of the other seeds (MAD of
@@ -20,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import stats
-from ..diagnostics.collect import Group, RunRecord, add_gaps, run_quantities, weak_modality
+from ..diagnostics.collect import Group, RunRecord, add_gaps, run_quantities
 
 DIVERGE_GAP = 0.05
 DIVERGE_STD = 0.10
@@ -30,18 +28,9 @@ LABELS = {"probe": "probe", "share": "φ-share"}
 
 
 @dataclass
-class ColumnTest:
-    comparison: stats.PairedComparison | None = None
-    p_t_holm: float = math.nan
-    p_w_holm: float = math.nan
-    marker: str = ""
-
-
-@dataclass
 class DatasetDiagnostics:
-    weak: str | None
+    weak: str | None  # m*, set by the report from its verdict (declared, or baseline validation shares)
     groups: dict[str, Group]  # row → Group
-    tests: dict[str, dict[str, ColumnTest]] = field(default_factory=dict)  # column → row → test
     missing_rows: list[str] = field(default_factory=list)  # rows with ok runs but no diagnostics
 
     def values(self, row: str, q: str) -> dict[int, float]:
@@ -70,36 +59,7 @@ def summarise_dataset(ds) -> DatasetDiagnostics:
         g.runs.append(r)
         for q, v in by_path[r.path].items():
             g.values.setdefault(q, {})[r.seed] = v
-    weak = weak_modality({(ds.name, k): g for k, g in groups.items()}, ds.name, ds.baseline)
-    out = DatasetDiagnostics(weak, groups, missing_rows=missing)
-    if weak is not None:
-        _tests(ds, out)
-    return out
-
-
-def _tests(ds, dd: DatasetDiagnostics) -> None:
-    from .report import is_reference_row
-
-    for col in TESTED:
-        q = f"{col}[{dd.weak}]"
-        base = dd.values(ds.baseline, q)
-        tested: list[tuple[str, ColumnTest]] = []
-        res: dict[str, ColumnTest] = {}
-        for row in ds.rows:
-            if row == ds.baseline or is_reference_row(row):
-                continue
-            vals = dd.values(row, q)
-            seeds = sorted(s for s in vals if s in base and math.isfinite(vals[s]) and math.isfinite(base[s]))
-            if not seeds:
-                continue
-            t = ColumnTest(stats.paired_comparison([vals[s] for s in seeds], [base[s] for s in seeds]))
-            res[row] = t
-            tested.append((row, t))
-        p_t = stats.holm_correction([t.comparison.p_ttest for _, t in tested])
-        p_w = stats.holm_correction([t.comparison.p_wilcoxon for _, t in tested])
-        for (_, t), pt, pw in zip(tested, p_t, p_w):
-            t.p_t_holm, t.p_w_holm, t.marker = pt, pw, stats.significance_marker(pt)
-        dd.tests[col] = res
+    return DatasetDiagnostics(None, groups, missing_rows=missing)
 
 
 # ------------------------------------------------------------------------------------------ divergence
@@ -142,26 +102,6 @@ def _fmt(vals: dict[int, float]) -> str:
     return f"{v[0]:.4f}" if len(v) == 1 else f"{np.mean(v):.4f} ± {np.std(v, ddof=1):.4f}"
 
 
-def main_headers(dd: DatasetDiagnostics | None) -> list[str]:
-    if dd is None or dd.weak is None:
-        return []
-    return [f"probe [{dd.weak}]", f"φ-share [{dd.weak}]"]
-
-
-def main_cells(dd: DatasetDiagnostics | None, row: str, baseline: str) -> list[str]:
-    """``mean ± std (Δ marker)`` for the two tested columns."""
-    if dd is None or dd.weak is None:
-        return []
-    out = []
-    for col in TESTED:
-        text = _fmt(dd.values(row, f"{col}[{dd.weak}]"))
-        t = dd.tests.get(col, {}).get(row)
-        if t is not None and t.comparison is not None and math.isfinite(t.comparison.mean_diff) and text != "—":
-            text += f" (Δ {t.comparison.mean_diff:+.4f}{(' ' + t.marker) if t.marker else ''})"
-        out.append(text)
-    return out
-
-
 def section(ds, dd: DatasetDiagnostics | None, table, figure: str | None) -> list[str]:
     """The "Imbalance diagnostics (test)" sub-section of one dataset."""
     if dd is None or (not dd.groups and not dd.missing_rows):
@@ -173,13 +113,14 @@ def section(ds, dd: DatasetDiagnostics | None, table, figure: str | None) -> lis
     m_star = dd.weak
     mods = list(ds.modalities)
     lines = ["### Imbalance diagnostics (test)", "",
-             f"weak modality: {m_star or '—'} (smallest Shapley share of the baseline). Probe: linear probe of "
+             f"weak modality: {m_star or '—'} (pre-registered: see the main report). Probe: linear probe of "
              "the frozen encoder (test score); φ: Shapley value of the modality from `absent` evaluations, "
              "Σφ = v(all) − v(prior); gap = probe of the `unimodal:m` row − probe of this row (positive: the "
              "encoder is weaker than trained alone); imbalance index = (max φ − min φ) / Σ|φ|; perm drop = score "
              "lost when the modality's rows are shuffled; conf_ratio = the unimodal output's confidence in the "
-             "truth relative to the other modalities (last epoch). Tested columns (main table, Holm): "
-             f"probe [{m_star}] and φ-share [{m_star}]; the rest is descriptive. Definitions: docs/diagnostics.md.", ""]
+             "truth relative to the other modalities (last epoch). Tested columns (main report, Holm within the primary "
+             f"family): probe [{m_star}] and φ-share [{m_star}]; the rest is descriptive. Definitions: "
+             "docs/diagnostics.md.", ""]
     headers = ["method"] + [f"probe [{m}]" for m in mods]
     if m_star:
         headers += [f"gap [{m_star}]"]
@@ -208,7 +149,7 @@ def section(ds, dd: DatasetDiagnostics | None, table, figure: str | None) -> lis
 
 
 def csv_fields(dd: DatasetDiagnostics | None, row: str) -> dict[str, str]:
-    """Every diagnostics quantity (mean/std) and, for the two tested columns, delta, CI and p-values."""
+    """Every diagnostics quantity (mean/std); the tested columns' numbers come from the verdict."""
     if dd is None or row not in dd.groups:
         return {}
     g = dd.groups[row]
@@ -222,16 +163,6 @@ def csv_fields(dd: DatasetDiagnostics | None, row: str) -> dict[str, str]:
         out[f"{name}_std"] = repr(s) if math.isfinite(s) else ""
     if dd.weak:
         out["diag_weak_modality"] = dd.weak
-        for col in TESTED:
-            t = dd.tests.get(col, {}).get(row)
-            c = t.comparison if t else None
-            pre = f"diag_{col}_weak"
-            for k, v in (("delta", c.mean_diff if c else math.nan), ("ci_low", c.ci_low if c else math.nan),
-                         ("ci_high", c.ci_high if c else math.nan), ("p_ttest", c.p_ttest if c else math.nan),
-                         ("p_ttest_holm", t.p_t_holm if t else math.nan),
-                         ("p_wilcoxon", c.p_wilcoxon if c else math.nan),
-                         ("p_wilcoxon_holm", t.p_w_holm if t else math.nan)):
-                out[f"{pre}_{k}"] = repr(float(v)) if math.isfinite(v) else ""
     return out
 
 

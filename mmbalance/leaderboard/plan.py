@@ -205,10 +205,17 @@ def plan_runs(suite: Suite, results_dir: str | Path, *, datasets: Iterable[str] 
                 from ..registry import method_entry
 
                 method_entry(method)  # unknown name → RegistryError listing the known ones
-            sets = _merge_sets(suite.sets, entry.sets, variant["sets"] if variant else {},
-                               suite.method_sets.get(row, {}), suite.method_sets.get(f"{row}@{entry.name}", {}))
+            tables = (suite.sets, entry.sets, variant["sets"] if variant else {},
+                      suite.method_sets.get(row, {}), suite.method_sets.get(f"{row}@{entry.name}", {}))
+            sets = _merge_sets(*tables)
             for i, seed in enumerate(suite.seeds):
-                spec = RunSpec(suite.name, entry.name, row, method, seed, suite.epochs, sets, launcher,
+                run_sets = sets
+                if entry.split == "sampled":  # replicate r: split seed r and training seed r (paired by r)
+                    if any(entry.split_key in t for t in tables):
+                        raise ConfigError(f"suite {suite.name!r}: dataset {entry.name!r} samples its split per "
+                                          f"replicate, so {entry.split_key} cannot also be set for row {row!r}")
+                    run_sets = _merge_sets(*tables, {entry.split_key: seed})
+                spec = RunSpec(suite.name, entry.name, row, method, seed, suite.epochs, run_sets, launcher,
                                plugins=plugins)
                 h = config_hash(plan_hash_payload(spec))
                 run_dir = results_dir / entry.name / safe_name(row) / f"seed{seed}"

@@ -1,15 +1,14 @@
-"""Leaderboard aggregation and report: README.md (markdown tables), results.csv and figures/*.png.
+"""Leaderboard aggregation and report: README.md (findings, power, one compact table per dataset), details.md
+(the wide per-modality and diagnostics tables), results.csv and figures/*.png.
 
-Reads only run files — ``result.json`` (and the leaderboard's ``status.json`` for failed and n/a runs)
-of the runs that a suite plans. Everything is deterministic: the same run files give byte-identical
-output (the date shown is the newest run's finishing time, taken from the files, never "now").
+Reads only run states — each run's ``result.json`` and ``status.json``, from its folder or from the suite's
+compact store (:mod:`mmbalance.leaderboard.store`). Everything is deterministic: the same runs give
+byte-identical output (the date shown is the newest run's finishing time, taken from the files, never "now").
 
-Statistics come from :mod:`mmbalance.stats`: per dataset, every method row vs the baseline row paired by
-seed (:func:`~mmbalance.stats.paired_comparison`: paired t-test with a 95 % t interval of the mean
-difference, and Wilcoxon signed-rank), Holm correction across the method rows of a dataset
-(:func:`~mmbalance.stats.holm_correction`) and markers from the Holm-adjusted t-test p-value
-(:func:`~mmbalance.stats.significance_marker`); across datasets, average ranks, the Friedman test and the
-Nemenyi critical difference with a CD diagram (Demšar 2006).
+The verdicts — failures counted at the worst case, the pre-registered weak modality and primary family, Holm
+within the family, "not testable" comparisons, power (minimum detectable differences), and the cross-dataset
+stratified-bootstrap intervals — come from :mod:`mmbalance.leaderboard.verdict`; this module groups the runs
+(:class:`DatasetSummary`) and renders. Every comparison is Δ = row − baseline, paired by replicate.
 """
 from __future__ import annotations
 
@@ -32,6 +31,7 @@ from ..errors import RunFileWriteError
 from ..runfiles import RESULT_FILE, atomic_write_text, current_umask
 from . import diagnostics as lb_diag
 from . import reference
+from . import verdict as lb_verdict
 from .curves import run_curve
 from .plan import RunSpec, RunState, read_state
 from .suite import Suite
@@ -99,14 +99,21 @@ class DatasetSummary:
     higher_is_better: bool = True
     modalities: list[str] = field(default_factory=list)
     baseline: str = "baseline"
-    diag: Any = None  # lb_diag.DatasetDiagnostics: imbalance-diagnostics columns
+    diag: Any = None  # lb_diag.DatasetDiagnostics: imbalance-diagnostics quantities
+    verdict: Any = None  # lb_verdict.DatasetVerdict: the tests, power and failure-counted means
+
+    def scored_mean(self, r: RowSummary) -> float:
+        """The row's mean with failures at the worst case (the verdict's), else its survivors' mean."""
+        rv = self.verdict.rows.get(r.row) if self.verdict is not None else None
+        return rv.mean if rv is not None and math.isfinite(rv.mean) else r.mean(self.metric)
 
     def ordered_rows(self) -> list[RowSummary]:
-        """Baseline, then method rows best first (rows without a number last), then unimodal references."""
+        """Baseline, then method rows best first by the failure-counted mean (rows without a number last), then
+        unimodal references."""
         sign = -1.0 if self.higher_is_better else 1.0
 
         def key(r: RowSummary) -> tuple[float, str]:
-            m = r.mean(self.metric)
+            m = self.scored_mean(r)
             return (sign * m if math.isfinite(m) else math.inf, r.row)
 
         base = [r for r in self.rows.values() if r.row == self.baseline]
@@ -118,8 +125,9 @@ class DatasetSummary:
         return base + methods + refs
 
 
-def summarise(states: list[RunState], baseline: str) -> list[DatasetSummary]:
-    """Group run states by dataset and row (plan order) and compute every statistic."""
+def summarise(states: list[RunState], baseline: str, suite: Suite | None = None) -> list[DatasetSummary]:
+    """Group run states by dataset and row (plan order) and compute every statistic (the suite supplies the
+    primary family, each dataset's split kind and declared weak modality, and the planned replicates)."""
     by_ds: dict[str, dict[str, RowSummary]] = {}
     for st in states:
         rows = by_ds.setdefault(st.spec.dataset, {})
@@ -161,33 +169,28 @@ def summarise(states: list[RunState], baseline: str) -> list[DatasetSummary]:
                 if m not in modalities:
                     modalities.append(m)
         summary.modalities = modalities
-        _compare(summary)
         summary.diag = lb_diag.summarise_dataset(summary)
+        entry = next((e for e in (suite.datasets if suite else []) if e.name == ds), None)
+        replicates = list(suite.seeds) if suite else sorted({st.spec.seed for r in rows.values() for st in r.states})
+        summary.verdict = lb_verdict.analyse_dataset(
+            summary, primary=suite.primary if suite else None, split=entry.split if entry else "fixed",
+            declared_weak=entry.weak if entry else None, replicates=replicates, is_reference=is_reference_row)
+        summary.diag.weak = summary.verdict.weak
+        _legacy_fields(summary)
         out.append(summary)
     return out
 
 
-def _compare(ds: DatasetSummary) -> None:
-    base = ds.rows.get(ds.baseline)
-    if base is None or not ds.metric:
-        return
-    bvals = base.primary_values(ds.metric)
-    tested: list[RowSummary] = []
+def _legacy_fields(ds: DatasetSummary) -> None:
+    """``row.comparison`` / ``p_t_holm`` / ``marker`` (read by the LaTeX export) from the verdict's fused column."""
     for row in ds.rows.values():
-        if row.row == ds.baseline:
+        rv = ds.verdict.rows.get(row.row)
+        col = rv.columns.get("metric") if rv else None
+        if col is None or row.row == ds.baseline:
             continue
-        mvals = row.primary_values(ds.metric)
-        seeds = sorted(s for s in mvals if s in bvals and math.isfinite(mvals[s]) and math.isfinite(bvals[s]))
-        if not seeds:
-            continue
-        row.comparison = stats.paired_comparison([mvals[s] for s in seeds], [bvals[s] for s in seeds])
-        if not is_reference_row(row.row):
-            tested.append(row)
-    p_t = stats.holm_correction([r.comparison.p_ttest for r in tested])
-    p_w = stats.holm_correction([r.comparison.p_wilcoxon for r in tested])
-    for row, pt, pw in zip(tested, p_t, p_w):
-        row.p_t_holm, row.p_w_holm = pt, pw
-        row.marker = stats.significance_marker(pt)
+        row.comparison = col.comparison
+        row.p_t_holm = col.p_adj
+        row.marker = col.marker
 
 
 @dataclass
@@ -212,18 +215,21 @@ def cross_dataset(summaries: list[DatasetSummary], baseline: str) -> CrossDatase
     excluded: dict[str, str] = {}
     rows = []
     for r in candidates:
-        missing = [d.name for d in summaries if r not in d.rows or not math.isfinite(d.rows[r].mean(d.metric))]
+        missing = [d.name for d in summaries if r not in d.rows or not math.isfinite(d.scored_mean(d.rows[r]))]
         if missing:
             excluded[r] = "no result on " + ", ".join(missing)
         else:
             rows.append(r)
     cross = CrossDataset(rows, datasets, excluded)
+    if len(datasets) < lb_verdict.MIN_DATASETS_FOR_RANK_TESTS:
+        cross.note = (f"not drawn: {len(datasets)} dataset(s) < {lb_verdict.MIN_DATASETS_FOR_RANK_TESTS}")
+        return cross
     if len(datasets) < 2 or len(rows) < 3:
         cross.note = (f"Skipped: average ranks, the Friedman test and the Nemenyi CD diagram need at least 2 datasets "
                       f"and 3 methods with results on all of them (here {len(datasets)} dataset(s), {len(rows)} "
                       "method(s)).")
         return cross
-    scores = np.array([[(1.0 if d.higher_is_better else -1.0) * d.rows[r].mean(d.metric) for r in rows]
+    scores = np.array([[(1.0 if d.higher_is_better else -1.0) * d.scored_mean(d.rows[r]) for r in rows]
                        for d in summaries if d.metric])
     cross.ranks = stats.rank_within_datasets(scores)
     cross.friedman = stats.friedman_test(scores)
@@ -328,18 +334,28 @@ def _status_cell(row: RowSummary, notes: Notes) -> tuple[str, str | None]:
 # ------------------------------------------------------------------------------------------ outputs
 @dataclass
 class Report:
+    """Everything a report is rendered from. ``aggregate`` (a :class:`~mmbalance.leaderboard.verdict.CrossVerdict`)
+    and each ``datasets[i].verdict`` (a :class:`~mmbalance.leaderboard.verdict.DatasetVerdict`) are the
+    aggregated data, free of formatting; ``code`` lists the code versions of the runs."""
+
     suite: Suite
     specs: list[RunSpec]
     states: list[RunState]
     datasets: list[DatasetSummary]
     cross: CrossDataset
     site_link: str | None = None  # the report's link to its static site (set by the build that writes one)
+    aggregate: Any = None
+    code: Any = None
+    title: str = ""
+    tuning_note: str = ""
 
 
-def build_report(suite: Suite, specs: list[RunSpec]) -> Report:
+def build_report(suite: Suite, specs: list[RunSpec], *, title: str = "") -> Report:
     states = [read_state(s) for s in specs]
-    summaries = summarise(states, suite.baseline)
-    return Report(suite, specs, states, summaries, cross_dataset(summaries, suite.baseline))
+    summaries = summarise(states, suite.baseline, suite)
+    agg = lb_verdict.analyse_across([d.verdict for d in summaries], suite.baseline)
+    code = lb_verdict.code_versions([s.result for s in states if s.state == "ok" and s.result])
+    return Report(suite, specs, states, summaries, cross_dataset(summaries, suite.baseline), agg, code, title)
 
 
 def newest_run_date(states: list[RunState]) -> str:
@@ -373,12 +389,50 @@ def _cli_suite_arg(suite: Suite) -> str:
     return suite.name if shown == f"leaderboard/suites/{suite.name}.toml" else shown
 
 
+def _pts(x: float, ds: DatasetSummary) -> str:
+    """A difference in the metric's units, with points (× 100) for metrics on a 0–1 scale."""
+    if not math.isfinite(x):
+        return DASH
+    return f"{x:.4f} ({100 * x:.2f} points)" if ds.task in ("classification", "segmentation") else f"{x:.4f}"
+
+
+def _protocol_lines(rep: Report) -> list[str]:
+    suite = rep.suite
+    reps = suite.seeds
+    splits = []
+    for ds in rep.datasets:
+        split = ds.verdict.split if ds.verdict else "fixed"
+        splits.append(f"{ds.name}: " + ("split seed r (sampled)" if split == "sampled" else "one fixed split"))
+    budget = f"{suite.epochs} epochs per run" if suite.epochs else "each dataset's default number of epochs"
+    tuning = rep.tuning_note or "published defaults (no tuning)"
+    return [
+        f"- Suite: `{suite.display_path()}`",
+        f"- Replicates: {len(reps)} (r = {', '.join(map(str, reps))}); replicate r = training seed r and, where the "
+        "split is sampled, split seed r; every row is paired with the baseline by r. Splits — " + "; ".join(splits),
+        "- Model selection: each run keeps its best validation epoch and evaluates test once; hyperparameters: "
+        + tuning + ". Nothing is chosen on test (the weak modality below included).",
+        f"- Budget: {budget}",
+    ]
+
+
+def _code_lines(rep: Report) -> list[str]:
+    code = rep.code
+    if code is None:
+        return []
+    if code.clean:
+        return [f"- Code version: {code.describe()}, clean tree."]
+    return ["", f"> **⚠ MIXED CODE VERSIONS.** These runs come from {code.describe()}. Rows may differ by code as "
+            "well as by method; rebuild from one clean commit (`build --require-one-commit` refuses such a build).",
+            ""]
+
+
 def render_markdown(rep: Report, figures: dict[str, str], extra: list[str] | None = None) -> str:
     """The report; ``extra`` lines (e.g. the tuning sections) go before the environment section."""
     suite = rep.suite
     arg = _cli_suite_arg(suite)
     counts = Counter(s.state for s in rep.states)
-    lines = [f"# mmbalance leaderboard: suite `{suite.name}`", "",
+    title = f"# mmbalance leaderboard: suite `{suite.name}`" + (f" — {rep.title}" if rep.title else "")
+    lines = [title, "",
              f"<!-- generated by `python -m mmbalance.leaderboard build {arg}` from the run files; do not edit -->", ""]
     if suite.description:
         lines += [suite.description, ""]
@@ -386,62 +440,156 @@ def render_markdown(rep: Report, figures: dict[str, str], extra: list[str] | Non
         lines += [f"Browse this leaderboard as a website (sortable tables, one page per method with its training "
                   f"curves, figures): [{rep.site_link}]({rep.site_link}) — open it from a checkout or any static "
                   "host.", ""]
-    budget = f"{suite.epochs} epochs per run" if suite.epochs else "each dataset's default number of epochs"
-    lines += [
-        f"- Suite: `{suite.display_path()}`",
-        f"- Seeds: {', '.join(map(str, suite.seeds))} (training seed; the split seed is fixed, so methods are "
-        "compared on identical splits and paired by seed)",
-        f"- Budget: {budget}",
+    lines += _protocol_lines(rep) + [
         f"- Runs: {len(rep.states)} planned; " + ", ".join(
             f"{counts.get(k, 0)} {k}" for k in ("ok", "failed", "n/a")) +
         f", {sum(counts.get(k, 0) for k in ('missing', 'running', 'stale'))} not finished",
-        f"- Newest run finished: {newest_run_date(rep.states)}",
+        f"- Newest run finished: {newest_run_date(rep.states)}"] + _code_lines(rep) + [
         f"- Reproduce everything: `python -m mmbalance.leaderboard run {arg} && "
         f"python -m mmbalance.leaderboard build {arg}`",
-        "",
-        "Cells are test-split values, mean ± sample std over seeds (model selected on validation). "
-        "Δ = method − baseline, mean of the per-seed differences with its 95 % t confidence interval. "
-        "p-values are two-sided, paired by seed, Holm-adjusted across the method rows of a dataset; "
-        "unimodal rows (`unimodal:<m>`) are references and are not tested. " + stats.SIGNIFICANCE_LEGEND,
-        ""]
+        "- Wide tables (every metric, per-modality scores, all diagnostics): [details.md](details.md) and "
+        "[results.csv](results.csv).", ""]
+    lines += _findings_section(rep) + _power_section(rep)
+    lines += ["## Per dataset", "",
+              "Cells are test-split values over the replicates (model selected on validation). Δ = row − baseline, "
+              "the mean of the per-replicate differences with its 95 % t interval. "
+              + lb_verdict.WORST_CASE_RULE.capitalize() + "; the row's n shows them and the survivors' mean is given "
+              "beside. p: paired t-test, Holm-adjusted within the primary family of that column (markers: "
+              "*** p < 0.001, ** p < 0.01, * p < 0.05); `exploratory` rows get the CI only; `n.t.` = not testable "
+              "(fewer than 3 pairs or zero spread); unimodal rows are references.", ""]
     for ds in rep.datasets:
         lines += _dataset_section(rep, ds, arg, figures)
-    lines += _cross_section(rep.cross, figures)
+    lines += _aggregate_section(rep, figures)
     lines += extra or []
     lines += _environment_section(rep)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
+COLUMN_TEXT = {"metric": "the fused metric", "probe": "the weak-modality probe", "share": "the weak-modality φ-share"}
+
+
+def _findings_section(rep: Report) -> list[str]:
+    lines = ["## Findings", "",
+             "Generated from the primary comparisons that pass their test (Holm within the family, α = 0.05); "
+             "effect = row − baseline with its 95 % CI.", ""]
+    found = 0
+    for ds in rep.datasets:
+        v = ds.verdict
+        if v is None or not v.metric:
+            continue
+        for row in ds.ordered_rows():
+            rv = v.rows[row.row]
+            parts = []
+            for q in lb_verdict.COLUMNS:
+                col = rv.columns.get(q)
+                if col is None or not col.significant:
+                    continue
+                what = (f"test {v.metric}" if q == "metric" else
+                        f"{v.weak} probe" if q == "probe" else f"{v.weak} φ-share")
+                parts.append(f"{what} {col.delta:+.4f} [{col.ci_low:+.4f}, {col.ci_high:+.4f}] "
+                             f"({fmt_p_eq(col.p_adj)})")
+            if parts:
+                found += 1
+                n = rv.columns["metric"].n if rv.columns.get("metric") else 0
+                lines.append(f"- **{ds.name}**, `{row.row}`: " + "; ".join(parts) + f" — {n} paired replicates"
+                             + (f", {rv.failed} failed counted at the worst case" if rv.failed else "") + ".")
+    if not found:
+        lines.append("- No primary comparison passes its test on any dataset. Effects smaller than the minimum "
+                     "detectable differences below could go unseen; read the CIs.")
+    return lines + [""]
+
+
+def _power_section(rep: Report) -> list[str]:
+    lines = ["## Power", "",
+             "Minimum detectable difference (MDE): the smallest true paired difference the design detects with 80 % "
+             "power by the paired t-test at α/m (m = the primary family's size; Holm's strictest step), given the "
+             "median paired spread (sd of row − baseline over replicates) of the family's rows and the planned "
+             "replicates. A difference below the MDE can be real and unseen; a row without a marker is not evidence "
+             "of no effect. The last column is the smallest p an exact sign-flip or Wilcoxon test can reach with "
+             "these replicates (2/2ⁿ).", ""]
+    body = []
+    for ds in rep.datasets:
+        v = ds.verdict
+        if v is None or not v.metric:
+            continue
+        pm, pp = v.power.get("metric"), v.power.get("probe")
+        body.append([ds.name, str(len(v.replicates)), v.split, str(len(v.family)),
+                     f"{pm.sd:.4f}" if pm and math.isfinite(pm.sd) else DASH, _pts(pm.mde, ds) if pm else DASH,
+                     v.weak or DASH, f"{pp.sd:.4f}" if pp and math.isfinite(pp.sd) else DASH,
+                     _pts(pp.mde, ds) if pp else DASH, f"{stats.min_attainable_p(len(v.replicates)):.4g}"])
+    lines += [_table(["dataset", "replicates", "split", "family m", "sd Δ fused", "MDE fused", "weak m*",
+                      "sd Δ probe", "MDE probe [m*]", "min exact p"], body), ""]
+    return lines
+
+
+def _p_cell(col: lb_verdict.Column | None) -> str:
+    if col is None:
+        return DASH
+    if col.status == "tested":
+        return fmt_p(col.p_adj) + (f" {col.marker}" if col.marker else "")
+    if col.status == "exploratory":
+        return "CI only"
+    if col.status.startswith("not testable"):
+        return "n.t."
+    return DASH
+
+
+def _delta_cell(col: lb_verdict.Column | None, with_p: bool = False) -> str:
+    if col is None or col.n == 0 or not math.isfinite(col.delta):
+        return DASH
+    text = f"{col.delta:+.4f}"
+    if math.isfinite(col.ci_low):
+        text += f" [{col.ci_low:+.4f}, {col.ci_high:+.4f}]"
+    if with_p and col.status in ("tested", "exploratory") or (with_p and col.status.startswith("not testable")):
+        text += f" ({_p_cell(col)})"
+    return text
+
+
 def _dataset_section(rep: Report, ds: DatasetSummary, arg: str, figures: dict[str, str]) -> list[str]:
     suite = rep.suite
-    lines = [f"## {ds.name}", ""]
+    v = ds.verdict
+    lines = [f"### {ds.name}", ""]
     direction = "higher is better" if ds.higher_is_better else "lower is better"
     metric = ds.metric or "metric"
-    if ds.metric:
-        lines += [f"Task: {ds.task}; primary metric `{metric}` ({direction}); per-modality columns: `{metric}` "
-                  "of the fused model with only that modality present (`test_per_modality`).", ""]
-    else:
-        lines += ["No finished run yet.", ""]
+    if not ds.metric:
+        return lines + ["No finished run yet.", ""]
+    weak = v.weak if v else None
+    lines += [f"Task: {ds.task}; primary metric `{metric}` ({direction}); split: "
+              + ("sampled per replicate" if v and v.split == "sampled" else "one fixed split")
+              + f"; weak modality m* = {weak or DASH} ({v.weak_source if v else ''}); primary family: "
+              + (f"{len(v.family)} row(s)" if v else DASH) + ".", ""]
     notes = Notes()
-    headers = ["method", "n", f"{metric}", "Δ vs baseline [95% CI]", "p t-test (Holm)", "p Wilcoxon (Holm)"]
-    diag_headers = lb_diag.main_headers(ds.diag)
-    headers += [f"{metric} [{m}]" for m in ds.modalities] + diag_headers + ["train s/run (incl. teachers)"]
+    headers = ["row", "role", "n ok/planned", f"{metric}", "Δ vs baseline [95% CI]", "p (Holm)",
+               f"probe [{weak or 'm*'}] Δ [CI] (p)", f"φ-share [{weak or 'm*'}] Δ [CI] (p)", "train s/run"]
     body = []
     for row in ds.ordered_rows():
+        rv = v.rows[row.row]
         n_text, empty = _status_cell(row, notes)
-        if empty is not None:
-            body.append([row.row, n_text, empty] + [DASH] * (3 + len(ds.modalities) + len(diag_headers) + 1))
+        if rv.failed - rv.failed_unscored:
+            n_text += " " + notes.ref(f"{row.row}: {rv.failed - rv.failed_unscored} failed replicate(s) counted at "
+                                      "the worst case (the prior predictor's test score of the replicate) in the "
+                                      "mean, Δ and p")
+        if empty is not None and not rv.columns.get("metric", lb_verdict.Column()).values:
+            body.append([row.row, rv.role, n_text, empty] + [DASH] * 5)
             continue
         diverge = lb_diag.divergence_note(row, metric, ds.higher_is_better)
         if diverge:
             n_text += " ⚠ " + notes.ref(diverge)
-        tested = row.row != ds.baseline and not is_reference_row(row.row)
-        body.append([row.row, n_text, fmt_mean_std(row.primary_values(metric)),
-                     DASH if row.row == ds.baseline else fmt_delta(row.comparison, row.marker),
-                     fmt_p(row.p_t_holm) if tested else DASH, fmt_p(row.p_w_holm) if tested else DASH]
-                    + [fmt_mean_std(row.per_modality.get(m, {})) for m in ds.modalities]
-                    + lb_diag.main_cells(ds.diag, row.row, ds.baseline)
-                    + [f"{np.mean(list(row.train_seconds.values())):.2f}" if row.train_seconds else DASH])
+        mean_text = f"{rv.mean:.4f}" if math.isfinite(rv.mean) else DASH
+        if math.isfinite(rv.std):
+            mean_text += f" ± {rv.std:.4f}"
+        if rv.failed - rv.failed_unscored and math.isfinite(rv.survivor_mean):
+            mean_text += f" (survivors {rv.survivor_mean:.4f})"
+        cols = rv.columns
+        col = cols.get("metric")
+        if col is not None and col.status.startswith("not testable"):
+            n_text += " " + notes.ref(f"{row.row}: {col.status}")
+        is_base = rv.role == "baseline"
+        body.append([row.row, rv.role, n_text, mean_text, DASH if is_base else _delta_cell(col),
+                     DASH if is_base else _p_cell(col),
+                     DASH if is_base else _delta_cell(cols.get("probe"), with_p=True),
+                     DASH if is_base else _delta_cell(cols.get("share"), with_p=True),
+                     f"{rv.cost_seconds:.2f}" if math.isfinite(rv.cost_seconds) else DASH])
     lines += [_table(headers, body), ""]
     if ds.baseline not in ds.rows:
         lines += [f"The baseline row `{ds.baseline}` is not in this suite: no Δ or p-values.", ""]
@@ -452,42 +600,93 @@ def _dataset_section(rep: Report, ds: DatasetSummary, arg: str, figures: dict[st
            f"python -m mmbalance.leaderboard build {arg}")
     epochs = f" --epochs {suite.epochs}" if suite.epochs else ""
     lines += [f"Reproduce this table: `{cmd}`. One cell: `python -m mmbalance.run --method METHOD --dataset "
-              f"{ds.name} --seed SEED{epochs}` plus the row's `--set` values (each run's `status.json` holds its "
-              "exact command).", ""]
-    metrics = sorted({k for r in ds.rows.values() for k in r.test})
-    if metrics:
-        full = [[r.row] + [fmt_mean_std(r.test.get(k, {})) for k in metrics] for r in ds.ordered_rows() if r.n_ok]
-        lines += ["<details><summary>All test metrics (mean ± std over seeds)</summary>", "",
-                  _table(["method"] + metrics, full), "", "</details>", ""]
+              f"{ds.name} --seed R{epochs}` plus the row's `--set` values (each run's status holds its exact "
+              "command).", ""]
     if ds.name in figures:
         lines += [f"![{ds.name}: test {metric}]({figures[ds.name]})", ""]
-    lines += lb_diag.section(ds, ds.diag, _table, figures.get(f"{ds.name}:weak_probe"))
     return lines
 
 
-def _cross_section(cross: CrossDataset, figures: dict[str, str]) -> list[str]:
+def _aggregate_section(rep: Report, figures: dict[str, str]) -> list[str]:
+    agg = rep.aggregate
     lines = ["## Across datasets", ""]
-    if cross.note:
-        return lines + [cross.note, ""]
-    fr = cross.friedman
-    assert fr is not None and cross.ranks is not None
-    order = sorted(range(len(cross.rows)), key=lambda j: (fr.avg_ranks[j], cross.rows[j]))
-    headers = ["method", "average rank"] + [f"rank on {d}" for d in cross.datasets]
-    body = [[cross.rows[j], f"{fr.avg_ranks[j]:.2f}"] + [f"{cross.ranks[i, j]:g}" for i in range(len(cross.datasets))]
-            for j in order]
-    lines += ["Ranks of the mean primary metric (rank 1 = best; ties share the average rank).", "",
-              _table(headers, body), "",
-              f"Friedman test: χ²_F = {fr.statistic:.3f}, {fmt_p_eq(fr.p_value)}; Iman–Davenport F_F = "
-              f"{fr.iman_davenport_f:.3f}, {fmt_p_eq(fr.iman_davenport_p)} ({fr.n_methods} methods, "
-              f"{fr.n_datasets} datasets). Nemenyi critical difference (α = 0.05): CD = {cross.cd:.3f}.", ""]
-    if cross.groups:
-        lines += ["Groups whose average ranks differ by less than CD (not significantly different): "
-                  + "; ".join("{" + ", ".join(g) + "}" for g in cross.groups) + ".", ""]
-    if cross.excluded:
-        lines += ["Not ranked: " + "; ".join(f"{r} ({why})" for r, why in cross.excluded.items()) + ".", ""]
-    if "cd_diagram" in figures:
-        lines += [f"![critical difference diagram]({figures['cd_diagram']})", ""]
+    if agg is None or not agg.rows:
+        return lines + [(agg.note if agg is not None else "No aggregate."), ""]
+    lines += [f"Over {len(agg.datasets)} dataset(s) ({', '.join(agg.datasets)}), rliable-style: mean Δ vs the "
+              "baseline (oriented: positive = better) averaged over datasets, the probability of improvement P(row > "
+              "baseline) (Agarwal et al. 2021: per dataset the share of replicate pairs the row wins, ties ½, "
+              "averaged over datasets) and the average rank (1 = best, failures at the worst case), each with a 95 % "
+              f"stratified-bootstrap interval ({lb_verdict.BOOTSTRAP_REPS} resamples of the replicates within each "
+              "dataset, seed 0). Descriptive: no test across datasets is made here.", ""]
+    order = sorted(agg.rows, key=lambda a: (-a.delta, a.row))
+    body = [[a.row, f"{a.delta:+.4f} [{a.delta_low:+.4f}, {a.delta_high:+.4f}]",
+             f"{a.poi:.2f} [{a.poi_low:.2f}, {a.poi_high:.2f}]",
+             f"{a.rank:.1f} [{a.rank_low:.1f}, {a.rank_high:.1f}]"] for a in order]
+    lines += [_table(["row", "mean Δ vs baseline [95% CI]", "P(improvement) [95% CI]", "average rank [95% CI]"],
+                     body), ""]
+    cross = rep.cross
+    if agg.note:
+        lines += [agg.note, ""]
+    elif cross.friedman is not None:
+        fr = cross.friedman
+        lines += [f"Friedman test: χ²_F = {fr.statistic:.3f}, {fmt_p_eq(fr.p_value)}; Iman–Davenport F_F = "
+                  f"{fr.iman_davenport_f:.3f}, {fmt_p_eq(fr.iman_davenport_p)} ({fr.n_methods} methods, "
+                  f"{fr.n_datasets} datasets). Nemenyi critical difference (α = 0.05): CD = {cross.cd:.3f}.", ""]
+        if cross.groups:
+            lines += ["Groups whose average ranks differ by less than CD (not significantly different): "
+                      + "; ".join("{" + ", ".join(g) + "}" for g in cross.groups) + ".", ""]
+        if "cd_diagram" in figures:
+            lines += [f"![critical difference diagram]({figures['cd_diagram']})", ""]
+    if agg.excluded:
+        lines += ["Not aggregated: " + "; ".join(f"{r} ({why})" for r, why in agg.excluded.items()) + ".", ""]
     return lines
+
+
+def render_details(rep: Report, figures: dict[str, str]) -> str:
+    """details.md: per dataset every test metric, the per-modality scores, the columns' full statistics
+    (half-width, raw p, sign-flip p) and the imbalance-diagnostics table."""
+    suite = rep.suite
+    lines = [f"# mmbalance leaderboard: suite `{suite.name}` — details" + (f" ({rep.title})" if rep.title else ""),
+             "", "<!-- generated with README.md; do not edit -->", "",
+             "The wide tables behind [README.md](README.md). Means include failed replicates at the worst case only "
+             "where the README says so; the tables below that show mean ± std over finished runs say "
+             "\"survivors\".", ""]
+    for ds in rep.datasets:
+        v = ds.verdict
+        lines += [f"## {ds.name}", ""]
+        if not ds.metric or v is None:
+            lines += ["No finished run yet.", ""]
+            continue
+        metric = ds.metric
+        body = []
+        for row in ds.ordered_rows():
+            rv = v.rows[row.row]
+            for q in lb_verdict.COLUMNS:
+                col = rv.columns.get(q)
+                if col is None or rv.role == "baseline":
+                    continue
+                body.append([row.row, rv.role, {"metric": metric, "probe": f"probe [{v.weak}]",
+                                                 "share": f"φ-share [{v.weak}]"}[q], str(col.n),
+                             f"{col.delta:+.4f}" if math.isfinite(col.delta) else DASH,
+                             f"{col.half_width:.4f}" if math.isfinite(col.half_width) else DASH,
+                             fmt_p(col.p), fmt_p(col.p_adj), fmt_p(col.p_sign_flip), col.status])
+        lines += ["### Comparisons with the baseline", "",
+                  f"Every column of every row: Δ, 95 % CI half-width, raw and Holm p (paired t-test), exact sign-flip "
+                  f"p (its smallest possible value with n replicates is 2/2ⁿ: "
+                  f"{stats.min_attainable_p(len(v.replicates)):.4g} here), and the test status.", "",
+                  _table(["row", "role", "column", "n", "Δ", "CI ±", "p", "p (Holm)", "p sign-flip", "status"], body),
+                  ""]
+        per = [[r.row, str(r.n_ok)] + [fmt_mean_std(r.per_modality.get(m, {})) for m in ds.modalities]
+               + [fmt_mean_std(r.primary_values(metric))] for r in ds.ordered_rows() if r.n_ok]
+        lines += ["### Per-modality test scores (survivors, mean ± std)", "",
+                  f"`{metric}` of the fused model with only that modality present (`test_per_modality`).", "",
+                  _table(["row", "n ok"] + [f"{metric} [{m}]" for m in ds.modalities] + [f"{metric} (fused)"], per), ""]
+        metrics = sorted({k for r in ds.rows.values() for k in r.test})
+        if metrics:
+            full = [[r.row] + [fmt_mean_std(r.test.get(k, {})) for k in metrics] for r in ds.ordered_rows() if r.n_ok]
+            lines += ["### All test metrics (survivors, mean ± std)", "", _table(["row"] + metrics, full), ""]
+        lines += lb_diag.section(ds, ds.diag, _table, figures.get(f"{ds.name}:weak_probe"))
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def _environment_section(rep: Report) -> list[str]:
@@ -509,9 +708,10 @@ def _environment_section(rep: Report) -> list[str]:
     return lines
 
 
-CSV_FIXED = ["dataset", "method", "planned", "ok", "failed", "n/a", "not_finished", "primary_metric",
-             "higher_is_better", "delta", "ci_low", "ci_high", "n_paired", "t_stat", "p_ttest", "p_ttest_holm",
-             "p_wilcoxon", "p_wilcoxon_holm", "marker", "val_mean", "val_std", "train_seconds_mean", "errors"]
+CSV_FIXED = ["dataset", "method", "role", "planned", "ok", "failed", "n/a", "not_finished", "primary_metric",
+             "higher_is_better", "mean", "std", "survivor_mean", "delta", "ci_low", "ci_high", "ci_half_width",
+             "n_paired", "p_ttest", "p_ttest_holm", "p_sign_flip", "test_status", "marker", "weak_modality",
+             "weak_source", "val_mean", "val_std", "train_seconds_mean", "errors"]
 
 
 def _mean_std(values: dict[int, float]) -> tuple[str, str]:
@@ -525,26 +725,43 @@ def _r(x: float) -> str:
     return repr(float(x)) if x is not None and math.isfinite(x) else ""
 
 
+def _col_fields(prefix: str, col: Any) -> dict[str, str]:
+    if col is None:
+        return {}
+    return {f"{prefix}delta": _r(col.delta), f"{prefix}ci_low": _r(col.ci_low), f"{prefix}ci_high": _r(col.ci_high),
+            f"{prefix}ci_half_width": _r(col.half_width), f"{prefix}n_paired": str(col.n) if col.n else "",
+            f"{prefix}p_ttest": _r(col.p), f"{prefix}p_ttest_holm": _r(col.p_adj),
+            f"{prefix}p_sign_flip": _r(col.p_sign_flip), f"{prefix}test_status": col.status,
+            f"{prefix}marker": col.marker}
+
+
 def csv_records(rep: Report) -> tuple[list[str], list[dict[str, str]]]:
-    """The rows of results.csv (one per dataset and row, values as written) and its columns in order."""
+    """The rows of results.csv (one per dataset and row, values as written) and its columns in order: one line
+    per (dataset, row): counts, the failure-counted and survivor means, the three tested columns
+    (``delta``… for the fused metric, ``diag_probe_weak_*`` and ``diag_share_weak_*``), every test metric and
+    diagnostics quantity."""
     dynamic: list[str] = []
     rows: list[dict[str, str]] = []
     for ds in rep.datasets:
+        v = ds.verdict
         for row in ds.ordered_rows():
-            c = row.comparison
+            rv = v.rows[row.row] if v else None
             errors = sorted({f"seed {s.spec.seed}: {s.state}: {s.error}" for s in row.states
                              if s.state in ("failed", "n/a")})
-            rec = {"dataset": ds.name, "method": row.row, "planned": str(len(row.states)), "ok": str(row.n_ok),
+            rec = {"dataset": ds.name, "method": row.row, "role": rv.role if rv else "",
+                   "planned": str(len(row.states)), "ok": str(row.n_ok),
                    "failed": str(row.count("failed")), "n/a": str(row.count("n/a")),
                    "not_finished": str(row.n_pending), "primary_metric": ds.metric,
                    "higher_is_better": str(ds.higher_is_better).lower(),
-                   "delta": _r(c.mean_diff) if c else "", "ci_low": _r(c.ci_low) if c else "",
-                   "ci_high": _r(c.ci_high) if c else "", "n_paired": str(c.n) if c else "",
-                   "t_stat": _r(c.t_stat) if c else "", "p_ttest": _r(c.p_ttest) if c else "",
-                   "p_ttest_holm": _r(row.p_t_holm), "p_wilcoxon": _r(c.p_wilcoxon) if c else "",
-                   "p_wilcoxon_holm": _r(row.p_w_holm), "marker": row.marker,
+                   "mean": _r(rv.mean) if rv else "", "std": _r(rv.std) if rv else "",
+                   "survivor_mean": _r(rv.survivor_mean) if rv else "",
+                   "weak_modality": (v.weak or "") if v else "", "weak_source": v.weak_source if v else "",
                    "val_mean": _mean_std(row.val)[0], "val_std": _mean_std(row.val)[1],
                    "train_seconds_mean": _mean_std(row.train_seconds)[0], "errors": " | ".join(errors)}
+            if rv is not None and rv.role != "baseline":
+                rec.update(_col_fields("", rv.columns.get("metric")))
+                rec.update(_col_fields("diag_probe_weak_", rv.columns.get("probe")))
+                rec.update(_col_fields("diag_share_weak_", rv.columns.get("share")))
             for k, vals in sorted(row.test.items()):
                 rec[f"test_{k}_mean"], rec[f"test_{k}_std"] = _mean_std(vals)
             for m, vals in sorted(row.per_modality.items()):
@@ -630,9 +847,11 @@ def write_report(rep: Report, out_dir: str | Path, extra: list[str] | None = Non
             if stale.name not in set(names.values()):
                 os.unlink(stale)
         os.replace(stage / "results.csv", out / "results.csv")
+        os.replace(stage / "details.md", out / "details.md")
         os.replace(stage / "README.md", out / "README.md")
         written["readme"] = out / "README.md"
         written["csv"] = out / "results.csv"
+        written["details"] = out / "details.md"
         return written
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -660,6 +879,7 @@ def _render_into(rep: Report, stage: Path, extra: list[str] | None = None) -> di
         figures["cd_diagram"] = "figures/cd_diagram.png"
         names["figure:cd_diagram"] = "cd_diagram.png"
     atomic_write_text(stage / "README.md", render_markdown(rep, figures, extra))
+    atomic_write_text(stage / "details.md", render_details(rep, figures))
     atomic_write_text(stage / "results.csv", render_csv(rep))
     for name in names.values():  # savefig follows the umask too, but be explicit: readable like the README
         os.chmod(fig_dir / name, 0o666 & ~current_umask())

@@ -9,18 +9,30 @@ from typing import Any
 from ..errors import ConfigError
 
 DEFAULT_SEEDS = 5
-SUITE_KEYS = {"name", "description", "seeds", "epochs", "methods", "exclude", "baseline", "datasets", "sets",
+SUITE_KEYS = {"name", "description", "seeds", "replicates", "primary", "epochs", "methods", "exclude", "baseline", "datasets", "sets",
               "method_sets", "variants", "output", "launcher", "num_processes", "accelerate_args", "data_dir",
               "slurm", "retry_failed", "tune", "plugins", "reference"}
 
 
 
 # ------------------------------------------------------------------------------------------ suites
+SPLITS = ("fixed", "sampled")
+DATASET_KEYS = {"sets", "modalities", "split", "split_key", "weak"}
+
+
 @dataclass
 class DatasetEntry:
+    """One ``[datasets.NAME]`` table. ``split``: ``"fixed"`` (an official or otherwise fixed split, the same for
+    every replicate) or ``"sampled"`` (replicate r sets ``split_key`` — default ``dataset.split_seed`` — to r, so
+    the split varies with the replicate while rows stay paired by r). ``weak``: the pre-declared weak modality
+    (else derived from the baseline's validation Shapley shares, never from test)."""
+
     name: str
     sets: dict[str, Any] = field(default_factory=dict)
     modalities: list[str] | None = None
+    split: str = "fixed"
+    split_key: str = "dataset.split_seed"
+    weak: str | None = None
 
 
 @dataclass
@@ -30,7 +42,8 @@ class Suite:
     name: str
     path: Path
     description: str = ""
-    seeds: list[int] = field(default_factory=lambda: list(range(DEFAULT_SEEDS)))
+    seeds: list[int] = field(default_factory=lambda: list(range(DEFAULT_SEEDS)))  # the replicates r
+    primary: list[str] | None = None  # rows of the primary (powered, Holm-tested) family; None: every method row
     epochs: int | None = None
     methods: str | list[str] = "all"
     exclude: list[str] = field(default_factory=list)
@@ -111,11 +124,13 @@ def load_suite(name_or_path: str | Path) -> Suite:
     unknown = sorted(set(raw) - SUITE_KEYS)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(SUITE_KEYS))}")
-    seeds = raw.get("seeds", DEFAULT_SEEDS)
+    if "seeds" in raw and "replicates" in raw:
+        raise ConfigError(f"{where}: give 'replicates' or its older name 'seeds', not both")
+    seeds = raw.get("replicates", raw.get("seeds", DEFAULT_SEEDS))
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = list(range(seeds))
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise ConfigError(f"{where}: 'seeds' must be a positive count or a list of integers, got {seeds!r}")
+        raise ConfigError(f"{where}: 'replicates' must be a positive count or a list of integers, got {seeds!r}")
     datasets_raw = raw.get("datasets")
     if isinstance(datasets_raw, list):
         datasets_raw = {d: {} for d in datasets_raw}
@@ -125,11 +140,23 @@ def load_suite(name_or_path: str | Path) -> Suite:
     datasets = []
     for dname, dval in datasets_raw.items():
         dval = _table(dval, f"{where} datasets.{dname}")
-        bad = sorted(set(dval) - {"sets", "modalities"})
+        bad = sorted(set(dval) - DATASET_KEYS)
         if bad:
-            raise ConfigError(f"{where} datasets.{dname}: unknown key(s) {', '.join(bad)}; valid: modalities, sets")
-        datasets.append(DatasetEntry(dname, _table(dval.get("sets"), f"{where} datasets.{dname}.sets"),
-                                     list(dval["modalities"]) if dval.get("modalities") else None))
+            raise ConfigError(f"{where} datasets.{dname}: unknown key(s) {', '.join(bad)}; valid: "
+                              + ", ".join(sorted(DATASET_KEYS)))
+        split = dval.get("split", "fixed")
+        if split not in SPLITS:
+            raise ConfigError(f"{where} datasets.{dname}.split: expected \"fixed\" or \"sampled\", got {split!r}")
+        split_key = str(dval.get("split_key", "dataset.split_seed"))
+        dsets = _table(dval.get("sets"), f"{where} datasets.{dname}.sets")
+        if split == "sampled" and split_key in dsets:
+            raise ConfigError(f"{where} datasets.{dname}: split = \"sampled\" sets {split_key} per replicate; "
+                              f"remove {split_key} from its sets")
+        weak = dval.get("weak")
+        mods = list(dval["modalities"]) if dval.get("modalities") else None
+        if weak is not None and mods is not None and weak not in mods:
+            raise ConfigError(f"{where} datasets.{dname}.weak: {weak!r} is not one of its modalities {mods}")
+        datasets.append(DatasetEntry(dname, dsets, mods, split, split_key, weak))
     methods = raw.get("methods", "all")
     if not (methods == "all" or (isinstance(methods, list) and methods and all(isinstance(m, str) for m in methods))):
         raise ConfigError(f"{where}: 'methods' must be \"all\" or a non-empty list of names, got {methods!r}")
@@ -150,6 +177,9 @@ def load_suite(name_or_path: str | Path) -> Suite:
         from .tune import parse_tune_table
 
         tune = parse_tune_table(raw["tune"], where, list(seeds))
+    primary = raw.get("primary")
+    if primary is not None and not (isinstance(primary, list) and all(isinstance(x, str) for x in primary)):
+        raise ConfigError(f"{where}: 'primary' must be a list of row names, got {primary!r}")
     plugins = raw.get("plugins", [])
     if not isinstance(plugins, list) or not all(isinstance(x, str) and x for x in plugins):
         raise ConfigError(f"{where}: 'plugins' must be a list of module names or .py paths, got {plugins!r}")
@@ -159,7 +189,7 @@ def load_suite(name_or_path: str | Path) -> Suite:
     reference = parse_reference(raw.get("reference"), where, [d.name for d in datasets])
     return Suite(
         plugins=plugins, tune=tune, name=str(raw.get("name", path.stem)), path=path, description=str(raw.get("description", "")).strip(),
-        seeds=list(seeds), epochs=epochs, methods=methods, exclude=list(raw.get("exclude", [])),
+        seeds=list(seeds), primary=list(primary) if primary is not None else None, epochs=epochs, methods=methods, exclude=list(raw.get("exclude", [])),
         baseline=str(raw.get("baseline", "baseline")), datasets=datasets,
         sets=_table(raw.get("sets"), f"{where} 'sets'"),
         method_sets={k: _table(v, f"{where} method_sets.{k}")

@@ -12,8 +12,10 @@ Protocol (the same for every row — baseline and ``unimodal:<m>`` rows included
 * one trial = one configuration trained once per tuning seed (disjoint from the report seeds) for the suite's
   epochs, with ``train.evaluate_test=false``: the test split is never evaluated while tuning;
 * score = mean over tuning seeds of the oriented validation primary metric of the selected checkpoint;
-  selection: highest score, ties → more ok seeds → lower mean validation loss → lower k. A failed trial
-  counts against the budget and is never chosen.
+  a trial replaces the defaults only if it beats them by more than the noise of that mean (:func:`noise_rule`:
+  the one-standard-error rule on the seed-paired gain, its error rate kept for the whole row); among trials,
+  highest score, ties → more ok seeds → lower mean validation loss → lower k. A failed trial counts against
+  the budget and is never chosen. On a dataset whose split is sampled, tuning seed s also uses split seed s.
 
 Trials are ordinary run folders (``RESULTS/_tune/<dataset>/<row>/trial<k>/seed<s>/``) run by the same
 executor as report runs, so they skip when done, resume when killed and run on SLURM alike.
@@ -48,7 +50,7 @@ from .suite import Suite
 TUNE_DIR = "_tune"
 TUNE_FILE = "tune.json"
 TRIAL_FILE = "trial.json"
-TUNE_VERSION = 1
+TUNE_VERSION = 2  # 2: the one-SE rule (``rule``) decides whether a trial replaces the defaults
 NO_TEST = ("train.evaluate_test", "false")
 #: What every trial adds to its row's sets: no test evaluation (enforced), and no work a trial's score does not
 #: use — the imbalance diagnostics and the per-modality evaluation (neither changes training: same selected
@@ -195,6 +197,7 @@ def plan_tuning(suite: Suite, report_specs: list[RunSpec], results_dir: str | Pa
     rows: dict[tuple[str, str], RunSpec] = {}
     for s in report_specs:
         rows.setdefault((s.dataset, s.row), s)
+    entries = {e.name: e for e in suite.datasets}
     out: list[RowTune] = []
     for (dataset, row), template in rows.items():
         fixed = dict(template.sets)
@@ -210,13 +213,22 @@ def plan_tuning(suite: Suite, report_specs: list[RunSpec], results_dir: str | Pa
             trial_rows.append({"k": k, "params": params, "sets": [list(x) for x in sets]})
             specs[k] = []
             for seed in tune.seeds:
-                spec = dataclasses.replace(template, seed=seed, sets=template.sets + sets + TRIAL_SETS,
+                spec = dataclasses.replace(template, seed=seed, sets=_tuning_split(template.sets, entries.get(dataset),
+                                                                                  seed) + sets + TRIAL_SETS,
                                            plan_hash="", run_dir="")
                 h = config_hash({**plan_hash_payload(spec), "space_hash": sh})
                 specs[k].append(dataclasses.replace(spec, plan_hash=h,
                                                     run_dir=str(row_dir / f"trial{k}" / f"seed{seed}")))
         out.append(RowTune(dataset, row, template.method, template.sets, space, trial_rows, specs, row_dir))
     return out
+
+
+def _tuning_split(sets: tuple[tuple[str, str], ...], entry: Any, seed: int) -> tuple[tuple[str, str], ...]:
+    """A dataset whose split is sampled per replicate is tuned on the splits of the tuning seeds (split seed s for
+    tuning seed s), never on a report replicate's split."""
+    if entry is None or getattr(entry, "split", "fixed") != "sampled":
+        return sets
+    return tuple((k, str(seed) if k == entry.split_key else v) for k, v in sets)
 
 
 def write_trial_files(plans: list[RowTune], tune: TuneConfig) -> None:
@@ -251,14 +263,63 @@ def score_trial(states: list[RunState]) -> dict[str, Any]:
             "error": next((s.error for s in states if s.state == "failed"), "")}
 
 
+#: The one-standard-error level: a single comparison "gain > 1 SE" errs with probability 1 − Φ(1) ≈ 0.159
+#: under no effect; :func:`choose` keeps that error rate for the whole row by splitting it over the K − 1
+#: candidates (Bonferroni), i.e. the gain must exceed Φ⁻¹(1 − 0.159 / (K − 1)) standard errors.
+ONE_SE_ERROR = 0.15865525393145707
+
+
+def _best(ok: list[dict[str, Any]]) -> dict[str, Any]:
+    return min(ok, key=lambda t: (-t["score"], -t["ok_seeds"],
+                                  t["val_loss"] if t["val_loss"] is not None else math.inf, t["k"]))
+
+
+def noise_rule(trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """The one-SE rule's numbers for the best trial b ≠ 0 against the defaults (trial 0), paired by tuning seed:
+    gain = mean_s (v_b,s − v_0,s); se = σ̂ / √n_b with σ̂² the variance of the paired differences d_k,s = v_k,s −
+    v_0,s around their trial means, pooled over every ok trial k ≥ 1 (Σ(d − d̄_k)² / Σ(n_k − 1): one noise level
+    per row, stable with 3 seeds); threshold = Φ⁻¹(1 − ONE_SE_ERROR / (K − 1)) · se with K − 1 the number of ok
+    candidates. ``replace`` is gain > threshold (with se = 0: gain > 0). Needs ≥ 2 tuning seeds; with one, no
+    noise can be estimated and only a strictly higher score replaces the defaults (``rule`` says which)."""
+    from scipy.stats import norm
+
+    ok = {t["k"]: t for t in trials if t["state"] == "ok" and t["score"] is not None}
+    base = ok.get(0)
+    cands = [t for k, t in ok.items() if k != 0]
+    if base is None or not cands:
+        return {"rule": "no candidate", "replace": False}
+    best = _best(cands)
+    v0 = {s: float(v) for s, v in (base.get("val_per_seed") or {}).items()}
+    diffs = {t["k"]: [float(v) - v0[s] for s, v in (t.get("val_per_seed") or {}).items() if s in v0] for t in cands}
+    if len(v0) < 2 or len(diffs[best["k"]]) < 2:
+        return {"rule": "higher score (one tuning seed: no noise estimate)", "gain": best["score"] - base["score"],
+                "replace": best["score"] > base["score"], "k": best["k"]}
+    ss = sum(sum((x - sum(d) / len(d)) ** 2 for x in d) for d in diffs.values() if len(d) >= 2)
+    dof = sum(len(d) - 1 for d in diffs.values() if len(d) >= 2)
+    sigma = math.sqrt(ss / dof) if dof else 0.0
+    d_b = diffs[best["k"]]
+    gain = sum(d_b) / len(d_b)
+    se = sigma / math.sqrt(len(d_b))
+    z = float(norm.ppf(1.0 - ONE_SE_ERROR / len(cands)))
+    return {"rule": f"one-SE (gain > {z:.3f} pooled SE; {len(cands)} candidates)", "gain": gain, "se": se,
+            "threshold": z * se, "replace": gain > z * se if se > 0 else gain > 0, "k": best["k"]}
+
+
 def choose(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The chosen trial: highest score; ties → more ok seeds → lower validation loss → lower k.
-    Failed, pending and n/a trials are never chosen; None when no trial is ok."""
+    """The chosen trial: the defaults (trial 0) unless the best other trial (highest score; ties → more ok seeds
+    → lower validation loss → lower k) beats them by more than the noise of the mean (:func:`noise_rule`); a tie
+    always keeps the defaults. Failed, pending and n/a trials are never chosen; if the defaults failed, the best
+    ok trial; None when no trial is ok."""
     ok = [t for t in trials if t["state"] == "ok" and t["score"] is not None]
     if not ok:
         return None
-    return min(ok, key=lambda t: (-t["score"], -t["ok_seeds"],
-                                  t["val_loss"] if t["val_loss"] is not None else math.inf, t["k"]))
+    base = next((t for t in ok if t["k"] == 0), None)
+    if base is None:
+        return _best(ok)
+    rule = noise_rule(trials)
+    if rule.get("replace"):
+        return next(t for t in ok if t["k"] == rule["k"])
+    return base
 
 
 def aggregate(plan: RowTune, tune: TuneConfig, epochs: int | None) -> dict[str, Any]:
@@ -280,6 +341,7 @@ def aggregate(plan: RowTune, tune: TuneConfig, epochs: int | None) -> dict[str, 
         "trials_ok": sum(t["state"] == "ok" for t in trials),
         "chosen": ({"k": chosen["k"], "params": chosen["params"], "sets": chosen["sets"], "score": chosen["score"]}
                    if chosen else None),
+        "rule": noise_rule(trials),
         "default_score": trials[0]["score"] if trials else None,
     }
     atomic_write_json(plan.dir / TUNE_FILE, payload)

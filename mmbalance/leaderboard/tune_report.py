@@ -79,21 +79,39 @@ def _ranks(means: dict[str, float], higher: bool) -> dict[str, float]:
 
 
 def header_line(tune: TuneConfig, metric: str) -> str:
+    seeds = len(tune.seeds)
+    warn = ("" if seeds >= 3 else f" Only {seeds} tuning seed(s): the noise of a trial's mean is poorly known, so the "
+            "choice may follow noise (≥ 3 recommended).")
     return (f"Tuning: {tune.trials} trials per row (random search, sampler seed {tune.seed}; trial 0 = defaults), "
-            f"tuning seeds {', '.join(map(str, tune.seeds))}, validation `{metric}`; the same budget for baseline "
-            "and unimodal rows. The test split is never evaluated while tuning. Tuned rows' validation scores are "
-            "optimistic (chosen on that split); every table ranks by test values of the report seeds.")
+            f"tuning seeds {', '.join(map(str, tune.seeds))} (disjoint from the replicates), validation `{metric}`; "
+            "the same budget for baseline and unimodal rows. A trial replaces the defaults only if its mean "
+            "validation score beats theirs by more than the noise of that mean (the one-SE rule, see docs/protocol.md; "
+            "rows tuned before the rule record their own rule in tune.json). The test split is never evaluated "
+            "while tuning. Tuned rows' validation scores are optimistic (chosen on that split); every table ranks "
+            "by test values of the replicates." + warn)
 
 
-def tuning_sections(tuned: Report, defaults: Report, results_dir: Path, defaults_link: str) -> list[str]:
+def tuning_note(tune: TuneConfig, results_dir: Path, tuned: Report) -> str:
+    """One line for the report's protocol list."""
+    rules = set()
+    for ds in tuned.datasets:
+        for row in ds.rows.values():
+            info = _info(results_dir, ds.name, row.row)
+            if info is not None:
+                rules.add((info.get("rule") or {}).get("rule", "highest validation score (tie-break on loss)")
+                          .split(" (")[0])
+    return (f"{tune.trials} random-search trials per row on validation, {len(tune.seeds)} tuning seed(s) "
+            f"({', '.join(map(str, tune.seeds))}); choice rule: " + ("; ".join(sorted(rules)) or "—"))
+
+
+def tuning_sections(tuned: Report, results_dir: Path, defaults_link: str) -> list[str]:
     suite = tuned.suite
     tune: TuneConfig = suite.tune
     metric = next((d.metric for d in tuned.datasets if d.metric), "metric")
     lines = ["## Tuning", "", header_line(tune, metric), "",
-             f"The whole leaderboard with every row at its defaults: [{defaults_link}]({defaults_link}).", ""]
-    dmap = {d.name: d for d in defaults.datasets}
+             f"The whole leaderboard with every row at its defaults, and each row's tuned − defaults difference: "
+             f"[{defaults_link}]({defaults_link}).", ""]
     for ds in tuned.datasets:
-        dd = dmap.get(ds.name)
         lines += [f"### {ds.name}: tuned configurations", ""]
         body = []
         for row in ds.ordered_rows():
@@ -110,6 +128,18 @@ def tuning_sections(tuned: Report, defaults: Report, results_dir: Path, defaults
                          f"{_tune_seconds(results_dir, ds.name, row.row):.1f}"])
         lines += [_table(["method", "trials", "chosen k", "chosen values", f"val {metric} chosen",
                           f"val {metric} defaults", "median / worst trial", "tuning train s"], body), ""]
+    return lines
+
+
+def defaults_sections(tuned: Report, defaults: Report, tuned_link: str) -> list[str]:
+    """The defaults file's own section: per dataset, each row's test metric at its defaults and tuned, and the
+    tuned − defaults difference paired by replicate (survivors) with each row's rank under both."""
+    lines = ["## Defaults vs tuned", "",
+             f"The tuned leaderboard: [{tuned_link}]({tuned_link}). `tuned − defaults` is the mean over replicates "
+             "where both finished of the tuned run minus the defaults run (not a Δ vs the baseline).", ""]
+    dmap = {d.name: d for d in defaults.datasets}
+    for ds in tuned.datasets:
+        dd = dmap.get(ds.name)
         if dd is None:
             continue
         tm = {r.row: r.mean(ds.metric) for r in ds.rows.values() if not is_reference_row(r.row)}
@@ -126,8 +156,8 @@ def tuning_sections(tuned: Report, defaults: Report, results_dir: Path, defaults
                     delta = f"{np.mean([row.primary_values(ds.metric)[s] - d_row.primary_values(ds.metric)[s] for s in common]):+.4f}"
             body.append([row.row, d_text, fmt_mean_std(row.primary_values(ds.metric)), delta,
                          f"{rd[row.row]:g}" if row.row in rd else DASH, f"{rt[row.row]:g}" if row.row in rt else DASH])
-        lines += [f"### {ds.name}: defaults vs tuned (test {ds.metric})", "",
-                  _table(["method", "defaults", "tuned", "Δ tuned − defaults (paired by seed)", "rank defaults",
+        lines += [f"### {ds.name}: defaults vs tuned (test {ds.metric}, survivors)", "",
+                  _table(["method", "defaults", "tuned", "tuned − defaults (paired by replicate)", "rank defaults",
                           "rank tuned"], body), ""]
     return lines
 

@@ -1,0 +1,151 @@
+"""The leaderboard's verdicts on planted data with known answers: a row better by the design's minimum
+detectable difference is found at the stated power and null rows are not (at the stated rate, over many
+synthetic suites); zero spread or too few replicates is "not testable"; exploratory rows get no p-value;
+mixed code versions are marked or refused; replicates sample the split with the training seed."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_leaderboard import make_fixture, write_suite
+
+from mmbalance import stats
+from mmbalance.errors import ConfigError
+from mmbalance.leaderboard.plan import RunSpec, RunState, plan_runs, read_state
+from mmbalance.leaderboard.report import summarise
+from mmbalance.leaderboard.suite import load_suite
+from mmbalance.runfiles import atomic_write_json
+
+
+def _states(values: dict[str, list[float]], dataset: str = "toy") -> list[RunState]:
+    """In-memory ok runs: row → test accuracy per replicate."""
+    out = []
+    for row, vals in values.items():
+        for r, v in enumerate(vals):
+            spec = RunSpec("toy", dataset, row, row, r, 1, (), run_dir=f"/nonexistent/{dataset}/{row}/seed{r}")
+            res = {"status": "ok", "primary_metric": "accuracy", "higher_is_better": True, "task": "classification",
+                   "modalities": ["a", "b"], "test": {"accuracy": float(v)}, "val": {"accuracy": float(v)}}
+            out.append(RunState(spec, "ok", {"state": "ok"}, res))
+    return out
+
+
+def test_a_known_margin_is_found_at_the_stated_power_and_null_rows_at_the_stated_rate():
+    n, sd, family = 12, 0.01, 5  # 12 replicates; paired differences N(delta, 0.01); 5 primary rows
+    mde = stats.mde_paired_t(sd, n, family=family)
+    rs = np.random.RandomState(11)
+    hits, false_rows, any_null, reported = 0, 0, 0, []
+    sims = 300
+    for _ in range(sims):
+        base = 0.8 + rs.normal(0, 0.02, n)  # replicate effects shared by every row (split and seed)
+        vals = {"baseline": base, "good": base + mde + rs.normal(0, sd, n)}
+        for k in range(family - 1):
+            vals[f"null{k}"] = base + rs.normal(0, sd, n)
+        v = summarise(_states(vals), "baseline")[0].verdict
+        assert v.family == ["good", "null0", "null1", "null2", "null3"] and v.power["metric"].family == family
+        hits += v.rows["good"].columns["metric"].significant
+        sig = [v.rows[f"null{k}"].columns["metric"].significant for k in range(family - 1)]
+        false_rows += sum(sig)
+        any_null += any(sig)
+        reported.append(v.power["metric"].mde)
+    # Holm's first step is Bonferroni at alpha/m, so power at the MDE is at least the stated 80 %
+    assert hits / sims >= 0.80 - 0.06, hits / sims
+    # family-wise error over the 4 null rows at most alpha = 0.05 (binomial slack for 300 suites)
+    assert any_null / sims <= 0.05 + 0.035, any_null / sims
+    # the reported MDE (estimated spread) is centred on the true one
+    assert np.median(reported) == pytest.approx(mde, rel=0.15)
+
+
+def test_zero_spread_and_two_replicates_are_not_testable_and_get_no_marker():
+    # the new user's 2-seed suite: both replicates exactly one test sample (0.0025) better
+    v = summarise(_states({"baseline": [0.9, 0.91], "m": [0.9025, 0.9125]}), "baseline")[0].verdict
+    col = v.rows["m"].columns["metric"]
+    assert col.status.startswith("not testable") and col.marker == "" and math.isnan(col.p_adj)
+    v = summarise(_states({"baseline": [0.9, 0.91, 0.92, 0.93], "m": [0.9025, 0.9125, 0.9225, 0.9325]}),
+                  "baseline")[0].verdict
+    col = v.rows["m"].columns["metric"]
+    assert "zero spread" in col.status and col.marker == "" and col.delta == pytest.approx(0.0025)
+
+
+def test_exploratory_rows_get_a_ci_and_no_p_value_and_stay_out_of_the_family(tmp_path):
+    suite, specs = make_fixture(tmp_path)
+    suite.primary = ["alpha"]
+    rep_rows = summarise([read_state(s) for s in specs], "baseline", suite)
+    v = rep_rows[0].verdict
+    assert v.family == ["alpha"] and v.power["metric"].family == 1
+    beta = v.rows["beta"].columns["metric"]
+    assert v.rows["beta"].role == "exploratory" and beta.status == "exploratory"
+    assert math.isnan(beta.p) and math.isnan(beta.p_adj) and beta.marker == "" and math.isfinite(beta.ci_low)
+    # alpha alone in its family: Holm over one test is the raw p
+    a = v.rows["alpha"].columns["metric"]
+    assert a.p_adj == pytest.approx(a.p)
+
+
+def _with_code(specs, commit_of) -> None:
+    for spec in specs:
+        p = Path(spec.run_dir) / "result.json"
+        if not p.is_file():
+            continue
+        res = json.loads(p.read_text())
+        if res.get("status") == "ok":
+            res["code"] = commit_of(spec)
+            atomic_write_json(p, res)
+
+
+def test_mixed_code_versions_are_marked_and_refused_on_request(tmp_path, capsys):
+    from mmbalance.leaderboard import main
+
+    suite, specs = make_fixture(tmp_path)
+    args = ["build", str(suite.path), "--results-dir", str(tmp_path / "results"), "--out-dir", str(tmp_path / "o")]
+    _with_code(specs, lambda s: {"git_commit": "a" * 40, "dirty": False})
+    assert main(args + ["--require-one-commit"]) == 0
+    text = (tmp_path / "o" / "README.md").read_text()
+    assert "MIXED CODE VERSIONS" not in text and "Code version: 1 commit(s): aaaaaaaaaa (64 runs), clean tree" in text
+    # one row re-run from another commit, one run from an uncommitted tree
+    _with_code(specs, lambda s: {"git_commit": ("b" if s.row == "beta" else "a") * 40,
+                                 "dirty": s.row == "alpha" and s.seed == 0})
+    assert main(args + ["--require-one-commit"]) == 2
+    err = capsys.readouterr().err
+    assert "2 commit(s)" in err and "2 run(s) from an uncommitted (dirty) tree" in err  # alpha seed 0 on both datasets
+    assert (tmp_path / "o" / "README.md").read_text() == text  # refused: nothing rewritten
+    assert main(args) == 0
+    marked = (tmp_path / "o" / "README.md").read_text()
+    assert "⚠ MIXED CODE VERSIONS" in marked and "bbbbbbbbbb (10 runs)" in marked
+
+
+def test_replicates_sample_the_split_with_the_training_seed_and_tuning_uses_its_own_splits(tmp_path):
+    from mmbalance.leaderboard.tune import plan_tuning
+
+    body = """\
+        replicates = 3
+        methods = ["baseline", "ogm_ge"]
+        [datasets.mfeat]
+        modalities = ["fac", "fou"]
+        split = "sampled"
+        [datasets.mfeat-hard]
+        modalities = ["fou", "zer"]
+        [tune]
+        trials = 2
+        seeds = [1000, 1001, 1002]
+        """
+    suite = load_suite(write_suite(tmp_path, "rep", body))
+    specs = plan_runs(suite, tmp_path / "r")
+    for s in specs:
+        sets = dict(s.sets)
+        if s.dataset == "mfeat":
+            assert sets["dataset.split_seed"] == str(s.seed)  # replicate r: split seed r, training seed r
+        else:
+            assert "dataset.split_seed" not in sets  # a fixed split
+    # paired by r: the baseline and ogm_ge of replicate 1 share the split
+    r1 = [dict(s.sets)["dataset.split_seed"] for s in specs if s.dataset == "mfeat" and s.seed == 1]
+    assert r1 == ["1", "1"]
+    trials = [s for p in plan_tuning(suite, specs, tmp_path / "r") for s in p.all_specs if s.dataset == "mfeat"]
+    assert {(s.seed, dict(s.sets)["dataset.split_seed"]) for s in trials} == {(1000, "1000"), (1001, "1001"),
+                                                                              (1002, "1002")}
+    with pytest.raises(ConfigError, match="split_seed"):
+        load_suite(write_suite(tmp_path, "bad", body.replace('split = "sampled"',
+                                                             'split = "sampled"\nsets = {"dataset.split_seed" = 3}')))
+    with pytest.raises(ConfigError, match="weak"):
+        load_suite(write_suite(tmp_path, "bad2", body.replace('split = "sampled"', 'weak = "zer"')))
