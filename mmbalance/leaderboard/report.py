@@ -355,7 +355,8 @@ def build_report(suite: Suite, specs: list[RunSpec], *, title: str = "") -> Repo
     summaries = summarise(states, suite.baseline, suite)
     agg = lb_verdict.analyse_across([d.verdict for d in summaries], suite.baseline)
     code = lb_verdict.code_versions([s.result for s in states if s.state == "ok" and s.result])
-    return Report(suite, specs, states, summaries, cross_dataset(summaries, suite.baseline), agg, code, title)
+    return Report(suite, specs, states, summaries, cross_dataset(summaries, suite.baseline), aggregate=agg, code=code,
+                  title=title)
 
 
 def newest_run_date(states: list[RunState]) -> str:
