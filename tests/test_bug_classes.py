@@ -26,7 +26,7 @@ from mmbalance.testing import build_trainer
 SETS = {**SMALL_MFEAT, "dataset.views": "[fac,fou]", "train.modality_eval": "none", "train.diagnostics": "none",
         "train.max_steps_per_epoch": 2}
 #: methods whose set-up or feature passes need more than one epoch
-EPOCHS = {"reconboost": 2, "relearning": 2}
+EPOCHS = {"reconboost": 2, "relearning": 3}
 #: settings that make a method's feature passes and random draws happen within the short run
 METHOD_SETS = {"relearning": {"reinit_every": 1}, "remix": {"warmup_epochs": 0}, "smv": {"warmup_epochs": 0},
                "smv_modality": {"warmup_epochs": 0}, "opm": {"warmup_epochs": 0}}
@@ -64,21 +64,49 @@ def bn_dropout_encoders(monkeypatch):
     monkeypatch.setattr(enc.MLPEncoder, "__init__", init)
 
 
-def test_feature_passes_run_in_eval_mode_and_training_steps_in_train_mode(tmp_path, monkeypatch, bn_dropout_encoders):
-    in_steps = [0]
-    real_steps = Trainer._train_steps
+def test_feature_passes_run_in_eval_mode_and_nothing_reads_test_before_the_final_evaluation(
+        tmp_path, monkeypatch, bn_dropout_encoders):
+    """Two invariants of one short run per method. Mode: no forward of the run's model outside the engine's
+    training steps runs in train mode, and every training step starts with the whole model in train mode.
+    Test split: nothing — a method, a teacher's training, a selection — reads the test split before the final
+    evaluation (``Trainer._finish``, the teachers' own included)."""
+    from mmbalance.data import TensorSplit
 
-    def counted(self, *a, **k):  # the engine's training steps (forward, backward, hooks, optimizer step)
-        in_steps[0] += 1
-        try:
-            return real_steps(self, *a, **k)
-        finally:
-            in_steps[0] -= 1
+    in_steps, in_finish = [0], [0]
 
-    monkeypatch.setattr(Trainer, "_train_steps", counted)
+    def counting(counter, real):
+        def wrapper(self, *a, **k):
+            counter[0] += 1
+            try:
+                return real(self, *a, **k)
+            finally:
+                counter[0] -= 1
+        return wrapper
+
+    monkeypatch.setattr(Trainer, "_train_steps", counting(in_steps, Trainer._train_steps))
+    monkeypatch.setattr(Trainer, "_finish", counting(in_finish, Trainer._finish))
     problems: list[str] = []
+    current = [""]
+
+    class WatchedSplit(TensorSplit):
+        def __getattribute__(self, attr):
+            if attr in ("inputs", "labels", "batch", "subset") and not in_finish[0]:
+                problems.append(f"{current[0]}: the test split is read ({attr}) before the final evaluation")
+            return super().__getattribute__(attr)
+
+    real_eval_batches = Trainer._eval_batches
+
+    def eval_batches(self, split, *a, **k):
+        if isinstance(split, WatchedSplit) and not in_finish[0]:
+            problems.append(f"{current[0]}: the test split is evaluated before the final evaluation")
+        return real_eval_batches(self, split, *a, **k)
+
+    monkeypatch.setattr(Trainer, "_eval_batches", eval_batches)
     for name in one_per_class():
+        current[0] = name
         tr = _trainer(name, tmp_path)
+        assert type(tr.data.test) is TensorSplit
+        tr.data.test.__class__ = WatchedSplit
         model = tr.ctx.raw_model
         own = {id(m) for m in model.modules() if isinstance(m, nn.BatchNorm1d)}
         assert own, "the test model has no batch norm"
@@ -103,6 +131,7 @@ def test_feature_passes_run_in_eval_mode_and_training_steps_in_train_mode(tmp_pa
 
             setattr(meth, hook_name, entry)
         tr.fit()
+        tr.data.test.__class__ = TensorSplit
     assert not problems, "\n".join(sorted(set(problems)))
 
 

@@ -101,7 +101,8 @@ EN = "mmbalance/engine.py"
 AR, CM = "methods/arl.py", "methods/cml.py"
 
 H = "tests/test_hardening.py::"
-BC_MODE = "tests/test_bug_classes.py::test_feature_passes_run_in_eval_mode_and_training_steps_in_train_mode"
+BC_MODE = ("tests/test_bug_classes.py::"
+           "test_feature_passes_run_in_eval_mode_and_nothing_reads_test_before_the_final_evaluation")
 BC_RNG = "tests/test_bug_classes.py::test_methods_draw_randomness_from_their_generator_not_the_global_rngs"
 MUTANTS: list[Mutant] = [
     # ---------------------------------------------------------------- CGGM
@@ -233,8 +234,8 @@ MUTANTS: list[Mutant] = [
     M("gblending", GB, "        torch.set_rng_state(rng)\n", "        pass\n",
       "estimate consumes the main RNG stream (not restored)", "state-reset"),
     # ---------------------------------------------------------------- Greedy
-    M("greedy", GR, "            total = ctx.reduce_sum(flat)\n            count = float(ctx.reduce_sum(float(block.last_count)))",
-      "            total = flat\n            count = float(block.last_count)",
+    M("greedy", GR, "            total = ctx.reduce_sum(flat).to(block.gate_avg(0).device)",
+      "            total = flat.to(block.gate_avg(0).device)",
       "gate running averages from this rank's batch only", "rank-local"),
     M("greedy", GR, "math.log10(b / a) if a > 0 and b > 0", "math.log10(a / b) if a > 0 and b > 0",
       "conditional learning speed with the sign flipped", "sign"),
@@ -248,7 +249,7 @@ MUTANTS: list[Mutant] = [
     M("greedy", GR, "        ctx.raw_model.set_rebalance(None)\n        return ctx.forward(batch, absent).logits",
       "        return ctx.forward(batch, absent).logits",
       "evaluation keeps the training re-balancing mode", "wrong-split"),
-    M("greedy", GR, "    return num / den if den > 0 else 0.0", "    return num if den > 0 else 0.0",
+    M("greedy", GR, "        out[name] = num / den if den > 0 else 0.0", "        out[name] = num if den > 0 else 0.0",
       "speed ratio without the parameter-norm denominator", "wrong-quantity"),
     M("greedy", GR, 'return {"greedy": dict(self.state.__dict__, acc=dict(self.state.acc))}',
       'return {"greedy": dict(self.state.__dict__, acc={})}',
@@ -299,8 +300,8 @@ MUTANTS: list[Mutant] = [
       "        if False:\n            idx, losses = ctx.accelerator.gather(",
       "loss history updated from this rank's samples only", "rank-local"),
     M("qmf", QM, "    t = torch.sign(h - h_j)\n", "    t = torch.sign(h_j - h)\n", "ranking target with the sign flipped", "sign"),
-    M("qmf", QM, "h_norm = normalise_history(self.history[k])[idx.cpu().long()]",
-      "h_norm = normalise_history(self.history[k][idx.cpu().long()])",
+    M("qmf", QM, "h_norm = normalise_history(self.history[k])[idx.long()]",
+      "h_norm = normalise_history(self.history[k][idx.long()])",
       "history normalised over the batch instead of the whole array", "wrong-quantity"),
     M("qmf", QM, "        w = weights[m].detach() if detach else weights[m]\n", "        w = weights[m]\n",
       "confidence weights not detached in the fused logits", "detach"),
@@ -309,7 +310,7 @@ MUTANTS: list[Mutant] = [
       "max logit instead of the energy (log-sum-exp)", "wrong-quantity"),
     M("qmf", QM, "    w_j, h_j = w.roll(-1), h.roll(-1)\n", "    w_j, h_j = w.roll(-1), h.roll(1)\n",
       "ranking pairs misaligned by one", "off-by-one"),
-    M("qmf", QM, 'return {"history": None if self.history is None else self.history.clone()}', 'return {"history": None}',
+    M("qmf", QM, 'return {"history": None if self.history is None else self.history.cpu().clone()}', 'return {"history": None}',
       "loss history not checkpointed (lost on resume)", "state-reset"),
     M("qmf", QM, "    @torch.no_grad()\n    def predict(", "    def on_epoch_start(self, ctx: StepContext) -> None:\n"
       "        self.history.zero_()\n\n    @torch.no_grad()\n    def predict(",
@@ -398,16 +399,19 @@ MUTANTS: list[Mutant] = [
       "    for start in range(0, total - chunk + 1, chunk):\n", "evaluation drops the last partial batch", "off-by-one"),
     M("engine", EN, "loader.set_epoch(pos.phase_index * 100_003 + pos.epoch)", "loader.set_epoch(pos.phase_index * 100_003)",
       "no reshuffle per epoch", "wrong-split"),
-    M("engine", EN, "                    val = self.evaluate(self.data.val)\n", "                    val = self.evaluate(self.data.test)\n",
-      "checkpoint selected on the test split", "wrong-split"),
+    M("engine", EN, "                        val, val_pm = self.evaluate(self.data.val), None\n",
+      "                        val, val_pm = self.evaluate(self.data.test), None\n",
+      "checkpoint selected on the test split", "wrong-split", ["tests/test_engine.py", "tests/test_cli.py", BC_MODE]),
     M("engine", EN, "            return cmp > 0\n", "            return cmp < 0\n", "selection keeps the worse epoch", "sign"),
     M("engine", EN, "self.train_split, ctx.heldout = self._carve_heldout(self.data.train)",
       "ctx.heldout = self._carve_heldout(self.data.train)[1]",
       "held-out part not removed from the training split", "wrong-split"),
-    M("engine", EN, "                method.after_backward(ctx)\n                self.diag.after_edit()\n"
+    M("engine", EN, "                if after_backward is not None:\n                    after_backward(ctx)\n"
+      "                if diag is not None:\n                    diag.after_edit()\n"
       "                if cfg.grad_clip:\n                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)\n",
       "                if cfg.grad_clip:\n                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)\n"
-      "                method.after_backward(ctx)\n                self.diag.after_edit()\n",
+      "                if after_backward is not None:\n                    after_backward(ctx)\n"
+      "                if diag is not None:\n                    diag.after_edit()\n",
       "gradients clipped before the method's gradient edits", "wrong-split"),
     M("engine", EN, '        ctx.generator.set_state(rng["method"])\n', "        pass\n",
       "method generator not restored on resume", "state-reset"),
@@ -415,9 +419,9 @@ MUTANTS: list[Mutant] = [
       "method-owned modules' gradients never cleared (accumulate across steps)", "state-reset"),
     M("engine", EN, "            it.set_epoch(key)\n", "            it.set_epoch(0)\n",
       "extra train passes ignore the shuffle key", "wrong-split"),
-    M("engine", EN, "        ctx.model.eval()\n        for ex in ctx.extra.values():\n            ex.module.eval()\n",
-      "        for ex in ctx.extra.values():\n            ex.module.eval()\n",
-      "evaluation with the model in train mode", "wrong-split"),
+    M("engine", EN, "            ctx.model.eval()\n            for ex in ctx.extra.values():\n                ex.module.eval()\n",
+      "            for ex in ctx.extra.values():\n                ex.module.eval()\n",
+      "evaluation with the model in train mode", "wrong-split", ["tests/test_engine.py", "tests/test_cli.py", BC_MODE]),
     M("engine", EN, 'g["lr"] = g["base_lr"] * factor * g.get("lr_mult", 1.0)', 'g["lr"] = g["base_lr"] * factor',
       "per-group lr multipliers ignored", "wrong-quantity"),
     # ---------------------------------------------------------------- ARL
