@@ -164,6 +164,7 @@ def test_methods_draw_randomness_from_their_generator_not_the_global_rngs(tmp_pa
 #: reproduces. A new preset must be added here: the test fails for a preset it does not know.
 PRESETS = {
     "amco_bb": ("amco", {"mask_target": "logit"}),
+    "masam_static": ("masam", {"mode": "static"}),
     "arl_released": ("arl", {"weights": "fixed_half"}),
     "cggm_paper": ("cggm", {"cos_source": "grads_same_step", "rho_in_b": True}),
     "gblending_offline": ("gblending", {"mode": "offline"}),
