@@ -95,7 +95,7 @@ METHOD_SETS = {"greedy": ["start_epoch=0"], "opm": ["p_exe=1"], "arl": ["start=-
 
 @pytest.mark.ddp
 @pytest.mark.parametrize("method", ["ogm_ge", "agm", "pmr", "gblending", "qmf", "mslr", "mrd", "greedy", "opm",
-                                    "arl", "smv", "lfm_learnable", "cml", "mmpareto", "amco"])
+                                    "arl", "smv", "lfm_learnable", "cml", "mmpareto", "amco", "g2d"])
 def test_two_process_methods_keep_replicas_identical(tmp_path, method):
     """Every statistic that sets a coefficient is reduced across ranks (and noise/masks come from a
     generator seeded identically everywhere), so the replicas must not drift apart. Identical

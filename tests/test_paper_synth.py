@@ -74,14 +74,21 @@ def _cases() -> list:
     return out
 
 
+@pytest.fixture(scope="module")
+def teacher_cache(tmp_path_factory):
+    """One output dir for the methods that use the shared ``<m>-only`` models (UMT, UME, G2D, ...): each
+    dataset's teachers are trained once for all of them (the cache is keyed by content and locked)."""
+    return tmp_path_factory.mktemp("synth_teachers")
+
+
 @pytest.mark.parametrize("method,dataset", _cases())
-def test_method_runs_one_epoch_on_paper_shape_alike(method, dataset, tmp_path, capsys):
+def test_method_runs_one_epoch_on_paper_shape_alike(method, dataset, tmp_path, capsys, teacher_cache):
     from mmbalance.run import main
     from mmbalance.testing import cli_args
 
     rd = tmp_path / "run"
     sets, epochs = _sets(method, dataset)
-    code = main(cli_args(method, dataset, epochs=epochs, run_dir=rd, sets=sets, extra=["--output-dir", str(tmp_path)]))
+    code = main(cli_args(method, dataset, epochs=epochs, run_dir=rd, sets=sets, extra=["--output-dir", str(teacher_cache)]))
     err = capsys.readouterr().err
     reason = NOT_APPLICABLE.get((method, dataset))
     if reason is not None:

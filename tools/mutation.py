@@ -61,10 +61,11 @@ TESTS: dict[str, list[str]] = {
     "cml": ["tests/test_cml.py"],
     "classes": ["tests/test_bug_classes.py"],
     "mmpareto": ["tests/test_mmpareto.py"],
+    "g2d": ["tests/test_g2d.py"],
 }
 DDP_TESTS: dict[str, list[str]] = {m: [DDP_NODE.format(m)] for m in
                                    ("ogm_ge", "agm", "pmr", "gblending", "qmf", "mslr", "mrd", "greedy", "arl", "cml",
-                                    "mmpareto")}
+                                    "mmpareto", "g2d")}
 DDP_TESTS["engine"] = ["tests/test_ddp.py::test_two_process_baseline"]
 
 
@@ -98,7 +99,7 @@ CG, OG, AG, PM, GB, GR = ("methods/cggm.py", "methods/ogm_ge.py", "methods/agm.p
 UT, UE, QM, RB, MR, MS = ("methods/umt.py", "methods/ume.py", "methods/qmf.py", "methods/reconboost.py",
                           "methods/mrd.py", "methods/mslr.py")
 EN = "mmbalance/engine.py"
-AR, CM = "methods/arl.py", "methods/cml.py"
+AR, CM, GD = "methods/arl.py", "methods/cml.py", "methods/g2d.py"
 
 H = "tests/test_hardening.py::"
 BC_MODE = ("tests/test_bug_classes.py::"
@@ -550,6 +551,21 @@ MUTANTS: list[Mutant] = [
       '            flat = ctx.accelerator.reduce(flat, reduction="sum") / ctx.world_size\n', "            pass\n",
       "fused-loss encoder gradient from this rank's batch only (autograd.grad bypasses DDP's all-reduce)",
       "rank-local"),
+    # ---------------------------------------------------------------- G2D
+    M("g2d", GD, "        s = ctx.reduce_sum(self._rho)\n", "        s = self._rho.double()\n",
+      "SMP choice from this rank's teacher confidences only", "rank-local"),
+    M("g2d", GD, "        return (rho > low).to(torch.float32)", "        return (rho < rho.max()).to(torch.float32)",
+      "SMP suppresses the less confident modality", "sign"),
+    M("g2d", GD, "factors.append(keep[k])", "factors.append(keep[len(self.mods) - 1 - k])",
+      "suppression applied to the other modality's encoder", "swapped"),
+    M("g2d", GD, "    log_q = F.log_softmax(s / tau, dim=1)", "    log_q = F.log_softmax(s, dim=1)",
+      "temperature not applied to the student", "wrong-quantity"),
+    M("g2d", GD, "    s, t = student.float(), teacher.detach().float()", "    s, t = student.detach().float(), teacher.detach().float()",
+      "logit distillation detached from the student", "detach"),
+    M("g2d", GD, "self.hp.smp_start <= ctx.epoch <= end", "self.hp.smp_start <= ctx.epoch < end",
+      "SMP window ends one epoch early", "off-by-one"),
+    M("g2d", GD, '"weights": lambda p: p.dim() >= 2', '"weights": lambda p: p.dim() >= 1',
+      "biases and norm parameters suppressed too", "wrong-quantity"),
 ]
 
 for _i, _m in enumerate(MUTANTS):
