@@ -78,6 +78,8 @@ def test_exploratory_rows_get_a_ci_and_no_p_value_and_stay_out_of_the_family(tmp
     beta = v.rows["beta"].columns["metric"]
     assert v.rows["beta"].role == "exploratory" and beta.status == "exploratory"
     assert math.isnan(beta.p) and math.isnan(beta.p_adj) and beta.marker == "" and math.isfinite(beta.ci_low)
+    suite.primary = ["alpha", "alpah"]  # a typo is named, not silently dropped from the family
+    assert summarise([read_state(s) for s in specs], "baseline", suite)[0].verdict.missing_primary == ["alpah"]
     # alpha alone in its family: Holm over one test is the raw p
     a = v.rows["alpha"].columns["metric"]
     assert a.p_adj == pytest.approx(a.p)
@@ -149,3 +151,29 @@ def test_replicates_sample_the_split_with_the_training_seed_and_tuning_uses_its_
                                                              'split = "sampled"\nsets = {"dataset.split_seed" = 3}')))
     with pytest.raises(ConfigError, match="weak"):
         load_suite(write_suite(tmp_path, "bad2", body.replace('split = "sampled"', 'weak = "zer"')))
+
+
+def test_parts_are_disjoint_and_cover_the_plan():
+    from mmbalance.errors import MMBalanceError
+    from mmbalance.leaderboard.cli import part_of
+
+    plan = list(range(23))
+    parts = [part_of(plan, f"{i}/4") for i in range(1, 5)]
+    assert sorted(x for p in parts for x in p) == plan and parts[0] == [0, 4, 8, 12, 16, 20]
+    assert part_of(plan, None) == plan
+    for bad in ("0/4", "5/4", "x", "1/0"):
+        with pytest.raises(MMBalanceError, match="--part"):
+            part_of(plan, bad)
+
+
+def test_the_quick_suite_is_pre_registered_and_powered_by_design():
+    """quick.toml: sampled splits, declared weak modalities, a primary family of registered methods, tuning seeds
+    disjoint from the replicates, and the number of replicates its comment derives (26 needed -> 30)."""
+    from mmbalance.leaderboard.plan import expand_all_methods
+
+    suite = load_suite("quick")
+    assert all(d.split == "sampled" and d.weak in d.modalities for d in suite.datasets)
+    assert set(suite.primary) <= set(expand_all_methods()) and len(suite.primary) == 12
+    assert len(suite.tune.seeds) >= 3 and not set(suite.tune.seeds) & set(suite.seeds)
+    # the committed v1 spread of mfeat-hard's fused metric (median primary-row sd 0.0124) at 30 replicates
+    assert stats.mde_paired_t(0.0124, len(suite.seeds), family=12) <= 0.0100

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--build", action="store_true", help="build the report when the runs are done")
     run.add_argument("--out-dir", help="report folder for --build")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--part", metavar="I/N", help="run only the I-th of N interleaved slices of the plan (1-based; "
+                                                   "the same plan gives the same slices), e.g. one per session")
 
     build = sub.add_parser("build", help="aggregate the run files into README.md, results.csv, figures/")
     common(build)
@@ -79,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--executor", choices=["local", "submitit"], default="local")
     tune.add_argument("--cluster", choices=["slurm", "local", "debug"])
     tune.add_argument("--quiet", action="store_true", help="no progress bar")
+    tune.add_argument("--part", metavar="I/N", help="run only the I-th of N interleaved slices of the trial runs "
+                                                    "(1-based); aggregates every row whose trials are all done")
     st = sub.add_parser("store", help="add every finished run folder of the suite (report, defaults, tuning "
                                       "trials) to its compact store RESULTS/_store/<dataset>.jsonl.gz")
     common(st)
@@ -130,6 +134,20 @@ def _run_specs(args: argparse.Namespace, suite, results_dir: Path, data_dir, spe
     return [read_state(s) for s in specs]
 
 
+def part_of(specs: list, part: str | None) -> list:
+    """``--part I/N``: every N-th spec starting at the I-th (plan order is seed-major, so each part covers every
+    row). Parts are disjoint and together the whole plan; each can run in its own session (all resumable)."""
+    if not part:
+        return specs
+    try:
+        i, n = (int(x) for x in part.split("/"))
+    except ValueError:
+        i = n = 0
+    if not (1 <= i <= n):
+        raise MMBalanceError(f"--part {part!r}: expected I/N with 1 <= I <= N, e.g. 2/4")
+    return specs[i - 1::n]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .plan import read_state
 
@@ -142,7 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     done = before.get("ok", 0) + before.get("n/a", 0)
     print(f"suite {suite.name}: {len(specs)} runs planned, {done} already done, results in {results_dir}",
           file=sys.stderr)
-    states = _run_specs(args, suite, results_dir, data_dir, specs)
+    states = _run_specs(args, suite, results_dir, data_dir, part_of(specs, args.part))
     counts = Counter(s.state for s in states)
     print(f"suite {suite.name}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), file=sys.stderr)
     for st in states:
@@ -283,7 +301,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"suite {suite.name}: tuning {len(plans)} rows x {len(plans[0].trials) if plans else 0} trials x "
           f"{len(suite.tune.seeds)} seed(s) = {len(specs)} runs (validation only), results in {results_dir}",
           file=sys.stderr)
-    _run_specs(args, suite, results_dir, data_dir, specs)
+    _run_specs(args, suite, results_dir, data_dir, part_of(specs, args.part))
     failed = 0
     for p in plans:
         info = aggregate(p, suite.tune, suite.epochs)

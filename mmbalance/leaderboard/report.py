@@ -559,6 +559,9 @@ def _dataset_section(rep: Report, ds: DatasetSummary, arg: str, figures: dict[st
               + ("sampled per replicate" if v and v.split == "sampled" else "one fixed split")
               + f"; weak modality m* = {weak or DASH} ({v.weak_source if v else ''}); primary family: "
               + (f"{len(v.family)} row(s)" if v else DASH) + ".", ""]
+    if v and v.missing_primary:
+        lines += ["Declared primary rows without a row here (not in the plan, misspelt, or excluded): "
+                  + ", ".join(f"`{r}`" for r in v.missing_primary) + ".", ""]
     notes = Notes()
     headers = ["row", "role", "n ok/planned", f"{metric}", "Δ vs baseline [95% CI]", "p (Holm)",
                f"probe [{weak or 'm*'}] Δ [CI] (p)", f"φ-share [{weak or 'm*'}] Δ [CI] (p)", "train s/run"]

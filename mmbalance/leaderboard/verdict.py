@@ -127,6 +127,7 @@ class DatasetVerdict:
     weak_source: str
     replicates: list[int]
     family: list[str]             # primary rows present on this dataset
+    missing_primary: list[str]    # primary rows the suite declares that this dataset has no row for
     worst_case: dict[int, float]  # replicate → worst-case value of the metric
     rows: dict[str, RowVerdict]
     power: dict[str, Power] = field(default_factory=dict)
@@ -282,8 +283,9 @@ def analyse_dataset(ds, *, primary: list[str] | None, split: str, declared_weak:
                   "none (no baseline validation diagnostics)")
     method_rows = [r for r in ds.rows if r != ds.baseline and not is_reference(r)]
     family = [r for r in method_rows if primary is None or r in primary]
+    missing = [r for r in (primary or []) if r not in ds.rows]
     verdict = DatasetVerdict(ds.name, ds.metric, ds.higher_is_better, split, weak, source, list(replicates),
-                             family, worst, {})
+                             family, missing, worst, {})
     diag = ds.diag
 
     def quantity(row, q: str, impute: bool) -> dict[int, float]:
