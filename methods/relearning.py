@@ -105,13 +105,19 @@ def soft_reinit_(params: list[torch.nn.Parameter], initial: list[torch.Tensor], 
         p.lerp_(p0.to(p.device, p.dtype), alpha)
 
 
-def _cluster_purity(x: np.ndarray, y: np.ndarray, k: int, hp: RelearningHParams, seed: int) -> float:
+def _sklearn() -> tuple[Any, Any]:
+    """scikit-learn's KMeans and MinMaxScaler (an optional dependency: a clear error, at set-up)."""
     try:
         from sklearn.cluster import KMeans
         from sklearn.preprocessing import MinMaxScaler
     except ImportError:
         raise ConfigError("relearning needs scikit-learn for KMeans: pip install 'mmbalance[relearning]' "
                           "(or pip install scikit-learn)") from None
+    return KMeans, MinMaxScaler
+
+
+def _cluster_purity(x: np.ndarray, y: np.ndarray, k: int, hp: RelearningHParams, seed: int) -> float:
+    KMeans, MinMaxScaler = _sklearn()
     if hp.kmeans_max_samples is not None and len(x) > hp.kmeans_max_samples:
         keep = np.sort(np.random.RandomState(seed).permutation(len(x))[:hp.kmeans_max_samples])
         x, y = x[keep], y[keep]
@@ -144,7 +150,10 @@ class Relearning(BalancingMethod):
         self.counts = (0, 0)  # samples clustered in the last diagnosis (training part, held-out)
 
     def setup(self, ctx: StepContext) -> None:
-        """θ^(0): a float32 CPU copy of every encoder's parameters, before any step."""
+        """θ^(0): a float32 CPU copy of every encoder's parameters, before any step. scikit-learn is imported
+        here, not at the first diagnosis: a missing install fails before training, and its import (which
+        draws from Python's global ``random``) happens outside the training epochs."""
+        _sklearn()
         model = ctx.raw_model
         self.initial = {m: [p.detach().float().cpu().clone() for p in model.encoder_parameters(m)]
                         for m in model.modalities}

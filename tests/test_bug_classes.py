@@ -28,7 +28,8 @@ SETS = {**SMALL_MFEAT, "dataset.views": "[fac,fou]", "train.modality_eval": "non
 #: methods whose set-up or feature passes need more than one epoch
 EPOCHS = {"reconboost": 2, "relearning": 3}
 #: settings that make a method's feature passes and random draws happen within the short run
-METHOD_SETS = {"relearning": {"reinit_every": 1}, "remix": {"warmup_epochs": 0}, "smv": {"warmup_epochs": 0},
+METHOD_SETS = {"relearning": {"reinit_every": 1}, "remix": {"warmup_epochs": 0, "group_order": "interleaved"},
+               "smv": {"warmup_epochs": 0},
                "smv_modality": {"warmup_epochs": 0}, "opm": {"warmup_epochs": 0}}
 #: presets with code paths of their own (a held-out pass, a random pick) besides one name per class
 EXTRA = ["lfm_learnable", "greedy_random"]
