@@ -353,7 +353,7 @@ def test_a_column_the_report_gains_shows_on_the_detail_page_and_a_lost_one_leave
         cols, rows = csv_records(rep)
         for r in rows:
             r["mde_accuracy_mean"], r["mde_accuracy_std"] = "0.0123", "0.001"
-            r.pop("p_ttest_holm")
+            r.pop("p_ttest_holm", None)
         return [c for c in cols if c != "p_ttest_holm"] + ["mde_accuracy_mean", "mde_accuracy_std"], rows
 
     monkeypatch.setattr(model, "csv_records", records)

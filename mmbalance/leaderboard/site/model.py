@@ -117,6 +117,8 @@ class MethodData:
     sets: list[tuple[str, str]] = field(default_factory=list)  # the row's --set values (first dataset planned)
     sets_by_dataset: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     poi: tuple[float, float, float, int] | None = None  # P(row > baseline), CI, number of datasets
+    mean_delta: tuple[float, float, float] | None = None  # the build's mean Δ across datasets (oriented), CI
+    rank: tuple[float, float, float] | None = None  # the build's average rank with its interval
 
     @property
     def is_reference(self) -> bool:
@@ -160,15 +162,28 @@ def site_data(rep: Report) -> SiteData:
 
 
 def _poi(rep: Report, methods: dict[str, MethodData]) -> None:
-    """P(row > baseline) across datasets (:func:`mmbalance.stats.probability_of_improvement`, rliable's
-    definition) with a 95 % stratified-bootstrap interval (:func:`mmbalance.stats.stratified_bootstrap`: the
-    seeds of each dataset resampled, a row's run and the baseline's run of one seed kept together). Values
-    oriented so that higher is better; datasets where the row or the baseline has no paired seed are left out."""
+    """The build's aggregates (``Report.aggregate``: mean Δ, probability of improvement and average rank with
+    their intervals) when it has them; otherwise P(row > baseline) across datasets
+    (:func:`mmbalance.stats.probability_of_improvement`, rliable's definition) with a 95 % stratified-bootstrap
+    interval (:func:`mmbalance.stats.stratified_bootstrap`: the seeds of each dataset resampled, a row's run and
+    the baseline's run of one seed kept together). Values oriented so that higher is better; datasets where the
+    row or the baseline has no paired seed are left out."""
     from ... import stats
 
     def statistic(tasks: list[np.ndarray]) -> float:
         return stats.probability_of_improvement([t[:, 0] for t in tasks], [t[:, 1] for t in tasks])
 
+    agg = getattr(rep, "aggregate", None)  # the build's own cross-dataset aggregates, when it computes them
+    if agg is not None and getattr(agg, "rows", None):
+        n = len(getattr(agg, "datasets", []) or [])
+        for a in agg.rows:
+            m = methods.get(a.row)
+            if m is not None:
+                m.poi = (a.poi, a.poi_low, a.poi_high, n)
+                m.mean_delta = (a.delta, a.delta_low, a.delta_high)
+                m.rank = (getattr(a, "rank", math.nan), getattr(a, "rank_low", math.nan),
+                          getattr(a, "rank_high", math.nan))
+        return
     for row, m in methods.items():
         if row == rep.suite.baseline or m.is_reference:
             continue

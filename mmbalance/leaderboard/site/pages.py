@@ -10,6 +10,7 @@ import html
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,8 +152,11 @@ def _diag_cell(r: RowData, col: str, weak: str) -> Cell:
     if not math.isfinite(m):
         return Cell(DASH, "", True)
     d = r.get(f"diag_{col}_weak_delta")
-    mark = stats.significance_marker(r.get(f"diag_{col}_weak_p_ttest_holm")) if math.isfinite(
-        r.get(f"diag_{col}_weak_p_ttest_holm")) else ""
+    if f"diag_{col}_weak_marker" in r.record:  # the build's own marker (it knows which tests count)
+        mark = r.record[f"diag_{col}_weak_marker"]
+    else:
+        p = r.get(f"diag_{col}_weak_p_ttest_holm")
+        mark = stats.significance_marker(p) if math.isfinite(p) else ""
     extra = f" ± {s:.4f}" if math.isfinite(s) else ""
     if math.isfinite(d):
         extra += f" (Δ {d:+.4f}{_marker_html(mark)})"
@@ -181,6 +185,9 @@ def compact_table(site: SiteData, ds: DatasetData, root: str) -> str:
     has_p = "p_ttest_holm" in ds.columns
     if not has_p:
         cols.pop()
+    has_role = "role" in ds.columns  # primary (tested) / exploratory (CI only) / reference, when the build says
+    if has_role:
+        cols.insert(1, Col("role", False, "primary: in the tested family; exploratory: CI only"))
     if weak:
         cols += [Col(f"probe [{weak}]", True, f"linear probe of the {weak} encoder (test)"),
                  Col(f"φ-share [{weak}]", True, f"Shapley share of {weak}")]
@@ -188,6 +195,8 @@ def compact_table(site: SiteData, ds: DatasetData, root: str) -> str:
     rows = []
     for r in ds.rows:
         cells = [Cell(_method_link(site, r.name, root), r.name), _n_cell(r), _mean_std(r, f"test_{metric}"), _delta(r)]
+        if has_role:
+            cells.insert(1, text(r.record.get("role") or DASH))
         if has_p:
             p = r.get("p_ttest_holm")
             cells.append(Cell(esc(stats_p(p)), repr(p) if math.isfinite(p) else "", True))
@@ -260,9 +269,17 @@ def findings(site: SiteData, root: str) -> str:
     """The report's findings when it has them (``Report.findings``: lines of text); else, per dataset and
     tested column, how many rows differ from the baseline after the Holm correction and the largest such
     effects, with every significant difference in a table one click away."""
-    given = getattr(site.report, "findings", None)
-    if isinstance(given, list | tuple) and given:
-        return "<ul>" + "".join(f"<li>{esc(f)}</li>" for f in given) + "</ul>"
+    from .. import report as report_module
+
+    section = getattr(report_module, "_findings_section", None)
+    if section is not None:  # the markdown report's findings, the same text; a long list folds after 12
+        lines = section(site.report)[1:]
+        bullets = [i for i, line in enumerate(lines) if line.startswith("- ")]
+        if len(bullets) <= 12:
+            return markdown_lines(lines)
+        cut = bullets[12]
+        return (markdown_lines(lines[:cut]) + f"<details><summary>{len(bullets) - 12} more</summary>"
+                + markdown_lines(lines[cut:]) + "</details>")
     bullets, rows = [], []
     for ds in site.datasets:
         weak = ds.weak
@@ -311,13 +328,63 @@ def findings(site: SiteData, root: str) -> str:
             f"<details><summary>All {len(rows)} significant differences</summary>{detail}</details>")
 
 
+def _inline(text_: str) -> str:
+    """Escaped text with markdown's **bold** and `code`."""
+    out = esc(text_)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
+
+
+def markdown_lines(lines: list[str]) -> str:
+    """The little markdown the report's prose uses — headings dropped, ``- `` bullets, paragraphs — as HTML."""
+    out, items = [], []
+    for line in lines + [""]:
+        if line.startswith("- "):
+            items.append(f"<li>{_inline(line[2:])}</li>")
+            continue
+        if items:
+            out.append("<ul>" + "".join(items) + "</ul>")
+            items = []
+        if line.strip() and not line.startswith("#"):
+            out.append(f"<p>{_inline(line)}</p>")
+    return "\n".join(out)
+
+
+def power_table(site: SiteData) -> str:
+    """Per dataset, the minimum detectable differences the build states (``DatasetSummary.verdict.power``)."""
+    rows = []
+    for ds in site.datasets:
+        v = getattr(ds.summary, "verdict", None)
+        power = getattr(v, "power", None) or {}
+        if not power:
+            continue
+        pm, pp = power.get("metric"), power.get("probe")
+        rows.append(([Cell(f'<a href="datasets/{esc(ds.name)}.html">{esc(ds.name)}</a>', ds.name),
+                      Cell(str(len(getattr(v, "replicates", []))), str(len(getattr(v, "replicates", []))), True),
+                      text(getattr(v, "split", DASH)), Cell(str(len(getattr(v, "family", []))), None, True),
+                      number(pm.mde if pm else math.nan), text(getattr(v, "weak", None) or DASH),
+                      number(pp.mde if pp else math.nan)], {}))
+    if not rows:
+        return ""
+    cols = [Col("dataset"), Col("replicates", True), Col("split"), Col("family size", True),
+            Col("MDE fused", True, "smallest true paired difference detected with 80 % power (metric units)"),
+            Col("weak m*"), Col("MDE probe [m*]", True)]
+    return ("<p>Minimum detectable difference (80 % power, paired t-test at the family's strictest Holm step): a "
+            "difference below it can be real and unseen, so a row without a marker is not evidence of no "
+            "effect.</p>" + table(cols, rows, sortable=False))
+
+
 def protocol(site: SiteData) -> str:
     rep = site.report
     suite = rep.suite
     seeds = ", ".join(map(str, suite.seeds))
     budget = f"{suite.epochs} epochs per run" if suite.epochs else "each dataset's default number of epochs"
-    parts = [f"Every row is trained with {len(suite.seeds)} seeds ({seeds}; the training seed — the data split is "
-             f"fixed, so rows are paired by seed) for {budget}. The checkpoint is selected on validation and the "
+    splits = {getattr(getattr(d.summary, "verdict", None), "split", None) for d in site.datasets} - {None}
+    pairing = ("replicate r trains with seed r and, where a dataset's split is sampled, splits with seed r too; "
+               "rows are paired by replicate" if splits else
+               "the training seed — the data split is fixed, so rows are paired by seed")
+    parts = [f"Every row is trained with {len(suite.seeds)} seeds ({seeds}; {pairing}) for {budget}. The "
+             "checkpoint is selected on validation and the "
              "test split is evaluated once. Δ = row − baseline, the mean of the per-seed differences with its 95 % "
              "t interval; p-values are two-sided paired t-tests, Holm-adjusted across the method rows of a "
              "dataset; unimodal rows are references and are not tested."]
@@ -326,22 +393,7 @@ def protocol(site: SiteData) -> str:
 
         metric = next((d.metric for d in site.datasets if d.metric), "metric")
         parts.append(header_line(suite.tune, metric))
-    power = []
-    for ds in site.datasets:
-        pw = getattr(ds.summary, "power", None)
-        if pw:
-            power.append(f"{ds.name}: {_plain(pw)}")
-    if power:
-        parts.append("Power per dataset — " + "; ".join(power) + ".")
-    return "<p>" + " ".join(esc(p) for p in parts) + "</p>"
-
-
-def _plain(x: Any) -> str:
-    if isinstance(x, dict):
-        return ", ".join(f"{k} {_plain(v)}" for k, v in x.items())
-    if isinstance(x, float):
-        return f"{x:.4g}"
-    return str(x)
+    return "<p>" + " ".join(esc(p) for p in parts) + "</p>" + power_table(site)
 
 
 def overview(site: SiteData, figures: dict[str, str]) -> str:
@@ -423,6 +475,10 @@ def methods_table(site: SiteData, root: str) -> str:
         ranks = dict(zip(cross.rows, fr.avg_ranks))
     cols = [Col("method"), Col("family")]
     cols += [Col(d.name, True, f"test {d.metric}, mean over seeds; marker: Holm-significant Δ") for d in site.datasets]
+    has_delta = any(m.mean_delta is not None for m in site.methods.values())
+    if has_delta:
+        cols.append(Col("mean Δ [95% CI]", True, "row − baseline averaged over datasets, oriented (positive = "
+                                                 "better), stratified-bootstrap interval"))
     cols += [Col("P(> baseline) [95% CI]", True, "probability of improvement over the baseline across datasets"),
              Col("avg rank", True, "average rank of the mean over datasets (1 = best)")]
     rows = []
@@ -432,13 +488,22 @@ def methods_table(site: SiteData, root: str) -> str:
             r = ds.row(name)
             v = r.get(f"test_{ds.metric}_mean") if r else math.nan
             cells.append(number(v, extra=_marker_html(r.record.get("marker", "")) if r else ""))
+        if has_delta:
+            d = m.mean_delta
+            cells.append(number(d[0], sign=True, extra=esc(f" [{d[1]:+.4f}, {d[2]:+.4f}]")) if d is not None
+                         else Cell(DASH, "", True))
         if m.poi is not None:
             p, lo, hi, _ = m.poi
             cells.append(number(p, extra=esc(f" [{lo:.2f}, {hi:.2f}]")))
         else:
             cells.append(Cell(DASH, "", True))
-        rk = ranks.get(name, math.nan)
-        cells.append(Cell(f"{rk:.2f}" if math.isfinite(rk) else DASH, repr(float(rk)) if math.isfinite(rk) else "", True))
+        if m.rank is not None and math.isfinite(m.rank[0]):
+            rk, lo, hi = m.rank
+            cells.append(Cell(esc(f"{rk:.1f} [{lo:.1f}, {hi:.1f}]"), repr(float(rk)), True))
+        else:
+            rk = ranks.get(name, math.nan)
+            cells.append(Cell(f"{rk:.2f}" if math.isfinite(rk) else DASH, repr(float(rk)) if math.isfinite(rk) else "",
+                              True))
         cls = "pinned" if name == site.report.suite.baseline else ("reference" if m.is_reference else "")
         rows.append((cells, {"data-family": m.family, "class": cls, "data-row": name}))
     note = ""
