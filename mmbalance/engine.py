@@ -858,7 +858,7 @@ class Trainer:
                 if after_backward is not None:
                     after_backward(ctx)
                 if diag is not None:
-                    diag.after_edit()
+                    diag.after_edit(unchanged=after_backward is None)
                 if ctx.perturbations.active:  # a SAM-like method left θ perturbed (mmbalance/sam.py)
                     ctx.perturbations.check_restored()
                 if cfg.grad_clip:

@@ -116,3 +116,15 @@ def test_compiled_model_trains_to_the_same_numbers(run_cli, tmp_path, method):
             assert compiled[split][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (split, k)
     assert compiled["method_metrics"].keys() == plain["method_metrics"].keys()
     assert compiled["config_hash"] != plain["config_hash"]  # a compiled run is its own configuration
+
+
+def test_edited_gradient_norms_are_recomputed_only_for_methods_that_edit(run_cli, tmp_path):
+    import json
+
+    sets = {"dataset.limit_per_class": 20, "train.max_steps_per_epoch": 4, "train.modality_eval": "none"}
+    for method, edits in (("baseline", False), ("ogm_ge", True)):
+        _, rd, _ = run_cli(method, sets=sets, epochs=2, run_dir=tmp_path / method)
+        for line in (rd / "metrics.jsonl").read_text().splitlines():
+            d = json.loads(line)["diag"]
+            same = all(d["grad_norm"][k] == d["grad_norm_raw"][k] for k in d["grad_norm"])
+            assert same != edits, (method, d["grad_norm"], d["grad_norm_raw"])

@@ -168,13 +168,15 @@ class GradNormMeter:
         return torch.stack(out).to(torch.float64)
 
     def observe_raw(self) -> None:
-        n = self._norms()
+        n = self._last_raw = self._norms()
         self.raw += n
         self.raw_sq += n * n
         self.n_raw += 1
 
-    def observe_edited(self) -> None:
-        self.edited += self._norms()
+    def observe_edited(self, unchanged: bool = False) -> None:
+        """``unchanged``: nothing edited the gradients since :meth:`observe_raw` (the method has no
+        ``after_backward``), so the edited norms are the raw ones, not computed again."""
+        self.edited += self._last_raw if unchanged else self._norms()
         self.n_edited += 1
 
     def summary(self) -> dict[str, dict[str, float]]:

@@ -76,11 +76,12 @@ class Diagnostics:
             self.norms.observe_raw()
             self.step_seconds += time.perf_counter() - t
 
-    def after_edit(self) -> None:
-        """Gradient norms after ``after_backward`` (the method's edits), before clipping."""
+    def after_edit(self, unchanged: bool = False) -> None:
+        """Gradient norms after ``after_backward`` (the method's edits), before clipping; ``unchanged``: the
+        method has no ``after_backward``, so they are the raw norms of this step."""
         if self.enabled:
             t = time.perf_counter()
-            self.norms.observe_edited()
+            self.norms.observe_edited(unchanged)
             self.step_seconds += time.perf_counter() - t
 
     def pop_step_seconds(self) -> float:
