@@ -725,18 +725,31 @@ class Trainer:
             for opt in opts:
                 scaler.unscale_(opt)
 
-    def _step_optimizers(self, opts: list[torch.optim.Optimizer]) -> bool:
+    def _step_optimizers(self, opts: list[torch.optim.Optimizer]) -> bool | None:
         """Step every optimizer; under fp16 skip them ALL when any gradient overflowed (the model and
         the method's heads move together or not at all) and update the loss scale once. Returns
-        whether the step was taken."""
+        whether the step was taken (None: decided on the device, not known to the host)."""
         scaler = self.accelerator.scaler
         if scaler is None:
             for opt in opts:
                 opt.step()
             return True
         # GradScaler records each optimizer's inf/NaN check in unscale_ (torch.amp.GradScaler internals,
-        # stable since torch 1.6); one host sync per step for the combined flag, fp16 only.
+        # stable since torch 1.6).
         found = [v for opt in opts for v in scaler._per_optimizer_states[id(opt)]["found_inf_per_device"].values()]
+        if found and all(getattr(opt, "_step_supports_amp_scaling", False) for opt in opts):
+            # fused Adam/AdamW: the kernels take the combined flag and skip the update (and undo their step
+            # count) on the device, so no host read per step. grad_scale None: gradients are unscaled already.
+            inf = (sum(f.to(found[0].device) for f in found).reshape(()) > 0).to(torch.float32)
+            for opt in opts:
+                opt.grad_scale, opt.found_inf = None, inf
+                try:
+                    opt.step()
+                finally:
+                    del opt.grad_scale, opt.found_inf
+            scaler.update()
+            return None
+        # other optimizers (SGD): one host read per step for the combined flag, fp16 only
         ok = not found or not bool(sum(f.to(found[0].device) for f in found).item())
         if ok:
             for opt in opts:

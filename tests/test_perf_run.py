@@ -128,3 +128,50 @@ def test_edited_gradient_norms_are_recomputed_only_for_methods_that_edit(run_cli
             d = json.loads(line)["diag"]
             same = all(d["grad_norm"][k] == d["grad_norm_raw"][k] for k in d["grad_norm"])
             assert same != edits, (method, d["grad_norm"], d["grad_norm_raw"])
+
+
+def test_fp16_with_fused_adam_skips_on_the_device_without_a_host_read(tmp_path, monkeypatch):
+    """Fused Adam (model and CGGM's classifiers): an overflow skips every optimizer's update, decided on the
+    device (no .item()/bool() in the optimizer step); without overflow the update is the float32 one."""
+    import torch
+    from test_precision import SCALE, _params, emulate_fp16
+
+    from mmbalance.testing import build_trainer
+
+    sets = {"dataset.limit_per_class": 20, "train.optimizer": "adam", "train.lr": 1e-3, "train.weight_decay": 0.0,
+            "train.diagnostics": "none", "train.modality_eval": "none"}
+
+    def trainer(name, steps):
+        return build_trainer("cggm", run_dir=tmp_path / name, epochs=1,
+                             sets={**sets, "train.max_steps_per_epoch": steps})
+
+    ref = trainer("ref", 3)
+    ref.fit()
+    want = _params(ref)
+    reads = []
+    for name, inf in (("ok", False), ("inf", True)):
+        tr = trainer(name, 3 if not inf else 1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=SCALE, growth_interval=1000)
+        emulate_fp16(tr, scaler)
+        if inf:
+            next(iter(tr.ctx.raw_model.parameters())).register_hook(lambda g: torch.full_like(g, float("inf")))
+        before = _params(tr)
+        step = tr._step_optimizers
+
+        def no_read_step(opts, step=step):
+            with monkeypatch.context() as m:
+                for attr in ("item", "__bool__", "tolist"):
+                    m.setattr(torch.Tensor, attr, lambda *a, attr=attr: reads.append(attr) or 0)
+                return step(opts)
+
+        monkeypatch.setattr(tr, "_step_optimizers", no_read_step)
+        tr.fit()
+        got = _params(tr)
+        for part in ("model", "extra"):
+            for b, g, w in zip(before[part], got[part], want[part]):
+                if inf:
+                    assert torch.equal(g, b), part
+                else:
+                    torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+        assert scaler.get_scale() == (SCALE * 0.5 if inf else SCALE)
+    assert reads == []
