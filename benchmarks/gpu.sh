@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU readiness benchmark (issue 14): on a machine with CUDA, the training throughput of the MOSI-shaped
+# GPU readiness benchmark (issues 14, 21): on a machine with CUDA, the training throughput of the MOSI-shaped
 # model (mosi-synth at the paper's batch 64 x sequence 50) for each method in bf16 and fp32 (steps/s and
-# the bf16/fp32 ratio), and, with >= 2 GPUs, 2-process DDP scaling (accelerate launch --num_processes 2
+# the bf16/fp32 ratio); the GPU settings of docs/performance.md, each on vs off (TF32 + cudnn.benchmark,
+# channels_last on a conv model, torch.compile, fp16 with fused Adam vs bf16); the per-run anatomy
+# (benchmarks/run_anatomy.py) on the GPU; and, with >= 2 GPUs, 2-process DDP scaling (accelerate launch --num_processes 2
 # vs 1: samples/s ratio, per-process batch = the paper batch, ideal 2.0). Each measurement is
 # benchmarks/gpu_throughput.py in a fresh process; see its docstring for what is timed.
 #
@@ -73,6 +75,37 @@ for m in $METHODS; do
   done
   echo "| $m | $(steps_of "$WORK/$m-no.json") | $(steps_of "$WORK/$m-bf16.json") | $("$PY" benchmarks/gpu_throughput.py --ratio "$WORK/$m-bf16.json" "$WORK/$m-no.json") |" >> "$REPORT"
 done
+
+# The GPU settings (docs/performance.md), baseline, one GPU: each setting on (its default) vs off, steps/s.
+{
+  echo
+  echo "GPU settings, baseline, one GPU (steps/s; on = the default unless noted)"
+  echo
+  echo "| setting | model | on steps/s | off steps/s | on/off |"
+  echo "|---|---|---|---|---|"
+} >> "$REPORT"
+setting_row() {  # label dataset precision-on precision-off "on sets" "off sets"
+  local label=$1 ds=$2 args side prec sets
+  for side in on off; do
+    if [ "$side" = on ]; then prec=$3; sets=$5; else prec=$4; sets=$6; fi
+    args=()
+    for kv in $sets; do args+=(--set "$kv"); done
+    CUDA_VISIBLE_DEVICES=0 "$PY" benchmarks/gpu_throughput.py --method baseline --dataset "$ds" --precision "$prec" \
+      --steps "$STEPS" --epochs "$EPOCHS" --json "$WORK/set-$side.json" "${args[@]}"
+  done
+  echo "| $label | $ds | $(steps_of "$WORK/set-on.json") | $(steps_of "$WORK/set-off.json") | $("$PY" benchmarks/gpu_throughput.py --ratio "$WORK/set-on.json" "$WORK/set-off.json") |" >> "$REPORT"
+}
+setting_row "TF32 + cudnn.benchmark (fp32)" mosi-synth no no "" "train.tf32=false train.cudnn_benchmark=false"
+setting_row "channels_last (fp32)" synthetic-seg no no "" "train.channels_last=false"
+setting_row "channels_last (bf16)" synthetic-seg bf16 bf16 "" "train.channels_last=false"
+setting_row "torch.compile (bf16; on = train.compile=true)" mosi-synth bf16 bf16 "train.compile=true" ""
+setting_row "fp16 (fused Adam: overflow skip on the device) vs bf16" mosi-synth fp16 bf16 "" ""
+{
+  echo
+  echo "Anatomy of one warm leaderboard run on this machine (benchmarks/run_anatomy.py, 1 repeat):"
+  echo
+  CUDA_VISIBLE_DEVICES=0 "$PY" benchmarks/run_anatomy.py --repeats 1 --markdown | sed -n '1,20p'
+} >> "$REPORT"
 
 if [ "$NGPU" -ge 2 ]; then
   {

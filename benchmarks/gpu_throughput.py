@@ -32,20 +32,23 @@ SMOKE = {"batch_size": 8, "seq_len": 4, "steps": 2, "epochs": 2, "samples": 60}
 
 
 def measure(method: str, precision: str, steps: int, epochs: int, batch_size: int, seq_len: int,
-            samples: int, batch_semantics: str) -> dict:
-    """One run; returns the report (every rank computes it, rank 0 prints/writes it)."""
+            samples: int, batch_semantics: str, dataset: str = "mosi-synth", extra: dict | None = None) -> dict:
+    """One run; returns the report (every rank computes it, rank 0 prints/writes it). ``extra``: more --set
+    values (e.g. ``train.channels_last``); ``dataset`` other than mosi-synth keeps its own size options."""
     from mmbalance.testing import build_trainer
 
     sets = {"train.modality_eval": "none", "train.diagnostics": "none", "train.mixed_precision": precision,
-            "train.batch_size": batch_size, "train.max_steps_per_epoch": steps, "train.batch_semantics": batch_semantics,
-            "dataset.seq_len": seq_len, "dataset.n_samples": samples}
+            "train.batch_size": batch_size, "train.max_steps_per_epoch": steps, "train.batch_semantics": batch_semantics}
+    if dataset == "mosi-synth":
+        sets.update({"dataset.seq_len": seq_len, "dataset.n_samples": samples})
+    sets.update(extra or {})
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # every rank must use the same run folder (rank 0 writes the checkpoints all ranks read back)
         run_dir = Path(tempfile.gettempdir()) / f"mmbalance-gpu-bench-{os.getppid()}-{os.environ.get('MASTER_PORT', '')}"
     else:
         run_dir = Path(tempfile.mkdtemp(prefix="mmbalance-gpu-bench-"))
     try:
-        tr = build_trainer(method, "mosi-synth", run_dir=run_dir / "run", epochs=epochs, sets=sets)
+        tr = build_trainer(method, dataset, run_dir=run_dir / "run", epochs=epochs, sets=sets)
         acc = tr.accelerator
         steps_per_epoch = min(steps, len(tr.loader_train))
         res = tr.fit()  # ends with every rank waiting for the others
@@ -89,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=6000, help="mosi-synth n_samples (70%% train)")
     ap.add_argument("--batch-semantics", choices=["per_process", "global"], default="per_process")
     ap.add_argument("--json", type=Path, help="also write the report here (rank 0; atomic)")
+    ap.add_argument("--dataset", default="mosi-synth", help="mosi-synth (sized by --seq-len/--samples) or another")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="more settings, e.g. train.channels_last=false or train.compile=true (repeatable)")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="CPU, tiny model and data, fp32 and bf16: checks the whole path without a GPU")
     ap.add_argument("--ratio", nargs=2, type=Path, metavar=("A_JSON", "B_JSON"),
@@ -112,8 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bf16/fp32 samples/s: {reports[1]['samples_per_s'] / reports[0]['samples_per_s']:.3f} (CPU smoke run: "
               "checks the path, not a measurement)")
         return 0
+    extra = dict(item.split("=", 1) for item in args.set if "=" in item)
+    if len(extra) != len(args.set):
+        ap.error("--set expects NAME=VALUE")
     r = measure(args.method, args.precision, args.steps, args.epochs, args.batch_size, args.seq_len, args.samples,
-                args.batch_semantics)
+                args.batch_semantics, args.dataset, extra)
+    r["settings"] = extra
     if r["is_main"]:
         print(report_line(r), flush=True)
         if args.json:
