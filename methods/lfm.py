@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from mmbalance.methods._unimodal import UNI_HEAD_KINDS, UnimodalOutputs, unimodal_logs, unimodal_losses
+from mmbalance.methods._unimodal import UNI_HEAD_KINDS, UnimodalOutputs
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -112,10 +112,12 @@ def divergence(log_p: torch.Tensor, log_q: torch.Tensor, kind: str = "js", dim: 
 
 
 def alignment_loss(u: dict[str, torch.Tensor], kind: str = "js") -> torch.Tensor:
-    """L_align = mean over modality pairs (j < l) of the batch (and pixel) mean of D(p_j, p_l)."""
-    logp = {m: F.log_softmax(x.float(), dim=1) for m, x in u.items()}
-    pairs = list(combinations(list(u), 2))
-    return sum(divergence(logp[a], logp[b], kind).mean() for a, b in pairs) / len(pairs)
+    """L_align = mean over modality pairs (j < l) of the batch (and pixel) mean of D(p_j, p_l); every pair
+    in one stacked evaluation."""
+    logp = torch.stack([F.log_softmax(x.float(), dim=1) for x in u.values()])  # [M, B, C, ...]
+    first, second = zip(*combinations(range(len(u)), 2))
+    d = divergence(logp[list(first)], logp[list(second)], kind, dim=2)  # [pairs, B, ...]
+    return d.flatten(1).mean(1).mean()
 
 
 def info_nce(z: dict[str, torch.Tensor], tau: float) -> torch.Tensor:
@@ -211,10 +213,16 @@ class LFM(BalancingMethod):
         u = self.unimodal(ctx, out, y)
         loss_cls, loss_align = self.losses(ctx, out, u, y)
         loss = 2 * (self.alpha_cls * loss_cls + self.alpha_align * loss_align)  # factor 2: Crema_epoch.py:71
-        logs = {"lfm/loss_cls": loss_cls.detach(), "lfm/loss_align": loss_align.detach()}
-        if ctx.task.name != "regression":
-            logs.update(unimodal_logs(ctx, "lfm", unimodal_losses(ctx, {m: x.detach() for m, x in u.items()}, y), u, y))
-        return StepOutput(loss, out, logs)
+        with torch.no_grad():  # per-epoch means of the two losses and of each modality's batch metric
+            parts = [ctx.task.batch_score_parts(x.detach().float(), y) for x in u.values()]
+            vals = torch.stack([loss_cls.detach(), loss_align.detach(), *(num / den for num, den in parts)])
+        ctx.log_many(self._log_keys(), vals)
+        return StepOutput(loss, out)
+
+    def _log_keys(self) -> tuple[str, ...]:
+        if not hasattr(self, "_keys"):
+            self._keys = ("lfm/loss_cls", "lfm/loss_align", *(f"lfm/metric_{m}" for m in self.mods))
+        return self._keys
 
     @torch.no_grad()
     def predict(self, ctx: StepContext, batch: dict[str, torch.Tensor], absent: tuple[str, ...] = ()) -> torch.Tensor:

@@ -177,6 +177,7 @@ class SMV(BalancingMethod):
         self.phi: torch.Tensor | None = None  # [N, M] float32 (NaN where a sample was not valued)
         self.copies: torch.Tensor | None = None  # [N, M] copies of the current epoch
         self._mult: torch.Tensor | None = None  # [B, M] row multipliers of the current step
+        self.samples_trained = 0  # originals + copies over every epoch so far (the run record's data count)
 
     def setup(self, ctx: StepContext) -> None:
         model = ctx.raw_model
@@ -283,10 +284,10 @@ class SMV(BalancingMethod):
         return table
 
     def on_epoch_start(self, ctx: StepContext) -> None:
-        self._epoch_plan = None
-        if ctx.epoch < self.warmup(ctx):
-            return
         n = len(ctx.data.train)
+        if ctx.epoch < self.warmup(ctx):
+            self.samples_trained += n
+            return
         if not self.modality_level:
             phi = self.valuate(ctx)
             self.phi = phi.float()
@@ -298,6 +299,7 @@ class SMV(BalancingMethod):
             self.phi[z] = phi_z.float()
             self.phi_mean = phi_z.mean(0)
             self.copies = modality_level_copies(self.phi_mean, n, self.hp.alpha, self.hp.func, ctx.generator)
+        self.samples_trained += n + int(self.copies.sum())
 
     # ------------------------------------------------------------------ the plan
     def epoch_plan(self, ctx: StepContext) -> list[BatchGroup] | None:
@@ -346,16 +348,19 @@ class SMV(BalancingMethod):
     def state_dict(self) -> dict[str, Any]:
         """The last valuation (φ, N × M) and the epoch's copies (N × M): identical on every rank."""
         return {"phi": None if self.phi is None else self.phi.clone(),
-                "copies": None if self.copies is None else self.copies.to(torch.int16)}
+                "copies": None if self.copies is None else self.copies.to(torch.int16),
+                "samples_trained": self.samples_trained}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.phi = None if state.get("phi") is None else state["phi"].clone()
         self.copies = None if state.get("copies") is None else state["copies"].long()
+        self.samples_trained = int(state.get("samples_trained", 0))
 
     def metrics(self) -> dict[str, float]:
         if self.copies is None:
-            return {}
-        out = {f"copies_{m}": float(self.copies[:, k].sum()) for k, m in enumerate(self.mods)}
+            return {"samples_trained": float(self.samples_trained)} if self.samples_trained else {}
+        out = {"samples_trained": float(self.samples_trained)}
+        out.update({f"copies_{m}": float(self.copies[:, k].sum()) for k, m in enumerate(self.mods)})
         out["epoch_samples"] = float(self.copies.shape[0] + self.copies.sum())
         if self.phi is not None:
             valued = ~torch.isnan(self.phi[:, 0])

@@ -153,6 +153,7 @@ def test_schedule_plan_and_mixed_batches(tmp_path):
     assert sorted(rows) == sorted(zip(exp_idx.tolist(), exp_tags.tolist()))
     assert sorted(i for i, t in rows if t == -1) == list(range(n))
     assert any(len(set(tags)) > 1 and -1 in tags for e, _, tags in seen if e == 1)  # mixed batches
+    assert method.metrics()["samples_trained"] == 2 * n + int(method.copies.sum()) == len(rows) + n  # the data count
 
 
 def test_modality_level_values_only_the_subset(tmp_path):
@@ -197,3 +198,4 @@ def test_resume_replays_the_plan(kill_and_resume):
     b = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
     assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
     assert a[2]["method/epoch_samples"] == b[2]["method/epoch_samples"]
+    assert res["method_metrics"]["samples_trained"] == full["method_metrics"]["samples_trained"]  # restored count
