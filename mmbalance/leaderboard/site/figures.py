@@ -180,32 +180,36 @@ def curves(row: str, dataset: str, metric: str, modalities: list[str], per_seed:
     runs = [c for c in runs if len(c["epoch"]) == n]
     x = np.array(runs[0]["epoch"])
     mods = [m for m in modalities if any(f"val[{m}]" in c or f"grad_ratio[{m}]" in c for c in runs)]
-    panels = [("val", f"validation {metric}"), ("train_loss", "training loss"),
+    panels = [("val", f"validation {metric} (dashed: the modality alone)"), ("train_loss", "training loss"),
               ("grad_ratio", "gradient ratio per modality"), ("conf_ratio", "confidence ratio per modality")]
     with _style():
-        fig = _figure(7.2, 4.6)
-        # a fixed layout (tight_layout and legend placement "best" cost most of the drawing time)
-        axes = fig.subplots(2, 2, sharex=True, gridspec_kw={"left": 0.07, "right": 0.98, "bottom": 0.1, "top": 0.88,
+        fig = _figure(7.2, 4.8)
+        # a fixed layout (tight_layout and legend placement "best" cost most of the drawing time); one legend for
+        # the figure: a modality has the same colour in every panel
+        axes = fig.subplots(2, 2, sharex=True, gridspec_kw={"left": 0.07, "right": 0.98, "bottom": 0.1, "top": 0.83,
                                                              "wspace": 0.18, "hspace": 0.3}).ravel()
         for ax, (key, title) in zip(axes, panels):
             drawn = False
             if key in ("val", "train_loss"):
-                drawn = _band(ax, x, [c.get(key, []) for c in runs], BASE_COLOR, "fused" if key == "val" else "train")
+                drawn = _band(ax, x, [c.get(key, []) for c in runs], BASE_COLOR, "fused model")
             if key != "train_loss":
                 q = "val" if key == "val" else key
                 for i, m in enumerate(mods):
-                    drawn |= _band(ax, x, [c.get(f"{q}[{m}]", []) for c in runs], PALETTE[i % len(PALETTE)],
-                                   f"{m} only" if key == "val" else m, "--" if key == "val" else "-")
+                    drawn |= _band(ax, x, [c.get(f"{q}[{m}]", []) for c in runs], PALETTE[i % len(PALETTE)], m,
+                                   "--" if key == "val" else "-")
             ax.set_title(title)
             if drawn:
-                if key != "train_loss":
-                    ax.legend(frameon=False, loc="lower right" if key == "val" else "upper left")
                 ax.grid(color="#eeeeee", lw=0.6)
             else:
                 ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="#777777")
                 ax.set_yticks([])
         for ax in axes[2:]:
             ax.set_xlabel("epoch")
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color=BASE_COLOR, lw=1.1, label="fused model")]
+        handles += [Line2D([], [], color=PALETTE[i % len(PALETTE)], lw=1.1, label=m) for i, m in enumerate(mods)]
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.945), ncol=len(handles), frameon=False)
         fig.suptitle(f"{row} on {dataset}: mean over {len(runs)} seed(s), band = min–max over seeds", fontsize=9)
         _save(fig, path)
     return True
