@@ -38,7 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from mmbalance.errors import CacheFormatError, ConfigError, DatasetFormatError, DatasetNotFoundError
+from mmbalance.errors import (
+    CacheFormatError,
+    ConfigError,
+    DatasetFormatError,
+    DatasetNotFoundError,
+    InsufficientDiskError,
+)
 
 STORE_VERSION = "1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -366,6 +372,12 @@ def build_store(out: Path, jobs: Sequence[ClipJob], decode: Callable[[ClipJob], 
     if not good:
         raise DatasetFormatError(f"{dataset} converter: no clip could be decoded")
     # ------------------------------------------------------------------ assemble (temp folder, then rename)
+    need = sum(part_of[j.key].stat().st_size for j in good)  # parts are uncompressed: ≈ the store's size
+    free = shutil.disk_usage(out.parent).free
+    if need > free:
+        raise InsufficientDiskError(f"{dataset} converter: the store needs about {need / 1e9:.2f} GB under "
+                                    f"{out.parent}, {free / 1e9:.2f} GB are free; free space or choose another --out "
+                                    f"(the decoded parts in {parts} are kept, so a re-run resumes)")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
     try:
         loaded = []
@@ -411,7 +423,11 @@ def build_store(out: Path, jobs: Sequence[ClipJob], decode: Callable[[ClipJob], 
                 "audio_shape": list(audio_shape), "frame_shape": list(frame_shape), "class_names": list(class_names),
                 "bad": dict(sorted(bad.items())), "class_losses": lost,
                 "native_sizes": sorted({f"{e['native_w']}x{e['native_h']}" for e in index}),
-                "native_fps": sorted({int(e["native_fps"]) for e in index}), **(extra_meta or {})}
+                "native_fps": sorted({int(e["native_fps"]) for e in index}),
+                # audio and video durations differ by more than 1 s (reported, never dropped)
+                "suspicious": sorted(e["key"] for e in index if abs(float(e.get("audio_seconds", 0))
+                                                                    - float(e.get("video_seconds", 0))) > 1.0),
+                **(extra_meta or {})}
         (tmp / "index.json").write_text(json.dumps(index))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         (tmp / "_COMPLETE").write_text(fp + "\n")

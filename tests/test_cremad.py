@@ -334,3 +334,22 @@ def test_model_shapes_parameters_and_split_head():
     assert len(mm.mmtm_blocks) == 3 and [b.dims for b in mm.mmtm_blocks] == [[16, 16], [32, 32], [64, 64]]
     o = mm({"audio": a, "visual": v})
     torch.testing.assert_close(o.logits, o.fused.mean(1))
+
+
+def test_not_enough_disk_space_stops_before_writing_and_keeps_the_decoded_parts(raw, tmp_path, monkeypatch, capsys):
+    import collections
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(S.shutil, "disk_usage",
+                        lambda p: collections.namedtuple("U", "total used free")(real(p).total, real(p).used, 1000))
+    out = tmp_path / "store"
+    assert C.main(["--raw", str(raw), "--out", str(out), "--frame-size", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "GB are free" in err and not out.exists()
+    assert len(list(next(tmp_path.glob(".store.parts-*")).glob("*.npz"))) == 42  # a re-run resumes from these
+    monkeypatch.setattr(S.shutil, "disk_usage", real)
+    counter = [0]
+    C.convert(raw, out, frame_size=16, log=lambda s: None, decode_counter=counter)
+    assert counter[0] == 0 and (out / "_COMPLETE").is_file()
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["suspicious"] == []  # fixture audio and video have the same duration
