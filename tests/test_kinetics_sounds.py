@@ -81,7 +81,7 @@ def test_filterbank_against_hand_formulas():
     lo, hi = 1127 * math.log(1 + 20 / 700), 1127 * math.log(1 + 8000 / 700)
     centres = [lo + (b + 1) * (hi - lo) / 129 for b in range(128)]
     expect = min(range(128), key=lambda b: abs(centres[b] - 1127 * math.log(1 + 1000 / 700)))
-    assert int(np.argmax(fb[50])) == expect
+    assert int(np.argmax(fb[50])) == expect == 43
     # one frame by hand: DC removal, pre-emphasis with the first sample against itself, symmetric Hann, |rfft|²
     rng = np.random.RandomState(0)
     x = rng.randn(16_000).astype(np.float32)
