@@ -30,7 +30,7 @@ EPOCHS = {"reconboost": 2, "relearning": 3}
 #: settings that make a method's feature passes and random draws happen within the short run
 METHOD_SETS = {"relearning": {"reinit_every": 1}, "remix": {"warmup_epochs": 0, "group_order": "interleaved"},
                "smv": {"warmup_epochs": 0},
-               "smv_modality": {"warmup_epochs": 0}, "opm": {"warmup_epochs": 0}}
+               "smv_modality": {"warmup_epochs": 0, "alpha": 2.0}, "opm": {"warmup_epochs": 0}}
 #: presets with code paths of their own (a held-out pass, a random pick) besides one name per class
 EXTRA = ["lfm_learnable", "greedy_random"]
 
