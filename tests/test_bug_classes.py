@@ -166,6 +166,7 @@ def test_methods_draw_randomness_from_their_generator_not_the_global_rngs(tmp_pa
 PRESETS = {
     "amco_bb": ("amco", {"mask_target": "logit"}),
     "masam_static": ("masam", {"mode": "static"}),
+    "g2d_no_smp": ("g2d", {"smp": False}),
     "arl_released": ("arl", {"weights": "fixed_half"}),
     "cggm_paper": ("cggm", {"cos_source": "grads_same_step", "rho_in_b": True}),
     "gblending_offline": ("gblending", {"mode": "offline"}),
@@ -202,3 +203,53 @@ def test_every_preset_binds_exactly_its_documented_values():
         assert {k: got[k] for k in bound} == to_jsonable(bound), name
         assert {k: v for k, v in got.items() if k not in bound} == {k: v for k, v in ref.items() if k not in bound}, name
         assert f"`{name}`" in (REPO / "docs" / "methods" / f"{base}.md").read_text(), f"{name} is not on {base}'s page"
+
+
+def test_teacher_cache_key_changes_with_everything_that_changes_the_teacher():
+    """The ``<m>-only`` teacher cache is shared between runs (UMT, UME, ReconBoost's pretrained start): its key
+    must differ whenever the teacher would — the seed, a training setting, a dataset option, the model, the
+    modality — and be equal for the same configuration (else runs share a wrong teacher, or retrain it)."""
+    import dataclasses
+
+    from mmbalance.config import RunConfig
+    from mmbalance.registry import create_dataset
+    from mmbalance.teachers import teacher_key
+
+    data = create_dataset("mfeat", None, limit_per_class=20)
+    base = RunConfig(method="umt", dataset="mfeat", seed=0, train={"epochs": 3, "lr": 0.01},
+                     dataset_options={"limit_per_class": 20}, model={})
+    key = teacher_key(data, base, "fac")
+    assert teacher_key(data, dataclasses.replace(base, method="ume", output_dir="elsewhere"), "fac") == key
+    changed = {"seed": dataclasses.replace(base, seed=1),
+               "train": dataclasses.replace(base, train={"epochs": 3, "lr": 0.02}),
+               "dataset": dataclasses.replace(base, dataset_options={"limit_per_class": 21}),
+               "model": dataclasses.replace(base, model={"dropout": 0.1})}
+    for what, cfg in changed.items():
+        assert teacher_key(data, cfg, "fac") != key, f"the teacher cache key ignores the {what}"
+    assert teacher_key(data, base, "fou") != key
+
+
+def test_gradient_edits_see_unscaled_gradients_under_fp16(tmp_path):
+    """``after_backward`` (every method's gradient edits: scaling, clipping, projections) must see the true
+    gradients: under fp16 they are unscaled before the hook, exactly once. A loss scale of 1024 emulated on
+    CPU; the norms the hook sees must equal the float32 run's, not 1024× (or 1/1024×) them."""
+    from mmbalance.methods.baseline import Baseline
+    from test_precision import SCALE, emulate_fp16
+
+    class Recording(Baseline):
+        def after_backward(self, ctx):
+            self.seen.append(float(torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in ctx.raw_model.parameters() if p.grad is not None]))))
+
+    sets = {**SMALL_MFEAT, "train.max_steps_per_epoch": 3, "train.modality_eval": "none", "train.diagnostics": "none"}
+    seen = {}
+    for mode in ("fp32", "fp16"):
+        tr = build_trainer("baseline", run_dir=tmp_path / mode, epochs=1, sets=sets)
+        tr.method.__class__ = Recording
+        tr.method.seen = []
+        if mode == "fp16":
+            emulate_fp16(tr, torch.amp.GradScaler("cpu", init_scale=SCALE, growth_interval=1000))
+        tr.fit()
+        seen[mode] = tr.method.seen
+    assert len(seen["fp32"]) == 3
+    torch.testing.assert_close(torch.tensor(seen["fp16"]), torch.tensor(seen["fp32"]), rtol=1e-4, atol=0)

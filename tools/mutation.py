@@ -546,6 +546,20 @@ MUTANTS: list[Mutant] = [
       "rng-source", [BC_RNG]),
     M("classes", "methods/smv.py", "picks = torch.randint(n, (r,), generator=generator)", "picks = torch.randint(n, (r,))",
       "SMV sampled subsets from the global RNG", "rng-source", [BC_RNG]),
+    M("classes", "mmbalance/teachers.py", '"model": {"name": name, "kwargs": kwargs}, "train": config.train, "seed": config.seed}',
+      '"model": {"name": name, "kwargs": kwargs}, "train": config.train}',
+      "teacher cache key without the seed (every seed shares seed 0's teacher)", "state-reset",
+      ["tests/test_bug_classes.py::test_teacher_cache_key_changes_with_everything_that_changes_the_teacher"]),
+    M("classes", EN, "                if self.accelerator.scaler is not None:  # read every step: a test may inject one\n"
+      "                    self._unscale(all_opts)  # every sub-step is a real step: unscaled once, stepped, scale updated\n"
+      "                if diag is not None:\n                    diag.after_backward()\n"
+      "                if after_backward is not None:\n                    after_backward(ctx)\n",
+      "                if diag is not None:\n                    diag.after_backward()\n"
+      "                if after_backward is not None:\n                    after_backward(ctx)\n"
+      "                if self.accelerator.scaler is not None:  # read every step: a test may inject one\n"
+      "                    self._unscale(all_opts)  # every sub-step is a real step: unscaled once, stepped, scale updated\n",
+      "fp16: the method's gradient edits run before the gradients are unscaled", "wrong-quantity",
+      ["tests/test_bug_classes.py::test_gradient_edits_see_unscaled_gradients_under_fp16", "tests/test_precision.py"]),
     # ---------------------------------------------------------------- MMPareto
     M("mmpareto", "methods/mmpareto.py",
       '            flat = ctx.accelerator.reduce(flat, reduction="sum") / ctx.world_size\n', "            pass\n",
