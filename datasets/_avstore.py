@@ -518,6 +518,20 @@ class AVStore:
             if not ok:
                 raise DatasetFormatError(f"{dataset}: {self.root / name} is malformed ({what}); {howto}")
 
+    _ARRAYS = {"audio": ("audio.npy", np.float16, 3), "frames": ("frames.npy", np.uint8, 4),
+               "offsets": ("frame_offsets.npy", np.int64, 1), "src_index": ("frame_src_index.npy", np.int32, 1),
+               "times": ("frame_times.npy", np.float32, 1)}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the arrays (a memory map would be pickled as a full in-memory copy, e.g. when
+        DataLoader workers are spawned): they are memory-mapped again on the other side."""
+        return {k: v for k, v in self.__dict__.items() if k not in self._ARRAYS}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        for attr, (name, dtype, ndim) in self._ARRAYS.items():
+            setattr(self, attr, self._load(name, dtype, ndim))
+
     def _load(self, name: str, dtype: Any, ndim: int) -> np.ndarray:
         path = self.root / name
         try:

@@ -226,6 +226,16 @@ def test_cache_round_trip_equals_direct_decoding(store, raw):
     assert meta["n_clips"] == 42 and meta["bad"] == {} and meta["class_losses"] == {}
 
 
+def test_store_pickles_as_a_reference_not_a_copy(store):
+    import pickle
+
+    st = S.AVStore(store, "cremad", C.CONVERT_CMD)
+    blob = pickle.dumps(st)
+    assert len(blob) < 100_000 < st.audio.nbytes  # spawned DataLoader workers get the path, not the arrays
+    back = pickle.loads(blob)
+    assert isinstance(back.frames, np.memmap) and np.array_equal(back.frames[5], st.frames[5])
+
+
 def test_workers_resume_reuse_and_rebuild(raw, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     counter = [0]
@@ -353,3 +363,23 @@ def test_not_enough_disk_space_stops_before_writing_and_keeps_the_decoded_parts(
     assert counter[0] == 0 and (out / "_COMPLETE").is_file()
     meta = json.loads((out / "meta.json").read_text())
     assert meta["suspicious"] == []  # fixture audio and video have the same duration
+
+
+def test_training_items_do_not_depend_on_worker_count_and_follow_set_epoch_in_persistent_workers(store):
+    """Per-item randomness comes from (run seed, epoch, item): 0 and 2 DataLoader workers give the same
+    batches, and set_epoch reaches persistent workers (shared state), so epoch 1 differs from epoch 0."""
+    from mmbalance.data import make_loader
+
+    d = create_dataset("cremad-3f", path=str(store))
+
+    def batches(workers: int) -> list[torch.Tensor]:
+        torch.manual_seed(3)
+        loader = make_loader(d.train, 8, shuffle=False, seed=0, num_workers=workers)
+        out = []
+        for epoch in (0, 1):
+            d.train.set_epoch(epoch)
+            out.append(torch.cat([b["visual"] for b in loader]))
+        return out
+
+    (a0, a1), (b0, b1) = batches(0), batches(2)
+    assert torch.equal(a0, b0) and torch.equal(a1, b1) and not torch.equal(a0, a1)
