@@ -100,7 +100,8 @@ def test_mixed_code_versions_are_marked_and_refused_on_request(tmp_path, capsys)
     from mmbalance.leaderboard import main
 
     suite, specs = make_fixture(tmp_path)
-    args = ["build", str(suite.path), "--results-dir", str(tmp_path / "results"), "--out-dir", str(tmp_path / "o")]
+    args = ["build", str(suite.path), "--results-dir", str(tmp_path / "results"), "--out-dir", str(tmp_path / "o"),
+            "--format", "markdown"]
     _with_code(specs, lambda s: {"git_commit": "a" * 40, "dirty": False})
     assert main(args + ["--require-one-commit"]) == 0
     text = (tmp_path / "o" / "README.md").read_text()

@@ -365,9 +365,10 @@ def analyse_dataset(ds, *, primary: list[str] | None, split: str, declared_weak:
 
 # ------------------------------------------------------------------------------------------ across datasets
 def _rank_rows(means: np.ndarray) -> np.ndarray:
-    from scipy.stats import rankdata
-
-    return rankdata(-means, method="average")
+    """Average ranks, 1 = highest: 1 + #{j: x_j > x_i} + ½ #{j ≠ i: x_j = x_i} (ties share their mean rank)."""
+    greater = (means[None, :] > means[:, None]).sum(axis=1)
+    ties = (means[None, :] == means[:, None]).sum(axis=1) - 1
+    return 1.0 + greater + 0.5 * ties
 
 
 def analyse_across(verdicts: list[DatasetVerdict], baseline: str) -> CrossVerdict:
