@@ -127,6 +127,10 @@ def one_run(dataset: str, method: str, epochs: int, trial: bool, workdir: Path, 
     out = str(run_dir) + ".json"
     argv = ["--method", method, "--dataset", dataset, "--seed", "0", "--epochs", str(epochs),
             "--run-dir", str(run_dir / "run"), "--quiet", "--overwrite"] + (TRIAL_SETS if trial else [])
+    from mmbalance.leaderboard import worker
+
+    if hasattr(worker, "preload_dataset"):  # as a warm worker does before forking (once per dataset request)
+        worker.preload_dataset(argv)
     sys.stdout.flush()
     sys.stderr.flush()
     t0 = time.perf_counter()
