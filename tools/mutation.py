@@ -41,7 +41,8 @@ CLASSES = ("rank-local", "state-reset", "wrong-quantity", "wrong-split", "off-by
 DDP_NODE = "tests/test_ddp.py::test_two_process_methods_keep_replicas_identical[{}]"
 
 #: The tests run for each method's mutants (the method's own file). Mutants of class ``rank-local``
-#: also run the method's 2-process DDP test (slow; it compares per-rank method state).
+#: also run the method's 2-process DDP test (slow; it compares per-rank method state); ``wrong-split`` and
+#: ``mode`` mutants also the every-method test of train/eval mode and test-split reads (BC_MODE).
 TESTS: dict[str, list[str]] = {
     "cggm": ["tests/test_cggm.py"],
     "ogm_ge": ["tests/test_ogm_ge.py"],
@@ -84,6 +85,8 @@ class Mutant:
         targets = list(self.tests or TESTS[self.method])
         if self.bug_class == "rank-local":
             targets += DDP_TESTS.get(self.method, [])
+        if self.bug_class in ("wrong-split", "mode") and BC_MODE not in targets:
+            targets.append(BC_MODE)  # every method's feature passes (train/eval mode) and test-split reads
         return targets
 
 
