@@ -410,12 +410,9 @@ MUTANTS: list[Mutant] = [
     M("engine", EN, "self.train_split, ctx.heldout = self._carve_heldout(self.data.train)",
       "ctx.heldout = self._carve_heldout(self.data.train)[1]",
       "held-out part not removed from the training split", "wrong-split"),
-    M("engine", EN, "                if after_backward is not None:\n                    after_backward(ctx)\n"
-      "                if diag is not None:\n                    diag.after_edit()\n"
-      "                if cfg.grad_clip:\n                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)\n",
+    M("engine", EN, "                if after_backward is not None:\n                    after_backward(ctx)\n",
       "                if cfg.grad_clip:\n                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)\n"
-      "                if after_backward is not None:\n                    after_backward(ctx)\n"
-      "                if diag is not None:\n                    diag.after_edit()\n",
+      "                if after_backward is not None:\n                    after_backward(ctx)\n",
       "gradients clipped before the method's gradient edits", "wrong-split"),
     M("engine", EN, '        ctx.generator.set_state(rng["method"])\n', "        pass\n",
       "method generator not restored on resume", "state-reset"),
