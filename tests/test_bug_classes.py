@@ -166,6 +166,7 @@ def test_methods_draw_randomness_from_their_generator_not_the_global_rngs(tmp_pa
 PRESETS = {
     "amco_bb": ("amco", {"mask_target": "logit"}),
     "masam_static": ("masam", {"mode": "static"}),
+    "aug_released": ("aug", {"train_added": False}),
     "g2d_no_smp": ("g2d", {"smp": False}),
     "arl_released": ("arl", {"weights": "fixed_half"}),
     "cggm_paper": ("cggm", {"cos_source": "grads_same_step", "rho_in_b": True}),
