@@ -312,11 +312,44 @@ def _decode_one(args: tuple[Callable[[ClipJob], ClipResult], ClipJob, Path]) -> 
     return job.key, None
 
 
+class JpegWriter:
+    """``writer[lo:hi] = uint8 [n, S, S, 3]`` appends JPEG bytes (Pillow, 4:4:4 chroma) in frame order."""
+
+    def __init__(self, path: Path, n: int, quality: int) -> None:
+        self.f = open(path, "wb")  # noqa: SIM115 - closed by flush()
+        self.offsets = np.zeros(n + 1, np.int64)
+        self.quality, self.pos = quality, 0
+
+    def __setitem__(self, rows: slice, frames: np.ndarray) -> None:
+        import io
+
+        Image = require("PIL.Image")
+        for k, fr in zip(range(rows.start, rows.stop), frames):
+            if k != self.pos:
+                raise ValueError("JPEG frames must be written in order")
+            buf = io.BytesIO()
+            Image.fromarray(fr).save(buf, format="JPEG", quality=self.quality, subsampling=0)
+            self.f.write(buf.getbuffer())
+            self.offsets[k + 1] = self.offsets[k] + buf.getbuffer().nbytes
+            self.pos += 1
+
+    def flush(self) -> None:
+        self.f.close()
+
+
+def decode_jpeg(data: np.ndarray) -> np.ndarray:
+    import io
+
+    Image = require("PIL.Image")
+    return np.asarray(Image.open(io.BytesIO(data.tobytes())).convert("RGB"), dtype=np.uint8)
+
+
 def build_store(out: Path, jobs: Sequence[ClipJob], decode: Callable[[ClipJob], ClipResult], *,
                 params: dict[str, Any], dataset: str, raw_root: Path, class_names: Sequence[str],
                 workers: int = 0, skip_bad: bool = False, force: bool = False, strict_hash: bool = False,
                 extra_meta: dict[str, Any] | None = None, log: Callable[[str], None] = print,
-                decode_counter: list[int] | None = None) -> dict[str, Any]:
+                decode_counter: list[int] | None = None, frame_codec: str = "raw",
+                jpeg_quality: int = 95) -> dict[str, Any]:
     """Decode every job once into ``out`` (see the module docstring). Returns meta.json's content.
 
     Resumable: decoded clips are kept as parts in ``<out>.parts-<fingerprint>/`` until the store is
@@ -325,6 +358,9 @@ def build_store(out: Path, jobs: Sequence[ClipJob], decode: Callable[[ClipJob], 
     ``skip_bad`` the conversion stops with :class:`DatasetFormatError` and nothing under ``out``; with it
     they are excluded, written to ``bad.txt`` and counted per class in meta.json."""
     out = Path(out).expanduser()
+    if frame_codec not in ("raw", "jpeg"):
+        raise ConfigError(f"{dataset} converter: --frame-codec must be raw or jpeg, got {frame_codec!r}")
+    params = {**params, "frame_codec": frame_codec, **({"jpeg_quality": jpeg_quality} if frame_codec == "jpeg" else {})}
     fp = fingerprint(params, jobs, raw_root, strict_hash)
     if (out / "_COMPLETE").is_file() and not force:
         meta = json.loads((out / "meta.json").read_text())
@@ -396,7 +432,10 @@ def build_store(out: Path, jobs: Sequence[ClipJob], decode: Callable[[ClipJob], 
             total_frames += n_f
         n = len(good)
         audio = np.lib.format.open_memmap(tmp / "audio.npy", "w+", np.float16, (n, *audio_shape))
-        frames = np.lib.format.open_memmap(tmp / "frames.npy", "w+", np.uint8, (total_frames, *frame_shape))
+        if frame_codec == "raw":
+            frames = np.lib.format.open_memmap(tmp / "frames.npy", "w+", np.uint8, (total_frames, *frame_shape))
+        else:  # JPEG bytes of every frame, concatenated, with byte offsets (decoded per item by the loader)
+            frames = JpegWriter(tmp / "frames.bin", total_frames, jpeg_quality)
         offsets = np.zeros(n + 1, np.int64)
         offsets[1:] = np.cumsum(loaded)
         src = np.zeros(total_frames, np.int32)
@@ -412,6 +451,8 @@ def build_store(out: Path, jobs: Sequence[ClipJob], decode: Callable[[ClipJob], 
             index.append({"key": j.key, "label": j.label, **j.extra, **info, "n_frames": int(hi - lo)})
         audio.flush()
         frames.flush()
+        if frame_codec == "jpeg":
+            np.save(tmp / "frame_byte_offsets.npy", frames.offsets)
         del audio, frames
         np.save(tmp / "frame_offsets.npy", offsets)
         np.save(tmp / "frame_src_index.npy", src)
@@ -468,14 +509,15 @@ def converter_main(run: Callable[[], dict[str, Any]]) -> int:
 # ============================================================================ loader: the store
 class AVStore:
     """A complete store opened read-only (arrays memory-mapped). Every check names the file at fault and
-    how to build the store (``convert_cmd``)."""
+    how to build the store (``convert_cmd``). Frames are read with :meth:`get_frames` (raw uint8 rows of
+    ``frames.npy``, or JPEG bytes of ``frames.bin`` decoded per item with ``--frame-codec jpeg``)."""
 
-    FILES = ("meta.json", "index.json", "audio.npy", "frames.npy", "frame_offsets.npy", "frame_src_index.npy",
-             "frame_times.npy")
+    COMMON = ("audio.npy", "frame_offsets.npy", "frame_src_index.npy", "frame_times.npy")
+    CODEC_FILES = {"raw": ("frames.npy",), "jpeg": ("frames.bin", "frame_byte_offsets.npy")}
 
     def __init__(self, root: Path, dataset: str, convert_cmd: str) -> None:
         self.root, self.dataset = Path(root), dataset
-        howto = f"build it with: {convert_cmd}"
+        self.howto = howto = f"build it with: {convert_cmd}"
         if not self.root.is_dir():
             raise DatasetNotFoundError(f"{dataset}: store folder {self.root} does not exist; {howto}")
         if not (self.root / "_COMPLETE").is_file():
@@ -484,7 +526,7 @@ class AVStore:
                 "no store (no _COMPLETE, meta.json, index.json)"
             raise DatasetNotFoundError(f"{dataset}: {self.root / '_COMPLETE'} is missing: {self.root} holds {what}; "
                                        f"{howto}")
-        for name in self.FILES:
+        for name in ("meta.json", "index.json"):
             if not (self.root / name).is_file():
                 raise DatasetFormatError(f"{dataset}: {self.root / name} is missing from the store; {howto}")
         try:
@@ -500,37 +542,56 @@ class AVStore:
             raise CacheFormatError(f"{dataset}: {self.root / 'meta.json'} has store version "
                                    f"{self.meta.get('store_version')!r}, expected {STORE_VERSION!r}; rebuild with "
                                    f"--force: {convert_cmd}")
-        self.audio = self._load("audio.npy", np.float16, 3)
-        self.frames = self._load("frames.npy", np.uint8, 4)
-        self.offsets = self._load("frame_offsets.npy", np.int64, 1)
-        self.src_index = self._load("frame_src_index.npy", np.int32, 1)
-        self.times = self._load("frame_times.npy", np.float32, 1)
-        n = len(self.index)
+        self.codec = str(self.meta.get("params", {}).get("frame_codec", "raw"))
+        if self.codec not in self.CODEC_FILES:
+            raise DatasetFormatError(f"{dataset}: {self.root / 'meta.json'} names frame codec {self.codec!r}, "
+                                     f"expected raw or jpeg; {howto}")
+        for name in self.COMMON + self.CODEC_FILES[self.codec]:
+            if not (self.root / name).is_file():
+                raise DatasetFormatError(f"{dataset}: {self.root / name} is missing from the store; {howto}")
+        self._open_arrays()
+        n, n_frames = len(self.index), len(self.src_index)
+        shape = tuple(self.meta.get("frame_shape", ()))
         checks = [(len(self.audio) == n, "audio.npy", f"{len(self.audio)} rows for {n} clips in index.json"),
                   (len(self.offsets) == n + 1, "frame_offsets.npy", f"{len(self.offsets)} entries, expected {n + 1}"),
-                  (len(self.frames) == int(self.offsets[-1]) if n else True, "frames.npy",
-                   f"{len(self.frames)} frames, frame_offsets.npy ends at {int(self.offsets[-1]) if n else 0}"),
-                  (len(self.src_index) == len(self.frames), "frame_src_index.npy", "length differs from frames.npy"),
-                  (self.frames.shape[-1] == 3 and self.frames.shape[1] == self.frames.shape[2], "frames.npy",
-                   f"shape {self.frames.shape}, expected [N, S, S, 3]"),
+                  (n_frames == int(self.offsets[-1]) if n else True, "frame_src_index.npy",
+                   f"{n_frames} frames, frame_offsets.npy ends at {int(self.offsets[-1]) if n else 0}"),
+                  (len(shape) == 3 and shape[2] == 3 and shape[0] == shape[1], "meta.json",
+                   f"frame_shape {list(shape)}, expected [S, S, 3]"),
                   (bool(np.all(np.diff(self.offsets) >= 1)), "frame_offsets.npy", "a clip has no frame")]
+        if self.codec == "raw":
+            checks.append((tuple(self.frames.shape) == (n_frames, *shape), "frames.npy",
+                           f"shape {tuple(self.frames.shape)}, expected {(n_frames, *shape)}"))
+        else:
+            checks.append((len(self.byte_offsets) == n_frames + 1 and int(self.byte_offsets[-1]) == len(self.jpeg),
+                           "frame_byte_offsets.npy", f"{len(self.byte_offsets)} entries for {n_frames} frames, or "
+                           "the last offset is not the size of frames.bin"))
         for ok, name, what in checks:
             if not ok:
                 raise DatasetFormatError(f"{dataset}: {self.root / name} is malformed ({what}); {howto}")
 
-    _ARRAYS = {"audio": ("audio.npy", np.float16, 3), "frames": ("frames.npy", np.uint8, 4),
-               "offsets": ("frame_offsets.npy", np.int64, 1), "src_index": ("frame_src_index.npy", np.int32, 1),
-               "times": ("frame_times.npy", np.float32, 1)}
+    _ARRAYS = {"audio": ("audio.npy", np.float16, 3), "offsets": ("frame_offsets.npy", np.int64, 1),
+               "src_index": ("frame_src_index.npy", np.int32, 1), "times": ("frame_times.npy", np.float32, 1)}
+
+    def _open_arrays(self) -> None:
+        for attr, (name, dtype, ndim) in self._ARRAYS.items():
+            setattr(self, attr, self._load(name, dtype, ndim))
+        if self.codec == "raw":
+            self.frames = self._load("frames.npy", np.uint8, 4)
+        else:
+            self.jpeg = np.memmap(self.root / "frames.bin", dtype=np.uint8, mode="r") \
+                if (self.root / "frames.bin").stat().st_size else np.zeros(0, np.uint8)
+            self.byte_offsets = self._load("frame_byte_offsets.npy", np.int64, 1)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled without the arrays (a memory map would be pickled as a full in-memory copy, e.g. when
         DataLoader workers are spawned): they are memory-mapped again on the other side."""
-        return {k: v for k, v in self.__dict__.items() if k not in self._ARRAYS}
+        drop = set(self._ARRAYS) | {"frames", "jpeg", "byte_offsets"}
+        return {k: v for k, v in self.__dict__.items() if k not in drop}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        for attr, (name, dtype, ndim) in self._ARRAYS.items():
-            setattr(self, attr, self._load(name, dtype, ndim))
+        self._open_arrays()
 
     def _load(self, name: str, dtype: Any, ndim: int) -> np.ndarray:
         path = self.root / name
@@ -543,12 +604,22 @@ class AVStore:
                                      f"{np.dtype(dtype)} with {ndim}")
         return arr
 
+    def get_frames(self, rows: Sequence[int] | np.ndarray | slice) -> np.ndarray:
+        """uint8 [len(rows), S, S, 3] of the given global frame rows."""
+        if self.codec == "raw":
+            return np.asarray(self.frames[rows])
+        idx = np.arange(len(self.src_index))[rows] if isinstance(rows, slice) else np.asarray(rows, np.int64)
+        out = np.empty((len(idx), *self.meta["frame_shape"]), np.uint8)
+        for k, r in enumerate(idx.tolist()):
+            out[k] = decode_jpeg(self.jpeg[int(self.byte_offsets[r]):int(self.byte_offsets[r + 1])])
+        return out
+
     def __len__(self) -> int:
         return len(self.index)
 
     @property
     def frame_size(self) -> int:
-        return int(self.frames.shape[1])
+        return int(self.meta["frame_shape"][0])
 
     def clip_frames(self, pos: int, fps: int | None = None) -> np.ndarray:
         """Global frame rows of clip ``pos``; ``fps`` below the cached rate keeps the frames the index rule
@@ -688,7 +759,7 @@ class AVClipDataset(Dataset):
         pos = int(self.positions[i])
         audio = torch.from_numpy(np.asarray(self.store.audio[pos], dtype=np.float32)).unsqueeze(0)
         rows = self.frame_rows(i, rng)
-        visual = frame_tensor(self.store.frames[rows], self.train, rng, self._aspect[i], self.aug_per_frame)
+        visual = frame_tensor(self.store.get_frames(rows), self.train, rng, self._aspect[i], self.aug_per_frame)
         return {"audio": audio, "visual": visual, "label": int(self.labels[i]), "idx": int(i)}
 
     #: groups the held-out carve keeps together (CREMA-D: actors); None = stratified by label

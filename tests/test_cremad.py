@@ -383,3 +383,23 @@ def test_training_items_do_not_depend_on_worker_count_and_follow_set_epoch_in_pe
 
     (a0, a1), (b0, b1) = batches(0), batches(2)
     assert torch.equal(a0, b0) and torch.equal(a1, b1) and not torch.equal(a0, a1)
+
+
+def test_jpeg_frame_store_is_close_to_the_raw_store(store, raw, tmp_path):
+    """--frame-codec jpeg (quality 95, 4:4:4): same clips, audio bitwise, frames within PSNR > 35 dB."""
+    out = tmp_path / "jpeg"
+    C.convert(raw, out, frame_size=32, frame_codec="jpeg", log=lambda s: None)
+    a, j = S.AVStore(store, "cremad", C.CONVERT_CMD), S.AVStore(out, "cremad", C.CONVERT_CMD)
+    assert j.codec == "jpeg" and not (out / "frames.npy").exists()
+    assert (out / "audio.npy").read_bytes() == (store / "audio.npy").read_bytes()
+    assert np.array_equal(a.offsets, j.offsets) and np.array_equal(a.src_index, j.src_index)
+    x, y = a.get_frames(slice(0, len(a.src_index))).astype(float), j.get_frames(slice(0, len(j.src_index))).astype(float)
+    psnr = 10 * np.log10(255 ** 2 / np.mean((x - y) ** 2))
+    assert psnr > 35, psnr
+    rows = [3, 0, 7]
+    np.testing.assert_array_equal(j.get_frames(rows), np.stack([j.get_frames([r])[0] for r in rows]))
+    d = create_dataset("cremad", path=str(out))
+    assert d.train[0]["visual"].shape == (3, 1, 32, 32)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["params"]["frame_codec"] == "jpeg" and meta["fingerprint"] != json.loads(
+        (store / "meta.json").read_text())["fingerprint"]
