@@ -53,11 +53,11 @@ def test_every_method_one_epoch_on_the_cached_store(method, tiny_store, tmp_path
         sets["first_super_epoch"] = 1
     rd = tmp_path / "run"
     code = main(cli_args(method, "cremad", epochs=epochs, run_dir=rd, sets=sets))
-    if code == 2:  # a method may refuse, saying why
+    if code == 2:  # a method may refuse the model, saying why (none does today)
         err = capsys.readouterr().err
-        assert "not applicable" in err, err
+        assert "not applicable" in err and len(err.split("not applicable", 1)[1].strip()) > 10, err
         assert not rd.exists()
-        pytest.fail(f"{method} refused the audio-visual model: {err}")
+        pytest.skip(f"{method} refuses av_resnet18: {err.strip()}")  # shown with its reason in the summary
     assert code == 0, capsys.readouterr().err
     result = json.loads((rd / "result.json").read_text())
     rows = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
