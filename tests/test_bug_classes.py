@@ -67,8 +67,9 @@ def bn_dropout_encoders(monkeypatch):
 
 def test_feature_passes_run_in_eval_mode_and_nothing_reads_test_before_the_final_evaluation(
         tmp_path, monkeypatch, bn_dropout_encoders):
-    """Two invariants of one short run per method. Mode: no forward of the run's model outside the engine's
+    """Invariants of one short run per method. Mode: no forward of the run's model outside the engine's
     training steps runs in train mode, and every training step starts with the whole model in train mode.
+    Frozen members (teachers): in eval mode during training, weights and batch-norm statistics unchanged.
     Test split: nothing — a method, a teacher's training, a selection — reads the test split before the final
     evaluation (``Trainer._finish``, the teachers' own included)."""
     from mmbalance.data import TensorSplit
@@ -119,6 +120,9 @@ def test_feature_passes_run_in_eval_mode_and_nothing_reads_test_before_the_final
         for m in model.modules():
             if isinstance(m, nn.BatchNorm1d):
                 m.register_forward_pre_hook(hook)
+        # frozen members (teachers: add_module(trainable=False)): identical weights AND batch-norm statistics
+        frozen = {k: {n: t.clone() for n, t in ex.module.state_dict().items()}
+                  for k, ex in tr.ctx.extra.items() if not ex.trainable}
         meth = tr.method
         for hook_name in ("training_step", "training_substeps"):
             original = getattr(meth, hook_name)
@@ -128,11 +132,19 @@ def test_feature_passes_run_in_eval_mode_and_nothing_reads_test_before_the_final
                        if isinstance(m, (nn.BatchNorm1d, nn.Dropout)) and not m.training]
                 if off:
                     problems.append(f"{name}: a training step starts with {off[:2]} in eval mode")
+                on = [k for k, ex in ctx.extra.items() if not ex.trainable and ex.module.training]
+                if on:
+                    problems.append(f"{name}: frozen member(s) {on[:2]} in train mode during a training step")
                 return original(ctx, batch)
 
             setattr(meth, hook_name, entry)
         tr.fit()
         tr.data.test.__class__ = TensorSplit
+        for k, before in frozen.items():
+            after = tr.ctx.extra[k].module.state_dict()
+            moved = [n for n, t in before.items() if not torch.equal(t, after[n])]
+            if moved:
+                problems.append(f"{name}: frozen member {k} changed during training ({moved[:2]})")
     assert not problems, "\n".join(sorted(set(problems)))
 
 
