@@ -646,6 +646,15 @@ def _aggregate_section(rep: Report, figures: dict[str, str]) -> list[str]:
     return lines
 
 
+def _sign_flip_cell(col: lb_verdict.Column, family: int) -> str:
+    """The exact sign-flip p, flagged where even its smallest possible value (2/2ⁿ) cannot pass α/m."""
+    if not math.isfinite(col.p_sign_flip):
+        return DASH
+    floor = stats.min_attainable_p(col.n)
+    return fmt_p(col.p_sign_flip) + (" (cannot pass α/m at this n)"
+                                     if floor >= lb_verdict.ALPHA / max(1, family) else "")
+
+
 def render_details(rep: Report, figures: dict[str, str]) -> str:
     """details.md: per dataset every test metric, the per-modality scores, the columns' full statistics
     (half-width, raw p, sign-flip p) and the imbalance-diagnostics table."""
@@ -673,7 +682,7 @@ def render_details(rep: Report, figures: dict[str, str]) -> str:
                                                  "share": f"φ-share [{v.weak}]"}[q], str(col.n),
                              f"{col.delta:+.4f}" if math.isfinite(col.delta) else DASH,
                              f"{col.half_width:.4f}" if math.isfinite(col.half_width) else DASH,
-                             fmt_p(col.p), fmt_p(col.p_adj), fmt_p(col.p_sign_flip), col.status])
+                             fmt_p(col.p), fmt_p(col.p_adj), _sign_flip_cell(col, len(v.family)), col.status])
         lines += ["### Comparisons with the baseline", "",
                   f"Every column of every row: Δ, 95 % CI half-width, raw and Holm p (paired t-test), exact sign-flip "
                   f"p (its smallest possible value with n replicates is 2/2ⁿ: "

@@ -2,8 +2,9 @@
 
 For a suite with ``[tune]`` the main tables use each row's chosen configuration; this module adds, per dataset,
 a "Tuned configurations" table (trials ok/planned, chosen trial and values, its validation score next to the
-defaults' score, median and worst trial score as sensitivity, tuning cost) and a "Defaults vs tuned" table
-(test metric of the defaults' runs and of the tuned runs, and each row's rank under both), plus ``tuning.csv``.
+defaults' score, median and worst trial score as sensitivity, tuning cost) for the main report, and for the
+defaults file (titled as the defaults table) a "Defaults vs tuned" table (test metric of the defaults' runs and
+of the tuned runs, and the tuned − defaults difference paired by replicate), plus ``tuning.csv``.
 Everything comes from the run files and ``tune.json``; no timestamps, so rebuilding is byte-identical.
 """
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from ..runfiles import read_json
 from .plan import safe_name
-from .report import DASH, Report, _table, fmt_mean_std, is_reference_row
+from .report import DASH, Report, _table, fmt_mean_std
 from .tune import TUNE_DIR, TUNE_FILE, TuneConfig
 
 
@@ -65,17 +65,6 @@ def _tune_seconds(results_dir: Path, dataset: str, row: str) -> float:
         t = (res.get("timings") or {}).get("train_seconds") or 0.0
         total += float(t) + float((res.get("method_metrics") or {}).get("teacher_train_seconds", 0.0) or 0.0)
     return total
-
-
-def _ranks(means: dict[str, float], higher: bool) -> dict[str, float]:
-    from scipy.stats import rankdata
-
-    rows = [r for r, m in means.items() if math.isfinite(m)]
-    if not rows:
-        return {}
-    vals = np.array([means[r] for r in rows])
-    ranks = rankdata(-vals if higher else vals, method="average")
-    return dict(zip(rows, ranks.tolist()))
 
 
 def header_line(tune: TuneConfig, metric: str) -> str:
@@ -133,7 +122,8 @@ def tuning_sections(tuned: Report, results_dir: Path, defaults_link: str) -> lis
 
 def defaults_sections(tuned: Report, defaults: Report, tuned_link: str) -> list[str]:
     """The defaults file's own section: per dataset, each row's test metric at its defaults and tuned, and the
-    tuned − defaults difference paired by replicate (survivors) with each row's rank under both."""
+    tuned − defaults difference paired by replicate (survivors). No ranks: a rank without an interval reads
+    as a verdict (the report's aggregate gives ranks with bootstrap intervals)."""
     lines = ["## Defaults vs tuned", "",
              f"The tuned leaderboard: [{tuned_link}]({tuned_link}). `tuned − defaults` is the mean over replicates "
              "where both finished of the tuned run minus the defaults run (not a Δ vs the baseline).", ""]
@@ -142,9 +132,6 @@ def defaults_sections(tuned: Report, defaults: Report, tuned_link: str) -> list[
         dd = dmap.get(ds.name)
         if dd is None:
             continue
-        tm = {r.row: r.mean(ds.metric) for r in ds.rows.values() if not is_reference_row(r.row)}
-        dm = {r.row: r.mean(ds.metric) for r in dd.rows.values() if not is_reference_row(r.row)}
-        rt, rd = _ranks(tm, ds.higher_is_better), _ranks(dm, ds.higher_is_better)
         body = []
         for row in ds.ordered_rows():
             d_row = dd.rows.get(row.row)
@@ -154,11 +141,9 @@ def defaults_sections(tuned: Report, defaults: Report, tuned_link: str) -> list[
                 common = sorted(set(row.primary_values(ds.metric)) & set(d_row.primary_values(ds.metric)))
                 if common:
                     delta = f"{np.mean([row.primary_values(ds.metric)[s] - d_row.primary_values(ds.metric)[s] for s in common]):+.4f}"
-            body.append([row.row, d_text, fmt_mean_std(row.primary_values(ds.metric)), delta,
-                         f"{rd[row.row]:g}" if row.row in rd else DASH, f"{rt[row.row]:g}" if row.row in rt else DASH])
+            body.append([row.row, d_text, fmt_mean_std(row.primary_values(ds.metric)), delta])
         lines += [f"### {ds.name}: defaults vs tuned (test {ds.metric}, survivors)", "",
-                  _table(["method", "defaults", "tuned", "tuned − defaults (paired by replicate)", "rank defaults",
-                          "rank tuned"], body), ""]
+                  _table(["method", "defaults", "tuned", "tuned − defaults (paired by replicate)"], body), ""]
     return lines
 
 
