@@ -84,6 +84,25 @@ def test_shared_head_bias_is_frozen_ignored_and_slices_are_the_column_blocks(tmp
     assert torch.allclose(alone, u[ctx.modalities[0]], atol=1e-6)
 
 
+@pytest.mark.parametrize("head", ["shared", "late"])
+def test_training_loss_is_ce_of_the_summed_hand_cosines(tmp_path, head):
+    """The training step's loss (one block-normalised product) equals CE(Σ_m s·ẑ_m·Ŵ_mᵀ, y) computed by
+    hand per modality, for the shared head's blocks and for the late heads."""
+    tr = build_trainer("mmcosine", "mfeat", run_dir=tmp_path / head, epochs=1, sets={**SETS, "head": head})
+    ctx = tr.ctx
+    batch = first_batch(tr)
+    loss = tr.method.training_step(ctx, batch).loss
+    with torch.no_grad():
+        out = ctx.raw_model(ctx.inputs(batch))
+    o = 0
+    for k, m in enumerate(ctx.modalities):
+        W = (ctx.raw_model.final_layer().weight[:, 64 * k:64 * (k + 1)] if head == "shared"
+             else ctx.modules["mmcosine_heads"].weight[m])
+        z = out.pooled[m]
+        o = o + 10 * (z / z.norm(dim=1, keepdim=True)) @ (W / W.norm(dim=1, keepdim=True)).t()
+    assert torch.allclose(loss, F.cross_entropy(o, batch["label"]), atol=1e-5)
+
+
 def test_late_equals_shared_with_copied_blocks(tmp_path):
     """§7.7: ``late`` replaces fusion/head by Identity with bias-free cosine heads; with the late weights
     copied from the shared head's column blocks, both give the same o_cos."""

@@ -63,6 +63,10 @@ TESTS: dict[str, list[str]] = {
     "classes": ["tests/test_bug_classes.py"],
     "mmpareto": ["tests/test_mmpareto.py"],
     "g2d": ["tests/test_g2d.py"],
+    "mmcosine": ["tests/test_mmcosine.py"],
+    "mbsd": ["tests/test_mbsd.py"],
+    "masam": ["tests/test_masam.py"],  # its file holds its 2-process test (per-rank A, MA, last)
+    "aug": ["tests/test_aug.py"],  # its file holds its 2-process test (per-rank K, pending, S)
 }
 DDP_TESTS: dict[str, list[str]] = {m: [DDP_NODE.format(m)] for m in
                                    ("ogm_ge", "agm", "pmr", "gblending", "qmf", "mslr", "mrd", "greedy", "arl", "cml",
@@ -103,6 +107,8 @@ UT, UE, QM, RB, MR, MS = ("methods/umt.py", "methods/ume.py", "methods/qmf.py", 
                           "methods/mrd.py", "methods/mslr.py")
 EN = "mmbalance/engine.py"
 AR, CM, GD = "methods/arl.py", "methods/cml.py", "methods/g2d.py"
+MC, MB, MS_, SAM, AU = ("methods/mmcosine.py", "methods/mbsd.py", "methods/masam.py", "mmbalance/sam.py",
+                        "methods/aug.py")
 
 H = "tests/test_hardening.py::"
 BC_MODE = ("tests/test_bug_classes.py::"
@@ -583,6 +589,71 @@ MUTANTS: list[Mutant] = [
       "SMP window ends one epoch early", "off-by-one"),
     M("g2d", GD, '"weights": lambda p: p.dim() >= 2', '"weights": lambda p: p.dim() >= 1',
       "biases and norm parameters suppressed too", "wrong-quantity"),
+    # ---------------------------------------------------------------- MMCosine
+    M("mmcosine", MC, "        w_hat = F.normalize(weight.float(), dim=1)", "        w_hat = F.normalize(weight.float(), dim=0)",
+      "class weights normalised per feature column instead of per class row", "wrong-quantity"),
+    M("mmcosine", MC, "return F.normalize(x.view(x.shape[0], len(widths), widths[0]), dim=2).view(x.shape[0], -1)",
+      "return F.normalize(x.view(x.shape[0], len(widths), widths[0]), dim=1).view(x.shape[0], -1)",
+      "training-path blocks normalised across modalities instead of within each block", "wrong-quantity"),
+    M("mmcosine", MC, "        z_hat = F.normalize(z.float(), dim=1)",
+      "        z_hat = z.float() / z.float().norm(dim=1, keepdim=True).detach().clamp_min(1e-12)",
+      "feature norm taken on a detached copy", "detach"),
+    M("mmcosine", MC, "                bias.requires_grad_(False)", "                pass",
+      "fused-head bias left trainable (and a DDP parameter that never gets a gradient)", "wrong-quantity"),
+    # ---------------------------------------------------------------- MBSD
+    M("mbsd", MB, "return torch.where(q_l > q_j, q_l, q_j), torch.where(q_l < q_j, q_l, q_j)",
+      "return torch.maximum(q_j, q_l), torch.minimum(q_j, q_l)", "ties split between the modalities", "swapped"),
+    M("mbsd", MB, "w = correct.to(q_s.dtype) * (q_s - q_w)", "w = correct.to(q_s.dtype) * (q_s - q_w).detach()",
+      "sample weight detached by default (BalanceBenchmark's w carries gradient)", "detach"),
+    M("mbsd", MB, "        div = q_w * (lq_w - q_s)", "        div = q_w * (lq_w - q_w)", "KL-named term with the weak "
+      "probability in both places", "wrong-quantity"),
+    M("mbsd", MB, "correct = (u_j.argmax(1) == y) | (u_l.argmax(1) == y)",
+      "correct = (u_j.argmax(1) == y) & (u_l.argmax(1) == y)", "gate needs both heads right", "wrong-quantity"),
+    M("mbsd", MB, "return self.hp.start_epoch <= epoch and", "return self.hp.start_epoch <= epoch + 1 and",
+      "window opens one epoch early", "off-by-one"),
+    # ---------------------------------------------------------------- MASAM
+    M("masam", SAM, '        flat = accelerator.reduce(flat, reduction="sum") / accelerator.num_processes', "        pass",
+      "clean gradients from this rank's batch only (autograd.grad bypasses DDP)", "rank-local"),
+    M("masam", MS_, "        sums = ctx.reduce_sum(torch.stack(", "        sums = (torch.stack(",
+      "EMA losses from this rank's batch only", "rank-local"),
+    M("masam", MS_, "torch.argmax(score)", "torch.argmin(score)", "the weakest encoder is perturbed", "sign"),
+    M("masam", MS_, "coef = torch.where(dot >= 0,", "coef = torch.where(dot < 0,", "projection used on conflict", "sign"),
+    M("masam", MS_, "score = self.hp.score_weight * d + (1 - self.hp.score_weight) * s.double()",
+      "score = self.hp.score_weight * s.double() + (1 - self.hp.score_weight) * d", "score weights swapped", "swapped"),
+    M("masam", MS_, "d = torch.where(started, (last - ma_new).clamp_min(0), torch.zeros_like(loss))",
+      "d = torch.where(started, (ma_new - last).clamp_min(0), torch.zeros_like(loss))", "loss decay with the wrong sign",
+      "sign"),
+    M("masam", MS_, "                p.grad.copy_(g)", "                pass",
+      "heads and fusion keep the perturbed gradient", "wrong-quantity"),
+    M("masam", MS_, "gamma = torch.where(cos > 0, cos, torch.ones_like(cos))", "gamma = torch.ones_like(cos)",
+      "perturbation size without the cosine factor", "wrong-quantity"),
+    M("masam", MS_, '_STATE = ("ma", "last", "started", "score", "d", "s")', '_STATE = ("ma", "last", "score", "d", "s")',
+      "EMA started flag not checkpointed (re-initialised on resume)", "state-reset"),
+    M("masam", MS_, "        with ctx.frozen_norm_stats():", "        if True:",
+      "second forward updates the normalisation statistics", "mode"),
+    M("masam", SAM, "        flat = flat / scale.float()", "        pass", "fp16: clean gradients left scaled",
+      "wrong-quantity"),
+    # ---------------------------------------------------------------- AUG
+    M("aug", AU, "S = ctx.reduce_sum(self._S).tolist()", "S = self._S.tolist()",
+      "assignment from this rank's confidences only", "rank-local"),
+    M("aug", AU, "        if r > assign_lambda + margin:\n            return [1]",
+      "        if r > assign_lambda + margin:\n            return [0]", "the stronger modality gets the member", "sign"),
+    M("aug", AU, "weight = 1 - lam * confidence(P).detach()", "weight = 1 - lam * confidence(P)",
+      "residual weight not detached", "detach"),
+    M("aug", AU, '        return {"K": dict(self.K), "pending": list(self.pending)}',
+      '        return {"K": dict(self.K), "pending": []}', "pending assignment lost on resume", "state-reset"),
+    M("aug", AU, "        self._S = torch.zeros(len(ctx.modalities), dtype=torch.float64, device=ctx.device)",
+      "        self._S = self._S if self._S is not None else torch.zeros(len(ctx.modalities), dtype=torch.float64, "
+      "device=ctx.device)", "confidence sum not reset at the epoch start", "state-reset"),
+    M("aug", AU, "        self.pending = []\n        self._S = torch.zeros", "        self._S = torch.zeros",
+      "pending member applied again at every later epoch start", "state-reset"),
+    M("aug", AU, "if ctx.epoch in self.checks:", "if ctx.epoch + 1 in self.checks:", "check one epoch early",
+      "off-by-one"),
+    M("aug", AU, "term = (self.alpha[m] / total) * heads(m, out.pooled[m])[0].float()",
+      "term = (self.alpha[m] / total) * heads(present[0], out.pooled[m])[0].float()",
+      "every modality's feature through the first modality's ensemble", "swapped"),
+    M("aug", AU, "                    g.requires_grad_(False)", "                    pass",
+      "aug_released trains the added members", "wrong-quantity"),
 ]
 
 for _i, _m in enumerate(MUTANTS):
