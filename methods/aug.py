@@ -1,7 +1,8 @@
 """AUG — sustained boosting with adaptive classifier assignment (Q.-Y. Jiang, L. Huang, Y. Yang, NeurIPS 2025,
 arXiv 2502.20120; official code njustkmg/NeurIPS25-AUG @ 841d079; docs/methods/aug.md).
 
-Late fusion. Each modality m has a boosted ensemble over its pooled feature z̄_m; member k is
+Late fusion. Each modality m has a boosted ensemble over its pooled feature z̄_m (its feature map, with
+1×1-conv members, for segmentation); member k is
 g_{m,k}(z) = W·ReLU(A_{m,k}z + a_{m,k}) + b, with (W, b) shared by every member of every modality
 (``model/AudioVideo.py:40-104``). With K = K_m added members: F = Σ_{k≤K} g_k (ensemble), P = Σ_{k<K} g_k
 (earlier members), N = g_K (newest). Loss of modality m (``train_CREMAD.py:52-57``):
@@ -102,56 +103,66 @@ def assignment(S: list[float], assign_lambda: float = 1.0, margin: float = 0.01,
 
 
 def aug_loss(Fo: torch.Tensor, P: torch.Tensor | None, N: torch.Tensor | None, y: torch.Tensor, lam: float,
-             task: str = "classification", tau: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(L_m, residual weight mean, Σ_i confidence of F) for one modality (float32).
+             task: str = "classification", tau: float = 1.0,
+             task_loss=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L_m, residual weight mean, confidence sum S) for one modality (float32).
 
-    Classification: CE(F) + CE(P) + mean_i (1 − λ·sg[softmax(P_i)_{y_i}])·CE(N_i, y_i) when K ≥ 1 (P, N given),
-    else CE(F). Confidence p_y. Regression (generalisation): ℓ = |ŷ − y|, confidence exp(−ℓ/τ)."""
+    L_m = ℓ(F) + ℓ(P) + mean (1 − λ·sg[c(P)])·ℓ_i(N) when K ≥ 1 (P, N given), else ℓ(F); ℓ = ``task_loss``
+    (the dataset's loss; per-sample CE when None), ℓ_i the per-sample (per-pixel) loss of the residual term.
+    Classification: c = softmax(·)_y, S = Σ_i c(F)_i. Segmentation (gen.): per pixel, S = Σ over images
+    of the mean over pixels of c(F). Regression (gen.): ℓ_i = |ŷ − y|, c = exp(−ℓ_i/τ)."""
     Fo = Fo.float()
-    yl = y.long() if task == "classification" else y.reshape(-1).float()
+    yl = y.reshape(-1).float() if task == "regression" else y.long()
 
     def per_sample(o: torch.Tensor) -> torch.Tensor:
-        if task == "classification":
-            return F.cross_entropy(o.float(), yl, reduction="none")
-        return (o.float().reshape(-1) - yl).abs()
+        if task == "regression":
+            return (o.float().reshape(-1) - yl).abs()
+        return F.cross_entropy(o.float(), yl, reduction="none")
 
     def confidence(o: torch.Tensor) -> torch.Tensor:
-        if task == "classification":
-            return torch.softmax(o.float(), 1).gather(1, yl[:, None]).squeeze(1)
-        return torch.exp(-per_sample(o) / tau)
+        if task == "regression":
+            return torch.exp(-per_sample(o) / tau)
+        return torch.softmax(o.float(), 1).gather(1, yl.unsqueeze(1)).squeeze(1)
 
-    loss = per_sample(Fo).mean()
+    def full(o: torch.Tensor) -> torch.Tensor:
+        return task_loss(o.float(), y) if task_loss is not None else per_sample(o).mean()
+
+    loss = full(Fo)
     with torch.no_grad():
-        conf_sum = confidence(Fo).sum()
+        c = confidence(Fo)
+        conf_sum = c.flatten(1).mean(1).sum() if c.dim() > 1 else c.sum()
     if P is None:
         return loss, torch.ones((), device=Fo.device), conf_sum
     weight = 1 - lam * confidence(P).detach()  # residual label y − λ·y⊙sg(p_prev)
-    loss = loss + per_sample(P).mean() + (weight * per_sample(N)).mean()
+    loss = loss + full(P) + (weight * per_sample(N)).mean()
     return loss, weight.mean().detach(), conf_sum
 
 
 class AUGHeads(nn.Module):
     """Per modality a pool of members Linear(d_m → h) (member 0 active from the start), one shared output
-    layer Linear(h → C); Xavier-normal weights and zero biases (``utils.py:81-84``)."""
+    layer Linear(h → C); Xavier-normal weights and zero biases (``utils.py:81-84``). ``maps``
+    (segmentation, gen.): 1×1 convolutions on the feature map, outputs upsampled to the label size."""
 
-    def __init__(self, dims: dict[str, int], hidden: int, out_dim: int, capacity: int) -> None:
+    def __init__(self, dims: dict[str, int], hidden: int, out_dim: int, capacity: int, maps: bool = False) -> None:
         super().__init__()
 
-        def member(d: int) -> nn.Module:
-            lin = nn.Linear(d, hidden)
+        def layer(d: int, h: int) -> nn.Module:
+            lin = nn.Conv2d(d, h, 1) if maps else nn.Linear(d, h)
             nn.init.xavier_normal_(lin.weight)
             nn.init.zeros_(lin.bias)
             return lin
 
-        self.pools = nn.ModuleDict({m: ModulePool(lambda k, d=d: member(d), capacity, initial=1)
+        self.maps = maps
+        self.pools = nn.ModuleDict({m: ModulePool(lambda k, d=d: layer(d, hidden), capacity, initial=1)
                                     for m, d in dims.items()})
-        self.out = nn.Linear(hidden, out_dim)
-        nn.init.xavier_normal_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        self.out = layer(hidden, out_dim)
 
-    def forward(self, m: str, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def forward(self, m: str, z: torch.Tensor, size: tuple[int, int] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(F, P, N) of modality m: every active member g_k(z) = W·ReLU(A_k z + a_k) + b."""
         outs = [self.out(torch.relu(g(z))) for g in self.pools[m].active()]
+        if self.maps and size is not None and tuple(outs[0].shape[-2:]) != tuple(size):
+            outs = [F.interpolate(o, size=size, mode="bilinear", align_corners=False) for o in outs]
         Fo = outs[0] if len(outs) == 1 else torch.stack(outs).sum(0)
         if len(outs) == 1:
             return Fo, None, None
@@ -166,9 +177,6 @@ class AUGHeads(nn.Module):
 class AUG(BalancingMethod):
     name = "aug"
     hparams_cls = AUGHParams
-    supported_tasks = frozenset({"classification", "regression"})
-    unsupported_reason = {"segmentation": "aug: the pixel-wise ensemble (1×1-conv members, per-pixel residual "
-                                          "weights) is not implemented in mmbalance"}
     min_modalities = 2
     find_unused_parameters = True  # one encoder and its active members per sub-step; pool members idle
 
@@ -195,8 +203,9 @@ class AUG(BalancingMethod):
         model.fusion = nn.Identity()  # late fusion: AUG has no fusion module (as MLA, QMF)
         model.head = nn.Identity()
         model.variant = "late"
+        self.maps = ctx.task.name == "segmentation"
         heads = AUGHeads({m: int(model.feature_dims[m]) for m in ctx.modalities}, self.hp.hidden, ctx.data.out_dim,
-                         capacity)
+                         capacity, maps=self.maps)
         if not self.hp.train_added:  # aug_released: members 1.. are fixed random projections (gradient still
             for pool in heads.pools.values():  # flows through them into the encoder)
                 for g in pool.members[1:]:
@@ -242,11 +251,17 @@ class AUG(BalancingMethod):
     def _unimodal(self, ctx: StepContext, batch: dict[str, torch.Tensor], k: int, m: str) -> StepOutput:
         y = batch["label"]
         out = ctx.forward(batch, only=(m,))
-        Fo, P, N = ctx.modules["aug_heads"](m, out.pooled[m])
-        loss, wmean, conf = aug_loss(Fo, P, N, y, self.hp.residual_lambda, self.task, self.tau)
+        Fo, P, N = ctx.modules["aug_heads"](*self._head_input(out, m, y))
+        loss, wmean, conf = aug_loss(Fo, P, N, y, self.hp.residual_lambda, self.task, self.tau, ctx.task.loss)
         self._S[k] += conf
         ctx.log_many((self._keys[k], self._keys[len(self.K) + k]), torch.stack([loss.detach(), wmean.float()]))
         return StepOutput(loss)
+
+    def _head_input(self, out, m: str, y: torch.Tensor) -> tuple:
+        """(m, z, size): the pooled vector, or the feature map and the label size (segmentation)."""
+        if self.maps:
+            return m, out.features[m], tuple(y.shape[-2:])
+        return m, out.pooled[m], None
 
     def training_substeps(self, ctx: StepContext, batch: dict[str, torch.Tensor]) -> Iterator[StepOutput] | None:
         return (self._unimodal(ctx, batch, k, m) for k, m in enumerate(ctx.modalities))
@@ -264,7 +279,7 @@ class AUG(BalancingMethod):
         total = sum(self.alpha[m] for m in present)
         fused = None
         for m in present:
-            term = (self.alpha[m] / total) * heads(m, out.pooled[m])[0].float()
+            term = (self.alpha[m] / total) * heads(*self._head_input(out, m, batch["label"]))[0].float()
             fused = term if fused is None else fused + term
         return fused
 

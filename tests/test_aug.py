@@ -39,6 +39,15 @@ def test_loss_closed_form_and_stop_gradient():
     assert k0.item() == pytest.approx(0.287682, abs=1e-6)
 
 
+def test_segmentation_loss_is_per_pixel_and_the_score_a_per_image_mean():
+    """Segmentation (generalisation): the same closed form per pixel (two pixels of one image, each as in
+    §8.1 → L = 1.008581), and S adds each image's MEAN pixel confidence (0.75, not 1.5)."""
+    P = torch.tensor([math.log(3), 0.0]).view(1, 2, 1, 1).expand(1, 2, 1, 2).clone()
+    N = torch.zeros(1, 2, 1, 2)
+    loss, w, conf = aug_loss(P + N, P, N, torch.zeros(1, 1, 2, dtype=torch.long), 0.5, "segmentation")
+    assert loss.item() == pytest.approx(1.008581, abs=1e-6) and conf.item() == pytest.approx(0.75)
+
+
 def test_assignment_rule_and_check_epochs():
     """§8.4/§8.5/§8.9: the weaker modality receives the member; strict margins; κ rule for M = 3."""
     assert assignment([120, 100]) == [1] and assignment([100, 100.5]) == [] and assignment([98, 100]) == [0]

@@ -37,8 +37,6 @@ NOT_APPLICABLE = {
     ("arl", "mosi-synth"): "regression output has none",
     ("mmcosine", "mosi-synth"): "does not support regression",
     ("mbsd", "mosi-synth"): "does not support regression",
-    ("aug", "brats-synth"): "does not support segmentation",
-    ("aug_released", "brats-synth"): "does not support segmentation",
     ("lfm", "mosi-synth"): "a regression output has none",
     ("lfm_learnable", "mosi-synth"): "a regression output has none",
     ("cml", "mosi-synth"): "no predictive confidence",

@@ -649,9 +649,9 @@ MUTANTS: list[Mutant] = [
       "pending member applied again at every later epoch start", "state-reset"),
     M("aug", AU, "if ctx.epoch in self.checks:", "if ctx.epoch + 1 in self.checks:", "check one epoch early",
       "off-by-one"),
-    M("aug", AU, "term = (self.alpha[m] / total) * heads(m, out.pooled[m])[0].float()",
-      "term = (self.alpha[m] / total) * heads(present[0], out.pooled[m])[0].float()",
-      "every modality's feature through the first modality's ensemble", "swapped"),
+    M("aug", AU, 'term = (self.alpha[m] / total) * heads(*self._head_input(out, m, batch["label"]))[0].float()',
+      'term = (self.alpha[m] / total) * heads(*self._head_input(out, present[-1], batch["label"]))[0].float()',
+      "the prediction sums the last present modality's ensemble M times", "swapped"),
     M("aug", AU, "                    g.requires_grad_(False)", "                    pass",
       "aug_released trains the added members", "wrong-quantity"),
 ]
