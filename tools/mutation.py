@@ -67,10 +67,14 @@ TESTS: dict[str, list[str]] = {
     "mbsd": ["tests/test_mbsd.py"],
     "masam": ["tests/test_masam.py"],  # its file holds its 2-process test (per-rank A, MA, last)
     "aug": ["tests/test_aug.py"],  # its file holds its 2-process test (per-rank K, pending, S)
+    "opm": ["tests/test_opm.py"],
+    "smv": ["tests/test_smv.py", "tests/test_engine_capabilities.py"],
+    "lfm": ["tests/test_lfm.py"],
+    "amco": ["tests/test_amco.py"],
 }
 DDP_TESTS: dict[str, list[str]] = {m: [DDP_NODE.format(m)] for m in
                                    ("ogm_ge", "agm", "pmr", "gblending", "qmf", "mslr", "mrd", "greedy", "arl", "cml",
-                                    "mmpareto", "g2d")}
+                                    "mmpareto", "g2d", "opm", "smv", "amco")}
 DDP_TESTS["engine"] = ["tests/test_ddp.py::test_two_process_baseline"]
 
 
@@ -109,6 +113,7 @@ EN = "mmbalance/engine.py"
 AR, CM, GD = "methods/arl.py", "methods/cml.py", "methods/g2d.py"
 MC, MB, MS_, SAM, AU = ("methods/mmcosine.py", "methods/mbsd.py", "methods/masam.py", "mmbalance/sam.py",
                         "methods/aug.py")
+OP, SV, LF, AM = "methods/opm.py", "methods/smv.py", "methods/lfm.py", "methods/amco.py"
 
 H = "tests/test_hardening.py::"
 BC_MODE = ("tests/test_bug_classes.py::"
@@ -654,6 +659,58 @@ MUTANTS: list[Mutant] = [
       "the prediction sums the last present modality's ensemble M times", "swapped"),
     M("aug", AU, "                    g.requires_grad_(False)", "                    pass",
       "aug_released trains the added members", "wrong-quantity"),
+    # ---------------------------------------------------------------- OPM
+    M("opm", OP, "s = ctx.reduce_sum(s_local.detach())", "s = s_local.detach().double()",
+      "drop probabilities from this rank's scores only", "rank-local"),
+    M("opm", OP, "keep = keep_global[rank * B:(rank + 1) * B]", "keep = keep_global[:B]",
+      "every rank takes the first rows of the global mask", "rank-local"),
+    M("opm", OP, "if self._y is None or not module.training:", "if self._y is None:",
+      "the drop also acts in eval mode", "wrong-split"),
+    M("opm", OP, "return torch.where(rho > 1, q, torch.zeros_like(q))", "return torch.where(rho < 1, q, torch.zeros_like(q))",
+      "the weaker modality is dropped", "sign"),
+    M("opm", OP, 'live = hp.theta_grad == "official"', "live = True",
+      "scores not detached: the released spurious θ gradient in the default", "detach"),
+    M("opm", OP, "out[m] = z * (col[:, None]", "out[m] = z.flip(0) * (col[:, None]", "masks applied to other rows", "swapped"),
+    M("opm", OP, "factor = rescale_factors(q, dims, hp.rescale, theta)", "factor = rescale_factors(q, dims.flip(0), hp.rescale)",
+      "θ weights q by the other modality's width", "swapped"),
+    # ---------------------------------------------------------------- SMV
+    M("smv", SV, "mult = ((t == -1) | (t == self._cols[None, :]))", "mult = ((t == -1) | (t == self._cols.flip(0)[None, :]))",
+      "a copy keeps the other modality", "swapped"),
+    M("smv", SV, "            mod.eval()\n", "            pass\n", "valuation in train mode (dropout)", "wrong-split"),
+    M("smv", SV, "feats = {m: (z if m in present else z * 0)", "feats = {m: (z if m not in present else z * 0)",
+      "the subset's complement is evaluated", "swapped"),
+    M("smv", SV, "                if ctx.world_size > 1:\n                    key, phi", "                if False:\n                    key, phi",
+      "φ of this rank's shard only (no all-gather)", "rank-local"),
+    M("smv", SV, "    c[(phi > 0.4) & (phi < 1)] = 1", "    c[(phi >= 0.4) & (phi < 1)] = 1", "threshold 0.4 inclusive", "off-by-one"),
+    M("smv", EN, "rows = rows[..., torch.randperm(len(idx), generator=g)]",
+      "rows = torch.stack([rows[0][torch.randperm(len(idx), generator=g)], rows[1]]) if rows.dim() == 2 else "
+      "rows[torch.randperm(len(idx), generator=g)]", "plan tags not permuted with their indices", "swapped"),
+    # ---------------------------------------------------------------- LFM
+    M("lfm", LF, '    if kind == "js":', '    if kind != "js":', "the released divergence as the default", "wrong-quantity"),
+    M("lfm", LF, "return a_cls, min(1.0, max(0.0, 1.0 - a_cls))", "return a_cls, 1.0 - a_cls",
+      "negative alignment weight (no clamp)", "sign"),
+    M("lfm", LF, "fused = sum(x.float() for x in u.values()) / len(u)", "fused = sum(x.float() for x in u.values())",
+      "sum fusion instead of the mean", "wrong-quantity"),
+    M("lfm", LF, "loss = 2 * (self.alpha_cls", "loss = (self.alpha_cls", "official factor 2 dropped", "wrong-quantity"),
+    M("lfm", LF, "        for m in modules:\n            m.eval()", "        for m in modules:\n            m.train()",
+      "hypergradient step in train mode (BatchNorm statistics move)", "wrong-split"),
+    M("lfm", LF, 'if e > 0 and e % self.hp.halve_every == 0:', 'if e % self.hp.halve_every == 0:',
+      "lr_α halved at epoch 0", "off-by-one"),
+    M("lfm", LF, "logp = torch.stack([F.log_softmax(x.float(), dim=1) for x in u.values()])",
+      "logp = torch.stack([torch.log(F.softmax(x.float(), dim=1)) for x in u.values()])",
+      "log(softmax) underflows to -inf", "wrong-quantity"),
+    # ---------------------------------------------------------------- AMCo
+    M("amco", AM, "tot = ctx.reduce_sum(torch.cat([num.double(), rows.double().reshape(1)]))",
+      "tot = torch.cat([num.double(), rows.double().reshape(1)])", "dependency from this rank's shares only", "rank-local"),
+    M("amco", AM, "self.flags = shares > self.hp.sigma + 1e-9", "self.flags = shares >= self.hp.sigma",
+      "non-strict threshold", "off-by-one"),
+    M("amco", AM, "        self.ell = 0.0\n        self.flags = torch.zeros", "        self.flags = torch.zeros",
+      "ramp not reset at the epoch start", "state-reset"),
+    M("amco", AM, "self.ell += ctx.epoch / 10", "self.ell += ctx.epoch", "ramp 10x too fast", "wrong-quantity"),
+    M("amco", AM, "torch.where(self.flags[k], make", "torch.where(self.flags[len(self.mods) - 1 - k], make",
+      "the other modality is masked", "swapped"),
+    M("amco", AM, "if self._masks is None or not module.training:", "if self._masks is None:",
+      "masks act in eval mode", "wrong-split"),
 ]
 
 for _i, _m in enumerate(MUTANTS):
