@@ -67,3 +67,14 @@ def test_stored_runs_are_done_for_run_and_other_plans_are_stale(tmp_path, monkey
     (Path(spec.run_dir) / "status.json").write_text(json.dumps({"plan_hash": spec.plan_hash, "state": "failed",
                                                                 "error": "boom"}))
     assert read_state(spec).state == "failed"
+
+
+def test_the_writer_adds_runs_as_they_finish_and_flushes_the_rest(tmp_path):
+    suite, specs = make_fixture(tmp_path)
+    results = tmp_path / "results"
+    w = store.Writer(interval=3600.0)
+    w.add(specs[0])  # the first finished run is written at once
+    assert store.lookup(results, specs[0].dataset, specs[0].run_dir)["plan_hash"] == specs[0].plan_hash
+    w.add(specs[1])  # within the interval: pending until flush
+    assert store.lookup(results, specs[1].dataset, specs[1].run_dir) is None
+    assert w.flush() == 1 and store.lookup(results, specs[1].dataset, specs[1].run_dir) is not None

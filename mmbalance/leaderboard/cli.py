@@ -125,11 +125,13 @@ def _run_specs(args: argparse.Namespace, suite, results_dir: Path, data_dir, spe
         return states
     from . import store
 
+    writer = store.Writer()
     try:
         run_local(specs, workers=max(1, args.workers), data_dir=data_dir, retry_failed=retry,
                   per_run_gpus=max(1, suite.num_processes), progress=not args.quiet,
-                  on_done=lambda st: store.sync([st.spec]))  # each run enters the store as it finishes
+                  on_done=lambda st: writer.add(st.spec))  # runs enter the store as they finish
     finally:
+        writer.flush()
         store.sync(specs)
     return [read_state(s) for s in specs]
 

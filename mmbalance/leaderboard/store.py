@@ -197,6 +197,29 @@ def sync(specs: Iterable[Any]) -> int:
     return sum(add(rd, recs, ds_of) for rd, (recs, ds_of) in groups.items())
 
 
+class Writer:
+    """Adds finished runs to the store as they finish, at most once per ``interval`` seconds (a store file is
+    rewritten whole, which takes seconds for thousands of runs); :meth:`flush` writes what is pending."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self.interval = interval
+        self.pending: list[Any] = []
+        self.last = 0.0
+
+    def add(self, spec: Any) -> None:
+        import time
+
+        self.pending.append(spec)
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.flush()
+            self.last = now
+
+    def flush(self) -> int:
+        specs, self.pending = self.pending, []
+        return sync(specs) if specs else 0
+
+
 def size_bytes(results_dir: str | Path) -> int:
     folder = Path(results_dir) / STORE_DIR
     return sum(p.stat().st_size for p in folder.glob(f"*{STORE_SUFFIX}")) if folder.is_dir() else 0
