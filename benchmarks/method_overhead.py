@@ -53,7 +53,7 @@ METHOD_EPOCHS = {"reconboost_official_schedule": 8}
 METHOD_SETS: dict[str, dict[str, object]] = {"opm": {"warmup_epochs": 0}, "arl": {"start": -1},
                                               "arl_released": {"start": -1}, "smv": {"warmup_epochs": 0},
                                               "smv_modality": {"warmup_epochs": 0},
-                                              "g2d": {"smp_end_frac": 1.0}}
+                                              "g2d": {"smp_end_frac": 1.0}, "midas": {"warmup_epochs": 0}}
 #: Shown next to the ratio.
 NOTES = {m: "teachers (trained once, cached) not counted" for m in ("ume", "umt", "reconboost_pretrained", "g2d",
                                                                    "g2d_no_smp")}

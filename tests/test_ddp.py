@@ -90,12 +90,14 @@ STATE_CHECKS = {
 
 
 #: Extra settings so that the method's statistic is live within the 2 epochs.
-METHOD_SETS = {"greedy": ["start_epoch=0"], "opm": ["p_exe=1"], "arl": ["start=-1"], "amco": ["sigma=0.335"]}
+METHOD_SETS = {"greedy": ["start_epoch=0"], "opm": ["p_exe=1"], "arl": ["start=-1"], "amco": ["sigma=0.335"],
+               "midas": ["warmup_epochs=0"]}
 
 
 @pytest.mark.ddp
 @pytest.mark.parametrize("method", ["ogm_ge", "agm", "pmr", "gblending", "qmf", "mslr", "mrd", "greedy", "opm",
-                                    "arl", "smv", "lfm_learnable", "cml", "mmpareto", "amco", "g2d"])
+                                    "arl", "smv", "lfm_learnable", "cml", "mmpareto", "amco", "g2d",
+                                    "midas"])
 def test_two_process_methods_keep_replicas_identical(tmp_path, method):
     """Every statistic that sets a coefficient is reduced across ranks (and noise/masks come from a
     generator seeded identically everywhere), so the replicas must not drift apart. Identical

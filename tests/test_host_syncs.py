@@ -16,10 +16,10 @@ BUDGET = {"baseline": 0, "gblending": 0, "gblending_offline_robust": 0, "pmr": 0
           "umt": 0, "inforeg_official": 0, "remix": 0, "mrd": 0, "cggm": 0, "cggm_paper": 0, "agm": 0, "opm": 0,
           "arl": 0, "arl_released": 0, "mmcosine": 0, "mbsd": 0, "smv": 0, "smv_modality": 0, "lfm": 0,
           "lfm_learnable": 0, "cml": 0, "masam": 0, "masam_static": 0, "amco": 0, "amco_bb": 0, "g2d": 0,
-          "g2d_no_smp": 0, "aug": 0, "aug_released": 0}
+          "g2d_no_smp": 0, "aug": 0, "aug_released": 0, "midas": 0}
 # Settings under which a method's per-step work is active in a 1-epoch run (no warm-up).
 ACTIVE = {"opm": {"warmup_epochs": 0}, "arl": {"start": -1}, "arl_released": {"start": -1}, "smv": {"warmup_epochs": 0},
-          "smv_modality": {"warmup_epochs": 0}}
+          "smv_modality": {"warmup_epochs": 0}, "midas": {"warmup_epochs": 0}}
 # Host→device copies allowed per step: MRD's drop mask is drawn on the CPU generator (one copy per step).
 H2D = {"mrd": 1}
 

@@ -40,6 +40,8 @@ NOT_APPLICABLE = {
     ("lfm", "mosi-synth"): "a regression output has none",
     ("lfm_learnable", "mosi-synth"): "a regression output has none",
     ("cml", "mosi-synth"): "no predictive confidence",
+    ("midas", "mosi-synth"): "a regression target has neither",
+    ("midas", "brats-synth"): "unregistered anatomy",
     ("amco", "mosi-synth"): "does not support regression",
     ("amco_bb", "mosi-synth"): "does not support regression",
     ("amco_bb", "iemocap-synth"): "needs a concat-linear head",

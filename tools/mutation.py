@@ -71,10 +71,11 @@ TESTS: dict[str, list[str]] = {
     "smv": ["tests/test_smv.py", "tests/test_engine_capabilities.py"],
     "lfm": ["tests/test_lfm.py"],
     "amco": ["tests/test_amco.py"],
+    "midas": ["tests/test_midas.py"],
 }
 DDP_TESTS: dict[str, list[str]] = {m: [DDP_NODE.format(m)] for m in
                                    ("ogm_ge", "agm", "pmr", "gblending", "qmf", "mslr", "mrd", "greedy", "arl", "cml",
-                                    "mmpareto", "g2d", "opm", "smv", "amco")}
+                                    "mmpareto", "g2d", "opm", "smv", "amco", "midas")}
 DDP_TESTS["engine"] = ["tests/test_ddp.py::test_two_process_baseline"]
 
 
@@ -114,6 +115,7 @@ AR, CM, GD = "methods/arl.py", "methods/cml.py", "methods/g2d.py"
 MC, MB, MS_, SAM, AU = ("methods/mmcosine.py", "methods/mbsd.py", "methods/masam.py", "mmbalance/sam.py",
                         "methods/aug.py")
 OP, SV, LF, AM = "methods/opm.py", "methods/smv.py", "methods/lfm.py", "methods/amco.py"
+MI = "methods/midas.py"
 
 H = "tests/test_hardening.py::"
 BC_MODE = ("tests/test_bug_classes.py::"
@@ -711,6 +713,27 @@ MUTANTS: list[Mutant] = [
       "the other modality is masked", "swapped"),
     M("amco", AM, "if self._masks is None or not module.training:", "if self._masks is None:",
       "masks act in eval mode", "wrong-split"),
+    # ---------------------------------------------------------------- MIDAS
+    M("midas", MI, "                stats = ctx.reduce_sum(local)", "                stats = local.double()",
+      "alpha statistics from this rank's batch only", "rank-local"),
+    M("midas", MI, "    delta = (c_sum[m_hat] - r_sum[m_hat]) / n", "    delta = (r_sum[m_hat] - c_sum[m_hat]) / n",
+      "alpha moves with the sign flipped", "sign"),
+    M("midas", MI, "    m_hat = c_sum.argmin()", "    m_hat = c_sum.argmax()",
+      "alpha raised for the most confident modality", "wrong-quantity"),
+    M("midas", MI, "        with torch.no_grad():  # targets and weights are constants (§3.3, §3.5)\n"
+      "            conf = torch.stack([um.detach().float()",
+      "        if True:\n            conf = torch.stack([um.float()",
+      "soft-label confidences not detached (the misaligned loss trains the unimodal heads)", "detach"),
+    M("midas", MI, "        with torch.no_grad():  # targets and weights are constants (§3.3, §3.5)\n",
+      "        if True:\n", "hard-sample weight not detached (gradient through the cosine)", "detach"),
+    M("midas", MI, "        replaced = (src[:, k] != anchor).float()", "        replaced = (src[:, k] == anchor).float()",
+      "hard-sample similarity from the kept modality instead of the replaced one", "swapped"),
+    M("midas", MI, "        if ctx.epoch < self.warmup(ctx):", "        if ctx.epoch <= self.warmup(ctx):",
+      "warm-up one epoch too long", "off-by-one"),
+    M("midas", MI, '        return {"alpha": None if self.alpha is None else self.alpha.detach().cpu(), "t": self.t}',
+      '        return {"alpha": None, "t": self.t}', "alpha not checkpointed (lost on resume)", "state-reset"),
+    M("midas", MI, "    return -h * (alpha[None, :] * c * picked).sum(1)", "    return -h * (c * picked).sum(1)",
+      "weak-modality weight never applied to the target", "wrong-quantity"),
 ]
 
 for _i, _m in enumerate(MUTANTS):
