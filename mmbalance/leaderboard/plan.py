@@ -299,7 +299,7 @@ def read_state(spec: RunSpec) -> RunState:
     store (:mod:`mmbalance.leaderboard.store`) when it holds the run under this plan hash. A ``result.json``
     that exists but cannot be read (truncated, not JSON) makes the run ``failed`` with ``problem`` naming the
     file and the reason: it is neither finished nor silently "not run" (a sweep re-runs it; the engine keeps
-    the unreadable file in ``previous/``)."""
+    the unreadable file in ``previous/`` until the new run finishes)."""
     run_dir = Path(spec.run_dir)
     status = read_json_or_none(run_dir / STATUS_FILE)
     result, problem = unreadable(run_dir / RESULT_FILE)
