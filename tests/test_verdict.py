@@ -20,14 +20,16 @@ from mmbalance.leaderboard.suite import load_suite
 from mmbalance.runfiles import atomic_write_json
 
 
-def _states(values: dict[str, list[float]], dataset: str = "toy") -> list[RunState]:
-    """In-memory ok runs: row → test accuracy per replicate."""
+def _states(values: dict[str, list[float]], dataset: str = "toy", val: dict[str, list[float]] | None = None
+            ) -> list[RunState]:
+    """In-memory ok runs: row → test accuracy per replicate (validation = test unless ``val`` says)."""
     out = []
     for row, vals in values.items():
         for r, v in enumerate(vals):
+            vv = (val or {}).get(row, vals)[r]
             spec = RunSpec("toy", dataset, row, row, r, 1, (), run_dir=f"/nonexistent/{dataset}/{row}/seed{r}")
             res = {"status": "ok", "primary_metric": "accuracy", "higher_is_better": True, "task": "classification",
-                   "modalities": ["a", "b"], "test": {"accuracy": float(v)}, "val": {"accuracy": float(v)}}
+                   "modalities": ["a", "b"], "test": {"accuracy": float(v)}, "val": {"accuracy": float(vv)}}
             out.append(RunState(spec, "ok", {"state": "ok"}, res))
     return out
 
@@ -178,3 +180,11 @@ def test_the_quick_suite_is_pre_registered_and_powered_by_design():
     assert len(suite.tune.seeds) >= 3 and not set(suite.tune.seeds) & set(suite.seeds)
     # the committed v1 spread of mfeat-hard's fused metric (median primary-row sd 0.0124) at 30 replicates
     assert stats.mde_paired_t(0.0124, len(suite.seeds), family=12) <= 0.0100
+
+
+def test_without_diagnostics_the_weak_modality_is_the_weaker_unimodal_row_on_validation():
+    # test says unimodal:b is weaker, validation says unimodal:a: validation decides
+    vals = {"baseline": [0.9] * 3, "unimodal:a": [0.8, 0.81, 0.82], "unimodal:b": [0.6, 0.61, 0.62]}
+    val = {"unimodal:a": [0.5, 0.5, 0.5], "unimodal:b": [0.7, 0.7, 0.7]}
+    v = summarise(_states(vals, val=val), "baseline")[0].verdict
+    assert v.weak == "a" and "unimodal" in v.weak_source

@@ -230,7 +230,7 @@ def weak_from_validation(ds) -> str | None:
     mean validation probe → modality order. None without baseline diagnostics."""
     base = ds.rows.get(ds.baseline)
     if base is None:
-        return None
+        return _weak_from_unimodal_validation(ds)
     shares: dict[str, list[float]] = {}
     probes: dict[str, list[float]] = {}
     for st in base.states:
@@ -245,11 +245,26 @@ def weak_from_validation(ds) -> str | None:
             if v is not None and math.isfinite(float(v)):
                 probes.setdefault(m, []).append(_oriented(float(v), ds.higher_is_better))
     if not shares:
-        return None
+        return _weak_from_unimodal_validation(ds)
     order = {m: i for i, m in enumerate(ds.modalities)}
     keyed = [(float(np.mean(v)), float(np.mean(probes[m])) if probes.get(m) else math.inf,
               order.get(m, len(order)), m) for m, v in shares.items()]
     return min(keyed)[3]
+
+
+def _weak_from_unimodal_validation(ds) -> str | None:
+    """Without baseline diagnostics: the modality whose ``unimodal:m`` row has the lowest mean validation score
+    (oriented; ties → modality order); None without such rows."""
+    order = {m: i for i, m in enumerate(ds.modalities)}
+    keyed = []
+    for name, row in ds.rows.items():
+        if not name.startswith("unimodal:"):
+            continue
+        vals = [_oriented(v, ds.higher_is_better) for v in row.val.values() if math.isfinite(v)]
+        m = name.split(":", 1)[1]
+        if vals:
+            keyed.append((float(np.mean(vals)), order.get(m, len(order)), m))
+    return min(keyed)[2] if keyed else None
 
 
 def _column(values: dict[int, float], base: dict[int, float]) -> Column:
@@ -279,8 +294,11 @@ def analyse_dataset(ds, *, primary: list[str] | None, split: str, declared_weak:
         weak, source = declared_weak, "declared in the suite"
     else:
         weak = weak_from_validation(ds)
-        source = ("smallest validation Shapley share of the baseline" if weak else
-                  "none (no baseline validation diagnostics)")
+        has_shares = any(((st.result or {}).get("diagnostics") or {}).get("shapley", {}).get("val")
+                         for st in (ds.rows[ds.baseline].states if ds.baseline in ds.rows else []))
+        source = ("smallest validation Shapley share of the baseline" if weak and has_shares else
+                  "lowest validation score of the unimodal rows" if weak else
+                  "none (no baseline validation diagnostics, no unimodal rows)")
     method_rows = [r for r in ds.rows if r != ds.baseline and not is_reference(r)]
     family = [r for r in method_rows if primary is None or r in primary]
     missing = [r for r in (primary or []) if r not in ds.rows]
