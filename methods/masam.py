@@ -16,7 +16,8 @@ L = L_mm + Σ_m L_m with separate unimodal heads (``--uniloss``). Per step, on t
    θ restored exactly; encoders keep ∇L(θ + ε), every non-encoder parameter gets its clean g (``:166-181``).
 
 Preset ``masam_static``: no selection, every encoder perturbed with its own ‖v‖ (``:107-109``).
-Everything stays on the device: m* is applied as a one-hot mask over all encoders' ε (ε = 0 elsewhere).
+Everything stays on the device: m* is applied as a one-hot mask over all encoders' ε (ε = 0 elsewhere);
+per-tensor dot products and norms are taken on views of the flat gradients (foreach kernels).
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from mmbalance.interface import BalancingMethod, StepContext, StepOutput
 from mmbalance.registry import register_method
 from mmbalance.search import LogUniform, Uniform
 
-__all__ = ["MASAM", "MASAMHParams", "sharpness_perturbation", "loss_decay", "segment_sum"]
+__all__ = ["MASAM", "MASAMHParams", "sharpness_perturbation", "tensor_agreement", "perturbation_factor", "loss_decay",
+           "segment_sum"]
 
 
 @dataclass
@@ -85,43 +87,51 @@ def loss_decay(ma: torch.Tensor, last: torch.Tensor, started: torch.Tensor, loss
     return ma_new, d
 
 
-def sharpness_perturbation(g_u: torch.Tensor, g_mm: torch.Tensor, seg: torch.Tensor, tensor_owner: torch.Tensor,
-                           n_mod: int, rho: float, *, gamma_source: str = "per_tensor", direction: str = "decomposed",
-                           last_tensor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ε over the flat encoder gradients, for EVERY encoder with its own norm, and the statistics.
-
-    ``seg`` [N]: tensor id of each flat element; ``tensor_owner`` [T]: modality index of each tensor;
-    ``last_tensor`` [M]: the last tensor id of each encoder (``gamma_source=last_tensor``).
-    Returns (ε [N], s [M] mean per-tensor cosine, cos [T]). Per tensor p: cos_p = ⟨g^u, g^mm⟩/(‖g^u‖‖g^mm‖)
-    (0 when either is 0); v_p (``:145-149, 263-276``); ε_p = ρ·γ_p·v_p/(‖v‖_m + 1e-12) with ‖v‖_m over
-    encoder m's tensors (``:151-164``).
-    """
-    T = tensor_owner.numel()
-    dot = segment_sum(g_u * g_mm, seg, T)
-    nu = segment_sum(g_u * g_u, seg, T).sqrt()
-    nmm2 = segment_sum(g_mm * g_mm, seg, T)
-    nmm = nmm2.sqrt()
+def tensor_agreement(g_u: list[torch.Tensor], g_mm: list[torch.Tensor], tensor_owner: torch.Tensor,
+                     n_mod: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per tensor p (lists of the encoders' gradient tensors; ``tensor_owner`` [T] = each one's encoder):
+    (cos_p, ⟨g^u_p, g^mm_p⟩, ‖g^mm_p‖², s [M]) with cos_p = 0 when either vector is 0 and s_m the mean of
+    cos_p over encoder m (``sam_decomp_closure.py:288-306``). Norms by one foreach kernel each."""
+    dot = torch.stack([torch.vdot(a.reshape(-1), b.reshape(-1)) for a, b in zip(g_u, g_mm)])
+    nu = torch.stack(torch._foreach_norm(g_u))
+    nmm = torch.stack(torch._foreach_norm(g_mm))
     prod = nu * nmm
     cos = torch.where(prod > 0, dot / prod.clamp_min(torch.finfo(prod.dtype).tiny), torch.zeros_like(dot))
     counts = segment_sum(torch.ones_like(cos), tensor_owner, n_mod)
-    s = segment_sum(cos, tensor_owner, n_mod) / counts.clamp_min(1)
-    if direction == "decomposed":  # projection when agreeing, g^mm when conflicting; 0 if g^mm = 0 (§7.7 guard)
+    return cos, dot, nmm * nmm, segment_sum(cos, tensor_owner, n_mod) / counts.clamp_min(1)
+
+
+def perturbation_factor(cos: torch.Tensor, dot: torch.Tensor, nmm2: torch.Tensor, s: torch.Tensor,
+                        tensor_owner: torch.Tensor, n_mod: int, rho: float, *, gamma_source: str = "per_tensor",
+                        direction: str = "decomposed", last_tensor: torch.Tensor | None = None) -> torch.Tensor:
+    """f_p with ε_p = f_p·g^mm_p, for every encoder with its own norm:
+
+    v_p = c_p·g^mm_p with c_p = ⟨g^u_p, g^mm_p⟩/‖g^mm_p‖² if ⟨·⟩ ≥ 0, else 1 (``:145-149, 263-276``), and
+    c_p = 0 when ‖g^mm_p‖ = 0 (the code's 0/0); ``direction=fused``: c_p = 1. ‖v‖²_m = Σ_p c_p²·‖g^mm_p‖².
+    f_p = ρ·γ_p·c_p/(‖v‖_m + 1e-12), γ_p = cos_p if cos_p > 0 else 1 (``:151-164``; ``last_tensor``: the
+    encoder's last tensor's cosine, ``mean``: s_m)."""
+    if direction == "decomposed":
         coef = torch.where(dot >= 0, dot / nmm2.clamp_min(torch.finfo(nmm2.dtype).tiny), torch.ones_like(dot))
         coef = torch.where(nmm2 > 0, coef, torch.zeros_like(coef))
     else:
         coef = torch.ones_like(dot)
-    v = coef[seg] * g_mm
-    vnorm = segment_sum(segment_sum(v * v, seg, T), tensor_owner, n_mod).sqrt()  # ‖v‖ per encoder
-    if gamma_source == "per_tensor":
-        gamma = torch.where(cos > 0, cos, torch.ones_like(cos))
-    elif gamma_source == "last_tensor":
-        c_last = cos[last_tensor][tensor_owner]
-        gamma = torch.where(c_last > 0, c_last, torch.ones_like(c_last))
-    else:
-        s_t = s[tensor_owner]
-        gamma = torch.where(s_t > 0, s_t, torch.ones_like(s_t))
-    scale = rho * gamma / (vnorm[tensor_owner] + 1e-12)  # [T]
-    return scale[seg] * v, s, cos
+    vnorm = segment_sum(coef * coef * nmm2, tensor_owner, n_mod).sqrt()
+    c = cos if gamma_source == "per_tensor" else (cos[last_tensor] if gamma_source == "last_tensor" else s)[tensor_owner]
+    gamma = torch.where(c > 0, c, torch.ones_like(c))
+    return rho * gamma * coef / (vnorm[tensor_owner] + 1e-12)
+
+
+def sharpness_perturbation(g_u: torch.Tensor, g_mm: torch.Tensor, seg: torch.Tensor, tensor_owner: torch.Tensor,
+                           n_mod: int, rho: float, *, gamma_source: str = "per_tensor", direction: str = "decomposed",
+                           last_tensor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ε [N], s [M], cos [T]) over FLAT encoder gradients (``seg`` [N]: the tensor id of each element, in
+    order), for every encoder with its own norm (:func:`tensor_agreement`, :func:`perturbation_factor`)."""
+    sizes = torch.bincount(seg, minlength=tensor_owner.numel()).tolist()
+    gu, gm = list(g_u.split(sizes)), list(g_mm.split(sizes))
+    cos, dot, nmm2, s = tensor_agreement(gu, gm, tensor_owner, n_mod)
+    f = perturbation_factor(cos, dot, nmm2, s, tensor_owner, n_mod, rho, gamma_source=gamma_source,
+                            direction=direction, last_tensor=last_tensor)
+    return torch.cat([fi * g for fi, g in zip(f.unbind(), gm)]), s, cos
 
 
 # ------------------------------------------------------------------------------------------ the method
@@ -166,11 +176,8 @@ class MASAM(BalancingMethod):
         tensor_owner = [k for k, m in enumerate(mods) for _ in self.enc[m]]
         self._tensor_owner_list = tensor_owner
         self.tensor_owner = torch.tensor(tensor_owner, device=dev)
-        self.seg = torch.repeat_interleave(torch.arange(len(tensor_owner), device=dev),
-                                           torch.tensor([p.numel() for p in self.enc_flat], device=dev))
         ends = torch.cumsum(torch.tensor([len(self.enc[m]) for m in mods], device=dev), 0)
         self.last_tensor = ends - 1
-        self.elem_owner = self.tensor_owner[self.seg]
         M = len(mods)
         self.ma = torch.zeros(M, dtype=torch.float64, device=dev)
         self.last = torch.zeros(M, dtype=torch.float64, device=dev)
@@ -198,8 +205,6 @@ class MASAM(BalancingMethod):
         finite = ok_mm & ok_all
         n_enc = len(self.enc_flat)
         self._clean = g_all[n_enc:]
-        gmm = torch.cat([t.reshape(-1) for t in g_mm])
-        g_enc = torch.cat([t.reshape(-1) for t in g_all[:n_enc]])
         if self.hp.others_grad == "clean":
             self._clean_enc = g_all[:n_enc]
         # loss values of the global batch: Σ_i ℓ_i and n SUM-reduced in one call
@@ -207,9 +212,8 @@ class MASAM(BalancingMethod):
         sums = ctx.reduce_sum(torch.stack([*(losses[m].detach().double() * n for m in mods),
                                            loss.new_full((), n, dtype=torch.float64)]))
         lval = sums[:-1] / sums[-1]
-        eps, s, _ = sharpness_perturbation(g_enc - gmm, gmm, self.seg, self.tensor_owner, len(mods), self.hp.rho,
-                                           gamma_source=self.hp.gamma_source, direction=self.hp.direction,
-                                           last_tensor=self.last_tensor)
+        g_u = torch._foreach_sub(list(g_all[:n_enc]), list(g_mm))
+        cos, dot, nmm2, s = tensor_agreement(g_u, list(g_mm), self.tensor_owner, len(mods))
         if self.hp.mode == "dynamic":
             ma, d = loss_decay(self.ma, self.last, self.started, lval, self.hp.ema)
             score = self.hp.score_weight * d + (1 - self.hp.score_weight) * s.double()
@@ -226,17 +230,22 @@ class MASAM(BalancingMethod):
             score = s.double()
             onehot = torch.ones(len(mods), dtype=torch.float32, device=loss.device)
             self.score, self.d, self.s = score, d, s.double()
-        keep = onehot * finite.float()  # per encoder: perturbed (1) or not (0)
-        self._keep_perturbed = keep
-        eps = torch.where(finite & (keep[self.elem_owner] > 0), eps, torch.zeros_like(eps))
-        deltas = [t.view_as(p) for t, p in zip(eps.split([p.numel() for p in self.enc_flat]), self.enc_flat)]
+        self._keep_perturbed = onehot
+        f = perturbation_factor(cos, dot, nmm2, s, self.tensor_owner, len(mods), self.hp.rho,
+                                gamma_source=self.hp.gamma_source, direction=self.hp.direction,
+                                last_tensor=self.last_tensor) * onehot[self.tensor_owner]
+        if ctx.accelerator.scaler is not None:  # fp16 overflow: ε = 0 (a NaN·0 would still be NaN)
+            f = torch.where(finite, f, torch.zeros_like(f))
+            g_mm = [torch.where(finite, g, torch.zeros_like(g)) for g in g_mm]
+        deltas = [fi * g for fi, g in zip(f.unbind(), g_mm)]
+        eps_norm = torch.stack(torch._foreach_norm(deltas)).norm()
         self._handle = ctx.perturb(self.enc_flat, deltas)
         with ctx.frozen_norm_stats():
             out2 = ctx.forward(batch)
             u2 = self.uni(ctx, out2, y)
             loss2 = ctx.task.loss(out2.logits, y) + sum(unimodal_losses(ctx, u2, y).values())
         ctx.log_many(self._keys, torch.cat([score.float(), d.float(), s.float(), onehot,
-                                            eps.norm().reshape(1), (loss2 - loss).detach().float().reshape(1)]))
+                                            eps_norm.reshape(1), (loss2 - loss).detach().float().reshape(1)]))
         logs["masam/loss_fused"] = loss_fused.detach()
         return StepOutput(loss2, out2, logs)
 

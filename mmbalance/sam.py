@@ -31,7 +31,7 @@ class PerturbationActiveError(RuntimeError):
 def synced_grads(accelerator, loss: torch.Tensor, params: Sequence[torch.Tensor], *,
                  retain_graph: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
     """∇_params loss as float32 tensors shaped like ``params``, averaged over processes, and a finiteness
-    flag identical on every rank (a 0-dim bool tensor; no host sync).
+    flag identical on every rank (a 0-dim bool tensor; no host sync; checked under fp16 only, else True).
 
     - ``torch.autograd.grad`` with ``allow_unused`` (an unused parameter gets zeros). It bypasses DDP's
       reducer (which fires on ``.grad`` accumulation), so the result is all-reduced here: one flat
@@ -54,7 +54,9 @@ def synced_grads(accelerator, loss: torch.Tensor, params: Sequence[torch.Tensor]
         flat = flat / k
     if accelerator.num_processes > 1:
         flat = accelerator.reduce(flat, reduction="sum") / accelerator.num_processes
-    finite = torch.isfinite(flat).all()  # after the all-reduce: a NaN anywhere reaches every rank
+    # after the all-reduce, so a NaN anywhere reaches every rank; only under fp16 (a float32 non-finite
+    # gradient comes with a non-finite loss, which fails the run anyway): no full pass over the gradient
+    finite = torch.isfinite(flat).all() if scale is not None else torch.ones((), dtype=torch.bool, device=flat.device)
     return [t.view_as(p) for t, p in zip(flat.split([p.numel() for p in params]), params)], finite
 
 

@@ -632,7 +632,7 @@ MUTANTS: list[Mutant] = [
       "sign"),
     M("masam", MS_, "                p.grad.copy_(g)", "                pass",
       "heads and fusion keep the perturbed gradient", "wrong-quantity"),
-    M("masam", MS_, "gamma = torch.where(cos > 0, cos, torch.ones_like(cos))", "gamma = torch.ones_like(cos)",
+    M("masam", MS_, "gamma = torch.where(c > 0, c, torch.ones_like(c))", "gamma = torch.ones_like(c)",
       "perturbation size without the cosine factor", "wrong-quantity"),
     M("masam", MS_, '_STATE = ("ma", "last", "started", "score", "d", "s")', '_STATE = ("ma", "last", "score", "d", "s")',
       "EMA started flag not checkpointed (re-initialised on resume)", "state-reset"),
