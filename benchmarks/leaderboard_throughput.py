@@ -50,6 +50,17 @@ def _numbers(results: Path) -> dict[str, tuple]:
     return out
 
 
+def _train_share(results: Path) -> float:
+    """Σ train_seconds / Σ run wall time (status.json ``wall_seconds``) over the sweep's runs."""
+    train = wall = 0.0
+    for f in results.rglob("result.json"):
+        status = f.parent / "status.json"
+        if status.is_file():
+            train += json.loads(f.read_text())["timings"]["train_seconds"]
+            wall += float(json.loads(status.read_text()).get("wall_seconds") or 0.0)
+    return train / wall if wall else float("nan")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=2)
@@ -75,12 +86,13 @@ def main(argv: list[str] | None = None) -> int:
 
         ratio, cold, warm = paired_ratio(lambda: sweep("cold"), lambda: sweep("warm"), args.repeats)
         same = _numbers(last["warm"]) == _numbers(last["cold"])
+        share = {mode: _train_share(last[mode]) for mode in ("cold", "warm")}
     print(f"slice: {args.dataset}, rows {', '.join(args.rows)}, {args.seeds} seeds, {args.epochs} epochs = "
           f"{runs} runs, --workers {args.workers}")
-    print("| mode | wall s (median) | runs/min |\n|---|---|---|")
-    for name, xs in (("cold (one process per run)", cold), ("warm workers", warm)):
+    print("| mode | wall s (median) | runs/min | Σ train_seconds / Σ run wall (last repeat) |\n|---|---|---|---|")
+    for name, xs, mode in (("cold (one process per run)", cold, "cold"), ("warm workers", warm, "warm")):
         med = sorted(xs)[len(xs) // 2]
-        print(f"| {name} | {med:.1f} | {60 * runs / med:.1f} |")
+        print(f"| {name} | {med:.1f} | {60 * runs / med:.1f} | {share[mode]:.2f} |")
     print(f"\nspeed-up cold/warm: {ratio} (goal ≥ 2: the suite's wall time at least halves)")
     print(f"same numbers in both modes: {same}")
     return 0 if same else 1
