@@ -110,6 +110,10 @@ def _run_in_thread(w: WarmWorker, argv, log, target):
     while not (log.exists() and "sleeping" in log.read_text()):
         assert time.monotonic() < deadline, f"the run never started: {log.read_text() if log.exists() else ''}"
         time.sleep(0.05)
+    # the forked run writes its log before the worker's reply reaches the thread that registers it as live
+    while not execute._LIVE:
+        assert time.monotonic() < deadline, "the started run was never registered as live"
+        time.sleep(0.01)
     return t, box
 
 
