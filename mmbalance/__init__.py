@@ -3,7 +3,7 @@
 `mmbalance.methods` lives in the top-level ``methods/`` folder and `mmbalance.datasets` in the
 top-level ``datasets/`` folder (installed there by setuptools ``package-dir``). In a source checkout
 that is not installed (or installed in editable mode), we append the repository root to this
-package's ``__path__`` so that both sub-packages resolve from the checkout as well (DESIGN.md §2).
+package's ``__path__`` so that both sub-packages resolve from the checkout as well.
 ``datasets/`` has no ``__init__.py`` and is never importable as a top-level ``datasets``.
 """
 from __future__ import annotations

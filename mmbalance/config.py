@@ -1,6 +1,6 @@
 """Run configuration: typed dataclasses, value coercion, config files and ``--set`` overrides.
 
-Precedence (DESIGN.md §1): dataset preset ◄ method defaults ◄ ``--config`` file ◄ CLI flags.
+Precedence (docs/cli.md): dataset preset ◄ method defaults ◄ ``--config`` file ◄ CLI flags.
 Booleans are parsed strictly ("true"/"false"/"1"/"0"/"yes"/"no"), never with ``bool(str)``.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The one training loop (DESIGN.md §1), built on ``accelerate.Accelerator``.
+"""The one training loop, built on ``accelerate.Accelerator``.
 
 Per step: ``method.training_step`` → ``accelerator.backward`` → unscale every optimizer once (fp16) →
 ``method.after_backward`` → clip (main model) → lr = scheduled × ``lr_mult`` → optimizer steps →

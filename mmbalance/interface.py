@@ -1,4 +1,4 @@
-"""The method interface (DESIGN.md §3): :class:`BalancingMethod` and what the engine hands it.
+"""The method interface: :class:`BalancingMethod` and what the engine hands it.
 
 A method never writes a training loop. Per step the engine calls, in order:
 ``training_step`` → ``accelerator.backward`` → unscale (fp16) → ``after_backward`` (gradient edits)

@@ -1,4 +1,4 @@
-"""The three run files (DESIGN.md §4) and atomic writing.
+"""The three run files and atomic writing.
 
 ``config.json`` (fully resolved configuration), ``metrics.jsonl`` (one line per epoch) and
 ``result.json`` (validation best, test, per-modality, timings, versions, config hash). Every file is

@@ -1,4 +1,4 @@
-"""The multimodal model contract (DESIGN.md §3): encoders[m] → fusion → head."""
+"""The multimodal model contract: encoders[m] → fusion → head."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
