@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 
+from mmbalance.errors import MethodNotApplicable
 from mmbalance.interface import BalancingMethod, ModelOutput, StepContext, StepOutput
 from mmbalance.registry import register_method
 from mmbalance.search import Choice, LogUniform
@@ -103,6 +104,9 @@ class CML(BalancingMethod):
 
     def setup(self, ctx: StepContext) -> None:
         self.mods = list(ctx.modalities)
+        if self.hp.removal == "feature" and getattr(ctx.raw_model, "variant", "canonical") == "mmtm":
+            raise MethodNotApplicable("cml: MMTM mixes modalities inside the encoders, so zeroing a modality's fusion "
+                                      "inputs does not remove it; use removal=input")
 
     def draw_ranks(self, ctx: StepContext, batch_size: int) -> torch.Tensor:
         """This rank's [B, M] removal ranks: drawn for the global batch from ``ctx.device_generator``

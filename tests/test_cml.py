@@ -144,6 +144,14 @@ def test_world_size_scaling_equals_the_global_batch_gradient(tmp_path, monkeypat
         assert torch.allclose((halves[0][n] + halves[1][n]) / 2, whole[n], rtol=1e-5, atol=1e-6), n
 
 
+def test_feature_removal_refused_on_mmtm_models(tmp_path):
+    from mmbalance.errors import MethodNotApplicable
+
+    with pytest.raises(MethodNotApplicable, match="removal=input"):
+        toy(tmp_path, removal="feature", **{"model.name": "mlp_mmtm"})
+    assert toy(tmp_path, name="in", **{"model.name": "mlp_mmtm"}).method.hp.removal == "input"  # input removal runs
+
+
 def test_resume_gives_the_same_final_numbers(kill_and_resume):
     sets = {**SMALL_MFEAT, **FAST}
     (_, full), (code, _, resumed) = kill_and_resume("cml", sets=sets, epochs=3, stop_after=1)
