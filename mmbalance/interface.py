@@ -116,7 +116,9 @@ class StepContext:
       modalities of the current epoch-plan group; every modality without a plan);
     - ``generator``: a torch.Generator seeded identically on every rank (method randomness);
       ``device_generator``: the same on ``device`` (``generator`` itself on the CPU);
-    - ``reduce_mean`` / ``reduce_sum``: cross-process reductions for statistics that set coefficients.
+    - ``reduce_mean`` / ``reduce_sum``: cross-process reductions for statistics that set coefficients;
+    - ``synced_grads`` / ``perturb`` / ``frozen_norm_stats``: sharpness-aware (perturb, recompute, restore)
+      steps (``mmbalance/sam.py``). Modules that join during training: ``mmbalance/pool.py``.
     """
 
     def __init__(self, *, accelerator: Accelerator, model: nn.Module, data: MultimodalData, task: Task,
