@@ -6,6 +6,8 @@
   every training step starts with the whole model back in train mode;
 * randomness sources: a method draws its randomness from its own seeded generator (``ctx.generator``), never
   from the global torch / NumPy / Python RNG, which other code (dropout, data libraries) also consumes.
+* evaluation: with an eval batch that divides neither split, every sample is scored exactly once by every
+  method's prediction path (full model, each modality alone, the DataLoader path).
 
 Each method trains one short epoch on a small mfeat; presets of the same class share its code paths and are
 represented by one of them."""
@@ -266,3 +268,92 @@ def test_gradient_edits_see_unscaled_gradients_under_fp16(tmp_path):
         seen[mode] = tr.method.seen
     assert len(seen["fp32"]) == 3
     torch.testing.assert_close(torch.tensor(seen["fp16"]), torch.tensor(seen["fp32"]), rtol=1e-4, atol=0)
+
+
+#: an evaluation batch size that divides neither mfeat's small validation (20) nor test (40) split
+ODD_EVAL_BATCH = 7
+
+
+def _whole_split_oracle(tr: Trainer, split, absent: tuple[str, ...] = ()) -> dict[str, float]:
+    """Accuracy and loss of ``split`` by hand: the method's prediction for all its samples in ONE batch
+    (no batching to drop or repeat a sample), scored with plain torch."""
+    import torch.nn.functional as F
+
+    n = len(split)
+    batch = split.batch(torch.arange(n))
+    tr._eval_mode(True)
+    try:
+        with torch.no_grad():
+            logits = tr.method.predict(tr.ctx, batch, absent).float()
+    finally:
+        tr._eval_mode(False)
+    assert logits.shape[0] == n, f"predict returned {logits.shape[0]} rows for {n} samples"
+    y = split.labels.long()
+    return {"accuracy": float((logits.argmax(dim=-1) == y).double().mean()),
+            "loss": float(F.cross_entropy(logits, y))}
+
+
+class _MapSplit(torch.utils.data.Dataset):
+    """A split served item by item (the DataLoader evaluation path of image and volume datasets)."""
+
+    def __init__(self, split) -> None:
+        self.split, self.labels = split, split.labels
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.split.batch(torch.tensor([i])).items()}
+
+    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.split.batch(idx)
+
+
+def test_evaluation_scores_every_sample_once_when_the_eval_batch_does_not_divide_the_split(tmp_path, monkeypatch):
+    """Evaluation (every method's predict path, the per-modality passes, and the DataLoader path): with an
+    eval batch that divides neither split, each sample is scored exactly once — the metric meters see exactly
+    the split's label counts (a hand count), and accuracy and loss equal a one-batch prediction of the whole
+    split scored by hand. A dropped last partial batch, a repeated padding row or labels misaligned with
+    predictions fail."""
+    from mmbalance.tasks import ClassificationTask
+
+    meters: list = []
+    real_new_meter = ClassificationTask.new_meter
+
+    def new_meter(self):
+        meters.append(real_new_meter(self))
+        return meters[-1]
+
+    monkeypatch.setattr(ClassificationTask, "new_meter", new_meter)
+    problems: list[str] = []
+
+    def check(name, what, split, got):
+        counts = torch.bincount(split.labels.long(), minlength=meters[0].k)
+        for meter in meters:  # every meter the evaluation filled (the full model's, each modality's)
+            if meter.n != len(split) or not torch.equal(meter.confusion.sum(dim=1), counts):
+                problems.append(f"{name}: {what} scored {meter.n} samples (per class "
+                                f"{meter.confusion.sum(dim=1).tolist()}) of a split of {len(split)} ({counts.tolist()})")
+        meters.clear()
+        for key, (metrics, absent) in got.items():
+            for k, v in _whole_split_oracle(tr, split, absent).items():
+                if abs(metrics[k] - v) > 1e-4 * max(1.0, abs(v)):
+                    problems.append(f"{name}: {what} {key} {k} = {metrics[k]:.6f}, by hand over the whole split {v:.6f}")
+
+    for name in one_per_class():
+        tr = _trainer(name, tmp_path, sets={"train.eval_batch_size": ODD_EVAL_BATCH})
+        tr.fit()
+        mods = tr.ctx.modalities
+        alone = {m: tuple(o for o in mods if o != m) for m in mods}
+        for split_name in ("val", "test"):
+            split = getattr(tr.data, split_name)
+            assert len(split) % ODD_EVAL_BATCH, "the eval batch divides the split: nothing to check"
+            meters.clear()
+            check(name, split_name, split, {"full": (tr.evaluate(split), ())})
+            full, per_mod = tr.evaluate_with_modalities(split)
+            check(name, f"{split_name} with modalities", split,
+                  {"full": (full, ()), **{f"{m} alone": (per_mod[m], alone[m]) for m in mods}})
+        if name == "baseline":  # the DataLoader path (one method: it does not depend on the method)
+            split = _MapSplit(tr.data.val)
+            meters.clear()
+            check(name, "val through a DataLoader", split, {"full": (tr.evaluate(split), ())})
+    assert not problems, "\n".join(problems)

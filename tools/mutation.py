@@ -17,7 +17,8 @@ sign flip), ``detach`` (a missing or extra detach); and for the run/sweep machin
 ``data-loss`` (a fault deletes or redoes a finished result), ``exit-code`` (a fault gets the wrong exit code
 or message), ``validation`` (a bad input value is accepted or coerced); and for the every-method bug-class
 tests (``classes``, tests/test_bug_classes.py): ``mode`` (a feature pass in train mode, or train mode not
-restored after one) and ``rng-source`` (randomness from the global RNG instead of the method's generator). A mutant whose snippet no longer matches exactly
+restored after one), ``rng-source`` (randomness from the global RNG instead of the method's generator) and
+``eval-drop`` (an evaluation that drops or repeats samples when the eval batch does not divide the split). A mutant whose snippet no longer matches exactly
 once is reported as ``stale`` (the code moved on: update the snippet), not silently skipped.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("rank-local", "state-reset", "wrong-quantity", "wrong-split", "off-by-one", "swapped", "sign", "detach",
-           "data-loss", "exit-code", "validation", "mode", "rng-source")
+           "data-loss", "exit-code", "validation", "mode", "rng-source", "eval-drop")
 
 DDP_NODE = "tests/test_ddp.py::test_two_process_methods_keep_replicas_identical[{}]"
 
@@ -121,6 +122,8 @@ H = "tests/test_hardening.py::"
 BC_MODE = ("tests/test_bug_classes.py::"
            "test_feature_passes_run_in_eval_mode_and_nothing_reads_test_before_the_final_evaluation")
 BC_RNG = "tests/test_bug_classes.py::test_methods_draw_randomness_from_their_generator_not_the_global_rngs"
+BC_EVAL = ("tests/test_bug_classes.py::"
+           "test_evaluation_scores_every_sample_once_when_the_eval_batch_does_not_divide_the_split")
 MUTANTS: list[Mutant] = [
     # ---------------------------------------------------------------- CGGM
     M("cggm", CG, "parts = ctx.reduce_sum(self._parts)", "parts = self._parts.double()",
@@ -576,6 +579,15 @@ MUTANTS: list[Mutant] = [
       "                    self._unscale(all_opts)  # every sub-step is a real step: unscaled once, stepped, scale updated\n",
       "fp16: the method's gradient edits run before the gradients are unscaled", "wrong-quantity",
       ["tests/test_bug_classes.py::test_gradient_edits_see_unscaled_gradients_under_fp16", "tests/test_precision.py"]),
+    M("classes", "mmbalance/data/batching.py", "    for start in range(0, total, chunk):\n",
+      "    for start in range(0, total - chunk + 1, chunk):\n",
+      "evaluation drops the last partial batch of an in-memory split", "eval-drop", [BC_EVAL]),
+    M("classes", EN, "                    k = max(0, min(len(labels), n - start))\n",
+      "                    k = max(0, min(len(labels), n - start - 1))\n",
+      "evaluation trims one sample too many from every gathered batch", "eval-drop", [BC_EVAL]),
+    M("classes", EN, "split, self.cfg.eval_batch_size, shuffle=False, seed=0, num_workers=self.cfg.num_workers,",
+      "split, self.cfg.eval_batch_size, shuffle=False, seed=0, num_workers=self.cfg.num_workers, drop_last=True,",
+      "evaluation DataLoader drops the last partial batch", "eval-drop", [BC_EVAL]),
     # ---------------------------------------------------------------- MMPareto
     M("mmpareto", "methods/mmpareto.py",
       '            flat = ctx.accelerator.reduce(flat, reduction="sum") / ctx.world_size\n', "            pass\n",
