@@ -8,6 +8,8 @@
   from the global torch / NumPy / Python RNG, which other code (dropout, data libraries) also consumes.
 * evaluation: with an eval batch that divides neither split, every sample is scored exactly once by every
   method's prediction path (full model, each modality alone, the DataLoader path).
+* prediction paths: a method with its own ``predict`` returns its documented combination (by hand from the
+  model's parts, on inputs where a wrong one differs), or names the test of its own file that checks it.
 
 Each method trains one short epoch on a small mfeat; presets of the same class share its code paths and are
 represented by one of them."""
@@ -357,3 +359,106 @@ def test_evaluation_scores_every_sample_once_when_the_eval_batch_does_not_divide
             meters.clear()
             check(name, "val through a DataLoader", split, {"full": (tr.evaluate(split), ())})
     assert not problems, "\n".join(problems)
+
+
+# ------------------------------------------------------------------------------------------ prediction paths
+def _hand_qmf(tr, batch, absent):
+    """QMF: Σ_m max(0, LSE(o_m)/10)·o_m over the present modalities (clamped training confidences)."""
+    enc, heads = tr.ctx.raw_model.encoders, tr.ctx.modules["qmf_heads"].heads
+    out = 0
+    for m in tr.ctx.modalities:
+        if m not in absent:
+            o = heads[m](enc[m](batch[m]))
+            out = out + (torch.logsumexp(o, dim=1) / 10.0).clamp_min(0)[:, None] * o
+    return out
+
+
+def _hand_aug(tr, batch, absent):
+    """AUG: Σ_m α_m·F_m / Σ_m α_m over the present modalities."""
+    enc, heads, alpha = tr.ctx.raw_model.encoders, tr.ctx.modules["aug_heads"], tr.method.alpha
+    present = [m for m in tr.ctx.modalities if m not in absent]
+    return sum(alpha[m] * heads(m, enc[m](batch[m]))[0] for m in present) / sum(alpha[m] for m in present)
+
+
+def _hand_mla(tr, batch, absent):
+    """MLA (dynamic fusion, per sample): Σ_m softmax_m(−H(p_m))·o_m with o_m the shared head on z_m."""
+    enc, head = tr.ctx.raw_model.encoders, tr.ctx.modules["mla_head"]
+    outs = [head.out(enc[m](batch[m])) for m in tr.ctx.modalities if m not in absent]
+    if len(outs) == 1:
+        return outs[0]
+    ent = torch.stack([-(o.softmax(1) * o.log_softmax(1)).sum(1) for o in outs])
+    w = torch.exp(-ent) / torch.exp(-ent).sum(0)
+    return sum(w[k][:, None] * o for k, o in enumerate(outs))
+
+
+def _hand_reconboost(tr, batch, absent):
+    """ReconBoost: β·Σ_m H(φ_m(x_m)), an absent modality's input zeroed."""
+    model = tr.ctx.raw_model
+    return model.beta * sum(model.head(model.encoders[m](torch.zeros_like(batch[m]) if m in absent else batch[m]))
+                            for m in tr.ctx.modalities)
+
+
+def _skew_qmf(tr, batch):
+    """Modality 0's head biased to −200: its energy confidence is negative (clamped to 0, unclamped it inverts)."""
+    head = tr.ctx.modules["qmf_heads"].heads[tr.ctx.modalities[0]]
+    last = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+    last.bias.data -= 200.0
+
+
+def _skew_aug(tr, batch):
+    a, b = tr.ctx.modalities
+    tr.method.alpha = {a: 3.0, b: 1.0}
+
+
+def _skew_mla(tr, batch):
+    batch[tr.ctx.modalities[0]] *= 8.0  # sharper logits for modality 0: unequal entropies, unequal weights
+
+
+def _skew_reconboost(tr, batch):
+    tr.ctx.raw_model.beta.data.fill_(0.37)
+
+
+#: For each method whose ``predict`` is its own, the documented combination by hand from the model's parts,
+#: and how to make the inputs or state such that a wrong combination shows (a negative QMF confidence, unequal
+#: AUG weights, unequal MLA entropies, β ≠ 1).
+PREDICT_BY_HAND = {"qmf": (_hand_qmf, _skew_qmf), "aug": (_hand_aug, _skew_aug), "mla": (_hand_mla, _skew_mla),
+                   "reconboost": (_hand_reconboost, _skew_reconboost)}
+#: the other methods with their own ``predict``: the test (in the method's own file) that checks its combination
+PREDICT_TESTED_ELSEWHERE = {
+    "amco": "tests/test_amco.py::test_logit_variant_masks_classes_and_predicts_through_the_star_layer",
+    "greedy": "tests/test_greedy.py::test_prediction_gates_normally_even_mid_rebalancing",
+    "lfm": "tests/test_lfm.py::test_predict_is_the_mean_of_the_unimodal_outputs",
+    "mmcosine": "tests/test_mmcosine.py::test_shared_head_bias_is_frozen_ignored_and_slices_are_the_column_blocks",
+    "ume": "tests/test_ume_umt.py::test_ume_output_is_mean_of_unimodal_outputs_all_tasks",
+}
+
+
+def test_every_own_predict_has_a_hand_check():
+    """A method with its own ``predict`` is checked against its documented combination: here
+    (:data:`PREDICT_BY_HAND`) or by a named test in its own file that exists."""
+    from conftest import REPO
+
+    from mmbalance.interface import BalancingMethod
+
+    own = {METHODS.get(n).factory.name for n in list_methods()
+           if METHODS.get(n).factory.predict is not BalancingMethod.predict}
+    assert own == set(PREDICT_BY_HAND) | set(PREDICT_TESTED_ELSEWHERE), "own predict without a hand check"
+    for node in PREDICT_TESTED_ELSEWHERE.values():
+        path, func = node.split("::")
+        assert f"def {func}(" in (REPO / path).read_text(), node
+
+
+@pytest.mark.parametrize("name", sorted(PREDICT_BY_HAND))
+def test_predict_is_the_documented_combination_by_hand(tmp_path, name):
+    """``predict`` (full, and each modality alone) equals the method's documented combination computed by
+    hand from the model's parts, on inputs/state where the plausible wrong combinations differ from it."""
+    hand, skew = PREDICT_BY_HAND[name]
+    tr = _trainer(name, tmp_path)
+    batch = tr.data.val.batch(torch.arange(12))
+    skew(tr, batch)
+    mods = tr.ctx.modalities
+    tr._eval_mode(True)
+    with torch.no_grad():
+        for absent in [(), *((o,) for o in mods)]:
+            torch.testing.assert_close(tr.method.predict(tr.ctx, batch, absent).float(), hand(tr, batch, absent).float(),
+                                       rtol=1e-5, atol=1e-5, msg=lambda m, a=absent: f"{name}, absent={a}: {m}")

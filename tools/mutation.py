@@ -18,7 +18,8 @@ sign flip), ``detach`` (a missing or extra detach); and for the run/sweep machin
 or message), ``validation`` (a bad input value is accepted or coerced); and for the every-method bug-class
 tests (``classes``, tests/test_bug_classes.py): ``mode`` (a feature pass in train mode, or train mode not
 restored after one), ``rng-source`` (randomness from the global RNG instead of the method's generator) and
-``eval-drop`` (an evaluation that drops or repeats samples when the eval batch does not divide the split). A mutant whose snippet no longer matches exactly
+``eval-drop`` (an evaluation that drops or repeats samples when the eval batch does not divide the split),
+``predict-path`` (a method's own ``predict`` returning another combination than the one it documents). A mutant whose snippet no longer matches exactly
 once is reported as ``stale`` (the code moved on: update the snippet), not silently skipped.
 """
 from __future__ import annotations
@@ -37,7 +38,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("rank-local", "state-reset", "wrong-quantity", "wrong-split", "off-by-one", "swapped", "sign", "detach",
-           "data-loss", "exit-code", "validation", "mode", "rng-source", "eval-drop")
+           "data-loss", "exit-code", "validation", "mode", "rng-source", "eval-drop",
+           "predict-path")
 
 DDP_NODE = "tests/test_ddp.py::test_two_process_methods_keep_replicas_identical[{}]"
 
@@ -124,6 +126,7 @@ BC_MODE = ("tests/test_bug_classes.py::"
 BC_RNG = "tests/test_bug_classes.py::test_methods_draw_randomness_from_their_generator_not_the_global_rngs"
 BC_EVAL = ("tests/test_bug_classes.py::"
            "test_evaluation_scores_every_sample_once_when_the_eval_batch_does_not_divide_the_split")
+BC_PRED = "tests/test_bug_classes.py::test_predict_is_the_documented_combination_by_hand"
 MUTANTS: list[Mutant] = [
     # ---------------------------------------------------------------- CGGM
     M("cggm", CG, "parts = ctx.reduce_sum(self._parts)", "parts = self._parts.double()",
@@ -588,6 +591,17 @@ MUTANTS: list[Mutant] = [
     M("classes", EN, "split, self.cfg.eval_batch_size, shuffle=False, seed=0, num_workers=self.cfg.num_workers,",
       "split, self.cfg.eval_batch_size, shuffle=False, seed=0, num_workers=self.cfg.num_workers, drop_last=True,",
       "evaluation DataLoader drops the last partial batch", "eval-drop", [BC_EVAL]),
+    M("classes", QM, "        return self._fused(ctx, logits, self._confidences(ctx, logits), detach=True)\n",
+      "        return fuse(logits, self._confidences(ctx, logits), True)\n",
+      "QMF predict with the unclamped confidences (a negative confidence inverts a modality's vote)", "predict-path",
+      [BC_PRED]),
+    M("classes", AU, "term = (self.alpha[m] / total) * heads(", "term = (1.0 / len(present)) * heads(",
+      "AUG predict averages the ensembles instead of weighting them by alpha", "predict-path", [BC_PRED]),
+    M("classes", "methods/mla.py", "w = entropy_weights(outputs, self.hp.entropy_axis)",
+      "w = torch.full((len(outputs),), 1.0 / len(outputs))",
+      "MLA predict averages the modalities' outputs instead of the entropy-weighted sum", "predict-path", [BC_PRED]),
+    M("classes", RB, "        return ctx.forward(batch, absent).logits\n", "        return ctx.forward(batch, absent).fused.sum(dim=1)\n",
+      "ReconBoost predict sums the learners without the boost rate beta", "predict-path", [BC_PRED]),
     # ---------------------------------------------------------------- MMPareto
     M("mmpareto", "methods/mmpareto.py",
       '            flat = ctx.accelerator.reduce(flat, reduction="sum") / ctx.world_size\n', "            pass\n",
