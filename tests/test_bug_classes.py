@@ -10,11 +10,14 @@
   method's prediction path (full model, each modality alone, the DataLoader path).
 * prediction paths: a method with its own ``predict`` returns its documented combination (by hand from the
   model's parts, on inputs where a wrong one differs), or names the test of its own file that checks it.
+* state at epoch boundaries: an epoch's metrics and edited gradients do not depend on the epochs before it,
+  except the state a method carries over by design (``CARRIES_OVER``).
 
 Each method trains one short epoch on a small mfeat; presets of the same class share its code paths and are
 represented by one of them."""
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -462,3 +465,99 @@ def test_predict_is_the_documented_combination_by_hand(tmp_path, name):
         for absent in [(), *((o,) for o in mods)]:
             torch.testing.assert_close(tr.method.predict(tr.ctx, batch, absent).float(), hand(tr, batch, absent).float(),
                                        rtol=1e-5, atol=1e-5, msg=lambda m, a=absent: f"{name}, absent={a}: {m}")
+
+
+# ------------------------------------------------------------------------------------------ state at epoch boundaries
+#: Methods whose state carries across epochs BY DESIGN: the metrics that may differ in an epoch depending on
+#: what came before ("*": all), and whether its gradients may. Everything else a method reports (timings
+#: aside), and every gradient it edits, must not depend on the epochs before.
+CARRIES_OVER: dict[str, tuple[set[str], bool]] = {
+    "agm": ({"kappa_fac", "kappa_fou", "s_bar_fac", "s_bar_fou"}, True),  # κ from the running mean S̄
+    "amco": (set(), True),  # the masking level ℓ follows the epoch
+    "aug": ({"K_fac", "K_fou", "S_fac", "S_fou", "r"}, True),  # the ensembles grow across epochs
+    "cggm": ({"guard_hits"}, True),  # Δε = ε − ε_prev: the previous step's accuracy across the boundary (Eq. 6)
+    "gblending": ({"*"}, True),  # the blend weights come from the losses' change since the last estimate
+    "greedy": ({"speed_fac", "speed_fou"}, False),  # the conditional utilisation speeds accumulate
+    "greedy_random": ({"speed_fac", "speed_fou"}, False),
+    "lfm": ({"alpha_cls", "alpha_align"}, True),  # the α schedule follows the epoch
+    "lfm_learnable": ({"alpha_cls", "alpha_align"}, False),  # learned α: an optimizer-free update per step
+    "masam": ({"A_fac", "A_fou", "d_fac", "d_fou", "ma_fac", "ma_fou"}, False),  # moving averages over steps
+    "midas": ({"t", "r_mean_fac", "r_mean_fou", "c_mean_fac", "c_mean_fou"}, True),  # the curriculum's step count
+    "mla": ({"substeps", "projector_trace"}, True),  # the projector accumulates over training (cumulative count)
+    "pmr": ({"rho_fac", "rho_fou"}, True),  # prototype momentum (step 4); the first draws until every class
+    "qmf": (set(), True),  # the per-sample loss history spans the epochs
+    "reconboost": (set(), True),  # the learner alternates by epoch
+    "remix": (set(), True),  # the epoch plan follows the epoch
+    "smv": ({"samples_trained"}, True),  # cumulative count; the plan resamples by the last epoch's values
+    "smv_modality": ({"samples_trained", "epoch_samples", "copies_fac", "copies_fou", "phi_mean_fac", "phi_mean_fou"},
+                     True),  # as smv; the copies and values follow the last epoch's values
+}
+
+
+#: settings checked besides :func:`one_per_class` (nothing may carry over): per-epoch state the defaults do not use
+EPOCH_VARIANTS = {"mslr": {"metric_split": "train_running"}}
+
+
+def test_an_epoch_after_another_reports_what_it_reports_as_the_first(tmp_path, monkeypatch):
+    """State at the epoch boundary, every method: an epoch Y must give the same ``metrics()`` and the same
+    edited gradients at every step whether it follows another epoch X or is the run's first epoch. Nothing
+    else differs: no parameter moves (the optimizer step is skipped), Y has the same batches in the same order
+    and the method's generator the same state in both runs, X has other batches. A per-epoch trace, sum or
+    count not reset at the boundary (even one whose mean would hide it in two identical epochs), or a
+    multiplier left over from the previous epoch, makes Y differ. Methods whose state carries over by design
+    list what may differ in :data:`CARRIES_OVER`."""
+    from mmbalance.data import batching
+
+    grads: list[list[torch.Tensor]] = []
+    offset = [0]
+
+    def no_step(self, opts):  # the edited gradients, recorded; no parameter moves
+        grads[-1].append(torch.stack([p.grad.float().norm() if p.grad is not None else torch.tensor(-1.0)
+                                      for o in opts for g in o.param_groups for p in g["params"]]))
+        return True
+
+    monkeypatch.setattr(Trainer, "_step_optimizers", no_step)
+    real_set_epoch = batching.TensorBatcher.set_epoch
+    monkeypatch.setattr(batching.TensorBatcher, "set_epoch", lambda self, key: real_set_epoch(self, key + offset[0]))
+
+    def epoch_y(name: str, epochs: int, sets: dict) -> tuple[dict[str, float], list[torch.Tensor]] | None:
+        """(metrics, per-step gradient norms) of the run's last epoch; Y is order key 1 in both runs."""
+        offset[0] = 2 - epochs
+        tr = _trainer(name, tmp_path, {"train.max_steps_per_epoch": 2, "train.batch_size": 35, **sets})
+        tr.cfg.epochs = epochs
+        meth = tr.method
+        start, end = meth.on_epoch_start, meth.on_epoch_end
+        seen: list[dict[str, float]] = []
+
+        def on_start(c, start=start):
+            c.generator.manual_seed(1234 + c.epoch + offset[0])  # on the CPU also the device generator
+            grads.append([])
+            return start(c)
+
+        def on_end(c, end=end):
+            out = end(c)
+            seen.append(meth.metrics())
+            return out
+
+        meth.on_epoch_start, meth.on_epoch_end = on_start, on_end
+        grads.clear()
+        tr.fit()
+        return (seen[-1], grads[-1]) if len(seen) == epochs else None
+
+    problems: list[str] = []
+    for name, sets in [(n, {}) for n in one_per_class()] + list(EPOCH_VARIANTS.items()):
+        after, first = epoch_y(name, 2, sets), epoch_y(name, 1, sets)
+        if after is None or first is None:  # not two epochs in one phase (UME: an ensemble of teachers)
+            continue
+        keys, grads_differ = CARRIES_OVER.get(name, (set(), False)) if not sets else (set(), False)
+        for k in sorted(set(after[0]) | set(first[0])):
+            a, b = after[0].get(k), first[0].get(k)
+            same = a == b or (a is not None and b is not None
+                              and (math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) or (math.isnan(a) and math.isnan(b))))
+            if k not in keys and "*" not in keys and not k.endswith("_seconds") and not same:
+                problems.append(f"{name}: metric {k} = {a} in an epoch after another, {b} in the same epoch first")
+        g1, g2 = after[1], first[1]
+        if not grads_differ and (len(g1) != len(g2) or any(not torch.allclose(x, y, rtol=1e-5, atol=1e-7)
+                                                          for x, y in zip(g1, g2))):
+            problems.append(f"{name}: the edited gradients differ between an epoch after another and the same epoch first")
+    assert not problems, "\n".join(problems)

@@ -127,6 +127,7 @@ BC_RNG = "tests/test_bug_classes.py::test_methods_draw_randomness_from_their_gen
 BC_EVAL = ("tests/test_bug_classes.py::"
            "test_evaluation_scores_every_sample_once_when_the_eval_batch_does_not_divide_the_split")
 BC_PRED = "tests/test_bug_classes.py::test_predict_is_the_documented_combination_by_hand"
+BC_EPOCH = "tests/test_bug_classes.py::test_an_epoch_after_another_reports_what_it_reports_as_the_first"
 MUTANTS: list[Mutant] = [
     # ---------------------------------------------------------------- CGGM
     M("cggm", CG, "parts = ctx.reduce_sum(self._parts)", "parts = self._parts.double()",
@@ -602,6 +603,26 @@ MUTANTS: list[Mutant] = [
       "MLA predict averages the modalities' outputs instead of the entropy-weighted sum", "predict-path", [BC_PRED]),
     M("classes", RB, "        return ctx.forward(batch, absent).logits\n", "        return ctx.forward(batch, absent).fused.sum(dim=1)\n",
       "ReconBoost predict sums the learners without the boost rate beta", "predict-path", [BC_PRED]),
+    M("classes", "methods/mmpareto.py", "        self._sums, self._steps = {}, 0\n",
+      "        self._sums, self._steps = getattr(self, '_sums', {}), getattr(self, '_steps', 0)\n",
+      "MMPareto's per-epoch sums and step count not reset (the epoch means run over all epochs so far)",
+      "state-reset", [BC_EPOCH]),
+    M("classes", MR, "        self.drop_counts = torch.zeros(len(ctx.modalities), dtype=torch.float64)\n",
+      "        self.drop_counts = getattr(self, 'drop_counts', None)\n"
+      "        if self.drop_counts is None:\n"
+      "            self.drop_counts = torch.zeros(len(ctx.modalities), dtype=torch.float64)\n",
+      "MRD's per-epoch drop counts not reset (the sample count is)", "state-reset", [BC_EPOCH]),
+    M("classes", MS, "        self.running = {m: [0.0, 0.0] for m in self.modalities}\n",
+      "        self.running = getattr(self, 'running', None) or {m: [0.0, 0.0] for m in self.modalities}\n",
+      "MSLR's running training metric not reset at the epoch start", "state-reset", [BC_EPOCH]),
+    M("classes", "methods/inforeg.py",
+      "        self.fisher = torch.zeros(len(self.mods), dtype=torch.float64, device=dev)\n",
+      "        self.fisher = getattr(self, 'fisher', None)\n        if self.fisher is None:\n"
+      "            self.fisher = torch.zeros(len(self.mods), dtype=torch.float64, device=dev)\n",
+      "InfoReg's per-epoch Fisher trace not reset (each epoch's trace includes the epochs before)", "state-reset",
+      [BC_EPOCH]),
+    M("classes", OP, "        self._dropped, self._rows = None, 0\n", "        pass\n",
+      "OPM's per-epoch drop counts not reset", "state-reset", [BC_EPOCH]),
     # ---------------------------------------------------------------- MMPareto
     M("mmpareto", "methods/mmpareto.py",
       '            flat = ctx.accelerator.reduce(flat, reduction="sum") / ctx.world_size\n', "            pass\n",
