@@ -11,7 +11,8 @@
 * prediction paths: a method with its own ``predict`` returns its documented combination (by hand from the
   model's parts, on inputs where a wrong one differs), or names the test of its own file that checks it.
 * state at epoch boundaries: an epoch's metrics and edited gradients do not depend on the epochs before it,
-  except the state a method carries over by design (``CARRIES_OVER``).
+  except the state a method carries over by design (``CARRIES_OVER``); after an epoch window nothing of the
+  window is left over (``WINDOWS``).
 
 Each method trains one short epoch on a small mfeat; presets of the same class share its code paths and are
 represented by one of them."""
@@ -498,31 +499,31 @@ CARRIES_OVER: dict[str, tuple[set[str], bool]] = {
 EPOCH_VARIANTS = {"mslr": {"metric_split": "train_running"}}
 
 
-def test_an_epoch_after_another_reports_what_it_reports_as_the_first(tmp_path, monkeypatch):
-    """State at the epoch boundary, every method: an epoch Y must give the same ``metrics()`` and the same
-    edited gradients at every step whether it follows another epoch X or is the run's first epoch. Nothing
-    else differs: no parameter moves (the optimizer step is skipped), Y has the same batches in the same order
-    and the method's generator the same state in both runs, X has other batches. A per-epoch trace, sum or
-    count not reset at the boundary (even one whose mean would hide it in two identical epochs), or a
-    multiplier left over from the previous epoch, makes Y differ. Methods whose state carries over by design
-    list what may differ in :data:`CARRIES_OVER`."""
+@pytest.fixture
+def frozen_epochs(tmp_path, monkeypatch):
+    """``run(name, epochs, sets, first_key)`` → per epoch ``(metrics(), per-step records)``: a run in which no
+    parameter moves (the optimizer step is skipped; each step's record is the edited gradients' norms and the
+    groups' effective learning rates), epoch e has the batches of order key ``first_key + e`` and the method's
+    generator is seeded from that key at the epoch start, so an epoch's inputs do not depend on the run."""
     from mmbalance.data import batching
 
-    grads: list[list[torch.Tensor]] = []
+    records: list[list[torch.Tensor]] = []
     offset = [0]
 
-    def no_step(self, opts):  # the edited gradients, recorded; no parameter moves
-        grads[-1].append(torch.stack([p.grad.float().norm() if p.grad is not None else torch.tensor(-1.0)
-                                      for o in opts for g in o.param_groups for p in g["params"]]))
+    def no_step(self, opts):
+        groups = [g for o in opts for g in o.param_groups]
+        records[-1].append(torch.cat([
+            torch.stack([p.grad.float().norm() if p.grad is not None else torch.tensor(-1.0)
+                         for g in groups for p in g["params"]]),
+            torch.tensor([float(g["lr"]) for g in groups])]))
         return True
 
     monkeypatch.setattr(Trainer, "_step_optimizers", no_step)
     real_set_epoch = batching.TensorBatcher.set_epoch
     monkeypatch.setattr(batching.TensorBatcher, "set_epoch", lambda self, key: real_set_epoch(self, key + offset[0]))
 
-    def epoch_y(name: str, epochs: int, sets: dict) -> tuple[dict[str, float], list[torch.Tensor]] | None:
-        """(metrics, per-step gradient norms) of the run's last epoch; Y is order key 1 in both runs."""
-        offset[0] = 2 - epochs
+    def run(name: str, epochs: int, sets: dict, first_key: int = 0) -> list[tuple[dict[str, float], list[torch.Tensor]]]:
+        offset[0] = first_key
         tr = _trainer(name, tmp_path, {"train.max_steps_per_epoch": 2, "train.batch_size": 35, **sets})
         tr.cfg.epochs = epochs
         meth = tr.method
@@ -531,7 +532,7 @@ def test_an_epoch_after_another_reports_what_it_reports_as_the_first(tmp_path, m
 
         def on_start(c, start=start):
             c.generator.manual_seed(1234 + c.epoch + offset[0])  # on the CPU also the device generator
-            grads.append([])
+            records.append([])
             return start(c)
 
         def on_end(c, end=end):
@@ -540,24 +541,65 @@ def test_an_epoch_after_another_reports_what_it_reports_as_the_first(tmp_path, m
             return out
 
         meth.on_epoch_start, meth.on_epoch_end = on_start, on_end
-        grads.clear()
+        records.clear()
         tr.fit()
-        return (seen[-1], grads[-1]) if len(seen) == epochs else None
+        return list(zip(seen, records))
 
+    return run
+
+
+def _same_metric(a, b) -> bool:
+    return a == b or (a is not None and b is not None
+                      and (math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) or (math.isnan(a) and math.isnan(b))))
+
+
+def _same_steps(g1: list[torch.Tensor], g2: list[torch.Tensor]) -> bool:
+    return len(g1) == len(g2) and all(torch.allclose(x, y, rtol=1e-5, atol=1e-7) for x, y in zip(g1, g2))
+
+
+def test_an_epoch_after_another_reports_what_it_reports_as_the_first(frozen_epochs):
+    """State at the epoch boundary, every method: an epoch Y must give the same ``metrics()``, edited gradients
+    and learning rates at every step whether it follows another epoch X or is the run's first epoch. Nothing
+    else differs: no parameter moves, Y has the same batches and the method's generator the same state in both
+    runs, X has other batches. A per-epoch trace, sum or count not reset at the boundary, or a multiplier left
+    over from the previous epoch, makes Y differ. Methods whose state carries over by design list what may
+    differ in :data:`CARRIES_OVER`."""
     problems: list[str] = []
     for name, sets in [(n, {}) for n in one_per_class()] + list(EPOCH_VARIANTS.items()):
-        after, first = epoch_y(name, 2, sets), epoch_y(name, 1, sets)
-        if after is None or first is None:  # not two epochs in one phase (UME: an ensemble of teachers)
+        two, one = frozen_epochs(name, 2, sets), frozen_epochs(name, 1, sets, first_key=1)
+        if len(two) != 2 or len(one) != 1:  # not two epochs in one phase (UME: an ensemble of teachers)
             continue
+        after, first = two[1], one[0]
         keys, grads_differ = CARRIES_OVER.get(name, (set(), False)) if not sets else (set(), False)
         for k in sorted(set(after[0]) | set(first[0])):
             a, b = after[0].get(k), first[0].get(k)
-            same = a == b or (a is not None and b is not None
-                              and (math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) or (math.isnan(a) and math.isnan(b))))
-            if k not in keys and "*" not in keys and not k.endswith("_seconds") and not same:
+            if k not in keys and "*" not in keys and not k.endswith("_seconds") and not _same_metric(a, b):
                 problems.append(f"{name}: metric {k} = {a} in an epoch after another, {b} in the same epoch first")
-        g1, g2 = after[1], first[1]
-        if not grads_differ and (len(g1) != len(g2) or any(not torch.allclose(x, y, rtol=1e-5, atol=1e-7)
-                                                          for x, y in zip(g1, g2))):
-            problems.append(f"{name}: the edited gradients differ between an epoch after another and the same epoch first")
+        if not grads_differ and not _same_steps(after[1], first[1]):
+            problems.append(f"{name}: the edited gradients or learning rates differ between an epoch after another "
+                            "and the same epoch first")
     assert not problems, "\n".join(problems)
+
+
+#: Methods with an epoch window: (settings opening it for epoch 0 only, settings that never open it in 2 epochs).
+#: (Not MSLR: its window is when the multipliers are updated, at the epoch end; they apply after it by design.)
+WINDOWS = {
+    "ogm_ge": ({"start_epoch": 0, "end_epoch": 0}, {"start_epoch": 5, "end_epoch": 5}),
+    "ogm_ge/lr": ({"start_epoch": 0, "end_epoch": 0, "apply_to": "lr"}, {"start_epoch": 5, "end_epoch": 5, "apply_to": "lr"}),
+    "agm": ({"start_epoch": 0, "end_epoch": 0}, {"start_epoch": 5, "end_epoch": 5}),
+    "pmr": ({"start_epoch": 0, "end_epoch": 0}, {"start_epoch": 5, "end_epoch": 5}),
+    "amco": ({"start": 0, "end": 0}, {"start": 5, "end": 5}),
+}
+
+
+@pytest.mark.parametrize("key", sorted(WINDOWS))
+def test_after_its_window_a_method_trains_as_if_the_window_never_opened(frozen_epochs, key):
+    """State at a window's end: in the epoch after a window of one epoch, the edited gradients and the groups'
+    learning rates must be those of the same epoch in a run whose window never opens (no parameter moves,
+    same batches and generator state) — a multiplier (a gradient coefficient, an ``lr_mult``) left over from
+    the window makes them differ."""
+    name = key.split("/")[0]
+    inside, never = WINDOWS[key]
+    opened, closed = frozen_epochs(name, 2, inside), frozen_epochs(name, 2, never)
+    assert not _same_steps(opened[0][1], closed[0][1]), f"{key}: the window changes nothing in its epoch (no power)"
+    assert _same_steps(opened[1][1], closed[1][1]), f"{key}: the epoch after the window trains differently"

@@ -128,6 +128,7 @@ BC_EVAL = ("tests/test_bug_classes.py::"
            "test_evaluation_scores_every_sample_once_when_the_eval_batch_does_not_divide_the_split")
 BC_PRED = "tests/test_bug_classes.py::test_predict_is_the_documented_combination_by_hand"
 BC_EPOCH = "tests/test_bug_classes.py::test_an_epoch_after_another_reports_what_it_reports_as_the_first"
+BC_WINDOW = "tests/test_bug_classes.py::test_after_its_window_a_method_trains_as_if_the_window_never_opened"
 MUTANTS: list[Mutant] = [
     # ---------------------------------------------------------------- CGGM
     M("cggm", CG, "parts = ctx.reduce_sum(self._parts)", "parts = self._parts.double()",
@@ -623,6 +624,17 @@ MUTANTS: list[Mutant] = [
       [BC_EPOCH]),
     M("classes", OP, "        self._dropped, self._rows = None, 0\n", "        pass\n",
       "OPM's per-epoch drop counts not reset", "state-reset", [BC_EPOCH]),
+    M("classes", OG, "        k = self.k if active else {m: 1.0 for m in self.modalities}\n"
+      "        if self.hp.apply_to == \"lr\":\n            for g in ctx.optimizer.param_groups:\n"
+      "                if \"modality\" in g:\n                    g[\"lr_mult\"] = k.get(g[\"modality\"], 1.0)\n"
+      "        if not active:\n            return\n",
+      "        k = self.k\n        if not active:\n            return\n"
+      "        if self.hp.apply_to == \"lr\":\n            for g in ctx.optimizer.param_groups:\n"
+      "                if \"modality\" in g:\n                    g[\"lr_mult\"] = k.get(g[\"modality\"], 1.0)\n",
+      "OGM-GE (apply_to=lr): lr multipliers only written inside the window (the last one stays after it)",
+      "state-reset", [BC_WINDOW]),
+    M("classes", PM, "        return self.hp.start_epoch <= ctx.epoch <= end\n", "        return self.hp.start_epoch <= ctx.epoch\n",
+      "PMR's prototype terms still applied after the window's end", "state-reset", [BC_WINDOW]),
     # ---------------------------------------------------------------- MMPareto
     M("mmpareto", "methods/mmpareto.py",
       '            flat = ctx.accelerator.reduce(flat, reduction="sum") / ctx.world_size\n', "            pass\n",
