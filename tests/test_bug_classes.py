@@ -13,6 +13,8 @@
 * state at epoch boundaries: an epoch's metrics and edited gradients do not depend on the epochs before it,
   except the state a method carries over by design (``CARRIES_OVER``); after an epoch window nothing of the
   window is left over (``WINDOWS``).
+* gradient flow: a loss term's gradient reaches exactly the parameter groups the method's equations name
+  (``GRADIENT_FLOW``: a missing or an extra detach fails).
 
 Each method trains one short epoch on a small mfeat; presets of the same class share its code paths and are
 represented by one of them."""
@@ -603,3 +605,54 @@ def test_after_its_window_a_method_trains_as_if_the_window_never_opened(frozen_e
     opened, closed = frozen_epochs(name, 2, inside), frozen_epochs(name, 2, never)
     assert not _same_steps(opened[0][1], closed[0][1]), f"{key}: the window changes nothing in its epoch (no power)"
     assert _same_steps(opened[1][1], closed[1][1]), f"{key}: the epoch after the window trains differently"
+
+
+# ------------------------------------------------------------------------------------------ gradient flow
+def _flow_pmr(tr, batch):
+    """PMR: Σ_m β_m·PCE_m reaches encoder m exactly where β_m > 0 (prototypes are constants), never the head."""
+    tr.method.compute_prototypes(tr.ctx)
+    out = tr.method.training_step(tr.ctx, batch)
+    beta = {m: float(out.logs[f"pmr/beta_{m}"]) for m in tr.ctx.modalities}
+    assert 0 < sum(b > 0 for b in beta.values()) < len(beta), f"no lagging and leading modality: {beta}"
+    term = out.loss - tr.ctx.task.loss(out.output.logits, batch["label"])
+    return term, {**{f"encoder/{m}": b > 0 for m, b in beta.items()}, "head.weight": False, "head.bias": False}
+
+
+def _flow_cggm(tr, batch):
+    """CGGM: the classifiers' loss Σ_m ℓ(f_m(sg(z_m))) trains the classifiers only, never the model."""
+    out = tr.method.training_step(tr.ctx, batch)
+    assert "cggm/lgm_added" not in out.logs  # first step: no direction term yet
+    term = out.loss - tr.ctx.task.loss(out.output.logits, batch["label"])
+    return term, {**{f"encoder/{m}": False for m in tr.ctx.modalities}, "head.weight": False, "head.bias": False,
+                  "cggm_classifiers": True}
+
+
+def _flow_cggm_paper(tr, batch):
+    """cggm_paper: L_gm = Σ_m B_m·(1 − cos(sg(g_m), g_F,m)) (same step) reaches W_F through g_F, never the
+    classifiers (their gradient g_m is a constant)."""
+    tr.method.training_step(tr.ctx, batch)
+    return tr.method.lgm_now, {"head.weight": True, "cggm_classifiers": False}
+
+
+#: per method, a loss term and where its gradient must (True) or must not (False) go, by hand
+GRADIENT_FLOW = {"pmr": _flow_pmr, "cggm": _flow_cggm, "cggm_paper": _flow_cggm_paper}
+
+
+@pytest.mark.parametrize("name", sorted(GRADIENT_FLOW))
+def test_each_loss_term_sends_gradient_exactly_where_the_method_says(tmp_path, name):
+    """Gradient flow (a missing or an extra detach): one training step's loss term, differentiated with respect to
+    each parameter group (each encoder, the head's weight and bias, each method-owned module), has a non-zero
+    gradient exactly in the groups the method's equations name."""
+    tr = _trainer(name, tmp_path)
+    ctx = tr.ctx
+    batch = tr.data.train.batch(torch.arange(32))
+    term, expected = GRADIENT_FLOW[name](tr, batch)
+    groups = {f"encoder/{m}": list(ctx.raw_model.encoders[m].parameters()) for m in ctx.modalities}
+    groups.update({"head.weight": [ctx.raw_model.head.weight], "head.bias": [ctx.raw_model.head.bias]})
+    groups.update({k: list(mod.parameters()) for k, mod in ctx.modules.items() if k in expected})
+    assert set(expected) <= set(groups), sorted(set(expected) - set(groups))
+    params = [p for k in expected for p in groups[k]]
+    grads = iter(torch.autograd.grad(term, params, allow_unused=True, retain_graph=True))
+    got = {k: any(g is not None and bool(g.abs().sum() > 0) for g in [next(grads) for _ in groups[k]]) for k in expected}
+    assert got == expected, f"{name}: gradient reaches {sorted(k for k, v in got.items() if v)}, expected " \
+                            f"{sorted(k for k, v in expected.items() if v)}"

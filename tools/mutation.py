@@ -129,6 +129,7 @@ BC_EVAL = ("tests/test_bug_classes.py::"
 BC_PRED = "tests/test_bug_classes.py::test_predict_is_the_documented_combination_by_hand"
 BC_EPOCH = "tests/test_bug_classes.py::test_an_epoch_after_another_reports_what_it_reports_as_the_first"
 BC_WINDOW = "tests/test_bug_classes.py::test_after_its_window_a_method_trains_as_if_the_window_never_opened"
+BC_FLOW = "tests/test_bug_classes.py::test_each_loss_term_sends_gradient_exactly_where_the_method_says"
 MUTANTS: list[Mutant] = [
     # ---------------------------------------------------------------- CGGM
     M("cggm", CG, "parts = ctx.reduce_sum(self._parts)", "parts = self._parts.double()",
@@ -635,6 +636,15 @@ MUTANTS: list[Mutant] = [
       "state-reset", [BC_WINDOW]),
     M("classes", PM, "        return self.hp.start_epoch <= ctx.epoch <= end\n", "        return self.hp.start_epoch <= ctx.epoch\n",
       "PMR's prototype terms still applied after the window's end", "state-reset", [BC_WINDOW]),
+    M("classes", PM, "logits = prototype_logits(z, self.prototypes[j, :, : z.shape[1]].to(z.device))",
+      "logits = prototype_logits(z.detach(), self.prototypes[j, :, : z.shape[1]].to(z.device))",
+      "PMR's prototype loss detached from the encoder (it never reaches it)", "detach", [BC_FLOW]),
+    M("classes", CG, "feats = {m: _detach(out.features[m]) for m in self.modalities}",
+      "feats = {m: out.features[m] for m in self.modalities}",
+      "CGGM's classifiers trained on the live features (their loss trains the encoders)", "detach", [BC_FLOW]),
+    M("classes", CG, "cos = [_cos(g_m.detach(), self._block(g_f, m)) for g_m, m in zip(g_ms, self.modalities)]",
+      "cos = [_cos(g_m.detach(), self._block(g_f.detach(), m)) for g_m, m in zip(g_ms, self.modalities)]",
+      "cggm_paper: the fused head's gradient detached in L_gm (the direction term trains nothing)", "detach", [BC_FLOW]),
     # ---------------------------------------------------------------- MMPareto
     M("mmpareto", "methods/mmpareto.py",
       '            flat = ctx.accelerator.reduce(flat, reduction="sum") / ctx.world_size\n', "            pass\n",
