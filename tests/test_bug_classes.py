@@ -15,6 +15,7 @@
   window is left over (``WINDOWS``).
 * gradient flow: a loss term's gradient reaches exactly the parameter groups the method's equations name
   (``GRADIENT_FLOW``: a missing or an extra detach fails).
+* guards and clips: a guard on a magnitude (not a sign), a one-sided cap, on hand-built inputs.
 
 Each method trains one short epoch on a small mfeat; presets of the same class share its code paths and are
 represented by one of them."""
@@ -656,3 +657,36 @@ def test_each_loss_term_sends_gradient_exactly_where_the_method_says(tmp_path, n
     got = {k: any(g is not None and bool(g.abs().sum() > 0) for g in [next(grads) for _ in groups[k]]) for k in expected}
     assert got == expected, f"{name}: gradient reaches {sorted(k for k, v in got.items() if v)}, expected " \
                             f"{sorted(k for k, v in expected.items() if v)}"
+
+
+# ------------------------------------------------------------------------------------------ guards and clips
+def test_cggm_guard_fires_on_the_magnitude_of_the_sum_not_its_sign():
+    """CGGM's guard on Eq. 7's denominator S = Σ_k Δ_k fires when |S| < guard_tol, for either sign:
+    a large negative S is a real denominator (B_m = (S − Δ_m)/S by hand), a tiny negative one is guarded."""
+    from mmbalance.methods.cggm import balance_coefficients
+
+    cases = {(-0.3, -0.2): False, (0.3, 0.2): False, (-0.0004, 0.0001): True, (0.0004, -0.0001): True,
+             (0.0015, 0.0005): False, (-0.0015, -0.0005): False}  # |S| = 2e-3: just above the tolerance
+    for (d1, d2), fires in cases.items():
+        b, hit = balance_coefficients(torch.tensor([d1, d2], dtype=torch.float64), guard_tol=1e-3)
+        s = d1 + d2
+        want = [1.0, 1.0] if fires else [(s - d1) / s, (s - d2) / s]
+        assert bool(hit) == fires and b.tolist() == pytest.approx(want, rel=1e-9), (d1, d2)
+
+
+def test_agm_exponent_cap_bounds_only_the_boost_side():
+    """AGM: κ_m = exp(α·min(r̄_m − r_m, C)) — the cap C bounds a large positive exponent only; a large negative
+    one is not clipped (no lower bound unless ``kappa_clamp``). By hand on built scores."""
+    from mmbalance.methods.agm import agm_coefficients
+
+    s, s_bar, alpha, cap = torch.tensor([10.0, 0.0]), torch.tensor([0.0, 10.0]), 0.5, 3.0
+    r, rb, k = agm_coefficients(s, s_bar, alpha, cap)
+    f = 2 / (2 - 1)
+    r_hand = [math.exp(f * (5.0 - 10.0)), math.exp(f * (5.0 - 0.0))]
+    rb_hand = [math.exp(f * (5.0 - 0.0)), math.exp(f * (5.0 - 10.0))]
+    assert r.tolist() == pytest.approx(r_hand) and rb.tolist() == pytest.approx(rb_hand)
+    diff = [rb_hand[0] - r_hand[0], rb_hand[1] - r_hand[1]]
+    assert diff[0] > cap and diff[1] < -cap  # one exponent above the cap, one below −cap
+    assert k.tolist() == pytest.approx([math.exp(alpha * cap), math.exp(alpha * diff[1])], rel=1e-9)
+    _, _, k = agm_coefficients(s, s_bar, alpha, cap, clamp=(0.5, 2.0))  # kappa_clamp bounds both sides
+    assert k.tolist() == pytest.approx([2.0, 0.5])

@@ -130,6 +130,8 @@ BC_PRED = "tests/test_bug_classes.py::test_predict_is_the_documented_combination
 BC_EPOCH = "tests/test_bug_classes.py::test_an_epoch_after_another_reports_what_it_reports_as_the_first"
 BC_WINDOW = "tests/test_bug_classes.py::test_after_its_window_a_method_trains_as_if_the_window_never_opened"
 BC_FLOW = "tests/test_bug_classes.py::test_each_loss_term_sends_gradient_exactly_where_the_method_says"
+BC_GUARD = ["tests/test_bug_classes.py::test_cggm_guard_fires_on_the_magnitude_of_the_sum_not_its_sign",
+            "tests/test_bug_classes.py::test_agm_exponent_cap_bounds_only_the_boost_side"]
 MUTANTS: list[Mutant] = [
     # ---------------------------------------------------------------- CGGM
     M("cggm", CG, "parts = ctx.reduce_sum(self._parts)", "parts = self._parts.double()",
@@ -645,6 +647,10 @@ MUTANTS: list[Mutant] = [
     M("classes", CG, "cos = [_cos(g_m.detach(), self._block(g_f, m)) for g_m, m in zip(g_ms, self.modalities)]",
       "cos = [_cos(g_m.detach(), self._block(g_f.detach(), m)) for g_m, m in zip(g_ms, self.modalities)]",
       "cggm_paper: the fused head's gradient detached in L_gm (the direction term trains nothing)", "detach", [BC_FLOW]),
+    M("classes", CG, "        hit = s.abs() < guard_tol\n", "        hit = s < guard_tol\n",
+      "CGGM's guard on the signed sum (every negative denominator guarded)", "sign", BC_GUARD),
+    M("classes", AG, "        diff = diff.clamp(max=cap)\n", "        diff = diff.clamp(-cap, cap)\n",
+      "AGM's exponent cap applied to both sides (the damping side clipped too)", "wrong-quantity", BC_GUARD),
     # ---------------------------------------------------------------- MMPareto
     M("mmpareto", "methods/mmpareto.py",
       '            flat = ctx.accelerator.reduce(flat, reduction="sum") / ctx.world_size\n', "            pass\n",
