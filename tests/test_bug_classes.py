@@ -16,6 +16,7 @@
 * gradient flow: a loss term's gradient reaches exactly the parameter groups the method's equations name
   (``GRADIENT_FLOW``: a missing or an extra detach fails).
 * guards and clips: a guard on a magnitude (not a sign), a one-sided cap, on hand-built inputs.
+* sub-steps: the k-th sub-step trains the k-th modality's encoder and no other.
 
 Each method trains one short epoch on a small mfeat; presets of the same class share its code paths and are
 represented by one of them."""
@@ -690,3 +691,35 @@ def test_agm_exponent_cap_bounds_only_the_boost_side():
     assert k.tolist() == pytest.approx([math.exp(alpha * cap), math.exp(alpha * diff[1])], rel=1e-9)
     _, _, k = agm_coefficients(s, s_bar, alpha, cap, clamp=(0.5, 2.0))  # kappa_clamp bounds both sides
     assert k.tolist() == pytest.approx([2.0, 0.5])
+
+
+# ------------------------------------------------------------------------------------------ phases and sub-steps
+def _with_substeps() -> list[str]:
+    from mmbalance.interface import BalancingMethod
+
+    return [n for n in one_per_class()
+            if METHODS.get(n).factory.training_substeps is not BalancingMethod.training_substeps]
+
+
+@pytest.mark.parametrize("name", _with_substeps())
+def test_each_substep_trains_only_its_modality_encoder(tmp_path, name):
+    """Sub-steps (every method with ``training_substeps``: AUG's and MLA's per-modality steps, k-th sub-step =
+    k-th modality; a method whose sub-steps are not per modality must say so here): the k-th sub-step's loss
+    sends gradient into modality k's encoder and into no other encoder — a stage stepping the wrong learner
+    (or every learner) fails. Each sub-step is back-propagated as the engine does, gradients cleared between."""
+    tr = _trainer(name, tmp_path)
+    ctx = tr.ctx
+    batch = tr.data.train.batch(torch.arange(32))
+    enc = ctx.raw_model.encoders
+    tr.method.on_epoch_start(ctx)
+    substeps = tr.method.training_substeps(ctx, batch)
+    assert substeps is not None
+    seen = []
+    for k, step in enumerate(substeps):
+        ctx.raw_model.zero_grad(set_to_none=True)
+        step.loss.backward()
+        reached = [m for m in ctx.modalities
+                   if any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in enc[m].parameters())]
+        assert reached == [ctx.modalities[k]], f"{name}: sub-step {k} trains the encoders of {reached}"
+        seen.append(k)
+    assert seen == list(range(len(ctx.modalities)))

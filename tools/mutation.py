@@ -130,6 +130,7 @@ BC_PRED = "tests/test_bug_classes.py::test_predict_is_the_documented_combination
 BC_EPOCH = "tests/test_bug_classes.py::test_an_epoch_after_another_reports_what_it_reports_as_the_first"
 BC_WINDOW = "tests/test_bug_classes.py::test_after_its_window_a_method_trains_as_if_the_window_never_opened"
 BC_FLOW = "tests/test_bug_classes.py::test_each_loss_term_sends_gradient_exactly_where_the_method_says"
+BC_SUBSTEP = "tests/test_bug_classes.py::test_each_substep_trains_only_its_modality_encoder"
 BC_GUARD = ["tests/test_bug_classes.py::test_cggm_guard_fires_on_the_magnitude_of_the_sum_not_its_sign",
             "tests/test_bug_classes.py::test_agm_exponent_cap_bounds_only_the_boost_side"]
 MUTANTS: list[Mutant] = [
@@ -651,6 +652,12 @@ MUTANTS: list[Mutant] = [
       "CGGM's guard on the signed sum (every negative denominator guarded)", "sign", BC_GUARD),
     M("classes", AG, "        diff = diff.clamp(max=cap)\n", "        diff = diff.clamp(-cap, cap)\n",
       "AGM's exponent cap applied to both sides (the damping side clipped too)", "wrong-quantity", BC_GUARD),
+    M("classes", AU, "return (self._unimodal(ctx, batch, k, m) for k, m in enumerate(ctx.modalities))",
+      "return (self._unimodal(ctx, batch, k, m) for k, m in zip(range(len(ctx.modalities)), ctx.modalities[::-1]))",
+      "AUG: sub-step k trains another modality's learner (its own statistics slot)", "swapped", [BC_SUBSTEP]),
+    M("classes", "methods/mla.py", "        return (self._unimodal(ctx, batch, m) for m in ctx.modalities)\n",
+      "        return (self._unimodal(ctx, batch, ctx.modalities[0]) for m in ctx.modalities)\n",
+      "MLA: every sub-step trains the first modality's encoder", "swapped", [BC_SUBSTEP]),
     # ---------------------------------------------------------------- MMPareto
     M("mmpareto", "methods/mmpareto.py",
       '            flat = ctx.accelerator.reduce(flat, reduction="sum") / ctx.world_size\n', "            pass\n",
