@@ -7,11 +7,11 @@ chosen modality; the dropped modality's fusion inputs (``level=feature``, defaul
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from mmbalance.methods._outputs import map_tensors
 from torch import nn
 
 from mmbalance.interface import BalancingMethod, StepContext, StepOutput
@@ -66,17 +66,6 @@ def draw_drop_mask(batch_size: int, n_modalities: int, hp: MRDHParams, generator
         mask[full] = torch.rand(int(full.sum()), n_modalities, generator=generator) < p
     mask[mask.all(dim=1), 0] = False  # p_m = 1 everywhere: keep the first modality
     return mask
-
-
-def _map_tensors(out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """Apply ``fn`` to every tensor of an encoder output (tensor, tuple/list or dict of tensors)."""
-    if isinstance(out, torch.Tensor):
-        return fn(out)
-    if isinstance(out, (tuple, list)):
-        return type(out)(_map_tensors(o, fn) for o in out)
-    if isinstance(out, dict):
-        return {k: _map_tensors(v, fn) for k, v in out.items()}
-    return out
 
 
 class LearnedTokens(nn.Module):
@@ -140,7 +129,7 @@ class MRD(BalancingMethod):
                     out_z = out_z + (1 - keep) * token.to(z.dtype)
                 return out_z
 
-            return _map_tensors(out, apply)
+            return map_tensors(out, apply)
 
         return hook
 

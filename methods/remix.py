@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from mmbalance.methods._outputs import map_tensors
 from mmbalance.methods._unimodal import UNI_HEAD_KINDS, UnimodalOutputs, unimodal_losses
 from torch import nn
 
@@ -79,14 +80,6 @@ def auto_warmup_epochs(epochs: int) -> int:
     return max(1, round(epochs * 10 / 60))
 
 
-def _map_tensors(out: Any, fn) -> Any:
-    if isinstance(out, torch.Tensor):
-        return fn(out)
-    if isinstance(out, (tuple, list)):
-        return type(out)(_map_tensors(o, fn) for o in out)
-    return out
-
-
 # ---------------------------------------------------------------------------------------- the method
 @register_method("remix", "Data Remixing: per-epoch sample-to-modality assignment (least confident), single-modality batches")
 class Remix(BalancingMethod):
@@ -117,7 +110,7 @@ class Remix(BalancingMethod):
         def hook(module: nn.Module, args: Any, out: Any) -> Any:
             if m not in self._masked:
                 return None
-            return _map_tensors(out, lambda z: z * 0)  # exact zeros, zero (not None) encoder gradients
+            return map_tensors(out, lambda z: z * 0)  # exact zeros, zero (not None) encoder gradients
         return hook
 
     # ------------------------------------------------------------------ schedule

@@ -28,6 +28,7 @@ from itertools import combinations
 from typing import Any, Literal
 
 import torch
+from mmbalance.methods._outputs import map_tensors
 from torch import nn
 
 from mmbalance.data.batching import collate_dicts
@@ -153,14 +154,6 @@ def modality_level_copies(phi_mean: torch.Tensor, n: int, alpha: float, func: st
     return copies
 
 
-def _map_tensors(out: Any, fn) -> Any:
-    if isinstance(out, torch.Tensor):
-        return fn(out)
-    if isinstance(out, (tuple, list)):
-        return type(out)(_map_tensors(o, fn) for o in out)
-    return out
-
-
 # ---------------------------------------------------------------------------------------- the method
 @register_method("smv", "SMV: per-sample Shapley valuation of each modality; low-contributing ones re-sampled alone")
 class SMV(BalancingMethod):
@@ -195,7 +188,7 @@ class SMV(BalancingMethod):
             if self._mult is None or not module.training:
                 return None
             col = self._mult[:, k]
-            return _map_tensors(out, lambda z: z * col.to(z.dtype).view(-1, *([1] * (z.dim() - 1))))
+            return map_tensors(out, lambda z: z * col.to(z.dtype).view(-1, *([1] * (z.dim() - 1))))
         return hook
 
     def warmup(self, ctx: StepContext) -> int:
