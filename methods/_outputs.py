@@ -17,3 +17,13 @@ def map_tensors(out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(out, dict):
         return {k: map_tensors(v, fn) for k, v in out.items()}
     return out
+
+
+def output_tensors(z: Any) -> list[torch.Tensor]:
+    """The tensors one modality contributes to fusion (a tensor, or a tuple/list/dict of tensors; a dict in
+    key order)."""
+    if isinstance(z, torch.Tensor):
+        return [z]
+    if isinstance(z, dict):
+        return [z[k] for k in sorted(z)]
+    return list(z)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from mmbalance.methods._outputs import output_tensors
 from mmbalance.methods.ogm_ge import score_sums, train_target_tau
 from mmbalance.methods.umt import FeatureProjector
 from torch import nn
@@ -92,12 +93,6 @@ def smp_suppressed(rho: torch.Tensor, rule: str = "keep_weakest") -> torch.Tenso
     return ((rho == high) & (high > low)).to(torch.float32)
 
 
-def _tensors(z: Any) -> list[torch.Tensor]:
-    if isinstance(z, torch.Tensor):
-        return [z]
-    if isinstance(z, dict):
-        return [z[k] for k in sorted(z)]
-    return list(z)
 
 
 @register_method("g2d", "G2D: KL to each unimodal teacher on the fused output + feature MSE, and SMP (the "
@@ -170,7 +165,7 @@ class G2D(BalancingMethod):
             return F.mse_loss((proj(z) if proj is not None else z).float(), teacher_out.pooled[m].float())
         student, teacher = ctx.raw_model, ctx.modules[f"g2d_teacher_{m}"]
         total = torch.zeros((), device=ctx.device, dtype=torch.float32)
-        for z, t in zip(_tensors(student_out.features[m]), _tensors(teacher_out.features[m])):
+        for z, t in zip(output_tensors(student_out.features[m]), output_tensors(teacher_out.features[m])):
             pairs = [(proj(z), t)] if proj is not None else list(zip(student.feature_parts(m, z).values(),
                                                                       teacher.feature_parts(m, t).values()))
             for a, b in pairs:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from mmbalance.methods._outputs import output_tensors
 from torch import nn
 
 from mmbalance.errors import MethodNotApplicable
@@ -22,15 +23,6 @@ from mmbalance.registry import register_method
 from mmbalance.search import LogUniform
 from mmbalance.tasks import Task
 from mmbalance.teachers import TeacherInfo, jsonable_infos, teacher_costs, train_unimodal
-
-
-def _tensors(z: Any) -> list[torch.Tensor]:
-    """The tensors one modality contributes to fusion (a tensor, or a tuple/list/dict of tensors)."""
-    if isinstance(z, torch.Tensor):
-        return [z]
-    if isinstance(z, dict):
-        return [z[k] for k in sorted(z)]
-    return list(z)
 
 
 class FeatureProjector(nn.Module):
@@ -107,7 +99,7 @@ class UMT(BalancingMethod):
                 t_feats = teacher.encode({m: batch[m]})[m]
             proj = ctx.modules.get(f"umt_projector_{m}")
             pairs = []
-            for z, t in zip(_tensors(features[m]), _tensors(t_feats)):
+            for z, t in zip(output_tensors(features[m]), output_tensors(t_feats)):
                 if proj is not None:  # a projected z is compared whole
                     pairs.append((proj(z), t))
                 else:
