@@ -171,15 +171,22 @@ def test_parts_are_disjoint_and_cover_the_plan():
 
 def test_the_quick_suite_is_pre_registered_and_powered_by_design():
     """quick.toml: sampled splits, declared weak modalities, a primary family of registered methods, tuning seeds
-    disjoint from the replicates, and the number of replicates its comment derives (26 needed -> 30)."""
+    disjoint from every dataset's replicates, and the replicates its comment derives from the sampled-split pilot
+    spreads (mfeat-hard fused sd 0.0119, avdigits-small fused sd 0.0234 and probe sd 0.0422)."""
     from mmbalance.leaderboard.plan import expand_all_methods
 
     suite = load_suite("quick")
     assert all(d.split == "sampled" and d.weak in d.modalities for d in suite.datasets)
     assert set(suite.primary) <= set(expand_all_methods()) and len(suite.primary) == 12
-    assert len(suite.tune.seeds) >= 3 and not set(suite.tune.seeds) & set(suite.seeds)
-    # the committed v1 spread of mfeat-hard's fused metric (median primary-row sd 0.0124) at 30 replicates
-    assert stats.mde_paired_t(0.0124, len(suite.seeds), family=12) <= 0.0100
+    assert len(suite.tune.seeds) >= 3 and not set(suite.tune.seeds) & set(suite.all_replicates())
+    n_hard, n_av = len(suite.replicates_for("mfeat-hard")), len(suite.replicates_for("avdigits-small"))
+    assert stats.mde_paired_t(0.0119, n_hard, family=12) <= 0.0100
+    assert stats.mde_paired_t(0.0234, n_av, family=12) <= 0.0100
+    assert stats.mde_paired_t(0.0422, n_av, family=12) <= 0.0300
+    # the powered rows run every replicate, exploratory rows a prefix of at least 20 (a usable interval)
+    assert suite.row_replicates("avdigits-small", "cggm") == list(range(n_av))
+    assert suite.row_replicates("avdigits-small", "baseline") == list(range(n_av))
+    assert suite.row_replicates("avdigits-small", "mbsd") == list(range(20))
 
 
 def test_without_diagnostics_the_weak_modality_is_the_weaker_unimodal_row_on_validation():
@@ -188,3 +195,57 @@ def test_without_diagnostics_the_weak_modality_is_the_weaker_unimodal_row_on_val
     val = {"unimodal:a": [0.5, 0.5, 0.5], "unimodal:b": [0.7, 0.7, 0.7]}
     v = summarise(_states(vals, val=val), "baseline")[0].verdict
     assert v.weak == "a" and "unimodal" in v.weak_source
+
+
+def test_datasets_and_exploratory_rows_plan_their_own_replicates(tmp_path):
+    """A dataset may need more replicates than the suite's (a noisier paired spread), and exploratory rows may run a
+    prefix of them: the baseline and the primary family run all of their dataset's, an exploratory row its first k
+    (still paired by r, still on split seed r), runs come replicate-major, and the power figure counts the dataset's
+    replicates, not the suite's."""
+    body = """\
+        replicates = 3
+        exploratory_replicates = 2
+        primary = ["ogm_ge"]
+        methods = ["baseline", "ogm_ge", "cggm"]
+        [datasets.mfeat]
+        modalities = ["fac", "fou"]
+        split = "sampled"
+        replicates = 5
+        [datasets.mfeat-hard]
+        modalities = ["fou", "zer"]
+        """
+    suite = load_suite(write_suite(tmp_path, "reps", body))
+    specs = plan_runs(suite, tmp_path / "r")
+    planned: dict[tuple[str, str], list[int]] = {}
+    for s in specs:
+        planned.setdefault((s.dataset, s.row), []).append(s.seed)
+    assert planned == {("mfeat", "baseline"): [0, 1, 2, 3, 4], ("mfeat", "ogm_ge"): [0, 1, 2, 3, 4],
+                       ("mfeat", "cggm"): [0, 1], ("mfeat-hard", "baseline"): [0, 1, 2],
+                       ("mfeat-hard", "ogm_ge"): [0, 1, 2], ("mfeat-hard", "cggm"): [0, 1]}
+    assert [s.seed for s in specs] == sorted(s.seed for s in specs)  # replicate-major: a cut run leaves prefixes
+    assert all(dict(s.sets)["dataset.split_seed"] == str(s.seed) for s in specs if s.dataset == "mfeat")
+    assert "mfeat: 5 (r = 0, 1, 2, 3, 4)" in suite.replicates_text()
+    assert "exploratory rows: the first 2" in suite.replicates_text()
+    # a tuning seed that is a replicate of one dataset only is still refused
+    with pytest.raises(ConfigError, match=r"tune.seeds: \[4\]"):
+        load_suite(write_suite(tmp_path, "bad", body + "[tune]\nseeds = [4, 1000]\n"))
+    with pytest.raises(ConfigError, match="mfeat-hard: 3 replicate"):
+        load_suite(write_suite(tmp_path, "bad2", body.replace("exploratory_replicates = 2",
+                                                              "exploratory_replicates = 4")))
+    with pytest.raises(ConfigError, match="distinct"):
+        load_suite(write_suite(tmp_path, "bad3", body.replace("replicates = 5", "replicates = [0, 1, 1]")))
+    # the power figure of a dataset uses its own planned replicates (6 here, the suite has 3)
+    toy = load_suite(write_suite(tmp_path, "toy", """\
+        replicates = 3
+        primary = ["alpha"]
+        methods = ["baseline", "alpha"]
+        [datasets.toy]
+        modalities = ["a", "b"]
+        weak = "a"
+        replicates = 6
+        """))
+    rng = np.random.default_rng(0)
+    base = list(0.8 + 0.01 * rng.standard_normal(6))
+    states = _states({"baseline": base, "alpha": [b + 0.02 + 0.005 * rng.standard_normal() for b in base]})
+    power = summarise(states, "baseline", toy)[0].verdict.power["metric"]
+    assert power.n == 6 and power.sign_flip_min_p == pytest.approx(2 / 2 ** 6)

@@ -182,7 +182,8 @@ def plan_runs(suite: Suite, results_dir: str | Path, *, datasets: Iterable[str] 
         from ..registry import load_plugins
 
         load_plugins(list(plugins))
-    per_seed: list[list[RunSpec]] = [[] for _ in suite.seeds]
+    order = {r: i for i, r in enumerate(suite.all_replicates())}  # replicate-major: early parts finish prefixes
+    per_seed: list[list[RunSpec]] = [[] for _ in order]
     for entry in suite.datasets:
         if want_ds is not None and entry.name not in want_ds:
             continue
@@ -208,7 +209,8 @@ def plan_runs(suite: Suite, results_dir: str | Path, *, datasets: Iterable[str] 
             tables = (suite.sets, entry.sets, variant["sets"] if variant else {},
                       suite.method_sets.get(row, {}), suite.method_sets.get(f"{row}@{entry.name}", {}))
             sets = _merge_sets(*tables)
-            for i, seed in enumerate(suite.seeds):
+            for seed in suite.row_replicates(entry.name, row):
+                i = order[seed]
                 run_sets = sets
                 if entry.split == "sampled":  # replicate r: split seed r and training seed r (paired by r)
                     if any(entry.split_key in t for t in tables):

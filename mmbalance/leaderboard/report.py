@@ -171,7 +171,8 @@ def summarise(states: list[RunState], baseline: str, suite: Suite | None = None)
         summary.modalities = modalities
         summary.diag = lb_diag.summarise_dataset(summary)
         entry = next((e for e in (suite.datasets if suite else []) if e.name == ds), None)
-        replicates = list(suite.seeds) if suite else sorted({st.spec.seed for r in rows.values() for st in r.states})
+        replicates = (suite.replicates_for(ds) if suite
+                      else sorted({st.spec.seed for r in rows.values() for st in r.states}))
         summary.verdict = lb_verdict.analyse_dataset(
             summary, primary=suite.primary if suite else None, split=entry.split if entry else "fixed",
             declared_weak=entry.weak if entry else None, replicates=replicates, is_reference=is_reference_row)
@@ -399,7 +400,6 @@ def _pts(x: float, ds: DatasetSummary) -> str:
 
 def _protocol_lines(rep: Report) -> list[str]:
     suite = rep.suite
-    reps = suite.seeds
     splits = []
     for ds in rep.datasets:
         split = ds.verdict.split if ds.verdict else "fixed"
@@ -408,7 +408,7 @@ def _protocol_lines(rep: Report) -> list[str]:
     tuning = rep.tuning_note or "published defaults (no tuning)"
     return [
         f"- Suite: `{suite.display_path()}`",
-        f"- Replicates: {len(reps)} (r = {', '.join(map(str, reps))}); replicate r = training seed r and, where the "
+        f"- Replicates: {suite.replicates_text()}; replicate r = training seed r and, where the "
         "split is sampled, split seed r; every row is paired with the baseline by r. Splits — " + "; ".join(splits),
         "- Model selection: each run keeps its best validation epoch and evaluates test once; hyperparameters: "
         + tuning + ". Nothing is chosen on test (the weak modality below included).",

@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import ConfigError
 
 DEFAULT_SEEDS = 5
-SUITE_KEYS = {"name", "description", "seeds", "replicates", "primary", "epochs", "methods", "exclude", "baseline", "datasets", "sets",
+SUITE_KEYS = {"name", "description", "seeds", "replicates", "exploratory_replicates", "primary", "epochs", "methods", "exclude", "baseline", "datasets", "sets",
               "method_sets", "variants", "output", "launcher", "num_processes", "accelerate_args", "data_dir",
               "slurm", "retry_failed", "tune", "plugins", "reference"}
 
@@ -17,7 +17,7 @@ SUITE_KEYS = {"name", "description", "seeds", "replicates", "primary", "epochs",
 
 # ------------------------------------------------------------------------------------------ suites
 SPLITS = ("fixed", "sampled")
-DATASET_KEYS = {"sets", "modalities", "split", "split_key", "weak"}
+DATASET_KEYS = {"sets", "modalities", "split", "split_key", "weak", "replicates"}
 
 
 @dataclass
@@ -25,7 +25,9 @@ class DatasetEntry:
     """One ``[datasets.NAME]`` table. ``split``: ``"fixed"`` (an official or otherwise fixed split, the same for
     every replicate) or ``"sampled"`` (replicate r sets ``split_key`` — default ``dataset.split_seed`` — to r, so
     the split varies with the replicate while rows stay paired by r). ``weak``: the pre-declared weak modality
-    (else derived from the baseline's validation Shapley shares, never from test)."""
+    (else derived from the baseline's validation Shapley shares, never from test). ``replicates``: this
+    dataset's replicates when they differ from the suite's (a dataset with a noisier paired spread needs more to
+    reach the same power); None: the suite's."""
 
     name: str
     sets: dict[str, Any] = field(default_factory=dict)
@@ -33,6 +35,7 @@ class DatasetEntry:
     split: str = "fixed"
     split_key: str = "dataset.split_seed"
     weak: str | None = None
+    replicates: list[int] | None = None
 
 
 @dataclass
@@ -44,6 +47,8 @@ class Suite:
     description: str = ""
     seeds: list[int] = field(default_factory=lambda: list(range(DEFAULT_SEEDS)))  # the replicates r
     primary: list[str] | None = None  # rows of the primary (powered, Holm-tested) family; None: every method row
+    #: exploratory rows (not baseline, not primary) run only the first this-many replicates of a dataset; None: all
+    exploratory_replicates: int | None = None
     epochs: int | None = None
     methods: str | list[str] = "all"
     exclude: list[str] = field(default_factory=list)
@@ -76,6 +81,40 @@ class Suite:
 
     def default_out_dir(self) -> Path:
         return (self.leaderboard_dir / (self.output if self.output is not None else self.name)).resolve()
+
+    def replicates_for(self, dataset: str) -> list[int]:
+        """The replicates of ``dataset``: its own ``replicates`` where the suite gives them, else the suite's."""
+        entry = next((d for d in self.datasets if d.name == dataset), None)
+        return list(entry.replicates) if entry is not None and entry.replicates is not None else list(self.seeds)
+
+    def is_powered_row(self, row: str) -> bool:
+        """The baseline and the primary family run every replicate; the other rows are exploratory."""
+        return row == self.baseline or self.primary is None or row in self.primary
+
+    def row_replicates(self, dataset: str, row: str) -> list[int]:
+        """The replicates planned for ``row`` on ``dataset``: all of the dataset's for the baseline and the primary
+        family, their first ``exploratory_replicates`` for an exploratory row (a prefix, so it stays paired with
+        the baseline by replicate)."""
+        reps = self.replicates_for(dataset)
+        if self.exploratory_replicates is None or self.is_powered_row(row):
+            return reps
+        return reps[:self.exploratory_replicates]
+
+    def replicates_text(self) -> str:
+        """The planned replicates in words, e.g. ``30 (r = 0–29); avdigits-small: 100 (r = 0–99); exploratory rows:
+        the first 20 of their dataset's``."""
+        parts = [_count_and_range(self.seeds)]
+        parts += [f"{d.name}: {_count_and_range(d.replicates)}" for d in self.datasets if d.replicates is not None]
+        if self.exploratory_replicates is not None:
+            parts.append(f"exploratory rows: the first {self.exploratory_replicates} of their dataset's")
+        return "; ".join(parts)
+
+    def all_replicates(self) -> list[int]:
+        """Every replicate any dataset of the suite plans, in first-seen order."""
+        out = list(self.seeds)
+        for d in self.datasets:
+            out += [r for r in (d.replicates or []) if r not in out]
+        return out
 
     def display_path(self) -> str:
         """The suite file as shown in reports (and in their reproduce commands): ``leaderboard/suites/X.toml``
@@ -111,6 +150,23 @@ def _table(value: Any, where: str) -> dict[str, Any]:
     return dict(value)
 
 
+def _count_and_range(reps: list[int]) -> str:
+    """``30 (r = 0–29)`` for a contiguous run of more than ten, else the list: ``3 (r = 0, 2, 7)``."""
+    if len(reps) > 10 and reps == list(range(reps[0], reps[0] + len(reps))):
+        return f"{len(reps)} (r = {reps[0]}–{reps[-1]})"
+    return f"{len(reps)} (r = {', '.join(map(str, reps))})"
+
+
+def _replicates(value: Any, where: str) -> list[int]:
+    """A replicate count n (replicates 0..n-1) or an explicit list of distinct integers."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = list(range(value))
+    if (not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool) for s in value)
+            or len(set(value)) != len(value)):
+        raise ConfigError(f"{where} must be a positive count or a list of distinct integers, got {value!r}")
+    return value
+
+
 def load_suite(name_or_path: str | Path) -> Suite:
     """Parse a suite TOML file (schema: leaderboard/suites/quick.toml's header comment)."""
     import tomllib
@@ -126,11 +182,12 @@ def load_suite(name_or_path: str | Path) -> Suite:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(SUITE_KEYS))}")
     if "seeds" in raw and "replicates" in raw:
         raise ConfigError(f"{where}: give 'replicates' or its older name 'seeds', not both")
-    seeds = raw.get("replicates", raw.get("seeds", DEFAULT_SEEDS))
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        seeds = list(range(seeds))
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise ConfigError(f"{where}: 'replicates' must be a positive count or a list of integers, got {seeds!r}")
+    seeds = _replicates(raw.get("replicates", raw.get("seeds", DEFAULT_SEEDS)), f"{where}: 'replicates'")
+    exploratory = raw.get("exploratory_replicates")
+    if exploratory is not None and (not isinstance(exploratory, int) or isinstance(exploratory, bool)
+                                    or exploratory < 2):
+        raise ConfigError(f"{where}: 'exploratory_replicates' must be an integer >= 2 (a paired interval needs "
+                          f"two replicates), got {exploratory!r}")
     datasets_raw = raw.get("datasets")
     if isinstance(datasets_raw, list):
         datasets_raw = {d: {} for d in datasets_raw}
@@ -156,7 +213,12 @@ def load_suite(name_or_path: str | Path) -> Suite:
         mods = list(dval["modalities"]) if dval.get("modalities") else None
         if weak is not None and mods is not None and weak not in mods:
             raise ConfigError(f"{where} datasets.{dname}.weak: {weak!r} is not one of its modalities {mods}")
-        datasets.append(DatasetEntry(dname, dsets, mods, split, split_key, weak))
+        reps = (_replicates(dval["replicates"], f"{where} datasets.{dname}.replicates")
+                if "replicates" in dval else None)
+        if exploratory is not None and len(reps if reps is not None else seeds) < exploratory:
+            raise ConfigError(f"{where} datasets.{dname}: {len(reps if reps is not None else seeds)} replicate(s) "
+                              f"is fewer than exploratory_replicates = {exploratory}")
+        datasets.append(DatasetEntry(dname, dsets, mods, split, split_key, weak, reps))
     methods = raw.get("methods", "all")
     if not (methods == "all" or (isinstance(methods, list) and methods and all(isinstance(m, str) for m in methods))):
         raise ConfigError(f"{where}: 'methods' must be \"all\" or a non-empty list of names, got {methods!r}")
@@ -176,7 +238,8 @@ def load_suite(name_or_path: str | Path) -> Suite:
     if "tune" in raw:
         from .tune import parse_tune_table
 
-        tune = parse_tune_table(raw["tune"], where, list(seeds))
+        every = list(seeds) + [r for d in datasets for r in (d.replicates or [])]
+        tune = parse_tune_table(raw["tune"], where, sorted(set(every)))
     primary = raw.get("primary")
     if primary is not None and not (isinstance(primary, list) and all(isinstance(x, str) for x in primary)):
         raise ConfigError(f"{where}: 'primary' must be a list of row names, got {primary!r}")
@@ -189,7 +252,8 @@ def load_suite(name_or_path: str | Path) -> Suite:
     reference = parse_reference(raw.get("reference"), where, [d.name for d in datasets])
     return Suite(
         plugins=plugins, tune=tune, name=str(raw.get("name", path.stem)), path=path, description=str(raw.get("description", "")).strip(),
-        seeds=list(seeds), primary=list(primary) if primary is not None else None, epochs=epochs, methods=methods, exclude=list(raw.get("exclude", [])),
+        seeds=list(seeds), primary=list(primary) if primary is not None else None, exploratory_replicates=exploratory,
+        epochs=epochs, methods=methods, exclude=list(raw.get("exclude", [])),
         baseline=str(raw.get("baseline", "baseline")), datasets=datasets,
         sets=_table(raw.get("sets"), f"{where} 'sets'"),
         method_sets={k: _table(v, f"{where} method_sets.{k}")

@@ -377,13 +377,12 @@ def power_table(site: SiteData) -> str:
 def protocol(site: SiteData) -> str:
     rep = site.report
     suite = rep.suite
-    seeds = ", ".join(map(str, suite.seeds))
     budget = f"{suite.epochs} epochs per run" if suite.epochs else "each dataset's default number of epochs"
     splits = {getattr(getattr(d.summary, "verdict", None), "split", None) for d in site.datasets} - {None}
     pairing = ("replicate r trains with seed r and, where a dataset's split is sampled, splits with seed r too; "
                "rows are paired by replicate" if splits else
                "the training seed — the data split is fixed, so rows are paired by seed")
-    parts = [f"Every row is trained with {len(suite.seeds)} seeds ({seeds}; {pairing}) for {budget}. The "
+    parts = [f"Replicates: {suite.replicates_text()} ({pairing}); every run trains for {budget}. The "
              "checkpoint is selected on validation and the "
              "test split is evaluated once. Δ = row − baseline, the mean of the per-seed differences with its 95 % "
              "t interval; p-values are two-sided paired t-tests, Holm-adjusted across the method rows of a "
