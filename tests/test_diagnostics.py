@@ -443,3 +443,26 @@ def test_regression_and_segmentation_analogues(run_cli):
     assert code == 0
     d = res["diagnostics"]
     assert "dice_mean" in d["probe"]["test"]["m0"] and d["probe"]["n_fit"] > 0
+
+
+def test_diagnose_weak_modality_is_chosen_on_validation_even_for_the_test_summary(tmp_path):
+    """m* follows the baseline's validation Shapley shares (and, without a baseline, the unimodal rows' validation
+    scores); a test split poisoned to point at the other modality changes nothing, in either summary split."""
+    from pathlib import Path
+
+    from mmbalance.diagnostics.collect import RunRecord, group_runs, weak_modality
+
+    def rec(row, seed, val_share, test_share, val_score=0.5, test_score=0.5, uni=None):
+        res = {"dataset": "toy", "seed": seed, "modalities": [uni] if uni else ["a", "b"], "primary_metric": "accuracy",
+               "higher_is_better": True, "method": uni and f"unimodal:{uni}" or row,
+               "val": {"accuracy": val_score}, "test": {"accuracy": test_score},
+               "diagnostics": {} if uni else {"shapley": {"val": {"share": val_share}, "test": {"share": test_share}}}}
+        return RunRecord(Path(f"/x/{row}/{seed}"), res, [], row)
+
+    runs = [rec("baseline", s, {"a": 0.3, "b": 0.7}, {"a": 0.8, "b": 0.2}) for s in (0, 1)]
+    for split in ("test", "val"):
+        assert weak_modality(group_runs(runs, split), "toy") == "a"
+    # without a baseline: the unimodal row that is weaker on validation (test says the opposite)
+    uni = [rec("unimodal:a", 0, {}, {}, val_score=0.4, test_score=0.9, uni="a"),
+           rec("unimodal:b", 0, {}, {}, val_score=0.6, test_score=0.1, uni="b")]
+    assert weak_modality(group_runs(uni, "test"), "toy") == "a"
