@@ -284,6 +284,79 @@ def test_scores_are_true_class_cross_entropy_of_hand_built_responses():
         assert out.logs[f"agm/s_{name}"] == pytest.approx(s, rel=1e-5)
 
 
+class OwnForward(MultimodalModel):
+    """A model with its own ``forward`` (off the base contract): AGM runs its coalitions on stacked inputs."""
+
+    def forward(self, inputs, absent=(), only=None):
+        return super().forward(inputs, absent, only)
+
+
+def _eval_passes(model, ctx, batch, full, mean):
+    """f(a-only), f(v-only) in eval mode by hand: the model's own forward with the other modality on zeros."""
+    model.eval()
+    try:
+        return ctx.forward(batch, ("m1",)).logits, ctx.forward(batch, ("m0",)).logits
+    finally:
+        model.train()
+
+
+def _feature_mean_passes(model, ctx, batch, full, mean):
+    """``absent=feature_mean``: eval-mode fusion and head on the full pass's (train-mode) features, the
+    absent modality's replaced by the running mean of the earlier batches (``mean``, hand values)."""
+    mean = {m: v.float().expand_as(full.features[m]) for m, v in mean.items()}
+    model.eval()
+    try:
+        return (model.fuse_and_head({"m0": full.features["m0"], "m1": mean["m1"]})[1],
+                model.fuse_and_head({"m0": mean["m0"], "m1": full.features["m1"]})[1])
+    finally:
+        model.train()
+
+
+def _train_passes(model, ctx, batch, full, mean):
+    """``coalition_mode=train``: the passes one by one in train mode, in mask order (a-only, then v-only),
+    drawing their dropout masks after the full pass's."""
+    return ctx.forward(batch, ("m1",)).logits, ctx.forward(batch, ("m0",)).logits
+
+
+@pytest.mark.parametrize("case", ["own_forward", "feature_mean", "train_mode"])
+def test_coalition_passes_run_in_the_documented_mode_on_every_path(case):
+    """The coalition passes f(S) run in eval mode (official default) — also off the batched fast path: a
+    model with its own forward (stacked inputs) and ``absent=feature_mean`` once a mean exists — and in
+    train mode with ``coalition_mode=train``. The model has batch norm and dropout (p = 0.5), so a pass in
+    the wrong mode changes f(S). Oracle: s_m of m_a = ½(f(av) − f(v) + f(a)), m_v = ½(f(av) − f(a) + f(v))
+    with each pass built here in its documented mode (full pass in train mode under the same seed)."""
+    model = toy_model(2)
+    if case == "own_forward":
+        model.__class__ = OwnForward
+    hp = {"own_forward": {}, "feature_mean": {"absent": "feature_mean"}, "train_mode": {"coalition_mode": "train"}}
+    method, ctx = method_for(model, cond_clip=None, **hp[case])
+    mean = {}
+    if case == "feature_mean":  # a running mean from "earlier batches", distinct per modality
+        g = torch.Generator().manual_seed(7)
+        mean = {m: torch.randn(5, generator=g, dtype=torch.float64) for m in ("m0", "m1")}
+        method.feat_sum, method.feat_count = {m: 4.0 * v for m, v in mean.items()}, 4.0
+    batch = toy_batch(2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    torch.manual_seed(5)
+    out = method.training_step(ctx, batch)
+    assert model.training and all(sub.training for sub in model.modules())  # train mode restored
+    model.load_state_dict(state)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        full = ctx.forward(batch)
+        fa, fv = {"own_forward": _eval_passes, "feature_mean": _feature_mean_passes,
+                  "train_mode": _train_passes}[case](model, ctx, batch, full, mean)
+        eval_a, _ = _eval_passes(model, ctx, batch, full, mean)
+    if case == "train_mode":  # power: dropout and batch statistics change the pass
+        assert not torch.allclose(fa, eval_a)
+    y = batch["label"]
+    for name, mono in (("m0", 0.5 * (full.logits - fv + fa)), ("m1", 0.5 * (full.logits - fa + fv))):
+        logp = torch.log_softmax(mono.double(), dim=1)
+        s = -sum(float(logp[i, int(y[i])]) for i in range(len(y))) / len(y)
+        assert float(out.logs[f"agm/s_{name}"]) == pytest.approx(s, rel=1e-5), (case, name)
+
+
 def test_running_mean_persists_across_epochs_and_resume():
     """S̄ is the mean over every previous step of the run: an epoch boundary (on_epoch_start) and a
     checkpoint round trip (state_dict → fresh method → load_state_dict) change nothing."""
