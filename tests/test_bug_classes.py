@@ -17,6 +17,9 @@
   (``GRADIENT_FLOW``: a missing or an extra detach fails).
 * guards and clips: a guard on a magnitude (not a sign), a one-sided cap, on hand-built inputs.
 * sub-steps: the k-th sub-step trains the k-th modality's encoder and no other.
+* stages: every optimizer step of a method with stages (engine phases: ReconBoost, UME; Greedy's normal and
+  re-balancing steps; UMT's teachers then student) updates exactly the parameters its stage trains, and the
+  models handed from one stage to the next are the ones the first stage trained.
 
 Each method trains one short epoch on a small mfeat; presets of the same class share its code paths and are
 represented by one of them."""
@@ -723,3 +726,150 @@ def test_each_substep_trains_only_its_modality_encoder(tmp_path, name):
         assert reached == [ctx.modalities[k]], f"{name}: sub-step {k} trains the encoders of {reached}"
         seen.append(k)
     assert seen == list(range(len(ctx.modalities)))
+
+
+# ------------------------------------------------------------------------------------------ stages
+def _greedy_stage(meth, ctx) -> str:
+    """The step's mode as the method decided it (not the model's gate flags): normal, or caring branch c."""
+    c = meth.state.caring
+    return "normal" if c is None else f"care:{ctx.modalities[c]}"
+
+
+def _greedy_moves(stage: str, names: list[str], mods: list[str]) -> set[str]:
+    """Greedy §2.3: a normal step trains everything; a re-balancing step for branch c replaces c's gates by
+    sg(ḡ_c), so the excitation W_c, b_c of every MMTM block gets no update — everything else does."""
+    if stage == "normal":
+        return set(names)
+    k = mods.index(stage.split(":")[1])
+    return {n for n in names if not n.startswith("model.fusion.") or f".excite.{k}." not in n}
+
+
+def _reconboost_stage(meth, ctx) -> str:
+    """The engine phase the step runs in (``s<t>_boost_<m>`` or a rectification phase)."""
+    return "boost:" + ctx.phase.split("_boost_")[1] if "_boost_" in ctx.phase else "rectify"
+
+
+def _reconboost_moves(stage: str, names: list[str], mods: list[str]) -> set[str]:
+    """ReconBoost §2: phase 1 of stage t trains learner f_m = H∘φ_m only (φ_m and H, never the other
+    encoders nor β); phase 2 (global rectification) trains every encoder, H and β."""
+    if stage == "rectify":
+        return set(names)
+    m = stage.split(":")[1]
+    return {n for n in names if n.startswith((f"model.encoders.{m}.", "model.head."))}
+
+
+#: Methods with stages, and what each stage trains: (settings, epochs, the stage of a step (from the method's
+#: own decision or the engine's phase), the parameters that stage must update (every other must not), the
+#: stages a run must show). Every parameter of the run's model (``model.*``) and of its extra modules
+#: (``<name>.*``: UMT's teachers) is checked at every optimizer step; the ``<m>-only`` runs that train the
+#: teachers inside ``setup`` (stage U of UMT and UME) are checked too, as stage ``teacher:<m>``: each trains
+#: every parameter of its own model. Not here: sub-steps (AUG, MLA: their own test above).
+STAGES = {
+    "greedy": ({"start_epoch": 0, "epsilon": 0.0, "window": 1}, 1, _greedy_stage, _greedy_moves, ["normal", "care:"]),
+    "reconboost": ({"e1": 1, "e2": 1}, 4, _reconboost_stage, _reconboost_moves,
+                   ["boost:fac", "boost:fou", "rectify"]),
+    # UMT phase J: the student only; the frozen teachers never move
+    "umt": ({}, 1, lambda meth, ctx: "distill", lambda s, names, mods: {n for n in names if n.startswith("model.")},
+            ["teacher:fac", "teacher:fou", "distill"]),
+    "umt/teacher_init": ({"student_init": "teacher"}, 1, lambda meth, ctx: "distill",
+                         lambda s, names, mods: {n for n in names if n.startswith("model.")}, ["distill"]),
+    # UME: no joint training (the ensemble phase moves nothing)
+    "ume": ({}, 1, lambda meth, ctx: "ensemble", lambda s, names, mods: set(), ["teacher:fac", "teacher:fou", "ensemble"]),
+}
+#: methods whose stages are not engine phases: Greedy's normal / re-balancing steps, UMT's teachers-then-student
+STAGES_NOT_PHASES = {"greedy", "umt"}
+
+
+def _stage_params(ctx) -> dict[str, torch.nn.Parameter]:
+    params = {f"model.{n}": p for n, p in ctx.raw_model.named_parameters()}
+    params.update({f"{k}.{n}": p for k, ex in ctx.extra.items() for n, p in ex.module.named_parameters()})
+    return params
+
+
+def _cached_teacher(info) -> dict[str, torch.Tensor]:
+    from mmbalance.teachers import TEACHER_FILE
+
+    return torch.load(info.path / TEACHER_FILE, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def _teacher_handover(key: str, tr: Trainer, before_fit: bool) -> list[str]:
+    """Between the stages (UMT, UME): the models the run uses are the ones stage U trained (the cached
+    ``<m>-only`` weights, an independent record): UMT's frozen teachers (and, with ``student_init=teacher``,
+    the student's encoders before phase J), UME's members."""
+    problems = []
+    ctx, meth = tr.ctx, tr.method
+    for info in meth.teachers:
+        m, cached = info.modality, _cached_teacher(info)
+        if key.startswith("umt"):
+            used = {f"umt_teacher_{m}": ctx.extra[f"umt_teacher_{m}"].module.state_dict()}
+        else:
+            used = {f"member {m}": ctx.raw_model.members[m].state_dict()}
+        if key == "umt/teacher_init" and before_fit:
+            enc = {f"encoders.{m}.{n}": t for n, t in ctx.raw_model.encoders[m].state_dict().items()}
+            used[f"student encoder {m}"] = {**cached, **enc}
+        for what, state in used.items():
+            if set(state) != set(cached) or not all(torch.equal(state[n].cpu(), cached[n]) for n in cached):
+                problems.append(f"{key}: {what} is not the {m}-only model stage U trained")
+    return problems
+
+
+def test_every_method_with_phases_has_its_stages_checked():
+    """A method that declares engine phases (``phases()``) has an entry in :data:`STAGES` (a new one fails here)."""
+    from mmbalance.interface import BalancingMethod
+
+    phased = {METHODS.get(n).factory.name for n in one_per_class()
+              if METHODS.get(n).factory.phases is not BalancingMethod.phases}
+    assert phased, "no method declares phases: the check has no power"
+    assert phased <= {k.split("/")[0] for k in STAGES}, f"phases without a stage check: {sorted(phased - set(STAGES))}"
+    assert STAGES_NOT_PHASES <= {k.split("/")[0] for k in STAGES}
+
+
+@pytest.mark.parametrize("key", sorted(STAGES))
+def test_each_stage_updates_exactly_the_learners_its_algorithm_names(tmp_path, monkeypatch, key):
+    """Phases and stages (a stage stepping the wrong learner): in a short run with plain SGD (no momentum, no
+    weight decay: a parameter moves iff the step gives it a gradient and a learning rate), every optimizer
+    step is labelled with its stage and must update exactly the parameters that stage trains (by the
+    method's equations, :data:`STAGES`); every stage shows up at least once. Parameters are compared
+    before and after each real optimizer step."""
+    name = key.split("/")[0]
+    sets, epochs, stage_of, moves, required = STAGES[key]
+    steps: list[tuple[str, dict[str, bool]]] = []
+    now = [""]
+    real_step = Trainer._step_optimizers
+
+    def recording(self, opts):
+        params = _stage_params(self.ctx)
+        before = {n: p.detach().clone() for n, p in params.items()}
+        out = real_step(self, opts)
+        method = str(self.config.method)
+        stage = f"teacher:{method.split(':')[1]}" if method.startswith("unimodal:") else now[0]
+        steps.append((stage, {n: not torch.equal(p.detach(), before[n]) for n, p in params.items()}))
+        return out
+
+    monkeypatch.setattr(Trainer, "_step_optimizers", recording)
+    plain_sgd = {"train.momentum": 0.0, "train.weight_decay": 0.0, "train.scheduler": "none"}
+    tr = build_trainer(name, "mfeat", run_dir=tmp_path / key.replace("/", "-"), epochs=epochs,
+                       output_dir=tmp_path / "shared", sets={**SETS, **plain_sgd, **sets})
+    problems = _teacher_handover(key, tr, before_fit=True) if name in ("umt", "ume") else []
+    meth, step = tr.method, tr.method.training_step
+
+    def labelled(ctx, batch):
+        out = step(ctx, batch)
+        now[0] = stage_of(meth, ctx)
+        return out
+
+    meth.training_step = labelled
+    tr.fit()
+    mods = tr.ctx.modalities
+    for stage, moved in steps:
+        names = sorted(moved)
+        want = set(names) if stage.startswith("teacher:") else moves(stage, names, mods)
+        wrong = sorted(n for n in names if moved[n] != (n in want))
+        if wrong:
+            problems.append(f"{key}: a {stage} step updates {[n for n in wrong if moved[n]][:3]} and leaves "
+                            f"{[n for n in wrong if not moved[n]][:3]} (expected exactly {sorted(want)[:4]}…)")
+    seen = {s for s, _ in steps}
+    problems += [f"{key}: no {r!r} step in the run (no power)" for r in required if not any(s.startswith(r) for s in seen)]
+    if name in ("umt", "ume"):
+        problems += _teacher_handover(key, tr, before_fit=False)
+    assert not problems, "\n".join(dict.fromkeys(problems))

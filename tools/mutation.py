@@ -19,8 +19,10 @@ or message), ``validation`` (a bad input value is accepted or coerced); and for 
 tests (``classes``, tests/test_bug_classes.py): ``mode`` (a feature pass in train mode, or train mode not
 restored after one), ``rng-source`` (randomness from the global RNG instead of the method's generator) and
 ``eval-drop`` (an evaluation that drops or repeats samples when the eval batch does not divide the split),
-``predict-path`` (a method's own ``predict`` returning another combination than the one it documents). A mutant whose snippet no longer matches exactly
-once is reported as ``stale`` (the code moved on: update the snippet), not silently skipped.
+``predict-path`` (a method's own ``predict`` returning another combination than the one it documents),
+``wrong-learner`` (a stage or sub-step updating another learner than the one its algorithm names). A
+mutant whose snippet no longer matches exactly once is reported as ``stale`` (the code moved on: update the
+snippet), not silently skipped.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("rank-local", "state-reset", "wrong-quantity", "wrong-split", "off-by-one", "swapped", "sign", "detach",
            "data-loss", "exit-code", "validation", "mode", "rng-source", "eval-drop",
-           "predict-path")
+           "predict-path", "wrong-learner")
 
 DDP_NODE = "tests/test_ddp.py::test_two_process_methods_keep_replicas_identical[{}]"
 
@@ -131,6 +133,7 @@ BC_EPOCH = "tests/test_bug_classes.py::test_an_epoch_after_another_reports_what_
 BC_WINDOW = "tests/test_bug_classes.py::test_after_its_window_a_method_trains_as_if_the_window_never_opened"
 BC_FLOW = "tests/test_bug_classes.py::test_each_loss_term_sends_gradient_exactly_where_the_method_says"
 BC_SUBSTEP = "tests/test_bug_classes.py::test_each_substep_trains_only_its_modality_encoder"
+BC_STAGE = "tests/test_bug_classes.py::test_each_stage_updates_exactly_the_learners_its_algorithm_names"
 BC_GUARD = ["tests/test_bug_classes.py::test_cggm_guard_fires_on_the_magnitude_of_the_sum_not_its_sign",
             "tests/test_bug_classes.py::test_agm_exponent_cap_bounds_only_the_boost_side"]
 MUTANTS: list[Mutant] = [
@@ -658,6 +661,17 @@ MUTANTS: list[Mutant] = [
     M("classes", "methods/mla.py", "        return (self._unimodal(ctx, batch, m) for m in ctx.modalities)\n",
       "        return (self._unimodal(ctx, batch, ctx.modalities[0]) for m in ctx.modalities)\n",
       "MLA: every sub-step trains the first modality's encoder", "swapped", [BC_SUBSTEP]),
+    M("classes", GR, "        model.set_rebalance(st.caring)\n",
+      "        model.set_rebalance(None if st.caring is None else len(self._mods) - 1 - st.caring)\n",
+      "Greedy: a re-balancing step freezes the other branch's gates (the caring branch keeps learning its bypass)",
+      "wrong-learner", [BC_STAGE]),
+    M("classes", RB, 'if info.kind != "boost":  # phase 2', 'if info.kind == "rectify":  # phase 2',
+      "ReconBoost: the evaluated rectification epoch runs the boosting step (only f_m and H learn, not the "
+      "other encoders nor beta)", "wrong-learner", [BC_STAGE]),
+    M("classes", UT, "student.encoders[m].load_state_dict(teacher.encoders[m].state_dict())",
+      "teacher.encoders[m].load_state_dict(student.encoders[m].state_dict())",
+      "UMT student_init=teacher: the hand-over copies the student's initial encoder into the teacher",
+      "wrong-learner", [BC_STAGE]),
     # ---------------------------------------------------------------- MMPareto
     M("mmpareto", "methods/mmpareto.py",
       '            flat = ctx.accelerator.reduce(flat, reduction="sum") / ctx.world_size\n', "            pass\n",
