@@ -20,6 +20,9 @@
 * stages: every optimizer step of a method with stages (engine phases: ReconBoost, UME; Greedy's normal and
   re-balancing steps; UMT's teachers then student) updates exactly the parameters its stage trains, and the
   models handed from one stage to the next are the ones the first stage trained.
+* units and sources: statistics on segmentation outputs are per pixel (hand loops over the pixels: OGM-GE,
+  ARL, MLA, ReconBoost, AGM); a per-modality running statistic is fed its own modality's values (AGM's S̄,
+  Greedy's gate averages, PMR's prototypes).
 
 Each method trains one short epoch on a small mfeat; presets of the same class share its code paths and are
 represented by one of them."""
@@ -873,3 +876,197 @@ def test_each_stage_updates_exactly_the_learners_its_algorithm_names(tmp_path, m
     if name in ("umt", "ume"):
         problems += _teacher_handover(key, tr, before_fit=False)
     assert not problems, "\n".join(dict.fromkeys(problems))
+
+
+# ------------------------------------------------------------------------------------------ units and sources
+def _seg_inputs():
+    """Two modalities' logits [B=2, C=3, H=2, W=3] whose pixels differ widely, and a per-pixel label map."""
+    g = torch.Generator().manual_seed(3)
+    u = {m: 3.0 * torch.randn(2, 3, 2, 3, generator=g, dtype=torch.float64).float() for m in ("a", "b")}
+    return u, torch.randint(0, 3, (2, 2, 3), generator=g)
+
+
+def _pixel_softmax(u: torch.Tensor, i: int, h: int, w: int) -> list[float]:
+    v = [float(x) for x in u[i, :, h, w]]
+    z = sum(math.exp(x - max(v)) for x in v)
+    return [math.exp(x - max(v)) / z for x in v]
+
+
+def _pixels(u: torch.Tensor):
+    return [(i, h, w) for i in range(u.shape[0]) for h in range(u.shape[2]) for w in range(u.shape[3])]
+
+
+class _SegCtx:
+    """What the statistics read of a step context: a segmentation task, one process."""
+
+    def __init__(self) -> None:
+        from mmbalance.tasks import SegmentationTask
+
+        self.task = SegmentationTask(3)
+
+    def reduce_sum(self, x):
+        return torch.as_tensor(x, dtype=torch.float64).clone()
+
+
+def _seg_ogm_ge(u, y):
+    """OGM-GE s_m = Σ_images mean_pixels softmax(u_m)[y] (every pixel its own class distribution)."""
+    from mmbalance.methods.ogm_ge import score_sums
+
+    got = score_sums("segmentation", u, y).tolist()
+    n = u["a"].shape[2] * u["a"].shape[3]
+    want = [sum(_pixel_softmax(um, i, h, w)[int(y[i, h, w])] for i, h, w in _pixels(um)) / n for um in u.values()]
+    return got, want
+
+
+def _seg_arl(u, y):
+    """ARL: Σ_images mean_pixels Σ_c |u_c| and Σ_images mean_pixels H(softmax(u)) per modality."""
+    from mmbalance.methods.arl import magnitude_entropy_sums
+
+    got = magnitude_entropy_sums(u).tolist()
+    n = u["a"].shape[2] * u["a"].shape[3]
+    mag = [sum(abs(float(x)) for i, h, w in _pixels(um) for x in um[i, :, h, w]) / n for um in u.values()]
+    ent = [sum(-sum(p * math.log(p + 1e-16) for p in _pixel_softmax(um, i, h, w)) for i, h, w in _pixels(um)) / n
+           for um in u.values()]
+    return got, mag + ent
+
+
+def _seg_mla(u, y):
+    """MLA dynamic fusion: per pixel w_m = softmax_m(−H(softmax(u_m)))."""
+    from mmbalance.methods.mla import entropy_weights
+
+    outs = list(u.values())
+    got = entropy_weights(outs, "sample").flatten().tolist()  # [M, B, H, W]
+    want = []
+    for k in range(len(outs)):
+        for i, h, w in _pixels(outs[k]):
+            e = [-sum(p * math.log(p) for p in _pixel_softmax(o, i, h, w)) for o in outs]
+            want.append(math.exp(-e[k]) / sum(math.exp(-x) for x in e))
+    return got, want
+
+
+def _seg_reconboost(u, y):
+    """ReconBoost's agreement s_i = softmax(β·F_{−m})[y] per pixel (β = 0.7)."""
+    from mmbalance.methods.reconboost import ReconBoost
+
+    got = ReconBoost()._agreement(_SegCtx(), u["a"], 1, y, torch.tensor(0.7)).flatten().tolist()
+    want = [_pixel_softmax(0.7 * u["a"], i, h, w)[int(y[i, h, w])] for i, h, w in _pixels(u["a"])]
+    return got, want
+
+
+def _seg_agm(u, y):
+    """AGM s_m = mean over every pixel of the batch of −log softmax(m_m)[y]."""
+    from mmbalance.methods.agm import AGM
+
+    meth = AGM()
+    meth.M = 2
+    got = meth.scores(_SegCtx(), torch.stack(list(u.values())), {}, {}, y).tolist()
+    want = [sum(-math.log(_pixel_softmax(um, i, h, w)[int(y[i, h, w])]) for i, h, w in _pixels(um)) / y.numel()
+            for um in u.values()]
+    return got, want
+
+
+#: statistics computed from segmentation outputs: per pixel, by hand with a loop over the pixels
+SEGMENTATION_STATISTICS = {"ogm_ge": _seg_ogm_ge, "arl": _seg_arl, "mla": _seg_mla, "reconboost": _seg_reconboost,
+                           "agm": _seg_agm}
+
+
+@pytest.mark.parametrize("name", sorted(SEGMENTATION_STATISTICS))
+def test_segmentation_statistics_are_per_pixel_by_hand(name):
+    """Units (a score per image instead of per pixel): on segmentation logits whose pixels differ widely, a
+    method's per-sample statistic equals its per-pixel definition computed by hand pixel by pixel — a class
+    distribution per pixel, averaged (or summed) with the documented unit. Pooling the logits over an image,
+    normalising over the wrong axis, or dividing by the image count instead of the pixel count fails."""
+    u, y = _seg_inputs()
+    got, want = SEGMENTATION_STATISTICS[name](u, y)
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6), name
+
+
+def _running_agm(tr, steps: list[dict]) -> list[str]:
+    """AGM: S̄_m = the mean of modality m's own per-step scores s_m (cumulative, agm.md step 5)."""
+    out = tr.method.metrics()
+    problems = []
+    for m in tr.ctx.modalities:
+        want = sum(float(s[f"agm/s_{m}"]) for s in steps) / len(steps)
+        if out[f"s_bar_{m}"] != pytest.approx(want, rel=1e-9):
+            problems.append(f"agm: s_bar_{m} = {out[f's_bar_{m}']}, the mean of its own scores {want}")
+    return problems
+
+
+def _running_greedy(tr, steps: list[dict]) -> list[str]:
+    """Greedy: ḡ_m of each MMTM block = the mean of branch m's OWN batch-mean gate over the training forwards
+    (the official code feeds the second branch's average with the first branch's gate)."""
+    problems = []
+    for j, block in enumerate(tr.ctx.raw_model.mmtm_blocks):
+        seen = [s[f"gate{j}"] for s in steps]
+        for k, m in enumerate(tr.ctx.modalities):
+            want = torch.stack([g[k] for g in seen]).mean(0)
+            if not torch.allclose(block.gate_avg(k).double(), want, rtol=1e-5, atol=1e-7):
+                problems.append(f"greedy: block {j}'s running gate average of {m} is not the mean of {m}'s own gates")
+    return problems
+
+
+def _record_greedy(tr, record: dict) -> None:
+    for j, block in enumerate(tr.ctx.raw_model.mmtm_blocks):
+        forward = block.forward
+
+        def watched(feats, forward=forward, block=block, j=j):
+            out = forward(feats)
+            if block.training:
+                record[f"gate{j}"] = [s.double() / block.last_count for s in block.last_gate_sum]
+            return out
+
+        block.forward = watched
+
+
+#: per-modality running statistics and how each is built from its own modality's values (by hand). Each run
+#: has modalities whose values differ, so a statistic fed another modality's value differs from the hand one.
+RUNNING = {"agm": (_running_agm, None), "greedy": (_running_greedy, _record_greedy)}
+
+
+@pytest.mark.parametrize("name", sorted(RUNNING))
+def test_per_modality_running_statistics_are_fed_their_own_modality(tmp_path, name):
+    """Sources (a per-branch running average fed another branch's value): after a short run, each modality's
+    running statistic equals its documented average of that modality's own per-step values, recorded as the
+    run goes (the method's step logs, or the model's own per-branch values); the modalities' values differ."""
+    check, install = RUNNING[name]
+    tr = _trainer(name, tmp_path, {"train.max_steps_per_epoch": 3} if name != "greedy" else
+                  {"train.max_steps_per_epoch": 3, "start_epoch": 5})
+    steps: list[dict] = []
+    current: dict = {}
+    if install is not None:
+        install(tr, current)
+    step = tr.method.training_step
+
+    def logged(ctx, batch):
+        out = step(ctx, batch)
+        steps.append({**out.logs, **current})
+        return out
+
+    tr.method.training_step = logged
+    tr.fit()
+    assert len(steps) >= 3
+    problems = check(tr, steps)
+    assert not problems, "\n".join(problems)
+
+
+def test_pmr_prototypes_are_each_modality_own_class_means(tmp_path):
+    """PMR's first prototypes: c_m,k = the mean pooled embedding of modality m's encoder over the drawn training
+    samples of class k (eval mode), by hand from the samples the method reports it drew; m's prototype from
+    another modality's embeddings fails (both modalities have 64-d embeddings here)."""
+    tr = _trainer("pmr", tmp_path)
+    protos = tr.method.compute_prototypes(tr.ctx).double()
+    idx = tr.method.last_subset_idx
+    batch = tr.data.train.batch(idx)
+    model = tr.ctx.raw_model
+    model.eval()
+    with torch.no_grad():
+        out = model({m: batch[m] for m in tr.ctx.modalities})
+    model.train()
+    y = batch["label"].long()
+    for j, m in enumerate(tr.ctx.modalities):
+        z = out.pooled[m].double()
+        for k in range(protos.shape[1]):
+            want = z[y == k].mean(0)
+            torch.testing.assert_close(protos[j, k, : z.shape[1]], want, rtol=1e-5, atol=1e-6,
+                                       msg=lambda s, m=m, k=k: f"pmr: prototype of {m}, class {k}: {s}")
+    assert not torch.allclose(protos[0], protos[1]), "both modalities' prototypes are equal: no power"

@@ -20,7 +20,8 @@ tests (``classes``, tests/test_bug_classes.py): ``mode`` (a feature pass in trai
 restored after one), ``rng-source`` (randomness from the global RNG instead of the method's generator) and
 ``eval-drop`` (an evaluation that drops or repeats samples when the eval batch does not divide the split),
 ``predict-path`` (a method's own ``predict`` returning another combination than the one it documents),
-``wrong-learner`` (a stage or sub-step updating another learner than the one its algorithm names). A
+``wrong-learner`` (a stage or sub-step updating another learner than the one its algorithm names),
+``units`` (a segmentation statistic per image instead of per pixel, or over the wrong axis). A
 mutant whose snippet no longer matches exactly once is reported as ``stale`` (the code moved on: update the
 snippet), not silently skipped.
 """
@@ -41,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("rank-local", "state-reset", "wrong-quantity", "wrong-split", "off-by-one", "swapped", "sign", "detach",
            "data-loss", "exit-code", "validation", "mode", "rng-source", "eval-drop",
-           "predict-path", "wrong-learner")
+           "predict-path", "wrong-learner", "units")
 
 DDP_NODE = "tests/test_ddp.py::test_two_process_methods_keep_replicas_identical[{}]"
 
@@ -134,6 +135,9 @@ BC_WINDOW = "tests/test_bug_classes.py::test_after_its_window_a_method_trains_as
 BC_FLOW = "tests/test_bug_classes.py::test_each_loss_term_sends_gradient_exactly_where_the_method_says"
 BC_SUBSTEP = "tests/test_bug_classes.py::test_each_substep_trains_only_its_modality_encoder"
 BC_STAGE = "tests/test_bug_classes.py::test_each_stage_updates_exactly_the_learners_its_algorithm_names"
+BC_PIXEL = "tests/test_bug_classes.py::test_segmentation_statistics_are_per_pixel_by_hand"
+BC_RUNNING = ["tests/test_bug_classes.py::test_per_modality_running_statistics_are_fed_their_own_modality",
+              "tests/test_bug_classes.py::test_pmr_prototypes_are_each_modality_own_class_means"]
 BC_GUARD = ["tests/test_bug_classes.py::test_cggm_guard_fires_on_the_magnitude_of_the_sum_not_its_sign",
             "tests/test_bug_classes.py::test_agm_exponent_cap_bounds_only_the_boost_side"]
 MUTANTS: list[Mutant] = [
@@ -672,6 +676,35 @@ MUTANTS: list[Mutant] = [
       "teacher.encoders[m].load_state_dict(student.encoders[m].state_dict())",
       "UMT student_init=teacher: the hand-over copies the student's initial encoder into the teacher",
       "wrong-learner", [BC_STAGE]),
+    M("classes", OG, "p = um.softmax(1).gather(1, y.long()[:, None]).squeeze(1)",
+      "p = um.flatten(2).mean(2)[..., None, None].expand_as(um).softmax(1).gather(1, y.long()[:, None]).squeeze(1)",
+      "OGM-GE segmentation score from the image's mean logits (one class distribution per image)", "units",
+      [BC_PIXEL]),
+    M("classes", AR, "    mag = x.abs().sum(2)\n", "    x = x.flatten(3).mean(3) if x.dim() > 3 else x\n    mag = x.abs().sum(2)\n",
+      "ARL segmentation magnitude and entropy of the image's mean logits instead of per pixel", "units", [BC_PIXEL]),
+    M("classes", "methods/mla.py",
+      "e = torch.stack([-(F.softmax(o.float(), 1) * F.log_softmax(o.float(), 1)).sum(1) for o in outputs])\n",
+      "e = torch.stack([-(F.softmax(o.float(), 1) * F.log_softmax(o.float(), 1)).sum(1) for o in outputs])\n"
+      "        e = e if e.dim() < 3 else e.flatten(2).mean(2)[..., None, None].expand_as(e)\n",
+      "MLA segmentation fusion weights from one entropy per image (the mean over its pixels)", "units", [BC_PIXEL]),
+    M("classes", AG, "count = float(y.numel())", "count = float(y.shape[0])",
+      "AGM segmentation score: the pixel CE sum divided by the image count", "units", [BC_PIXEL]),
+    M("classes", RB, "return logits.softmax(dim=1).gather(1, y.long().unsqueeze(1)).squeeze(1)",
+      "return logits.softmax(dim=-1).gather(1, y.long().unsqueeze(1)).squeeze(1)",
+      "ReconBoost agreement normalised over the last axis (the image width for maps, not the classes)", "units",
+      [BC_PIXEL]),
+    M("classes", AG, "self.s_bar = s_bar * (self.t - 1) / self.t + s / self.t",
+      "self.s_bar = s_bar * (self.t - 1) / self.t + s.flip(0) / self.t",
+      "AGM: each modality's running mean S-bar fed the other modality's score", "swapped", BC_RUNNING),
+    M("classes", GR, "parts = list(torch.split(total[:-1], block.dims))",
+      "parts = list(torch.split(total[:-1], block.dims))[::-1]",
+      "Greedy: each branch's running gate average fed the other branch's gate (the official bug)", "swapped",
+      BC_RUNNING),
+    M("classes", PM, "                    z, y = self._pooled_and_labels(ctx, out, batch[\"label\"], m)\n"
+      "                    sums[j",
+      "                    z, y = self._pooled_and_labels(ctx, out, batch[\"label\"], mods[-1 - j])\n"
+      "                    sums[j",
+      "PMR: modality m's prototypes accumulated from the other modality's embeddings", "swapped", BC_RUNNING),
     # ---------------------------------------------------------------- MMPareto
     M("mmpareto", "methods/mmpareto.py",
       '            flat = ctx.accelerator.reduce(flat, reduction="sum") / ctx.world_size\n', "            pass\n",
