@@ -23,6 +23,8 @@
 * units and sources: statistics on segmentation outputs are per pixel (hand loops over the pixels: OGM-GE,
   ARL, MLA, ReconBoost, AGM); a per-modality running statistic is fed its own modality's values (AGM's S̄,
   Greedy's gate averages, PMR's prototypes).
+* auxiliary losses: one step's loss is the fused loss plus the per-modality terms combined by hand as
+  documented (sum vs mean over modalities, per-modality weights in modality order: multitask, DGL, CGGM, UMT).
 
 Each method trains one short epoch on a small mfeat; presets of the same class share its code paths and are
 represented by one of them."""
@@ -1070,3 +1072,86 @@ def test_pmr_prototypes_are_each_modality_own_class_means(tmp_path):
             torch.testing.assert_close(protos[j, k, : z.shape[1]], want, rtol=1e-5, atol=1e-6,
                                        msg=lambda s, m=m, k=k: f"pmr: prototype of {m}, class {k}: {s}")
     assert not torch.allclose(protos[0], protos[1]), "both modalities' prototypes are equal: no power"
+
+
+# ------------------------------------------------------------------------------------------ auxiliary losses
+def _uni_ce(tr, out, y, bias_share: bool) -> list[float]:
+    """ℓ(u_m, y) per modality (modality order) by hand: u_m = z̄_m·W[:, block m]ᵀ + b (÷M when ``bias_share``), the
+    blocks of the concat-linear head's weight taken in modality order from the feature widths."""
+    import torch.nn.functional as F
+
+    raw, mods = tr.ctx.raw_model, tr.ctx.modalities
+    w, b = raw.final_layer().weight, raw.final_layer().bias
+    start, out_m = 0, []
+    for m in mods:
+        d = raw.feature_dims[m]
+        u = out.pooled[m] @ w[:, start:start + d].T + (b / len(mods) if bias_share else b)
+        out_m.append(float(F.cross_entropy(u.double(), y)))
+        start += d
+    return out_m
+
+
+def _aux_multitask(tr, batch, out, y):
+    """Multitask: ℓ(ŷ) + Σ_m γ_m·ℓ(u_m) (shared slice), γ_m = γ (sum), γ/M (mean) or gamma_per_modality[m]."""
+    hp, M = tr.method.hp, len(tr.ctx.modalities)
+    gammas = (list(hp.gamma_per_modality) if hp.gamma_per_modality is not None else [hp.gamma] * M)
+    if hp.reduction == "mean":
+        gammas = [g / M for g in gammas]
+    return sum(g * lm for g, lm in zip(gammas, _uni_ce(tr, out, y, bias_share=True)))
+
+
+def _aux_dgl(tr, batch, out, y):
+    """DGL: ℓ(ŷ) + α·Σ_m ℓ(u_m) (zero-padded shared head: the full bias)."""
+    return tr.method.hp.alpha * sum(_uni_ce(tr, out, y, bias_share=False))
+
+
+def _aux_cggm(tr, batch, out, y):
+    """CGGM (first step, no direction term yet): ℓ(ŷ) + Σ_m ℓ(f_m(z_m)) (sum, official) or ÷M (mean)."""
+    import torch.nn.functional as F
+
+    o = tr.ctx.modules["cggm_classifiers"]({m: out.features[m].detach() for m in tr.ctx.modalities})
+    total = sum(float(F.cross_entropy(o[m].double(), y)) for m in tr.ctx.modalities)
+    return total / len(tr.ctx.modalities) if tr.method.hp.aux_loss_reduction == "mean" else total
+
+
+def _aux_umt(tr, batch, out, y):
+    """UMT: ℓ(ŷ) + λ·Σ_m MSE(z_m, t_m) — a sum over modalities, each MSE a mean over its elements."""
+    total = 0.0
+    for m in tr.ctx.modalities:
+        t = tr.ctx.modules[f"umt_teacher_{m}"].encode({m: batch[m]})[m]
+        total += float(((out.features[m].double() - t.double()) ** 2).mean())
+    return tr.method.hp.lam * total
+
+
+#: methods with per-modality auxiliary losses: (settings, the auxiliary part of the loss by hand); the
+#: settings bind the reduction and per-modality weights to values whose plausible misreadings differ
+AUX_LOSSES = {
+    "multitask": ({}, _aux_multitask),
+    "multitask/mean": ({"reduction": "mean", "gamma": 3.0}, _aux_multitask),
+    "multitask/per_modality": ({"gamma_per_modality": "[0.3,2.0]"}, _aux_multitask),
+    "dgl": ({}, _aux_dgl),
+    "cggm": ({}, _aux_cggm),
+    "cggm/mean": ({"aux_loss_reduction": "mean"}, _aux_cggm),
+    "umt": ({}, _aux_umt),
+}
+
+
+@pytest.mark.parametrize("key", sorted(AUX_LOSSES))
+def test_auxiliary_losses_combine_the_modalities_as_documented(tmp_path, key):
+    """Defaults and presets (an auxiliary loss's reduction, per-modality parameter order): one training step's
+    loss equals ℓ(ŷ, y) plus the method's per-modality terms combined by hand as documented — Σ or mean over
+    modalities, each modality's own weight — on a batch where the modalities' terms differ (a sum read as a
+    mean, or weights in the wrong modality order, changes the loss)."""
+    import torch.nn.functional as F
+
+    name = key.split("/")[0]
+    sets, hand = AUX_LOSSES[key]
+    tr = _trainer(name, tmp_path, sets)
+    batch = tr.data.train.batch(torch.arange(40))
+    tr.method.on_epoch_start(tr.ctx)
+    step = tr.method.training_step(tr.ctx, batch)
+    y = batch["label"].long()
+    with torch.no_grad():
+        out = tr.ctx.raw_model({m: batch[m] for m in tr.ctx.modalities})
+        want = float(F.cross_entropy(out.logits.double(), y)) + hand(tr, batch, out, y)
+    assert float(step.loss) == pytest.approx(want, rel=1e-5), key

@@ -136,6 +136,7 @@ BC_FLOW = "tests/test_bug_classes.py::test_each_loss_term_sends_gradient_exactly
 BC_SUBSTEP = "tests/test_bug_classes.py::test_each_substep_trains_only_its_modality_encoder"
 BC_STAGE = "tests/test_bug_classes.py::test_each_stage_updates_exactly_the_learners_its_algorithm_names"
 BC_PIXEL = "tests/test_bug_classes.py::test_segmentation_statistics_are_per_pixel_by_hand"
+BC_AUX = "tests/test_bug_classes.py::test_auxiliary_losses_combine_the_modalities_as_documented"
 BC_RUNNING = ["tests/test_bug_classes.py::test_per_modality_running_statistics_are_fed_their_own_modality",
               "tests/test_bug_classes.py::test_pmr_prototypes_are_each_modality_own_class_means"]
 BC_GUARD = ["tests/test_bug_classes.py::test_cggm_guard_fires_on_the_magnitude_of_the_sum_not_its_sign",
@@ -705,6 +706,19 @@ MUTANTS: list[Mutant] = [
       "                    z, y = self._pooled_and_labels(ctx, out, batch[\"label\"], mods[-1 - j])\n"
       "                    sums[j",
       "PMR: modality m's prototypes accumulated from the other modality's embeddings", "swapped", BC_RUNNING),
+    M("classes", "methods/multitask.py", "            gammas = [g / len(mods) for g in gammas]\n",
+      "            gammas = [g for g in gammas]\n", "multitask reduction=mean sums the unimodal losses (no ÷M)",
+      "wrong-quantity", [BC_AUX]),
+    M("classes", "methods/multitask.py", "self.gammas = dict(zip(mods, gammas))", "self.gammas = dict(zip(mods, gammas[::-1]))",
+      "multitask gamma_per_modality applied in reverse modality order", "swapped", [BC_AUX]),
+    M("classes", CG, 'aux_loss = aux_sum / len(self.modalities) if hp.aux_loss_reduction == "mean" else aux_sum',
+      "aux_loss = aux_sum / len(self.modalities)", "CGGM's classifier losses averaged by default (official: summed)",
+      "wrong-quantity", [BC_AUX]),
+    M("classes", "methods/dgl.py", "loss = loss_fused + self.hp.alpha * sum(losses.values())",
+      "loss = loss_fused + self.hp.alpha * sum(losses.values()) / len(losses)",
+      "DGL's unimodal losses averaged over the modalities (official: summed)", "wrong-quantity", [BC_AUX]),
+    M("classes", UT, "                total = total + mse\n", "                total = total + mse / len(ctx.modalities)\n",
+      "UMT's distillation averaged over the modalities (documented: summed)", "wrong-quantity", [BC_AUX]),
     # ---------------------------------------------------------------- MMPareto
     M("mmpareto", "methods/mmpareto.py",
       '            flat = ctx.accelerator.reduce(flat, reduction="sum") / ctx.world_size\n', "            pass\n",
