@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a finished or unfinished run in RUN_DIR (a finished result is kept in "
                         "RUN_DIR/previous/ until the new run finishes)")
     p.add_argument("--skip-finished", action="store_true",
-                   help="with --overwrite: keep a finished result of these very settings (same config hash; "
-                        "nothing to do, exit 0) and replace only another configuration's (what sweeps use)")
+                   help="with --overwrite: keep a finished result of these very settings run with as many "
+                        "processes (same config hash and world_size; nothing to do, exit 0) and replace any other "
+                        "(what sweeps use)")
     p.add_argument("--list", action="store_true", help="list methods and datasets and exit")
     p.add_argument("--show-space", action="store_true",
                    help="print the tuning search space of --method (and the shared training space) and exit")
@@ -350,6 +351,7 @@ def _run_in_folder(args: argparse.Namespace, config: RunConfig, train_cfg: Train
     from .locks import folder_lock
 
     is_main = int(os.environ.get("RANK", "0")) == 0  # before the Accelerator exists; torchrun sets RANK
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # the process count this run will have (launchers set it)
     created = _created_parents(run_dir)
     try:
         with folder_lock(run_dir, take=is_main):
@@ -357,11 +359,11 @@ def _run_in_folder(args: argparse.Namespace, config: RunConfig, train_cfg: Train
                 runfolder.recover_set_aside(run_dir)
                 runfolder.clean_temp_files(run_dir)
                 action = runfolder.prepare(run_dir, config, resume=args.resume, overwrite=args.overwrite,
-                                           skip_finished=getattr(args, "skip_finished", False))
+                                           skip_finished=getattr(args, "skip_finished", False), world_size=world)
             else:  # the main rank decides and acts; the others only need to know whether to train
                 state = runfolder.inspect(run_dir, runfolder.identity_hash(config))
-                finished = state.kind == "finished" and (args.resume or (
-                    getattr(args, "skip_finished", False) and state.same_config and state.result is not None))
+                finished = (state.kind == "finished" and args.resume) or (
+                    getattr(args, "skip_finished", False) and runfolder.keeps_finished(state, world))
                 action = "finished" if finished else ("resume" if args.resume else "fresh")
             if action == "finished":
                 result = runfiles.read_json(run_dir / runfiles.RESULT_FILE)

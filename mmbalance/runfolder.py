@@ -140,8 +140,27 @@ def _describe_difference(state: FolderState, new_cfg: dict[str, Any], new_hash: 
     return "another configuration; differing settings (folder → this run):\n    " + "\n    ".join(diffs)
 
 
+def recorded_world_size(result: dict[str, Any] | None) -> int | None:
+    """The number of processes a result was computed with (``result.json`` → ``world_size``; a result that
+    does not record it ran on one process); None when the value is not a positive integer."""
+    value = (result or {}).get("world_size", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return None
+    return value
+
+
+def keeps_finished(state: FolderState, world_size: int) -> bool:
+    """Whether ``--skip-finished`` keeps the folder's result: a finished result of this very run — the same
+    config hash AND the same number of processes. The config hash leaves the process count out (a run's
+    identity does not depend on where it runs), but a 2-process run's numbers differ from a 1-process run's
+    (per-rank batches, reductions, the data order), so a finished 1-process result is no answer to a
+    2-process request, nor the other way round."""
+    return (state.kind == "finished" and bool(state.same_config) and state.result is not None
+            and recorded_world_size(state.result) == world_size)
+
+
 def prepare(run_dir: str | Path, config: RunConfig, *, resume: bool, overwrite: bool,
-            skip_finished: bool = False) -> str:
+            skip_finished: bool = False, world_size: int = 1) -> str:
     """Decide whether this run may use ``run_dir``; returns ``"fresh"``, ``"resume"`` or ``"finished"``
     (``--resume`` of a run that has already finished: nothing to do). Raises :class:`ConfigError` (exit 2)
     with the reason otherwise. Call with the folder's lock held and before the engine writes anything.
@@ -151,8 +170,10 @@ def prepare(run_dir: str | Path, config: RunConfig, *, resume: bool, overwrite: 
     finished result to ``previous/`` (kept until the new run finishes). With ``--resume``: the folder's
     configuration must be this one (the refusal lists the settings that differ) and there must be
     something to resume. ``skip_finished`` (sweeps): with ``--overwrite``, a finished result of this very
-    configuration (same config hash) is kept and ``"finished"`` returned: only another configuration's
-    result is replaced, so a sweep that lost track of a run never recomputes a finished one."""
+    configuration (same config hash) computed with as many processes (``world_size``, the ``world_size``
+    recorded in ``result.json``) is kept and ``"finished"`` returned: only another configuration's result, or
+    the same configuration's from another process count, is replaced, so a sweep that lost track of a run
+    never recomputes a finished one (:func:`keeps_finished`)."""
     run_dir = Path(run_dir)
     new_hash = identity_hash(config)
     new_cfg = identity(config)
@@ -187,8 +208,12 @@ def prepare(run_dir: str | Path, config: RunConfig, *, resume: bool, overwrite: 
                           "nothing was changed. Use another --run-dir (or drop --run-dir: the default folder is "
                           "named after the settings), --resume to continue an unfinished run, or --overwrite to "
                           f"replace it (a finished result is kept in {PREVIOUS_DIR}/ until the new run finishes)")
-    if state.kind == "finished" and skip_finished and state.same_config and state.result is not None:
+    if skip_finished and keeps_finished(state, world_size):
         return "finished"
+    if skip_finished and state.kind == "finished" and state.same_config and state.result is not None:
+        print(f"{where}: its finished result was computed with {state.result.get('world_size', 1)} process(es), "
+              f"this run uses {world_size}: recomputing (the old result is kept in {PREVIOUS_DIR}/ until the new "
+              "one finishes)", file=sys.stderr)
     if state.kind == "finished":  # --overwrite
         set_aside(run_dir)
     return "fresh"

@@ -76,6 +76,49 @@ def test_overwrite_keeps_the_old_result_until_the_new_one_finishes(tmp_path):
     assert json.loads((rd / "result.json").read_text())["timings"]["epochs"] == 2
 
 
+def test_skip_finished_keeps_only_a_result_of_the_same_settings_and_process_count(tmp_path, capsys, monkeypatch):
+    """``--overwrite --skip-finished`` (sweeps) keeps a finished result only when it is this very run: the same
+    config hash AND the same number of processes (``world_size`` in result.json; the config hash leaves it out).
+    A 1-process result is recomputed for a 2-process request (and the other way round), the old result kept in
+    previous/ until the new one finishes; a result that records no process count counts as 1 process."""
+    from mmbalance import runfolder
+    from mmbalance.run import build_parser, resolve
+
+    rd = tmp_path / "r"
+    sweep = ["--overwrite", "--skip-finished"]
+    assert run(run_dir=rd) == 0
+    one = snapshot(rd)
+    assert json.loads((rd / "result.json").read_text())["world_size"] == 1
+    assert run(run_dir=rd, extra=sweep) == 0 and snapshot(rd) == one  # same settings, same count: kept
+    assert "nothing to do" in capsys.readouterr().err
+    # the decision of a 2-process request (every rank of `accelerate launch --num_processes 2` decides it so)
+    config = resolve(build_parser().parse_args(cli_args("baseline", "mfeat", epochs=1, run_dir=rd, sets=FAST)))[0]
+    state = runfolder.inspect(rd, runfolder.identity_hash(config))
+    assert state.same_config and runfolder.keeps_finished(state, 1) and not runfolder.keeps_finished(state, 2)
+    seen = []  # the CLI passes the launcher's process count (WORLD_SIZE) to the decision
+    monkeypatch.setattr(runfolder, "prepare", lambda *a, **k: seen.append(k["world_size"]) or "finished")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert run(run_dir=rd, extra=sweep) == 0 and seen == [2]
+    monkeypatch.undo()
+    assert runfolder.prepare(rd, config, resume=False, overwrite=True, skip_finished=True, world_size=2) == "fresh"
+    assert snapshot(rd / "previous") == one and not (rd / "result.json").exists()  # set aside, not deleted
+    assert "1 process(es), this run uses 2" in capsys.readouterr().err
+    # a finished 2-process result is not kept for a 1-process run either (recorded world_size 2 by hand)
+    rd2 = tmp_path / "r2"
+    assert run(run_dir=rd2) == 0
+    res = json.loads((rd2 / "result.json").read_text())
+    (rd2 / "result.json").write_text(json.dumps({**res, "world_size": 2}))
+    two = snapshot(rd2)
+    assert run(run_dir=rd2, extra=sweep) == 0
+    assert snapshot(rd2) != two and json.loads((rd2 / "result.json").read_text())["world_size"] == 1  # recomputed
+    assert "2 process(es), this run uses 1" in capsys.readouterr().err
+    # an older result without the key ran on one process: kept for a 1-process request
+    res = json.loads((rd2 / "result.json").read_text())
+    (rd2 / "result.json").write_text(json.dumps({k: v for k, v in res.items() if k != "world_size"}))
+    kept = snapshot(rd2)
+    assert run(run_dir=rd2, extra=sweep) == 0 and snapshot(rd2) == kept
+
+
 def test_resume_with_nothing_to_resume_and_refused_resume_name_the_reason(tmp_path, capsys, monkeypatch):
     assert run(run_dir=tmp_path / "empty", extra=["--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err and not (tmp_path / "empty").exists()
