@@ -20,8 +20,8 @@
 * stages: every optimizer step of a method with stages (engine phases: ReconBoost, UME; Greedy's normal and
   re-balancing steps; UMT's teachers then student) updates exactly the parameters its stage trains, and the
   models handed from one stage to the next are the ones the first stage trained.
-* units and sources: statistics on segmentation outputs are per pixel (hand loops over the pixels: OGM-GE,
-  ARL, MLA, ReconBoost, AGM); a per-modality running statistic is fed its own modality's values (AGM's S̄,
+* units and sources: statistics on segmentation outputs have their documented unit (hand loops over the
+  pixels: OGM-GE, ARL, MLA, ReconBoost, AGM per pixel; MSLR's and CGGM's per-slice Dice); a per-modality running statistic is fed its own modality's values (AGM's S̄,
   Greedy's gate averages, PMR's prototypes).
 * auxiliary losses: one step's loss is the fused loss plus the per-modality terms combined by hand as
   documented (sum vs mean over modalities, per-modality weights in modality order: multitask, DGL, CGGM, UMT).
@@ -967,17 +967,45 @@ def _seg_agm(u, y):
     return got, want
 
 
-#: statistics computed from segmentation outputs: per pixel, by hand with a loop over the pixels
+def _hand_slice_dice(u: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """Per slice: the mean over the regions {1}, {2} of (2|P∩G| + 1e-3)/(|P| + |G| + 1e-3), P = argmax per pixel."""
+    out = []
+    for i in range(u.shape[0]):
+        pix = [(h, w) for h in range(u.shape[2]) for w in range(u.shape[3])]
+        pred = {hw: max(range(u.shape[1]), key=lambda c, hw=hw: float(u[i, c, hw[0], hw[1]])) for hw in pix}
+        dice = []
+        for region in ({1}, {2}):
+            p = {hw for hw in pix if pred[hw] in region}
+            g = {hw for hw in pix if int(y[i, hw[0], hw[1]]) in region}
+            dice.append((2 * len(p & g) + 1e-3) / (len(p) + len(g) + 1e-3))
+        out.append(sum(dice) / len(dice))
+    return out
+
+
+def _seg_mslr(u, y):
+    """MSLR's metric a_m (and CGGM's ε, the task's batch score): the mean over slices of each slice's mean region
+    Dice — (Σ_slices, slice count) — and the per-sample terms, one per slice."""
+    from mmbalance.methods.mslr import metric_parts, per_sample_metric
+
+    task = _SegCtx().task
+    per = _hand_slice_dice(u["a"], y)
+    got = [*metric_parts("segmentation", task, u["a"], y), *per_sample_metric("segmentation", task, u["a"], y).tolist()]
+    return got, [sum(per), float(len(per)), *per]
+
+
+#: statistics computed from segmentation outputs, each by hand in its documented unit: per pixel (a loop over
+#: the pixels), or per slice where the method's statistic is the task's per-slice Dice (MSLR, CGGM)
 SEGMENTATION_STATISTICS = {"ogm_ge": _seg_ogm_ge, "arl": _seg_arl, "mla": _seg_mla, "reconboost": _seg_reconboost,
-                           "agm": _seg_agm}
+                           "agm": _seg_agm, "mslr": _seg_mslr}
 
 
 @pytest.mark.parametrize("name", sorted(SEGMENTATION_STATISTICS))
-def test_segmentation_statistics_are_per_pixel_by_hand(name):
+def test_segmentation_statistics_have_their_documented_unit_by_hand(name):
     """Units (a score per image instead of per pixel): on segmentation logits whose pixels differ widely, a
-    method's per-sample statistic equals its per-pixel definition computed by hand pixel by pixel — a class
-    distribution per pixel, averaged (or summed) with the documented unit. Pooling the logits over an image,
-    normalising over the wrong axis, or dividing by the image count instead of the pixel count fails."""
+    method's per-sample statistic equals its definition computed by hand pixel by pixel — a class distribution
+    per pixel, averaged (or summed) with the documented unit; a per-slice Dice per slice. Pooling the logits over
+    an image, normalising over the wrong axis, one Dice for the whole batch, or dividing by the image count
+    instead of the pixel count (or the other way round) fails."""
     u, y = _seg_inputs()
     got, want = SEGMENTATION_STATISTICS[name](u, y)
     assert got == pytest.approx(want, rel=1e-5, abs=1e-6), name

@@ -96,7 +96,7 @@ def test_skip_finished_keeps_only_a_result_of_the_same_settings_and_process_coun
     state = runfolder.inspect(rd, runfolder.identity_hash(config))
     assert state.same_config and runfolder.keeps_finished(state, 1) and not runfolder.keeps_finished(state, 2)
     seen = []  # the CLI passes the launcher's process count (WORLD_SIZE) to the decision
-    monkeypatch.setattr(runfolder, "prepare", lambda *a, **k: seen.append(k["world_size"]) or "finished")
+    monkeypatch.setattr(runfolder, "prepare", lambda *a, **k: seen.append(k.get("world_size")) or "finished")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert run(run_dir=rd, extra=sweep) == 0 and seen == [2]
     monkeypatch.undo()

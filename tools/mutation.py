@@ -135,7 +135,7 @@ BC_WINDOW = "tests/test_bug_classes.py::test_after_its_window_a_method_trains_as
 BC_FLOW = "tests/test_bug_classes.py::test_each_loss_term_sends_gradient_exactly_where_the_method_says"
 BC_SUBSTEP = "tests/test_bug_classes.py::test_each_substep_trains_only_its_modality_encoder"
 BC_STAGE = "tests/test_bug_classes.py::test_each_stage_updates_exactly_the_learners_its_algorithm_names"
-BC_PIXEL = "tests/test_bug_classes.py::test_segmentation_statistics_are_per_pixel_by_hand"
+BC_PIXEL = "tests/test_bug_classes.py::test_segmentation_statistics_have_their_documented_unit_by_hand"
 BC_AUX = "tests/test_bug_classes.py::test_auxiliary_losses_combine_the_modalities_as_documented"
 BC_RUNNING = ["tests/test_bug_classes.py::test_per_modality_running_statistics_are_fed_their_own_modality",
               "tests/test_bug_classes.py::test_pmr_prototypes_are_each_modality_own_class_means"]
@@ -488,8 +488,8 @@ MUTANTS: list[Mutant] = [
     M("faults", "mmbalance/run.py", "                runfolder.recover_set_aside(run_dir)\n", "",
       "an interrupted set-aside is not restored before the folder is inspected", "data-loss",
       [H + "test_killed_overwrite_set_aside_is_restored_never_deleted"]),
-    M("faults", "mmbalance/runfolder.py", 'if state.kind == "finished" and skip_finished and state.same_config',
-      'if state.kind == "finished" and skip_finished and state.same_config is None',
+    M("faults", "mmbalance/runfolder.py", "    if skip_finished and keeps_finished(state, world_size):\n",
+      "    if skip_finished and keeps_finished(state, world_size) and state.same_config is None:\n",
       "a sweep's from-scratch retry recomputes a finished result of the same settings", "data-loss",
       [H + "test_a_finished_result_of_the_plan_is_done_never_rerun_with_overwrite"]),
     M("faults", "mmbalance/leaderboard/plan.py", '        return RunState(spec, "failed" if status is None or',
@@ -534,6 +534,13 @@ MUTANTS: list[Mutant] = [
     M("faults", "mmbalance/leaderboard/tune.py", 'return v if result.get("higher_is_better", True) else -v', "return v",
       "tuning chooses a lower-is-better metric by its highest value", "sign",
       [H + "test_tuning_choice_follows_the_metric_direction"]),
+    M("faults", "mmbalance/runfolder.py", "            and recorded_world_size(state.result) == world_size)",
+      "            )", "--skip-finished keeps a finished 1-process result for a 2-process request (config hash only)",
+      "validation", ["tests/test_reliability.py::test_skip_finished_keeps_only_a_result_of_the_same_settings_and_process_count"]),
+    M("faults", "mmbalance/run.py", 'skip_finished=getattr(args, "skip_finished", False), world_size=world)',
+      'skip_finished=getattr(args, "skip_finished", False))',
+      "--skip-finished decided for one process whatever the launcher started", "validation",
+      ["tests/test_reliability.py::test_skip_finished_keeps_only_a_result_of_the_same_settings_and_process_count"]),
     # ---------------------------------------------------------------- CML
     M("cml", CM, "            reg_term = reg * ctx.world_size\n", "            reg_term = reg\n",
       "per-rank sum not scaled by the world size (DDP's average halves the regulariser)", "rank-local"),
@@ -694,6 +701,13 @@ MUTANTS: list[Mutant] = [
       "return logits.softmax(dim=-1).gather(1, y.long().unsqueeze(1)).squeeze(1)",
       "ReconBoost agreement normalised over the last axis (the image width for maps, not the classes)", "units",
       [BC_PIXEL]),
+    M("classes", "mmbalance/tasks.py", "return total, total.new_full((), float(target.shape[0]))",
+      "return total, total.new_full((), float(target.numel()))",
+      "segmentation batch score (CGGM's epsilon, MSLR's metric): the per-slice Dice sum divided by the pixel count",
+      "units", [BC_PIXEL]),
+    M("classes", MS, "return task.region_dice(task.prediction(u), y.long()).mean(1).double()",
+      "return task.region_dice(task.prediction(u), y.long()).mean().expand(u.shape[0]).double()",
+      "MSLR per-sample segmentation metric: one batch-pooled Dice for every slice", "units", [BC_PIXEL]),
     M("classes", AG, "self.s_bar = s_bar * (self.t - 1) / self.t + s / self.t",
       "self.s_bar = s_bar * (self.t - 1) / self.t + s.flip(0) / self.t",
       "AGM: each modality's running mean S-bar fed the other modality's score", "swapped", BC_RUNNING),
