@@ -22,7 +22,7 @@
   models handed from one stage to the next are the ones the first stage trained.
 * units and sources: statistics on segmentation outputs have their documented unit (hand loops over the
   pixels: OGM-GE, ARL, MLA, ReconBoost, AGM per pixel; MSLR's and CGGM's per-slice Dice); a per-modality running statistic is fed its own modality's values (AGM's S̄,
-  Greedy's gate averages, PMR's prototypes).
+  Greedy's gate averages, MASAM's loss EMA, QMF's loss history, PMR's prototypes).
 * auxiliary losses: one step's loss is the fused loss plus the per-modality terms combined by hand as
   documented (sum vs mean over modalities, per-modality weights in modality order: multitask, DGL, CGGM, UMT).
 
@@ -1048,9 +1048,52 @@ def _record_greedy(tr, record: dict) -> None:
         block.forward = watched
 
 
+def _running_masam(tr, steps: list[dict]) -> list[str]:
+    """MASAM: MA_m = EMA_β of modality m's own batch loss ℓ_m (MA = ℓ on the first step)."""
+    beta, out, problems = tr.method.hp.ema, tr.method.metrics(), []
+    for m in tr.ctx.modalities:
+        ma = None
+        for st in steps:
+            loss = float(st[f"masam/loss_{m}"])
+            ma = loss if ma is None else beta * ma + (1 - beta) * loss
+        if out[f"ma_{m}"] != pytest.approx(ma, rel=1e-6):
+            problems.append(f"masam: ma_{m} = {out[f'ma_{m}']}, the EMA of its own losses {ma}")
+    return problems
+
+
+def _record_qmf(tr, record: dict) -> None:
+    """Before each step (the parameters the step's forward sees): every sample's CE of each modality's own
+    output head_m(encoder_m(x_m)), by hand."""
+    import torch.nn.functional as F
+
+    step = tr.method.training_step
+
+    def hand_first(ctx, batch):
+        enc, heads = ctx.raw_model.encoders, ctx.modules["qmf_heads"].heads
+        with torch.no_grad():
+            record["qmf"] = (batch["idx"].clone(), torch.stack([
+                F.cross_entropy(heads[m](enc[m](batch[m])).double(), batch["label"].long(), reduction="none")
+                for m in ctx.modalities]))
+        return step(ctx, batch)
+
+    tr.method.training_step = hand_first
+
+
+def _running_qmf(tr, steps: list[dict]) -> list[str]:
+    """QMF: H_m[i] = the sum of sample i's OWN modality-m losses over the steps that drew it (qmf.md step 6)."""
+    want = torch.zeros_like(tr.method.history)
+    for st in steps:
+        idx, losses = st["qmf"]
+        want.index_add_(1, idx.long(), losses)
+    if torch.allclose(tr.method.history, want, rtol=1e-5, atol=1e-7):
+        return []
+    return ["qmf: the per-sample loss history is not each modality's own losses summed"]
+
+
 #: per-modality running statistics and how each is built from its own modality's values (by hand). Each run
 #: has modalities whose values differ, so a statistic fed another modality's value differs from the hand one.
-RUNNING = {"agm": (_running_agm, None), "greedy": (_running_greedy, _record_greedy)}
+RUNNING = {"agm": (_running_agm, None), "greedy": (_running_greedy, _record_greedy),
+           "masam": (_running_masam, None), "qmf": (_running_qmf, _record_qmf)}
 
 
 @pytest.mark.parametrize("name", sorted(RUNNING))

@@ -720,6 +720,12 @@ MUTANTS: list[Mutant] = [
       "                    z, y = self._pooled_and_labels(ctx, out, batch[\"label\"], mods[-1 - j])\n"
       "                    sums[j",
       "PMR: modality m's prototypes accumulated from the other modality's embeddings", "swapped", BC_RUNNING),
+    M("classes", MS_, "ma_new = torch.where(started, beta * ma + (1 - beta) * loss, loss)",
+      "ma_new = torch.where(started, beta * ma + (1 - beta) * loss.flip(0), loss)",
+      "MASAM: each modality's loss EMA fed the other modality's loss", "swapped", BC_RUNNING),
+    M("classes", QM, "self.history.index_add_(1, idx.long(), losses.t())",
+      "self.history.index_add_(1, idx.long(), losses.t().flip(0))",
+      "QMF: each modality's per-sample loss history fed the other modality's losses", "swapped", BC_RUNNING),
     M("classes", "methods/multitask.py", "            gammas = [g / len(mods) for g in gammas]\n",
       "            gammas = [g for g in gammas]\n", "multitask reduction=mean sums the unimodal losses (no ÷M)",
       "wrong-quantity", [BC_AUX]),
