@@ -24,7 +24,8 @@
   pixels: OGM-GE, ARL, MLA, ReconBoost, AGM per pixel; MSLR's and CGGM's per-slice Dice); a per-modality running statistic is fed its own modality's values (AGM's S̄,
   Greedy's gate averages, MASAM's loss EMA, QMF's loss history, PMR's prototypes).
 * auxiliary losses: one step's loss is the fused loss plus the per-modality terms combined by hand as
-  documented (sum vs mean over modalities, per-modality weights in modality order: multitask, DGL, CGGM, UMT).
+  documented (sum vs mean over modalities, per-modality weights in modality order: multitask, DGL, CGGM, UMT);
+  per-modality hyperparameter lists apply in dataset order (MRD, MLA, AUG).
 
 Each method trains one short epoch on a small mfeat; presets of the same class share its code paths and are
 represented by one of them."""
@@ -1226,3 +1227,50 @@ def test_auxiliary_losses_combine_the_modalities_as_documented(tmp_path, key):
         out = tr.ctx.raw_model({m: batch[m] for m in tr.ctx.modalities})
         want = float(F.cross_entropy(out.logits.double(), y)) + hand(tr, batch, out, y)
     assert float(step.loss) == pytest.approx(want, rel=1e-5), key
+
+
+# ------------------------------------------------------------------------------------------ per-modality values
+def _order_mrd(tmp_path):
+    """MRD ``p_per_modality=[0, 1]`` (bernoulli): the first modality is never dropped, the second always."""
+    from mmbalance.methods.mrd import MRDHParams, draw_drop_mask
+
+    mask = draw_drop_mask(64, 2, MRDHParams(mode="bernoulli", p_per_modality=[0.0, 1.0]), torch.Generator().manual_seed(0))
+    return mask.float().mean(0).tolist(), [0.0, 1.0]
+
+
+def _order_mla(tmp_path):
+    """MLA ``fusion=fixed, fixed_weights=[0.8, 0.2]``: predict = 0.8·H(z̄_fac) + 0.2·H(z̄_fou)."""
+    tr = _trainer("mla", tmp_path, {"fusion": "fixed", "fixed_weights": "[0.8,0.2]"})
+    batch = tr.data.val.batch(torch.arange(8))
+    enc, head = tr.ctx.raw_model.encoders, tr.ctx.modules["mla_head"]
+    tr._eval_mode(True)
+    with torch.no_grad():
+        got = tr.method.predict(tr.ctx, batch)
+        want = 0.8 * head.out(enc["fac"](batch["fac"])) + 0.2 * head.out(enc["fou"](batch["fou"]))
+    return got.flatten().tolist(), want.flatten().tolist()
+
+
+def _order_aug(tmp_path):
+    """AUG ``merge_weights=[3, 1]``: predict = (3·F_fac + 1·F_fou)/4."""
+    tr = _trainer("aug", tmp_path, {"merge_weights": "[3.0,1.0]"})
+    batch = tr.data.val.batch(torch.arange(8))
+    enc, heads = tr.ctx.raw_model.encoders, tr.ctx.modules["aug_heads"]
+    tr._eval_mode(True)
+    with torch.no_grad():
+        got = tr.method.predict(tr.ctx, batch)
+        want = (3.0 * heads("fac", enc["fac"](batch["fac"]))[0] + heads("fou", enc["fou"](batch["fou"]))[0]) / 4.0
+    return got.flatten().tolist(), want.flatten().tolist()
+
+
+#: per-modality hyperparameter lists (dataset order) besides multitask's (in AUX_LOSSES): distinct values, the
+#: behaviour they set by hand
+PER_MODALITY_VALUES = {"mrd": _order_mrd, "mla": _order_mla, "aug": _order_aug}
+
+
+@pytest.mark.parametrize("name", sorted(PER_MODALITY_VALUES))
+def test_per_modality_values_apply_in_modality_order(tmp_path, name):
+    """Defaults and presets (per-modality parameter order): a hyperparameter given as one value per modality
+    applies its k-th value to the k-th modality of the dataset order — by hand on the behaviour it sets (a drop
+    probability, a fusion weight), with values whose reversal changes it."""
+    got, want = PER_MODALITY_VALUES[name](tmp_path)
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6), name

@@ -137,6 +137,7 @@ BC_SUBSTEP = "tests/test_bug_classes.py::test_each_substep_trains_only_its_modal
 BC_STAGE = "tests/test_bug_classes.py::test_each_stage_updates_exactly_the_learners_its_algorithm_names"
 BC_PIXEL = "tests/test_bug_classes.py::test_segmentation_statistics_have_their_documented_unit_by_hand"
 BC_AUX = "tests/test_bug_classes.py::test_auxiliary_losses_combine_the_modalities_as_documented"
+BC_ORDER = "tests/test_bug_classes.py::test_per_modality_values_apply_in_modality_order"
 BC_RUNNING = ["tests/test_bug_classes.py::test_per_modality_running_statistics_are_fed_their_own_modality",
               "tests/test_bug_classes.py::test_pmr_prototypes_are_each_modality_own_class_means"]
 BC_GUARD = ["tests/test_bug_classes.py::test_cggm_guard_fires_on_the_magnitude_of_the_sum_not_its_sign",
@@ -739,6 +740,15 @@ MUTANTS: list[Mutant] = [
       "DGL's unimodal losses averaged over the modalities (official: summed)", "wrong-quantity", [BC_AUX]),
     M("classes", UT, "                total = total + mse\n", "                total = total + mse / len(ctx.modalities)\n",
       "UMT's distillation averaged over the modalities (documented: summed)", "wrong-quantity", [BC_AUX]),
+    M("classes", MR, "p = torch.tensor(hp.p_per_modality if hp.p_per_modality is not None",
+      "p = torch.tensor(hp.p_per_modality[::-1] if hp.p_per_modality is not None",
+      "MRD p_per_modality applied in reverse modality order", "swapped", [BC_ORDER]),
+    M("classes", "methods/mla.py", "a = torch.tensor([all_w[ctx.modalities.index(m)] for m in present]",
+      "a = torch.tensor([all_w[len(ctx.modalities) - 1 - ctx.modalities.index(m)] for m in present]",
+      "MLA fixed_weights applied in reverse modality order", "swapped", [BC_ORDER]),
+    M("classes", AU, "self.alpha = dict(zip(ctx.modalities, (float(x) for x in w)))",
+      "self.alpha = dict(zip(ctx.modalities[::-1], (float(x) for x in w)))",
+      "AUG merge_weights applied in reverse modality order", "swapped", [BC_ORDER]),
     # ---------------------------------------------------------------- MMPareto
     M("mmpareto", "methods/mmpareto.py",
       '            flat = ctx.accelerator.reduce(flat, reduction="sum") / ctx.world_size\n', "            pass\n",
