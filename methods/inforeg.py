@@ -105,9 +105,10 @@ def regulation_strength(s: torch.Tensor, c: torch.Tensor, active: torch.Tensor |
 
 def fisher_increment(grads: list[torch.Tensor | None]) -> torch.Tensor:
     """Σ_W ‖∇W‖²/numel(W) over the gradients given (weights with ≥ 2 dims; None = unused, skipped)."""
-    total = torch.zeros((), dtype=torch.float64)
-    parts = [(g.float() ** 2).mean().double() for g in grads if g is not None]
-    return torch.stack(parts).sum() if parts else total
+    gs = [g.float() for g in grads if g is not None]
+    if not gs:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack([sq.mean() for sq in torch._foreach_pow(gs, 2)]).double().sum()
 
 
 # ------------------------------------------------------------------------------------------ the method
@@ -228,8 +229,15 @@ class InfoReg(BalancingMethod):
         for i, m in enumerate(self.mods):
             if self.any_active:  # p.grad += β_m·(p − p^(e)); β_m = 0 except for the regulated leader
                 b = self.beta[i].float()
-                for p, p0 in zip(self.params[m], self.snapshot[m]):
-                    if p.grad is not None:
+                pairs = [(p, p0) for p, p0 in zip(self.params[m], self.snapshot[m]) if p.grad is not None]
+                if pairs and all(p.grad.dtype == torch.float32 for p, _ in pairs):
+                    # batched: the same element-wise operations as one tensor at a time (bit-identical)
+                    with torch.no_grad():
+                        pull = torch._foreach_sub([p.detach() for p, _ in pairs], [p0 for _, p0 in pairs])
+                        torch._foreach_mul_(pull, b)
+                        torch._foreach_add_([p.grad for p, _ in pairs], pull)
+                else:
+                    for p, p0 in pairs:
                         p.grad.add_(b.to(p.grad.dtype) * (p.detach() - p0))
             inc.append(fisher_increment([p.grad for p in self.weights[m]]).to(self.fisher.device))
         inc_t = torch.stack(inc)
