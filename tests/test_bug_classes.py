@@ -25,7 +25,7 @@
   Greedy's gate averages, MASAM's loss EMA, QMF's loss history, PMR's prototypes).
 * auxiliary losses: one step's loss is the fused loss plus the per-modality terms combined by hand as
   documented (sum vs mean over modalities, per-modality weights in modality order: multitask, DGL, CGGM, UMT);
-  per-modality hyperparameter lists apply in dataset order (MRD, MLA, AUG).
+  per-modality hyperparameter lists apply in dataset order (every list-of-numbers hyperparameter is listed).
 
 Each method trains one short epoch on a small mfeat; presets of the same class share its code paths and are
 represented by one of them."""
@@ -1163,18 +1163,24 @@ def _uni_ce(tr, out, y, bias_share: bool) -> list[float]:
     return out_m
 
 
+def _fused_ce(out, y) -> float:
+    import torch.nn.functional as F
+
+    return float(F.cross_entropy(out.logits.double(), y))
+
+
 def _aux_multitask(tr, batch, out, y):
     """Multitask: ℓ(ŷ) + Σ_m γ_m·ℓ(u_m) (shared slice), γ_m = γ (sum), γ/M (mean) or gamma_per_modality[m]."""
     hp, M = tr.method.hp, len(tr.ctx.modalities)
     gammas = (list(hp.gamma_per_modality) if hp.gamma_per_modality is not None else [hp.gamma] * M)
     if hp.reduction == "mean":
         gammas = [g / M for g in gammas]
-    return sum(g * lm for g, lm in zip(gammas, _uni_ce(tr, out, y, bias_share=True)))
+    return _fused_ce(out, y) + sum(g * lm for g, lm in zip(gammas, _uni_ce(tr, out, y, bias_share=True)))
 
 
 def _aux_dgl(tr, batch, out, y):
     """DGL: ℓ(ŷ) + α·Σ_m ℓ(u_m) (zero-padded shared head: the full bias)."""
-    return tr.method.hp.alpha * sum(_uni_ce(tr, out, y, bias_share=False))
+    return _fused_ce(out, y) + tr.method.hp.alpha * sum(_uni_ce(tr, out, y, bias_share=False))
 
 
 def _aux_cggm(tr, batch, out, y):
@@ -1183,7 +1189,7 @@ def _aux_cggm(tr, batch, out, y):
 
     o = tr.ctx.modules["cggm_classifiers"]({m: out.features[m].detach() for m in tr.ctx.modalities})
     total = sum(float(F.cross_entropy(o[m].double(), y)) for m in tr.ctx.modalities)
-    return total / len(tr.ctx.modalities) if tr.method.hp.aux_loss_reduction == "mean" else total
+    return _fused_ce(out, y) + (total / len(tr.ctx.modalities) if tr.method.hp.aux_loss_reduction == "mean" else total)
 
 
 def _aux_umt(tr, batch, out, y):
@@ -1192,7 +1198,17 @@ def _aux_umt(tr, batch, out, y):
     for m in tr.ctx.modalities:
         t = tr.ctx.modules[f"umt_teacher_{m}"].encode({m: batch[m]})[m]
         total += float(((out.features[m].double() - t.double()) ** 2).mean())
-    return tr.method.hp.lam * total
+    return _fused_ce(out, y) + tr.method.hp.lam * total
+
+
+def _aux_gblending(tr, batch, out, y):
+    """G-Blending with fixed ``weights=[0.2, 0.5, 0.3]`` (normalised; one per modality in dataset order, then the
+    fused head): L = 0.2·ℓ(C_fac) + 0.5·ℓ(C_fou) + 0.3·ℓ(ŷ), C_m the linear head on z̄_m."""
+    import torch.nn.functional as F
+
+    heads = tr.ctx.modules["gb_heads"].heads
+    uni = [float(F.cross_entropy(heads[m](out.pooled[m]).double(), y)) for m in tr.ctx.modalities]
+    return 0.2 * uni[0] + 0.5 * uni[1] + 0.3 * _fused_ce(out, y)
 
 
 #: methods with per-modality auxiliary losses: (settings, the auxiliary part of the loss by hand); the
@@ -1205,17 +1221,16 @@ AUX_LOSSES = {
     "cggm": ({}, _aux_cggm),
     "cggm/mean": ({"aux_loss_reduction": "mean"}, _aux_cggm),
     "umt": ({}, _aux_umt),
+    "gblending/weights": ({"weights": "[0.2,0.5,0.3]"}, _aux_gblending),
 }
 
 
 @pytest.mark.parametrize("key", sorted(AUX_LOSSES))
 def test_auxiliary_losses_combine_the_modalities_as_documented(tmp_path, key):
     """Defaults and presets (an auxiliary loss's reduction, per-modality parameter order): one training step's
-    loss equals ℓ(ŷ, y) plus the method's per-modality terms combined by hand as documented — Σ or mean over
-    modalities, each modality's own weight — on a batch where the modalities' terms differ (a sum read as a
-    mean, or weights in the wrong modality order, changes the loss)."""
-    import torch.nn.functional as F
-
+    loss equals the fused loss ℓ(ŷ, y) and the method's per-modality terms combined by hand as documented — Σ or
+    mean over modalities, each modality's own weight — on a batch where the modalities' terms differ (a sum read
+    as a mean, or weights in the wrong modality order, changes the loss)."""
     name = key.split("/")[0]
     sets, hand = AUX_LOSSES[key]
     tr = _trainer(name, tmp_path, sets)
@@ -1225,7 +1240,7 @@ def test_auxiliary_losses_combine_the_modalities_as_documented(tmp_path, key):
     y = batch["label"].long()
     with torch.no_grad():
         out = tr.ctx.raw_model({m: batch[m] for m in tr.ctx.modalities})
-        want = float(F.cross_entropy(out.logits.double(), y)) + hand(tr, batch, out, y)
+        want = hand(tr, batch, out, y)
     assert float(step.loss) == pytest.approx(want, rel=1e-5), key
 
 
@@ -1262,9 +1277,45 @@ def _order_aug(tmp_path):
     return got.flatten().tolist(), want.flatten().tolist()
 
 
-#: per-modality hyperparameter lists (dataset order) besides multitask's (in AUX_LOSSES): distinct values, the
-#: behaviour they set by hand
-PER_MODALITY_VALUES = {"mrd": _order_mrd, "mla": _order_mla, "aug": _order_aug}
+def _order_mslr(tmp_path):
+    """MSLR ``c0=[2.0, 0.5]``: every parameter of the fac encoder trains at lr_mult 2.0, of the fou encoder at 0.5."""
+    tr = _trainer("mslr", tmp_path, {"c0": "[2.0,0.5]"})
+    mult = {id(p): g["lr_mult"] for g in tr.ctx.optimizer.param_groups for p in g["params"]}
+    enc = tr.ctx.raw_model.encoders
+    return [mult[id(p)] for m in ("fac", "fou") for p in enc[m].parameters()], \
+        [c for c, m in ((2.0, "fac"), (0.5, "fou")) for _ in enc[m].parameters()]
+
+
+def _order_inforeg(tmp_path):
+    """InfoReg ``constants=fixed, c_fixed=[0.7, 0.2]``: the constants, indexed by modality position, are (0.7, 0.2)."""
+    tr = _trainer("inforeg", tmp_path, {"constants": "fixed", "c_fixed": "[0.7,0.2]"})
+    return tr.method.constants().tolist(), [0.7, 0.2]
+
+
+#: per-modality hyperparameter lists (dataset order) besides those in AUX_LOSSES (multitask's
+#: ``gamma_per_modality``, G-Blending's ``weights``): distinct values, the behaviour they set by hand
+PER_MODALITY_VALUES = {"mrd": _order_mrd, "mla": _order_mla, "aug": _order_aug, "mslr": _order_mslr,
+                       "inforeg": _order_inforeg}
+#: every hyperparameter that takes one value per modality, and where its order is checked
+PER_MODALITY_FIELDS = {("aug", "merge_weights"): "aug", ("mla", "fixed_weights"): "mla",
+                       ("mrd", "p_per_modality"): "mrd", ("mslr", "c0"): "mslr", ("inforeg", "c_fixed"): "inforeg",
+                       ("multitask", "gamma_per_modality"): "multitask/per_modality",
+                       ("gblending", "weights"): "gblending/weights"}
+
+
+def test_every_per_modality_hyperparameter_has_its_order_checked():
+    """A hyperparameter typed as a list of numbers (one per modality) is in :data:`PER_MODALITY_FIELDS`, with a
+    case in :data:`PER_MODALITY_VALUES` or :data:`AUX_LOSSES` (a new one fails here)."""
+    import dataclasses
+
+    found = set()
+    for n in list_methods():
+        factory = METHODS.get(n).factory
+        hp = getattr(factory, "hparams_cls", None)
+        if hp is not None and dataclasses.is_dataclass(hp):
+            found |= {(factory.name, f.name) for f in dataclasses.fields(hp) if "list[float]" in str(f.type)}
+    assert found == set(PER_MODALITY_FIELDS), f"unchecked: {sorted(found - set(PER_MODALITY_FIELDS))}"
+    assert set(PER_MODALITY_FIELDS.values()) <= set(PER_MODALITY_VALUES) | set(AUX_LOSSES)
 
 
 @pytest.mark.parametrize("name", sorted(PER_MODALITY_VALUES))
