@@ -463,7 +463,10 @@ class AGM(BalancingMethod):
         # Decided on the device (no host sync): the factor is clip_grad_norm_'s min(1, c/(‖g‖+1e-6)) when
         # the condition holds and exactly 1 otherwise.
         gmax = w.grad.detach().abs().max()
-        grads = [p.grad for p in ctx.raw_model.parameters() if p.grad is not None]
+        cached = getattr(self, "_params", None)
+        if cached is None or cached[0] is not ctx.raw_model:  # listed once per model, not walked every step
+            cached = self._params = (ctx.raw_model, list(ctx.raw_model.parameters()))
+        grads = [p.grad for p in cached[1] if p.grad is not None]
         total = nn.utils.get_total_norm(grads, 2.0)
         factor = torch.clamp(c / (total + 1e-6), max=1.0)
         cond = torch.isfinite(gmax) & (gmax > c)

@@ -223,7 +223,7 @@ class AUG(BalancingMethod):
         self._keys = tuple(f"aug/{k}_{m}" for k in ("loss", "residual_weight") for m in ctx.modalities)
 
     def _pools(self, ctx: StepContext) -> dict[str, ModulePool]:
-        return ctx.accelerator.unwrap_model(ctx.modules["aug_heads"]).pools
+        return ctx.raw_module("aug_heads").pools
 
     # ------------------------------------------------------------------ epochs
     def on_epoch_start(self, ctx: StepContext) -> None:

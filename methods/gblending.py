@@ -308,7 +308,7 @@ class GBlending(BalancingMethod):
     def subnetworks(self, ctx: StepContext) -> list[nn.Module]:
         """Fresh copies of the current parameters: [encoder_i + C_i for each i] + [whole model]."""
         model = ctx.raw_model
-        heads = ctx.accelerator.unwrap_model(ctx.modules["gb_heads"]).heads
+        heads = ctx.raw_module("gb_heads").heads
         nets: list[nn.Module] = [UnimodalSubnet(m, copy.deepcopy(model.encoders[m]), copy.deepcopy(heads[m]))
                                  for m in model.modalities]
         nets.append(FusedSubnet(copy.deepcopy(model)))

@@ -254,7 +254,7 @@ class LFM(BalancingMethod):
         if e > 0 and e % self.hp.halve_every == 0:
             self.lr_alpha /= 2  # :90-91
         model = ctx.raw_model
-        heads = [ctx.accelerator.unwrap_model(m) for m in ctx.modules.values()]
+        heads = [ctx.raw_module(name) for name in ctx.modules]
         modules = [model, *heads]
         states = [m.training for m in modules]
         params = [p for m in modules for p in m.parameters() if p.requires_grad]
@@ -280,7 +280,7 @@ class LFM(BalancingMethod):
         """u_m through unwrapped modules (the double backward must not go through DDP's reducer)."""
         if self.uni.shared:
             return self.uni(ctx, out, label)
-        heads = ctx.accelerator.unwrap_model(ctx.modules["lfm_heads"])
+        heads = ctx.raw_module("lfm_heads")
         size = tuple(label.shape[-2:]) if ctx.task.name == "segmentation" else None
         return heads(out.features, size)
 

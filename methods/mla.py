@@ -242,7 +242,7 @@ class MLA(BalancingMethod):
         self._alpha_last = alpha
         P = self.P.to(r.device)
         self.P = update_projector(P, r, alpha, self.hp.projection_denominator)
-        weight = ctx.accelerator.unwrap_model(ctx.modules["mla_head"]).out.weight
+        weight = ctx.raw_module("mla_head").out.weight
         if weight.grad is not None:
             weight.grad.copy_(project_gradient(weight.grad, self.P, self.hp.projection_apply))
 

@@ -182,14 +182,14 @@ class MMCosine(BalancingMethod):
         if self.head == "shared":
             w = ctx.raw_model.final_layer().weight
             return {m: w[:, s] for m, s in self.slices.items()}
-        return dict(ctx.accelerator.unwrap_model(ctx.modules["mmcosine_heads"]).weight.items())
+        return dict(ctx.raw_module("mmcosine_heads").weight.items())
 
     def _concat_weight(self, ctx: StepContext) -> torch.Tensor:
         """[C, Σd_m] in modality order: the shared head's weight columns, or the late heads' weights."""
         if self.head == "shared":
             w = ctx.raw_model.final_layer().weight
             return w if self._contiguous else torch.cat([w[:, self.slices[m]] for m in ctx.modalities], 1)
-        heads = ctx.accelerator.unwrap_model(ctx.modules["mmcosine_heads"]).weight
+        heads = ctx.raw_module("mmcosine_heads").weight
         return torch.cat([heads[m] for m in ctx.modalities], 1)
 
     def training_step(self, ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutput:

@@ -198,7 +198,7 @@ class OPM(BalancingMethod):
             # u[b, c, m] = Σ_{j ∈ block m} z[b, j]·W[c, j] + b_c/M: the per-modality slices W_m·z̄_m in one matmul
             u = (z[:, None, :] * layer.weight.detach().float()[None]) @ self._block
             return u + (layer.bias.detach().float() / len(self.mods))[None, :, None] if layer.bias is not None else u
-        probes = ctx.accelerator.unwrap_model(ctx.modules["opm_probes"])
+        probes = ctx.raw_module("opm_probes")
         feats = {m: (inputs[m] if self.kinds[m] == "map" else p).detach().float() for m, p in zip(self.mods, pooled)}
         size = tuple(self._y.shape[-2:]) if ctx.task.name == "segmentation" else None
         return probes(feats, size=size)

@@ -236,3 +236,21 @@ def test_backward_shortcut_only_without_gradient_accumulation(tmp_path):
     assert tr._plain_backward is False
     for a, b in zip(plain, halved):
         torch.testing.assert_close(b, a / 2, rtol=1e-6, atol=1e-9)
+
+
+def test_raw_module_is_the_unwrapped_module_cached_per_wrapper(tmp_path, monkeypatch):
+    """ctx.raw_module(name) is accelerator.unwrap_model(modules[name]), unwrapped once per wrapper (the unwrap
+    looks packages up on the file system; MLA paid it every step), and follows a replaced wrapper."""
+    tr = build_trainer("mla", "mfeat", run_dir=tmp_path / "r", epochs=1, sets=SETS)
+    ctx = tr.ctx
+    calls = []
+    real = ctx.accelerator.unwrap_model
+    monkeypatch.setattr(ctx.accelerator, "unwrap_model", lambda m, *a, **k: calls.append(m) or real(m, *a, **k))
+    head = ctx.raw_module("mla_head")
+    assert head is real(ctx.modules["mla_head"]) and head is ctx.raw_module("mla_head")
+    assert len(calls) == 1
+
+    replaced = torch.nn.Linear(2, 2)  # e.g. the module re-prepared (wrapped again) after a resume
+    monkeypatch.setitem(ctx.modules, "mla_head", replaced)
+    assert ctx.raw_module("mla_head") is replaced  # not the stale cached head
+    assert len(calls) == 2
