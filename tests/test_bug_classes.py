@@ -22,7 +22,7 @@
   models handed from one stage to the next are the ones the first stage trained.
 * units and sources: statistics on segmentation outputs have their documented unit (hand loops over the
   pixels: OGM-GE, ARL, MLA, ReconBoost, AGM per pixel; MSLR's and CGGM's per-slice Dice); a per-modality running statistic is fed its own modality's values (AGM's S̄,
-  Greedy's gate averages, MASAM's loss EMA, QMF's loss history, PMR's prototypes).
+  Greedy's gate averages, MASAM's loss EMA, QMF's loss history, MSLR's metric memory, PMR's prototypes).
 * auxiliary losses: one step's loss is the fused loss plus the per-modality terms combined by hand as
   documented (sum vs mean over modalities, per-modality weights in modality order: multitask, DGL, CGGM, UMT);
   per-modality hyperparameter lists apply in dataset order (every list-of-numbers hyperparameter is listed).
@@ -1091,10 +1091,42 @@ def _running_qmf(tr, steps: list[dict]) -> list[str]:
     return ["qmf: the per-sample loss history is not each modality's own losses summed"]
 
 
+def _record_mslr(tr, record: dict) -> None:
+    """After each epoch end: the held-out metrics a_m the update used and the resulting lr multipliers."""
+    end = tr.method.on_epoch_end
+    record["epochs"] = []
+
+    def after(ctx):
+        out = end(ctx)
+        record["epochs"].append(tr.method.metrics())
+        return out
+
+    tr.method.on_epoch_end = after
+
+
+def _running_mslr(tr, steps: list[dict]) -> list[str]:
+    """MSLR (window K = 2): from the third epoch, lr_mult_m = c⁰·a_m(e)/mean(a_m(e−2), a_m(e−1)) — modality m's
+    own memory of its own held-out metrics (mslr.md steps 4–6); 1 before the memory is full."""
+    epochs, problems = steps[-1]["epochs"], []
+    assert len(epochs) >= 3
+    for m in tr.ctx.modalities:
+        a = [e[f"a_{m}"] for e in epochs]
+        want = [1.0, 1.0] + [a[e] / ((a[e - 2] + a[e - 1]) / 2) for e in range(2, len(a))]
+        got = [e[f"lr_mult_{m}"] for e in epochs]
+        if got != pytest.approx(want, rel=1e-9):
+            problems.append(f"mslr: lr_mult_{m} per epoch {got}, from its own metrics {want}")
+    if all(e[f"a_{tr.ctx.modalities[0]}"] == e[f"a_{tr.ctx.modalities[1]}"] for e in epochs):
+        problems.append("mslr: both modalities have the same metrics (no power)")
+    return problems
+
+
 #: per-modality running statistics and how each is built from its own modality's values (by hand). Each run
 #: has modalities whose values differ, so a statistic fed another modality's value differs from the hand one.
 RUNNING = {"agm": (_running_agm, None), "greedy": (_running_greedy, _record_greedy),
-           "masam": (_running_masam, None), "qmf": (_running_qmf, _record_qmf)}
+           "masam": (_running_masam, None), "qmf": (_running_qmf, _record_qmf), "mslr": (_running_mslr, _record_mslr)}
+#: settings that make the run long enough for the statistic to be used
+RUNNING_SETS = {"greedy": {"start_epoch": 5}, "mslr": {"window": 2}}
+RUNNING_EPOCHS = {"mslr": 4}
 
 
 @pytest.mark.parametrize("name", sorted(RUNNING))
@@ -1103,8 +1135,8 @@ def test_per_modality_running_statistics_are_fed_their_own_modality(tmp_path, na
     running statistic equals its documented average of that modality's own per-step values, recorded as the
     run goes (the method's step logs, or the model's own per-branch values); the modalities' values differ."""
     check, install = RUNNING[name]
-    tr = _trainer(name, tmp_path, {"train.max_steps_per_epoch": 3} if name != "greedy" else
-                  {"train.max_steps_per_epoch": 3, "start_epoch": 5})
+    tr = _trainer(name, tmp_path, {"train.max_steps_per_epoch": 3, **RUNNING_SETS.get(name, {})})
+    tr.cfg.epochs = RUNNING_EPOCHS.get(name, tr.cfg.epochs)
     steps: list[dict] = []
     current: dict = {}
     if install is not None:
