@@ -24,7 +24,8 @@
   pixels: OGM-GE, ARL, MLA, ReconBoost, AGM per pixel; MSLR's and CGGM's per-slice Dice); a per-modality running statistic is fed its own modality's values (AGM's S̄,
   Greedy's gate averages, MASAM's loss EMA, QMF's loss history, MSLR's metric memory, PMR's prototypes).
 * auxiliary losses: one step's loss is the fused loss plus the per-modality terms combined by hand as
-  documented (sum vs mean over modalities, per-modality weights in modality order: multitask, DGL, CGGM, UMT);
+  documented (sum vs mean over modalities, per-modality weights in modality order: every method that computes
+  unimodal losses, CGGM, UMT, G-Blending);
   per-modality hyperparameter lists apply in dataset order (every list-of-numbers hyperparameter is listed).
 
 Each method trains one short epoch on a small mfeat; presets of the same class share its code paths and are
@@ -1243,6 +1244,34 @@ def _aux_gblending(tr, batch, out, y):
     return 0.2 * uni[0] + 0.5 * uni[1] + 0.3 * _fused_ce(out, y)
 
 
+def _light_ce(tr, out, y, module: str) -> list[float]:
+    """ℓ(u_m, y) per modality (modality order), u_m = the method's own light head of modality m on z_m, by hand."""
+    import torch.nn.functional as F
+
+    heads = tr.ctx.modules[module].heads
+    return [float(F.cross_entropy(heads[m](out.features[m]).double(), y)) for m in tr.ctx.modalities]
+
+
+def _aux_mmpareto(tr, batch, out, y):
+    """MMPareto: the loss is ℓ(ŷ) + Σ_m ℓ(u_m) (separate heads; the Pareto integration edits the gradients)."""
+    return _fused_ce(out, y) + sum(_light_ce(tr, out, y, "mmpareto_heads"))
+
+
+def _aux_inforeg(tr, batch, out, y):
+    """InfoReg: ℓ(ŷ) + Σ_m ℓ(u_m) (shared slice)."""
+    return _fused_ce(out, y) + sum(_uni_ce(tr, out, y, bias_share=True))
+
+
+def _aux_arl(tr, batch, out, y):
+    """ARL after its warm-up: ℓ(ŷ) + γ·Σ_m ℓ(u_m) (zero-padded shared head: the full bias)."""
+    return _fused_ce(out, y) + tr.method.hp.gamma * sum(_uni_ce(tr, out, y, bias_share=False))
+
+
+def _aux_remix(tr, batch, out, y):
+    """ReMix in its warm-up: ℓ(ŷ) + Σ_m w·ℓ(u_m), w = ``warmup_weight`` per modality (light heads)."""
+    return _fused_ce(out, y) + tr.method.hp.warmup_weight * sum(_light_ce(tr, out, y, "remix_heads"))
+
+
 #: methods with per-modality auxiliary losses: (settings, the auxiliary part of the loss by hand); the
 #: settings bind the reduction and per-modality weights to values whose plausible misreadings differ
 AUX_LOSSES = {
@@ -1254,7 +1283,36 @@ AUX_LOSSES = {
     "cggm/mean": ({"aux_loss_reduction": "mean"}, _aux_cggm),
     "umt": ({}, _aux_umt),
     "gblending/weights": ({"weights": "[0.2,0.5,0.3]"}, _aux_gblending),
+    "mmpareto": ({}, _aux_mmpareto),
+    "inforeg": ({}, _aux_inforeg),
+    "arl": ({"start": -1}, _aux_arl),  # γ from the first epoch
+    "remix": ({"warmup_epochs": 1}, _aux_remix),
 }
+#: methods computing per-modality losses (``unimodal_losses``) whose combination is checked elsewhere, and where
+AUX_LOSSES_ELSEWHERE = {
+    "masam": "the returned loss is the perturbed second pass (SAM): "
+             "tests/test_masam.py::test_one_step_matches_plain_pytorch_and_steps_at_restored_weights",
+    "mbsd": "plus the pairwise distillation term, by hand: "
+            "tests/test_mbsd.py::test_shared_slices_sum_to_the_fused_logits_and_window",
+    "amco": "on randomly masked outputs: tests/test_amco.py::test_loss_is_fused_plus_unimodal_and_full_mask_zeroes_the_"
+            "encoder_gradient",
+}
+
+
+def test_every_method_with_unimodal_losses_has_its_combination_checked():
+    """A method that computes per-modality losses (calls ``unimodal_losses``) is in :data:`AUX_LOSSES`, or in
+    :data:`AUX_LOSSES_ELSEWHERE` with the reason and the test that checks it (a new one fails here)."""
+    import inspect
+
+    from conftest import REPO
+
+    using = {METHODS.get(n).factory.name for n in list_methods()
+             if "unimodal_losses(" in inspect.getsource(inspect.getmodule(METHODS.get(n).factory))}
+    covered = {k.split("/")[0] for k in AUX_LOSSES} | set(AUX_LOSSES_ELSEWHERE)
+    assert using and using <= covered, f"unchecked: {sorted(using - covered)}"
+    for why in AUX_LOSSES_ELSEWHERE.values():
+        path, func = why.split(": ")[-1].split("::")
+        assert f"def {func}(" in (REPO / path).read_text(), why
 
 
 @pytest.mark.parametrize("key", sorted(AUX_LOSSES))
