@@ -21,7 +21,7 @@
   re-balancing steps; UMT's teachers then student) updates exactly the parameters its stage trains, and the
   models handed from one stage to the next are the ones the first stage trained.
 * units and sources: statistics on segmentation outputs have their documented unit (hand loops over the
-  pixels: OGM-GE, ARL, MLA, ReconBoost, AGM per pixel; MSLR's and CGGM's per-slice Dice); a per-modality running statistic is fed its own modality's values (AGM's S̄,
+  pixels: OGM-GE, ARL, MLA, ReconBoost, AGM, LFM, MBSD, AUG per pixel; MSLR's and CGGM's per-slice Dice); a per-modality running statistic is fed its own modality's values (AGM's S̄,
   Greedy's gate averages, MASAM's loss EMA, QMF's loss history, MSLR's metric memory, PMR's prototypes).
 * auxiliary losses: one step's loss is the fused loss plus the per-modality terms combined by hand as
   documented (sum vs mean over modalities, per-modality weights in modality order: every method that computes
@@ -995,10 +995,50 @@ def _seg_mslr(u, y):
     return got, [sum(per), float(len(per)), *per]
 
 
+def _seg_lfm(u, y):
+    """LFM's alignment L_align = the mean over pixels of JS(p_a, p_b), each pixel its own distributions."""
+    from mmbalance.methods.lfm import alignment_loss
+
+    got = [float(alignment_loss(u, "js"))]
+    js = []
+    for i, h, w in _pixels(u["a"]):
+        p, q = _pixel_softmax(u["a"], i, h, w), _pixel_softmax(u["b"], i, h, w)
+        r = [(x + z) / 2 for x, z in zip(p, q)]
+        js.append(0.5 * sum(x * math.log(x / c) for x, c in zip(p, r)) + 0.5 * sum(z * math.log(z / c) for z, c in zip(q, r)))
+    return got, [sum(js) / len(js)]
+
+
+def _seg_mbsd(u, y):
+    """MBSD's L^{jl} = the mean over pixels of w·(RS + KL): per pixel q = softmax(u)[y], w = c·(q_s − q_w) with c
+    = either head right at that pixel, RS = mean_c (u_j − u_l)², KL = q_w·(log q_w − q_s) (the code's form)."""
+    from mmbalance.methods.mbsd import mbsd_pair
+
+    got = [float(mbsd_pair(u["a"], u["b"], y)[0])]
+    terms = []
+    for i, h, w in _pixels(u["a"]):
+        k = int(y[i, h, w])
+        pj, pl = _pixel_softmax(u["a"], i, h, w), _pixel_softmax(u["b"], i, h, w)
+        right = any(max(range(3), key=lambda c, o=o: float(o[i, c, h, w])) == k for o in (u["a"], u["b"]))
+        qs, qw = max(pj[k], pl[k]), min(pj[k], pl[k])
+        rs = sum((float(u["a"][i, c, h, w]) - float(u["b"][i, c, h, w])) ** 2 for c in range(3)) / 3
+        terms.append(float(right) * (qs - qw) * (rs + qw * (math.log(qw) - qs)))
+    return got, [sum(terms) / len(terms)]
+
+
+def _seg_aug(u, y):
+    """AUG (no member yet): ℓ = the mean over pixels of CE, S = Σ_images mean_pixels softmax(F)[y]."""
+    from mmbalance.methods.aug import aug_loss
+
+    loss, _, conf = aug_loss(u["a"], None, None, y, 0.5, "segmentation")
+    n = u["a"].shape[2] * u["a"].shape[3]
+    p = [_pixel_softmax(u["a"], i, h, w)[int(y[i, h, w])] for i, h, w in _pixels(u["a"])]
+    return [float(loss), float(conf)], [-sum(math.log(x) for x in p) / len(p), sum(p) / n]
+
+
 #: statistics computed from segmentation outputs, each by hand in its documented unit: per pixel (a loop over
 #: the pixels), or per slice where the method's statistic is the task's per-slice Dice (MSLR, CGGM)
 SEGMENTATION_STATISTICS = {"ogm_ge": _seg_ogm_ge, "arl": _seg_arl, "mla": _seg_mla, "reconboost": _seg_reconboost,
-                           "agm": _seg_agm, "mslr": _seg_mslr}
+                           "agm": _seg_agm, "mslr": _seg_mslr, "lfm": _seg_lfm, "mbsd": _seg_mbsd, "aug": _seg_aug}
 
 
 @pytest.mark.parametrize("name", sorted(SEGMENTATION_STATISTICS))

@@ -707,6 +707,18 @@ MUTANTS: list[Mutant] = [
       "return total, total.new_full((), float(target.numel()))",
       "segmentation batch score (CGGM's epsilon, MSLR's metric): the per-slice Dice sum divided by the pixel count",
       "units", [BC_PIXEL]),
+    M("classes", LF, "    logp = torch.stack([F.log_softmax(x.float(), dim=1) for x in u.values()])",
+      "    logp = torch.stack([F.log_softmax(x.float().flatten(2).mean(2) if x.dim() > 2 else x.float(), dim=1) "
+      "for x in u.values()])",
+      "LFM segmentation alignment between the images' mean logits (one distribution per image)", "units", [BC_PIXEL]),
+    M("classes", MB, "    w = correct.to(q_s.dtype) * (q_s - q_w)  # :148-151\n",
+      "    w = correct.to(q_s.dtype) * (q_s - q_w)  # :148-151\n"
+      "    w = w.flatten(1).mean(1).view(-1, *[1] * (w.dim() - 1)).expand_as(w) if w.dim() > 1 else w\n",
+      "MBSD segmentation sample weight: one per image (the mean over its pixels)", "units", [BC_PIXEL]),
+    M("classes", AU, "        return torch.softmax(o.float(), 1).gather(1, yl.unsqueeze(1)).squeeze(1)\n",
+      "        return torch.softmax(o.float(), -1).gather(1, yl.unsqueeze(1)).squeeze(1)\n",
+      "AUG confidence normalised over the last axis (the image width for maps, not the classes)", "units",
+      [BC_PIXEL]),
     M("classes", MS, "return task.region_dice(task.prediction(u), y.long()).mean(1).double()",
       "return task.region_dice(task.prediction(u), y.long()).mean().expand(u.shape[0]).double()",
       "MSLR per-sample segmentation metric: one batch-pooled Dice for every slice", "units", [BC_PIXEL]),
