@@ -188,8 +188,14 @@ class QMF(BalancingMethod):
     def _per_sample_losses(self, ctx: StepContext, logits: dict[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
         """[B, M] detached per-sample unimodal losses for the history (CE; per-image mean pixel CE;
         |μ_m − y| for regression)."""
+        outs = list(logits.values())
+        if ctx.task.name == "classification" and len({(o.shape, o.dtype) for o in outs}) == 1:
+            # one cross-entropy over the M stacked logits: each row's value is computed as alone (row-wise)
+            M, B = len(outs), outs[0].shape[0]
+            ce = F.cross_entropy(torch.cat(outs).float(), y.long().repeat(M), reduction="none")
+            return ce.reshape(M, B).t().detach().double()
         cols = []
-        for o in logits.values():
+        for o in outs:
             if ctx.task.name == "regression":
                 cols.append((o[:, 0].float() - y.reshape(-1).float()).abs())
             elif ctx.task.name == "segmentation":
@@ -226,8 +232,12 @@ class QMF(BalancingMethod):
         if self.hp.history_update == "before":
             self._update_history(ctx, idx, per_sample)
         rank_terms = []
+        # Ĥ of the batch's samples, all modalities at once: min/max over each whole row, then the
+        # element-wise normalisation of the B picked entries only (the same values as normalising the row)
+        lo, hi = self.history.aminmax(dim=1, keepdim=True)
+        h_batch = (self.history[:, idx.long()] - lo) / (hi - lo + 1e-8)
         for k, m in enumerate(logits):
-            h_norm = normalise_history(self.history[k])[idx.long()]
+            h_norm = h_batch[k]
             w = conf[m] if conf[m].dim() == 1 else conf[m].flatten(1).mean(1)  # segmentation: per image
             rank_terms.append(rank_loss(w, h_norm, self.hp.margin))
         if self.hp.history_update == "after":
