@@ -787,6 +787,11 @@ MUTANTS: list[Mutant] = [
     M("classes", GB, "            w = torch.tensor(self.hp.weights, dtype=torch.float64)\n",
       "            w = torch.tensor(self.hp.weights[:-1][::-1] + self.hp.weights[-1:], dtype=torch.float64)\n",
       "G-Blending fixed weights: the per-modality weights in reverse modality order", "swapped", [BC_AUX]),
+    M("classes", "methods/dgl.py", "        return _detach_tree(args)\n", "        return None\n",
+      "DGL: the fused loss reaches the encoders (fusion inputs not detached)", "detach", [BC_FLOW]),
+    M("classes", "methods/dgl.py", "                                   detach_shared=True)",
+      "                                   detach_shared=False)",
+      "DGL: the unimodal losses train the shared head (its weights not detached)", "detach", [BC_FLOW]),
     # ---------------------------------------------------------------- MMPareto
     M("mmpareto", "methods/mmpareto.py",
       '            flat = ctx.accelerator.reduce(flat, reduction="sum") / ctx.world_size\n', "            pass\n",
