@@ -86,3 +86,27 @@ def test_killing_the_launcher_stops_the_ranks(tmp_path):
     while any(alive(r) for r in ranks) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(alive(r) for r in ranks), "a rank outlived accelerate launch"
+
+
+@pytest.mark.ddp
+def test_skip_finished_under_ddp_keeps_only_a_result_of_the_same_process_count(tmp_path):
+    """``--overwrite --skip-finished`` under ``accelerate launch --num_processes 2``: a finished 1-process result
+    is recomputed on 2 processes (every rank takes the same decision: none waits in a collective for a rank
+    that left), and the finished 2-process result is then kept (nothing to do, exit 0, files unchanged)."""
+    import hashlib
+
+    def snapshot(folder: Path) -> dict[str, str]:
+        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+    rd = tmp_path / "r"
+    sweep = ARGS + ["--run-dir", str(rd), "--overwrite", "--skip-finished"]
+    assert main(ARGS + ["--run-dir", str(rd)]) == 0
+    proc = launch_2proc(sweep, tmp_path / "dump1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 process(es), this run uses 2" in proc.stderr
+    assert json.loads((rd / "result.json").read_text())["world_size"] == 2
+    before = snapshot(rd)
+    proc = launch_2proc(sweep, tmp_path / "dump2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "nothing to do" in proc.stderr and snapshot(rd) == before

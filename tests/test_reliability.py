@@ -100,6 +100,21 @@ def test_skip_finished_keeps_only_a_result_of_the_same_settings_and_process_coun
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert run(run_dir=rd, extra=sweep) == 0 and seen == [2]
     monkeypatch.undo()
+    # a non-main rank of that launch decides by itself (it never takes the lock): it must train too, not leave
+    trains = []
+
+    class WouldTrain:  # stands in for the engine: records that this rank went on to train
+        def __init__(self, *a, **k):
+            trains.append(True)
+            raise SystemExit(0)
+
+    monkeypatch.setattr("mmbalance.engine.Trainer", WouldTrain)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit):
+        run(run_dir=rd, extra=sweep)
+    assert trains == [True] and snapshot(rd) == one  # rank 1 decides to train and touches nothing
+    monkeypatch.undo()
     assert runfolder.prepare(rd, config, resume=False, overwrite=True, skip_finished=True, world_size=2) == "fresh"
     assert snapshot(rd / "previous") == one and not (rd / "result.json").exists()  # set aside, not deleted
     assert "1 process(es), this run uses 2" in capsys.readouterr().err

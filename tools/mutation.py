@@ -543,6 +543,10 @@ MUTANTS: list[Mutant] = [
       'skip_finished=getattr(args, "skip_finished", False))',
       "--skip-finished decided for one process whatever the launcher started", "validation",
       ["tests/test_reliability.py::test_skip_finished_keeps_only_a_result_of_the_same_settings_and_process_count"]),
+    M("faults", "mmbalance/run.py", 'getattr(args, "skip_finished", False) and runfolder.keeps_finished(state, world))',
+      'getattr(args, "skip_finished", False) and state.kind == "finished" and state.same_config and state.result '
+      'is not None)', "--skip-finished: a non-main rank ignores the process count (it leaves while rank 0 trains)",
+      "rank-local", ["tests/test_reliability.py::test_skip_finished_keeps_only_a_result_of_the_same_settings_and_process_count"]),
     # ---------------------------------------------------------------- CML
     M("cml", CM, "            reg_term = reg * ctx.world_size\n", "            reg_term = reg\n",
       "per-rank sum not scaled by the world size (DDP's average halves the regulariser)", "rank-local"),
