@@ -1,6 +1,7 @@
 """The benchmark scripts' CPU-side parts: the plain loop does the engine's exact work, the goal logic of the
 method table, run_all.sh's and gpu.sh's argument handling, gpu.sh's no-GPU exit, and the GPU throughput
-helper's whole path on CPU (``--cpu-smoke``)."""
+helper's whole path on CPU (``--cpu-smoke``), the pass clock of method_passes.py (each pass counted once) and
+the probe_solver.py reference fit's Hessian-vector product (against finite differences)."""
 from __future__ import annotations
 
 import os
@@ -40,6 +41,38 @@ def test_method_table_goals_per_dataset_column():
     assert met([Ratio(1.45, 1.4, 1.5, 3), Ratio(1.35, 1.2, 1.4, 3)], (mfeat, seq)) == "no"  # seq goal is 1.3
     assert met([Ratio(1.45, 1.4, 1.5, 3), "n/a"], (mfeat, seq)) == "yes"  # n/a is not a failure
     assert met(["n/a", "n/a"], (mfeat, seq)) == "—"
+
+
+def test_method_passes_counts_each_pass_once():
+    """The pass clock counts outermost calls only: the baseline makes one forward (the model; its encoders,
+    fusion and head are inside it), one backward and one optimizer step per step (zero_grad is timed, not
+    counted); MMPareto adds its autograd.grad (2 backward) and its unimodal heads' call (2 forward)."""
+    from method_passes import measure
+
+    base, mmp = measure("baseline", 1), measure("mmpareto", 1)
+    assert (base["n_forward"], base["n_backward"], base["n_optimizer"]) == (1.0, 1.0, 1.0)
+    assert (mmp["n_forward"], mmp["n_backward"], mmp["n_optimizer"]) == (2.0, 2.0, 1.0)
+    for r in (base, mmp):
+        assert 0 < r["passes"] < r["total"] and r["rest"] == pytest.approx(r["total"] - r["passes"])
+
+
+def test_probe_solver_hessian_vector_product_is_the_gradients_derivative():
+    """The Newton reference fit uses an exact Hessian-vector product; a wrong one would still stop somewhere.
+    Oracle: central finite differences of the probe objective's analytic gradient along v."""
+    import numpy as np
+    from probe_solver import _hessp
+
+    from mmbalance.diagnostics.probes import _softmax_objective
+
+    rs = np.random.RandomState(0)
+    n, d, c = 40, 5, 3
+    x, y = rs.randn(n, d), rs.randint(0, c, n)
+    onehot = np.eye(c)[y]
+    theta, v = rs.randn(d * c + c) * 0.3, rs.randn(d * c + c)
+    h = 1e-5
+    fd = (_softmax_objective(theta + h * v, x, onehot, 1e-3, y)[1]
+          - _softmax_objective(theta - h * v, x, onehot, 1e-3, y)[1]) / (2 * h)
+    assert np.allclose(_hessp(theta, v, x, onehot, 1e-3), fd, rtol=1e-6, atol=1e-8)
 
 
 def test_run_all_dry_run_lists_every_benchmark_and_the_estimate():
