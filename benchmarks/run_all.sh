@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Every CPU benchmark once, their tables into one markdown file (for benchmarks/README.md): the engine
 # vs a plain loop, every method vs the baseline per epoch (mfeat, mosi-synth), host syncs per step per
-# method, the diagnostics overhead and the leaderboard's throughput. Run it on an otherwise idle machine:
+# method, the diagnostics overhead, the leaderboard's throughput, the methods' passes vs the rest per step and
+# the probe solver against converged fits. Run it on an otherwise idle machine:
 # the numbers are timing ratios of paired, interleaved runs, and other jobs widen their min-max ranges.
 #
 #   benchmarks/run_all.sh [--out FILE] [--dry-run] [--help]
 #
 # --out FILE: the markdown file (default benchmarks/results-<UTC date-time>.md; written when all are done,
 # atomically: a failed benchmark leaves no partial file). --dry-run: print the estimate and the commands.
-# Environment: PYTHON (default python). Budget: about 18 minutes on an idle 2-core CPU (measured: 7.5 min + 4 min for the throughput step, 2026-12-01) (estimate below;
+# Environment: PYTHON (default python). Budget: about 20.5 minutes on an idle 2-core CPU (measured: 7.5 min + 4 min for the throughput step, 2026-12-01; the last two steps added 2026-12-07, ≈ 2.5 min) (estimate below;
 # the first four steps took 18 minutes on a shared machine at load average 6).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,8 @@ STEPS=(
   "Host syncs per training step|1.5|$PY benchmarks/host_syncs.py"
   "Diagnostics overhead (train.diagnostics=default vs none)|2|$PY benchmarks/diagnostics_overhead.py --repeats 3 --markdown"
   "Leaderboard throughput (warm workers vs one process per run)|4|$PY benchmarks/leaderboard_throughput.py --repeats 2"
+  "Method passes vs the rest per step (mfeat)|1|$PY benchmarks/method_passes.py --epochs 10 --repeats 3"
+  "Probe solver: shipped vs converged fits|1.5|$PY benchmarks/probe_solver.py"
 )
 total=0
 echo "run_all.sh: estimate on an idle 2-core CPU (a loaded machine takes longer):"

@@ -79,9 +79,9 @@ def test_run_all_dry_run_lists_every_benchmark_and_the_estimate():
     ok = _sh("run_all.sh", "--dry-run", "--out", "x.md")
     assert ok.returncode == 0, ok.stderr
     for script in ("loop_overhead.py", "method_overhead.py", "host_syncs.py", "diagnostics_overhead.py",
-                   "leaderboard_throughput.py"):
+                   "leaderboard_throughput.py", "method_passes.py", "probe_solver.py"):
         assert script in ok.stdout
-    assert "total ~18 min" in ok.stdout and not (REPO / "x.md").exists()
+    assert "total ~20.5 min" in ok.stdout and not (REPO / "x.md").exists()
     bad = _sh("run_all.sh", "--bogus")
     assert bad.returncode == 2 and "'--bogus'" in bad.stderr
 
