@@ -193,6 +193,9 @@ class MMPareto(BalancingMethod):
                        for m in model.modalities}
         self.flat_params = [p for m in model.modalities for p in self.params[m]]
         self.sizes = [p.numel() for p in self.flat_params]
+        counts = [len(self.params[m]) for m in model.modalities if self.params[m]]
+        if counts:  # the per-encoder layout tables go to the device here, once, not inside a training step
+            _layout(counts, self.flat_params[0].device)
 
     # ------------------------------------------------------------------ step
     def training_step(self, ctx: StepContext, batch: dict[str, torch.Tensor]) -> StepOutput:
