@@ -184,18 +184,20 @@ def weak_modality(groups: dict[tuple[str, str], Group], dataset: str, baseline: 
     baseline row (ties → lower validation probe → dataset order); without a baseline (or without shares), the
     modality whose ``unimodal:m`` row scores lowest on validation."""
 
-    def val_mean(runs: list[RunRecord], q: str) -> float:
-        vals = [v for v in (run_quantities(r, "val").get(q, math.nan) for r in runs) if math.isfinite(v)]
+    def val_mean(quantities: list[dict[str, float]], q: str) -> float:
+        vals = [v for v in (qs.get(q, math.nan) for qs in quantities) if math.isfinite(v)]
         return sum(vals) / len(vals) if vals else math.nan
 
     base = groups.get((dataset, baseline))
     if base is not None and base.modalities:
-        keyed = [(val_mean(base.runs, f"share[{m}]"), val_mean(base.runs, f"probe[{m}]"), i, m)
+        base_val = [run_quantities(r, "val") for r in base.runs]  # once per run, read for every modality
+        keyed = [(val_mean(base_val, f"share[{m}]"), val_mean(base_val, f"probe[{m}]"), i, m)
                  for i, m in enumerate(base.modalities)]
         keyed = [k for k in keyed if math.isfinite(k[0])]
         if keyed:
             return min(keyed, key=lambda k: (k[0], k[1] if math.isfinite(k[1]) else math.inf, k[2]))[3]
-    uni = [(val_mean(g.runs, "score"), g.runs[0].unimodal_of) for (d, _), g in groups.items()
+    uni = [(val_mean([run_quantities(r, "val") for r in g.runs], "score"), g.runs[0].unimodal_of)
+           for (d, _), g in groups.items()
            if d == dataset and g.runs and g.runs[0].unimodal_of]
     uni = [u for u in uni if math.isfinite(u[0])]
     return min(uni)[1] if uni else None
