@@ -8,6 +8,7 @@ other.
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,3 +38,26 @@ def paired_ratio(a: Callable[[], float], b: Callable[[], float], repeats: int) -
         ys.append(y)
         ratios.append(x / y)
     return Ratio(statistics.median(ratios), min(ratios), max(ratios), len(ratios)), xs, ys
+
+
+def time_train_epochs(trainer, on_enter: Callable[[], None] | None = None,
+                      on_leave: Callable[[], None] | None = None) -> list[float]:
+    """Wrap ``trainer._train_epoch`` so the CPU seconds (``time.process_time``) spent inside training
+    epochs accumulate in the returned one-element list; ``on_enter``/``on_leave`` run around each epoch
+    (e.g. to switch a finer clock on only while training)."""
+    epoch = trainer._train_epoch
+    total = [0.0]
+
+    def timed_epoch(*a, **k):
+        if on_enter is not None:
+            on_enter()
+        t0 = time.process_time()
+        try:
+            return epoch(*a, **k)
+        finally:
+            total[0] += time.process_time() - t0
+            if on_leave is not None:
+                on_leave()
+
+    trainer._train_epoch = timed_epoch
+    return total

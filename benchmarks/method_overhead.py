@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("MMBALANCE_NO_PROGRESS", "1")
 
-from _paired import Ratio, paired_ratio  # noqa: E402
+from _paired import Ratio, paired_ratio, time_train_epochs  # noqa: E402
 
 DATASET_SETS = {
     "mfeat": {},
@@ -84,18 +84,7 @@ def seconds_per_epoch(method: str, dataset: str, cache: Path, epochs: int | None
             raise Skip("n/a") from None
         except ConfigError as exc:  # e.g. a preset whose schedule needs more epochs than the budget
             raise Skip(f"skipped ({str(exc).split(';')[0]})") from None
-        cpu = [0.0]
-        if OPTIONS["clock"] == "cpu":
-            epoch = tr._train_epoch
-
-            def timed_epoch(*a, **k):
-                t0 = time.process_time()
-                try:
-                    return epoch(*a, **k)
-                finally:
-                    cpu[0] += time.process_time() - t0
-
-            tr._train_epoch = timed_epoch
+        cpu = time_train_epochs(tr) if OPTIONS["clock"] == "cpu" else [0.0]
         res = tr.fit()
     t = res["timings"]
     return (cpu[0] if OPTIONS["clock"] == "cpu" else t["train_seconds"]) / max(1, t["epochs"])

@@ -40,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("MMBALANCE_NO_PROGRESS", "1")
 
+from _paired import time_train_epochs  # noqa: E402
+
 DATASET = "mfeat"
 DEFAULT_METHODS = ["agm", "mmpareto", "mla", "gblending", "ogm_ge", "cggm", "qmf", "inforeg"]
 #: methods whose extra passes are inherent (goal: total ≤ 1.2 × Σ passes); the others: ≤ 1.3 × baseline
@@ -110,19 +112,8 @@ def measure(method: str, epochs: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         tr = build_trainer(method, DATASET, run_dir=Path(tmp), epochs=epochs,
                            sets={"train.modality_eval": "none", "train.diagnostics": "none"})
-        epoch = tr._train_epoch
-        total = [0.0]
-
-        def timed_epoch(*a, **k):
-            clock.active = True
-            t0 = time.process_time()
-            try:
-                return epoch(*a, **k)
-            finally:
-                total[0] += time.process_time() - t0
-                clock.active = False
-
-        tr._train_epoch = timed_epoch
+        total = time_train_epochs(tr, on_enter=lambda: setattr(clock, "active", True),
+                                  on_leave=lambda: setattr(clock, "active", False))
         clock.install()
         try:
             res = tr.fit()
