@@ -249,3 +249,32 @@ def test_datasets_and_exploratory_rows_plan_their_own_replicates(tmp_path):
     states = _states({"baseline": base, "alpha": [b + 0.02 + 0.005 * rng.standard_normal() for b in base]})
     power = summarise(states, "baseline", toy)[0].verdict.power["metric"]
     assert power.n == 6 and power.sign_flip_min_p == pytest.approx(2 / 2 ** 6)
+
+
+def test_the_cross_dataset_aggregate_uses_exactly_the_replicates_every_row_shares():
+    """Exploratory rows run a prefix of their dataset's replicates; the aggregate must compare every row on that
+    shared prefix (pairs kept), not the baseline's mean over all its replicates against a row's prefix."""
+    from mmbalance.leaderboard.verdict import analyse_across
+
+    verdicts = []
+    # powered rows: 6 replicates; the exploratory row: the first 3. Replicates 3–5 of the baseline and of the
+    # primary row are far off, so any use of them moves the aggregate visibly.
+    data = {
+        "d1": {"baseline": [0.80, 0.82, 0.81, 0.10, 0.10, 0.10], "p": [0.83, 0.84, 0.85, 0.99, 0.99, 0.99],
+               "x": [0.81, 0.83, 0.80]},
+        "d2": {"baseline": [0.60, 0.62, 0.64, 0.95, 0.95, 0.95], "p": [0.61, 0.60, 0.66, 0.20, 0.20, 0.20],
+               "x": [0.70, 0.72, 0.74]},
+    }
+    for name, vals in data.items():
+        verdicts.append(summarise(_states(vals, dataset=name), "baseline")[0].verdict)
+    agg = analyse_across(verdicts, "baseline")
+    got = {a.row: a for a in agg.rows}
+    assert set(got) == {"baseline", "p", "x"}
+    # hand-computed on replicates 0–2 only: d1 p: (0.84 - 0.81) = +0.03, x: (0.8133.. - 0.81) = +0.00333..;
+    # d2 p: (0.6233.. - 0.62) = +0.00333.., x: (0.72 - 0.62) = +0.10
+    assert got["p"].delta == pytest.approx((0.03 + 0.01 / 3) / 2)
+    assert got["x"].delta == pytest.approx((0.01 / 3 + 0.10) / 2)
+    assert got["baseline"].delta == pytest.approx(0.0)
+    # P(row > baseline) on the prefix: d1 p: every p value (0.83–0.85) beats every baseline one (0.80–0.82) → 1;
+    # d2 p vs baseline {0.60, 0.62, 0.64}: 0.61 → 1/3, 0.60 → 1/6 (one tie), 0.66 → 1 → mean 0.5; average 0.75
+    assert got["p"].poi == pytest.approx(0.75)

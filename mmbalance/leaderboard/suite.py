@@ -111,10 +111,7 @@ class Suite:
 
     def all_replicates(self) -> list[int]:
         """Every replicate any dataset of the suite plans, in first-seen order."""
-        out = list(self.seeds)
-        for d in self.datasets:
-            out += [r for r in (d.replicates or []) if r not in out]
-        return out
+        return _union_of_replicates(self.seeds, self.datasets)
 
     def display_path(self) -> str:
         """The suite file as shown in reports (and in their reproduce commands): ``leaderboard/suites/X.toml``
@@ -165,6 +162,14 @@ def _replicates(value: Any, where: str) -> list[int]:
             or len(set(value)) != len(value)):
         raise ConfigError(f"{where} must be a positive count or a list of distinct integers, got {value!r}")
     return value
+
+
+def _union_of_replicates(seeds: list[int], datasets: list) -> list[int]:
+    """The suite's replicates followed by each dataset's own that are not among them yet, in first-seen order."""
+    out = list(seeds)
+    for d in datasets:
+        out += [r for r in (d.replicates or []) if r not in out]
+    return out
 
 
 def load_suite(name_or_path: str | Path) -> Suite:
@@ -238,8 +243,7 @@ def load_suite(name_or_path: str | Path) -> Suite:
     if "tune" in raw:
         from .tune import parse_tune_table
 
-        every = list(seeds) + [r for d in datasets for r in (d.replicates or [])]
-        tune = parse_tune_table(raw["tune"], where, sorted(set(every)))
+        tune = parse_tune_table(raw["tune"], where, sorted(_union_of_replicates(seeds, datasets)))
     primary = raw.get("primary")
     if primary is not None and not (isinstance(primary, list) and all(isinstance(x, str) for x in primary)):
         raise ConfigError(f"{where}: 'primary' must be a list of row names, got {primary!r}")
