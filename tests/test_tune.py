@@ -16,7 +16,7 @@ import pytest
 
 from mmbalance.errors import ConfigError
 from mmbalance.leaderboard.execute import RUNNER_ENV
-from mmbalance.leaderboard.tune import TUNE_DIR, choose, sample_trial
+from mmbalance.leaderboard.tune import TUNE_DIR, choose, noise_rule, sample_trial
 from mmbalance.search import (
     Choice,
     IntUniform,
@@ -131,6 +131,12 @@ def test_selection_rules():
     assert choose([_t(0, score=0.5), _t(1, state="failed", score=0.99)])["k"] == 0
     assert choose([_t(0, state="failed"), _t(1, state="failed")]) is None
     assert choose([_t(0, state="n/a")]) is None
+    # defaults failed on a tuning seed: the best ok trial, and the recorded rule says why (not "no candidate")
+    trials = [_t(0, state="failed", score=None), _t(1, score=0.6), _t(2, score=0.8), _t(3, score=0.7)]
+    assert choose(trials)["k"] == 2
+    rule = noise_rule(trials)
+    assert rule["rule"].startswith("defaults failed") and rule["replace"] and rule["k"] == 2
+    assert noise_rule([_t(0, score=0.5)]) == {"rule": "no candidate", "replace": False}
 
 
 def _landscape(rs, gains, seeds=3, split_sd=0.02, noise_sd=0.01):

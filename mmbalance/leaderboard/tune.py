@@ -274,6 +274,10 @@ def _best(ok: list[dict[str, Any]]) -> dict[str, Any]:
                                   t["val_loss"] if t["val_loss"] is not None else math.inf, t["k"]))
 
 
+#: the rule's name when trial 0 (the defaults) failed on a tuning seed and the best ok trial is chosen
+DEFAULTS_FAILED_RULE = "defaults failed: best ok trial"
+
+
 def noise_rule(trials: list[dict[str, Any]]) -> dict[str, Any]:
     """The one-SE rule's numbers for the best trial b ≠ 0 against the defaults (trial 0), paired by tuning seed:
     gain = mean_s (v_b,s − v_0,s); se = σ̂ / √n_b with σ̂² the variance of the paired differences d_k,s = v_k,s −
@@ -286,9 +290,11 @@ def noise_rule(trials: list[dict[str, Any]]) -> dict[str, Any]:
     ok = {t["k"]: t for t in trials if t["state"] == "ok" and t["score"] is not None}
     base = ok.get(0)
     cands = [t for k, t in ok.items() if k != 0]
-    if base is None or not cands:
+    if not cands:
         return {"rule": "no candidate", "replace": False}
     best = _best(cands)
+    if base is None:  # the defaults failed on a tuning seed: nothing to beat, the best ok trial replaces them
+        return {"rule": DEFAULTS_FAILED_RULE, "replace": True, "k": best["k"]}
     v0 = {s: float(v) for s, v in (base.get("val_per_seed") or {}).items()}
     diffs = {t["k"]: [float(v) - v0[s] for s, v in (t.get("val_per_seed") or {}).items() if s in v0] for t in cands}
     if len(v0) < 2 or len(diffs[best["k"]]) < 2:

@@ -20,7 +20,7 @@ import numpy as np
 from ..runfiles import read_json
 from .plan import safe_name
 from .report import DASH, Report, _table, fmt_mean_std
-from .tune import TUNE_DIR, TUNE_FILE, TuneConfig
+from .tune import DEFAULTS_FAILED_RULE, TUNE_DIR, TUNE_FILE, TuneConfig
 
 
 def _info(results_dir: Path, dataset: str, row: str) -> dict[str, Any] | None:
@@ -86,7 +86,13 @@ def tuning_note(tune: TuneConfig, results_dir: Path, tuned: Report) -> str:
     for ds in tuned.datasets:
         for row in ds.rows.values():
             info = _info(results_dir, ds.name, row.row)
-            if info is not None:
+            if info is None:
+                continue
+            trials = info.get("trials") or []
+            if trials and trials[0].get("k") == 0 and trials[0].get("state") != "ok" and info.get("chosen"):
+                # tune.json written before the rule had its own name for this case recorded "no candidate"
+                rules.add(f"{DEFAULTS_FAILED_RULE} ({ds.name}/{row.row})")
+            else:
                 rules.add((info.get("rule") or {}).get("rule", "highest validation score (tie-break on loss)")
                           .split(" (")[0])
     return (f"{tune.trials} random-search trials per row on validation, {len(tune.seeds)} tuning seed(s) "
