@@ -93,8 +93,6 @@ def smp_suppressed(rho: torch.Tensor, rule: str = "keep_weakest") -> torch.Tenso
     return ((rho == high) & (high > low)).to(torch.float32)
 
 
-
-
 @register_method("g2d", "G2D: KL to each unimodal teacher on the fused output + feature MSE, and SMP (the "
                         "teacher-confident modality's encoder gradients zeroed in the first half)")
 @register_method("g2d_no_smp", "G2D distillation only (no sequential modality prioritisation)", smp=False)
