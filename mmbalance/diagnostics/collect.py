@@ -178,26 +178,24 @@ def group_runs(runs: list[RunRecord], split: str = "test") -> dict[tuple[str, st
     return dict(sorted(groups.items()))
 
 
+def _on_validation(group: Group) -> Group:
+    """The same runs' group with their validation-split quantities (whatever split ``group`` holds)."""
+    return next(iter(group_runs(group.runs, "val").values()))
+
+
 def weak_modality(groups: dict[tuple[str, str], Group], dataset: str, baseline: str = "baseline") -> str | None:
     """m*, chosen on the **validation** split whatever split the summary shows (a choice made on test would let
     the test split pick the column it is then judged on): the smallest mean validation Shapley share of the
     baseline row (ties → lower validation probe → dataset order); without a baseline (or without shares), the
     modality whose ``unimodal:m`` row scores lowest on validation."""
-
-    def val_mean(quantities: list[dict[str, float]], q: str) -> float:
-        vals = [v for v in (qs.get(q, math.nan) for qs in quantities) if math.isfinite(v)]
-        return sum(vals) / len(vals) if vals else math.nan
-
     base = groups.get((dataset, baseline))
     if base is not None and base.modalities:
-        base_val = [run_quantities(r, "val") for r in base.runs]  # once per run, read for every modality
-        keyed = [(val_mean(base_val, f"share[{m}]"), val_mean(base_val, f"probe[{m}]"), i, m)
-                 for i, m in enumerate(base.modalities)]
+        val = _on_validation(base)
+        keyed = [(val.mean(f"share[{m}]"), val.mean(f"probe[{m}]"), i, m) for i, m in enumerate(base.modalities)]
         keyed = [k for k in keyed if math.isfinite(k[0])]
         if keyed:
             return min(keyed, key=lambda k: (k[0], k[1] if math.isfinite(k[1]) else math.inf, k[2]))[3]
-    uni = [(val_mean([run_quantities(r, "val") for r in g.runs], "score"), g.runs[0].unimodal_of)
-           for (d, _), g in groups.items()
+    uni = [(_on_validation(g).mean("score"), g.runs[0].unimodal_of) for (d, _), g in groups.items()
            if d == dataset and g.runs and g.runs[0].unimodal_of]
     uni = [u for u in uni if math.isfinite(u[0])]
     return min(uni)[1] if uni else None
