@@ -11,6 +11,10 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
+U = TypeVar("U")
 
 
 @dataclass
@@ -24,20 +28,31 @@ class Ratio:
         return f"{self.median:.3f} ({self.low:.3f}–{self.high:.3f}, n={self.n})"
 
 
-def paired_ratio(a: Callable[[], float], b: Callable[[], float], repeats: int) -> tuple[Ratio, list[float], list[float]]:
-    """Ratio a()/b() of two measurements (e.g. seconds), paired and interleaved over ``repeats`` pairs."""
-    ratios, xs, ys = [], [], []
+def interleaved(a: Callable[[], T], b: Callable[[], U], repeats: int) -> tuple[list[T], list[U]]:
+    """``repeats`` pairs of measurements a(), b(), alternating which goes first (ABBA...); the two lists are
+    paired by index."""
+    xs: list[T] = []
+    ys: list[U] = []
     for r in range(repeats):
         if r % 2 == 0:
-            x = a()
-            y = b()
+            xs.append(a())
+            ys.append(b())
         else:
-            y = b()
-            x = a()
-        xs.append(x)
-        ys.append(y)
-        ratios.append(x / y)
+            ys.append(b())
+            xs.append(a())
+    return xs, ys
+
+
+def paired_ratio(a: Callable[[], float], b: Callable[[], float], repeats: int) -> tuple[Ratio, list[float], list[float]]:
+    """Ratio a()/b() of two measurements (e.g. seconds), paired and interleaved over ``repeats`` pairs."""
+    xs, ys = interleaved(a, b, repeats)
+    ratios = [x / y for x, y in zip(xs, ys)]
     return Ratio(statistics.median(ratios), min(ratios), max(ratios), len(ratios)), xs, ys
+
+
+def median_range(xs: list[float], digits: int = 2) -> str:
+    """``median (min–max)`` of ``xs`` with ``digits`` decimals."""
+    return f"{statistics.median(xs):.{digits}f} ({min(xs):.{digits}f}–{max(xs):.{digits}f})"
 
 
 def time_train_epochs(trainer, on_enter: Callable[[], None] | None = None,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _paired import paired_ratio  # noqa: E402
+from _paired import median_range, paired_ratio  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def main() -> None:
               f"{statistics.median(r['train_seconds'] for r in rows):.2f} s, diagnostics_seconds "
               f"{statistics.median(r.get('diagnostics_seconds', 0.0) for r in rows):.2f} s")
     if args.markdown:
-        fit = f"{statistics.median(fit_ratios):.3f} ({min(fit_ratios):.3f}–{max(fit_ratios):.3f})"
+        fit = median_range(fit_ratios, 3)
         print(f"\n| run | process wall default/none | fit() wall default/none | goal | met? |\n|---|---|---|---|---|\n"
               f"| {args.method} on {args.dataset}, {args.repeats} pairs | {proc.median:.3f} ({proc.low:.3f}–{proc.high:.3f}) "
               f"| {fit} | ≤ 1.10 | {'yes' if proc.median <= 1.10 else 'no'} |\n")

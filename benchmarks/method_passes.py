@@ -27,6 +27,7 @@ per cent above ``method_overhead.py``'s, which times the same epochs without hoo
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("MMBALANCE_NO_PROGRESS", "1")
 
-from _paired import time_train_epochs  # noqa: E402
+from _paired import interleaved, median_range, time_train_epochs  # noqa: E402
 
 DATASET = "mfeat"
 DEFAULT_METHODS = ["agm", "mmpareto", "mla", "gblending", "ogm_ge", "cggm", "qmf", "inforeg"]
@@ -129,10 +130,6 @@ def measure(method: str, epochs: int) -> dict[str, float]:
     return out
 
 
-def summary(xs: list[float]) -> str:
-    return f"{statistics.median(xs):.2f} ({min(xs):.2f}–{max(xs):.2f})"
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
@@ -151,12 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     base_runs: list[dict[str, float]] = []
     for m in args.methods:
         measure(m, 2)  # warm-up
-        runs, bases = [], []
-        for r in range(args.repeats):
-            pair = (m, "baseline") if r % 2 == 0 else ("baseline", m)
-            got = {name: measure(name, args.epochs) for name in pair}
-            runs.append(got[m])
-            bases.append(got["baseline"])
+        runs, bases = interleaved(functools.partial(measure, m, args.epochs), lambda: measure("baseline", args.epochs),
+                                  args.repeats)
         base_runs += bases
         rows.append((m, runs, bases))
     med = {k: statistics.median(b[k] for b in base_runs) for k in ("total", *KINDS, "rest")}
@@ -180,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
             goal, ok = f"total/baseline ≤ {BASELINE_GOAL:g}", statistics.median(vs_base) <= BASELINE_GOAL
         print(f"| {m} | {md['total']:.0f} = {md['forward']:.0f} + {md['backward']:.0f} + {md['optimizer']:.0f} + "
               f"{md['rest']:.0f} | {md['n_forward']:.2f} / {md['n_backward']:.2f} / {md['n_optimizer']:.2f} | "
-              f"{summary(pass_units)} | {summary(over_passes)} | {summary(base_over)} | {summary(vs_base)} | "
+              f"{median_range(pass_units)} | {median_range(over_passes)} | {median_range(base_over)} | {median_range(vs_base)} | "
               f"{goal} | {'yes' if ok else 'no'} |", flush=True)
     print(f"\n({time.perf_counter() - t_start:.0f} s; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())})")
 

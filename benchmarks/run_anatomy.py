@@ -29,7 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _paired import median_range  # noqa: E402
 
 #: (label, description) in print order; "training" is the engine's own train_seconds.
 PARTS = (
@@ -210,8 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, desc in PARTS:
         rows.append([desc] + [fmt([shares(rec).get(key, 0.0) for rec in records[c]]) for c in cols])
     rows.append(["wall seconds per run, median (min–max)"] + [
-        f"{statistics.median(w):.2f} ({min(w):.2f}–{max(w):.2f})"
-        for w in ([rec["wall"] for rec in records[c]] for c in cols)])
+        median_range(w) for w in ([rec["wall"] for rec in records[c]] for c in cols)])
     if args.markdown:
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))
