@@ -155,8 +155,12 @@ def keeps_finished(state: FolderState, world_size: int) -> bool:
     identity does not depend on where it runs), but a 2-process run's numbers differ from a 1-process run's
     (per-rank batches, reductions, the data order), so a finished 1-process result is no answer to a
     2-process request, nor the other way round."""
-    return (state.kind == "finished" and bool(state.same_config) and state.result is not None
-            and recorded_world_size(state.result) == world_size)
+    return _finished_same_config(state) and recorded_world_size(state.result) == world_size
+
+
+def _finished_same_config(state: FolderState) -> bool:
+    """The folder holds a finished result of the same configuration (config hash), whatever its process count."""
+    return state.kind == "finished" and bool(state.same_config) and state.result is not None
 
 
 def prepare(run_dir: str | Path, config: RunConfig, *, resume: bool, overwrite: bool,
@@ -208,9 +212,9 @@ def prepare(run_dir: str | Path, config: RunConfig, *, resume: bool, overwrite: 
                           "nothing was changed. Use another --run-dir (or drop --run-dir: the default folder is "
                           "named after the settings), --resume to continue an unfinished run, or --overwrite to "
                           f"replace it (a finished result is kept in {PREVIOUS_DIR}/ until the new run finishes)")
-    if skip_finished and keeps_finished(state, world_size):
-        return "finished"
-    if skip_finished and state.kind == "finished" and state.same_config and state.result is not None:
+    if skip_finished and _finished_same_config(state):
+        if recorded_world_size(state.result) == world_size:
+            return "finished"
         print(f"{where}: its finished result was computed with {state.result.get('world_size', 1)} process(es), "
               f"this run uses {world_size}: recomputing (the old result is kept in {PREVIOUS_DIR}/ until the new "
               "one finishes)", file=sys.stderr)

@@ -220,9 +220,10 @@ def load_suite(name_or_path: str | Path) -> Suite:
             raise ConfigError(f"{where} datasets.{dname}.weak: {weak!r} is not one of its modalities {mods}")
         reps = (_replicates(dval["replicates"], f"{where} datasets.{dname}.replicates")
                 if "replicates" in dval else None)
-        if exploratory is not None and len(reps if reps is not None else seeds) < exploratory:
-            raise ConfigError(f"{where} datasets.{dname}: {len(reps if reps is not None else seeds)} replicate(s) "
-                              f"is fewer than exploratory_replicates = {exploratory}")
+        n_reps = len(reps if reps is not None else seeds)
+        if exploratory is not None and n_reps < exploratory:
+            raise ConfigError(f"{where} datasets.{dname}: {n_reps} replicate(s) is fewer than "
+                              f"exploratory_replicates = {exploratory}")
         datasets.append(DatasetEntry(dname, dsets, mods, split, split_key, weak, reps))
     methods = raw.get("methods", "all")
     if not (methods == "all" or (isinstance(methods, list) and methods and all(isinstance(m, str) for m in methods))):
