@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import sys
@@ -392,7 +393,10 @@ def build_store(out: Path, jobs: Sequence[ClipJob], decode: Callable[[ClipJob], 
     if decode_counter is not None:
         decode_counter[0] += len(todo)
     if workers and workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        # Fresh interpreters, not forks: a process that has already decoded (FFmpeg's frame-threading and
+        # swscale pools are live in it) forks children that deadlock in their first decode or rescale (seen
+        # with av 18.1.1). Spawned workers start clean; they only cost one import each.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             results = list(pool.map(_decode_one, args, chunksize=max(1, len(args) // (4 * workers))))
     else:
         results = [_decode_one(a) for a in args]
