@@ -139,6 +139,35 @@ def test_selection_rules():
     assert noise_rule([_t(0, score=0.5)]) == {"rule": "no candidate", "replace": False}
 
 
+def test_tuning_note_names_the_rows_whose_defaults_failed_in_new_and_legacy_records(tmp_path):
+    """The report's protocol line: one entry per rule, except 'defaults failed', which names its rows — whether
+    tune.json records that rule (current) or 'no candidate' with a failed trial 0 and a choice (written before
+    the rule had its name). A 'no candidate' row whose defaults were fine stays 'no candidate'."""
+    from types import SimpleNamespace
+
+    from mmbalance.leaderboard.tune import TuneConfig
+    from mmbalance.leaderboard.tune_report import tuning_note
+
+    failed0 = [{"k": 0, "state": "failed"}, {"k": 1, "state": "ok"}]
+    records = {
+        ("d1", "a"): {"rule": {"rule": "no candidate", "replace": False}, "trials": failed0, "chosen": {"lr": 0.1}},
+        ("d1", "b"): {"rule": {"rule": "defaults failed: best ok trial", "replace": True, "k": 1},
+                      "trials": failed0, "chosen": {"lr": 0.1}},
+        ("d2", "c"): {"rule": {"rule": "one-SE (gain 0.02 > 1.0 se)"}, "trials": [{"k": 0, "state": "ok"}],
+                      "chosen": {}},
+        ("d2", "d"): {"rule": {"rule": "no candidate", "replace": False}, "trials": [{"k": 0, "state": "ok"}],
+                      "chosen": {}},
+    }
+    for (ds, row), info in records.items():
+        (tmp_path / TUNE_DIR / ds / row).mkdir(parents=True)
+        (tmp_path / TUNE_DIR / ds / row / "tune.json").write_text(json.dumps(info))
+    report = SimpleNamespace(datasets=[
+        SimpleNamespace(name=ds, rows={r: SimpleNamespace(row=r) for (d, r) in records if d == ds}) for ds in ("d1", "d2")])
+    note = tuning_note(TuneConfig(trials=8, seeds=[1000, 1001, 1002]), tmp_path, report)
+    assert note == ("8 random-search trials per row on validation, 3 tuning seed(s) (1000, 1001, 1002); choice rule: "
+                    "defaults failed: best ok trial (d1/a); defaults failed: best ok trial (d1/b); no candidate; one-SE")
+
+
 def _landscape(rs, gains, seeds=3, split_sd=0.02, noise_sd=0.01):
     """K trials x tuning seeds: value = 0.8 + gain_k + a per-seed split effect shared by every trial + noise."""
     split = rs.normal(0, split_sd, seeds)

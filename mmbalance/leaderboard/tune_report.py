@@ -88,13 +88,12 @@ def tuning_note(tune: TuneConfig, results_dir: Path, tuned: Report) -> str:
             info = _info(results_dir, ds.name, row.row)
             if info is None:
                 continue
+            rule = (info.get("rule") or {}).get("rule", "highest validation score (tie-break on loss)").split(" (")[0]
             trials = info.get("trials") or []
             if trials and trials[0].get("k") == 0 and trials[0].get("state") != "ok" and info.get("chosen"):
-                # tune.json written before the rule had its own name for this case recorded "no candidate"
-                rules.add(f"{DEFAULTS_FAILED_RULE} ({ds.name}/{row.row})")
-            else:
-                rules.add((info.get("rule") or {}).get("rule", "highest validation score (tie-break on loss)")
-                          .split(" (")[0])
+                rule = DEFAULTS_FAILED_RULE  # a tune.json written before this case had its name says "no candidate"
+            # the defaults failing is a fact about one row, so the line names it
+            rules.add(f"{rule} ({ds.name}/{row.row})" if rule == DEFAULTS_FAILED_RULE else rule)
     return (f"{tune.trials} random-search trials per row on validation, {len(tune.seeds)} tuning seed(s) "
             f"({', '.join(map(str, tune.seeds))}); choice rule: " + ("; ".join(sorted(rules)) or "—"))
 
