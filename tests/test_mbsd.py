@@ -151,6 +151,32 @@ def test_three_modalities_pairwise_mean(tmp_path, monkeypatch):
     assert torch.allclose(step.logs["mbsd/loss_mbsd"], 2 * l12 / 3, atol=1e-6)
 
 
+def test_step_loss_on_a_batch_is_the_mean_of_its_halves_losses(tmp_path):
+    """§7.11 in one process: every term is a local-batch mean, so with two equal halves (the two ranks of a
+    2-process run) the whole batch's loss and gradient are the mean of the halves' — which is what DDP's
+    gradient average trains on. A term summed over the batch or normalised by a batch statistic breaks it."""
+    tr = build_trainer("mbsd", "mfeat", run_dir=tmp_path / "r", epochs=1, sets=SETS)
+    ctx, meth = tr.ctx, tr.method
+    ctx.model.eval()  # no dropout draw: the same sample gives the same logits in either batch
+    batch = first_batch(tr)
+    n = len(batch["label"]) // 2
+    halves = [{k: v[i * n:(i + 1) * n] if torch.is_tensor(v) else v for k, v in batch.items()} for i in (0, 1)]
+    whole = {k: v[:2 * n] if torch.is_tensor(v) else v for k, v in batch.items()}
+    params = [p for p in ctx.model.parameters() if p.requires_grad]
+
+    def loss_and_grad(b):
+        loss = meth.training_step(ctx, b).loss
+        return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
+
+    lw, gw = loss_and_grad(whole)
+    (l0, g0), (l1, g1) = loss_and_grad(halves[0]), loss_and_grad(halves[1])
+    assert lw.item() == pytest.approx(((l0 + l1) / 2).item(), abs=1e-6)
+    assert meth.training_step(ctx, halves[0]).logs["mbsd/loss_mbsd"].item() != 0  # the MBSD term is present
+    for a, b, c in zip(gw, g0, g1, strict=True):
+        if a is not None:
+            assert torch.allclose(a, (b + c) / 2, atol=1e-6)
+
+
 def test_log_safety_under_bf16():
     """§7.9: a class logit of −200 under bf16 autocast: finite loss with both KL forms."""
     ua = torch.tensor([[-200.0, 1.0, 0.0], [0.0, 2.0, 0.0]]).bfloat16()
