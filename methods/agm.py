@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from mmbalance.methods._per_model import PerModel
 from torch import nn
 
 from mmbalance.interface import BalancingMethod, StepContext, StepOutput
@@ -239,6 +240,10 @@ class AGM(BalancingMethod):
         self.kappa: torch.Tensor | None = None
         self.feat_sum: dict[str, torch.Tensor] = {}
         self.feat_count = 0.0
+        # read from the model once, not walked every step
+        self._sensitive = PerModel(mode_sensitive)  # the modules whose forward reads train/eval mode
+        self._invariant = PerModel(lambda raw: {m: train_invariant(raw.encoders[m]) for m in self.modalities})
+        self._params = PerModel(lambda model: list(model.parameters()))
 
     def setup(self, ctx: StepContext) -> None:
         self.modalities = list(ctx.raw_model.modalities)
@@ -275,10 +280,7 @@ class AGM(BalancingMethod):
         model = ctx.model
         batched = self.hp.coalition_mode == "eval" and (self.hp.absent == "zeros" or self.feat_count == 0)
         if batched and _standard_model(ctx.raw_model):  # runs the raw model's pieces: switch only what reads the mode
-            cached = getattr(self, "_sensitive", None)
-            if cached is None or cached[0] is not ctx.raw_model:
-                cached = self._sensitive = (ctx.raw_model, mode_sensitive(ctx.raw_model))
-            with _eval_mode(cached[1]):
+            with _eval_mode(self._sensitive(ctx.raw_model)):
                 return self.batched_coalition_logits(ctx, batch, masks, full)
         was_training = model.training
         if self.hp.coalition_mode == "eval":
@@ -348,10 +350,7 @@ class AGM(BalancingMethod):
         return logits.reshape(K, B, *logits.shape[1:])
 
     def _train_invariant_encoders(self, raw: nn.Module) -> dict[str, bool]:
-        cached = getattr(self, "_invariant", None)
-        if cached is None or cached[0] is not raw:
-            cached = self._invariant = (raw, {m: train_invariant(raw.encoders[m]) for m in self.modalities})
-        return cached[1]
+        return self._invariant(raw)
 
     def _feature_mean_pass(self, ctx: StepContext, full, absent: set[str]) -> torch.Tensor:
         raw = ctx.raw_model
@@ -463,10 +462,7 @@ class AGM(BalancingMethod):
         # Decided on the device (no host sync): the factor is clip_grad_norm_'s min(1, c/(‖g‖+1e-6)) when
         # the condition holds and exactly 1 otherwise.
         gmax = w.grad.detach().abs().max()
-        cached = getattr(self, "_params", None)
-        if cached is None or cached[0] is not ctx.raw_model:  # listed once per model, not walked every step
-            cached = self._params = (ctx.raw_model, list(ctx.raw_model.parameters()))
-        grads = [p.grad for p in cached[1] if p.grad is not None]
+        grads = [p.grad for p in self._params(ctx.raw_model) if p.grad is not None]
         total = nn.utils.get_total_norm(grads, 2.0)
         factor = torch.clamp(c / (total + 1e-6), max=1.0)
         cond = torch.isfinite(gmax) & (gmax > c)
