@@ -242,7 +242,8 @@ class AGM(BalancingMethod):
         self.feat_count = 0.0
         # read from the model once, not walked every step
         self._sensitive = PerModel(mode_sensitive)  # the modules whose forward reads train/eval mode
-        self._invariant = PerModel(lambda raw: {m: train_invariant(raw.encoders[m]) for m in self.modalities})
+        self._train_invariant_encoders = PerModel(lambda raw: {m: train_invariant(raw.encoders[m])
+                                                               for m in self.modalities})
         self._params = PerModel(lambda model: list(model.parameters()))
 
     def setup(self, ctx: StepContext) -> None:
@@ -348,9 +349,6 @@ class AGM(BalancingMethod):
                 inputs[m] = torch.cat([x if b else neutral for b in bits[i]])
             logits = ctx.model(inputs).logits
         return logits.reshape(K, B, *logits.shape[1:])
-
-    def _train_invariant_encoders(self, raw: nn.Module) -> dict[str, bool]:
-        return self._invariant(raw)
 
     def _feature_mean_pass(self, ctx: StepContext, full, absent: set[str]) -> torch.Tensor:
         raw = ctx.raw_model
